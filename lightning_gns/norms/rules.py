@@ -1,0 +1,250 @@
+"""Per-layer rules for per-example gradient norms and per-example gradients.
+
+Every rule has the signature ``rule(module, a, g)`` where ``a`` is the module's input activation
+(saved in forward) and ``g`` is the gradient of the loss w.r.t. the module's output (seen in
+backward). Dim 0 is always the batch dimension. Rules compute in float32 regardless of the input
+dtype and return a dict keyed by the module's own parameter attribute names ("weight", "bias"),
+containing only parameters that exist and require grad.
+
+* Norm rules return per-example squared Frobenius norms of shape ``(B,)``.
+* Grad-sample rules return per-example gradients of shape ``(B, *param.shape)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NormRule = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+GradSampleRule = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+
+NORM_RULES: dict[type[nn.Module], NormRule] = {}
+GRAD_SAMPLE_RULES: dict[type[nn.Module], GradSampleRule] = {}
+
+
+def register_norm(*module_types: type[nn.Module]) -> Callable[[NormRule], NormRule]:
+    """Decorator registering a norm rule for the given exact module types."""
+
+    def deco(rule: NormRule) -> NormRule:
+        for t in module_types:
+            NORM_RULES[t] = rule
+        return rule
+
+    return deco
+
+
+def register_grad_sample(
+    *module_types: type[nn.Module],
+) -> Callable[[GradSampleRule], GradSampleRule]:
+    """Decorator registering a per-example-gradient rule for the given exact module types."""
+
+    def deco(rule: GradSampleRule) -> GradSampleRule:
+        for t in module_types:
+            GRAD_SAMPLE_RULES[t] = rule
+        return rule
+
+    return deco
+
+
+def _unsupported(module: nn.Module) -> bool:
+    """True for module configurations whose gradients the rules do not model."""
+    if type(module) is nn.Embedding:
+        return bool(module.scale_grad_by_freq or module.sparse)
+    return False
+
+
+def norm_rule_for(module: nn.Module) -> NormRule | None:
+    """Norm rule for ``type(module)`` (exact type match; subclasses get None)."""
+    rule = NORM_RULES.get(type(module))
+    return None if rule is None or _unsupported(module) else rule
+
+
+def grad_sample_rule_for(module: nn.Module) -> GradSampleRule | None:
+    """Grad-sample rule for ``type(module)`` (exact type match; subclasses get None)."""
+    rule = GRAD_SAMPLE_RULES.get(type(module))
+    return None if rule is None or _unsupported(module) else rule
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _wants(module: nn.Module, name: str) -> bool:
+    p = getattr(module, name, None)
+    return isinstance(p, Tensor) and p.requires_grad
+
+
+def _use_gram(t: int, d_in: int, d_out: int) -> bool:
+    """Gram form costs ~T^2 (d_in + d_out) per example, materializing costs ~T d_in d_out."""
+    return t * (d_in + d_out) < d_in * d_out
+
+
+def _seq_weight_sq_norm(a: Tensor, g: Tensor) -> Tensor:
+    """|sum_t g_t a_t^T|_F^2 for a (N, T, d_in), g (N, T, d_out) -> (N,), cheaper form chosen."""
+    t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    if t == 1:
+        return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+    if _use_gram(t, d_in, d_out):
+        return _gram_sq_norm(a, g)
+    return _materialized_sq_norm(a, g)
+
+
+def _gram_sq_norm(a: Tensor, g: Tensor) -> Tensor:
+    """sum_{t,t'} (a_t . a_t') (g_t . g_t')."""
+    return (torch.bmm(a, a.mT) * torch.bmm(g, g.mT)).sum((1, 2))
+
+
+def _materialized_sq_norm(a: Tensor, g: Tensor) -> Tensor:
+    """|G_n|_F^2 with G_n = g_n^T a_n materialized, shape (d_out, d_in)."""
+    return torch.bmm(g.mT, a).pow(2).sum((1, 2))
+
+
+def _as_seq(x: Tensor) -> Tensor:
+    """(B, ..., d) -> (B, T, d) float32."""
+    return x.reshape(x.shape[0], -1, x.shape[-1]).float()
+
+
+def _unfold_nd(x: Tensor, conv: nn.Module) -> Tensor:
+    """im2col for padded x (B, C, *S) -> (B, C, *L, *K) using the conv's kernel/stride/dilation."""
+    nd = x.dim() - 2
+    for i in range(nd):
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        # the new window dim is appended last, so spatial dim i stays at position 2 + i
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# norm rules
+
+
+@register_norm(nn.Linear)
+def linear_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """weight: |sum_t g_t a_t^T|_F^2 (Gram or materialized, cheaper); bias: |sum_t g_t|^2."""
+    a, g = _as_seq(a), _as_seq(g)
+    out: dict[str, Tensor] = {}
+    if _wants(module, "weight"):
+        out["weight"] = _seq_weight_sq_norm(a, g)
+    if _wants(module, "bias"):
+        out["bias"] = g.sum(1).pow(2).sum(1)
+    return out
+
+
+@register_norm(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """weight: per group, Linear rule on im2col patches (B, L, C_in/G*K); bias: |sum_l g_l|^2."""
+    g = g.float()
+    b, c_out = g.shape[0], g.shape[1]
+    out: dict[str, Tensor] = {}
+    if _wants(module, "weight"):
+        # explicit pre-padding covers int/tuple/'same'/'valid' padding and every padding_mode
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(a.float(), module._reversed_padding_repeated_twice, mode=mode)
+        x = _unfold_nd(x, module)  # (B, C_in, *L, *K)
+        nd, grp = g.dim() - 2, module.groups
+        x = x.reshape(b, grp, -1, *x.shape[2:])  # (B, G, Cg, *L, *K)
+        perm = (0, 1, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
+        x = x.permute(perm).reshape(b * grp, g[0, 0].numel(), -1)  # (B*G, L, Cg*K)
+        gg = g.reshape(b * grp, c_out // grp, -1).mT  # (B*G, L, C_out/G)
+        out["weight"] = _seq_weight_sq_norm(x, gg).view(b, grp).sum(1)
+    if _wants(module, "bias"):
+        out["bias"] = g.reshape(b, c_out, -1).sum(2).pow(2).sum(1)
+    return out
+
+
+@register_norm(nn.Embedding)
+def embedding_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """weight: sum_{t,t'} [x_t == x_t' != padding_idx] (g_t . g_t'), via per-row segment sums."""
+    if not _wants(module, "weight"):
+        return {}
+    sums, uniq = _embedding_row_sums(module, a, g)
+    b = a.shape[0]
+    row_batch = torch.div(uniq, module.num_embeddings, rounding_mode="floor")
+    sq = torch.zeros(b, dtype=torch.float32, device=g.device)
+    return {"weight": sq.index_add_(0, row_batch, sums.pow(2).sum(1))}
+
+
+def _embedding_row_sums(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Per (example, token id) summed output grads; returns (sums (U, d), keys b * V + id (U,))."""
+    b, v = a.shape[0], module.num_embeddings
+    x = a.long().reshape(b, -1)
+    gs = g.float().reshape(b, x.shape[1], -1)
+    if module.padding_idx is not None:
+        gs = gs * (x != module.padding_idx).unsqueeze(-1)
+    keys = x + v * torch.arange(b, device=x.device).unsqueeze(1)
+    uniq, inv = torch.unique(keys.reshape(-1), return_inverse=True)
+    sums = gs.new_zeros(uniq.numel(), gs.shape[-1]).index_add_(0, inv, gs.reshape(-1, gs.shape[-1]))
+    return sums, uniq
+
+
+def _affine_norm(
+    module: nn.Module, xhat: Tensor, g: Tensor, n_param_dims: int
+) -> dict[str, Tensor]:
+    """Shared tail of the normalization rules; param dims are the last ``n_param_dims`` of g."""
+    b, p = g.shape[0], g.shape[g.dim() - n_param_dims :].numel()
+    out: dict[str, Tensor] = {}
+    for name, src in (("weight", g * xhat), ("bias", g)):
+        if _wants(module, name):
+            # (B, *other, *param): sum over 'other', then square-sum over 'param'
+            out[name] = src.reshape(b, -1, p).sum(1).pow(2).sum(1)
+    return out
+
+
+@register_norm(nn.LayerNorm)
+def layer_norm_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """weight: |sum_t g_t * xhat_t|^2 with xhat = LN(a) un-affine; bias: |sum_t g_t|^2."""
+    a, g = a.float(), g.float()
+    xhat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
+    return _affine_norm(module, xhat, g, len(module.normalized_shape))
+
+
+@register_norm(nn.GroupNorm)
+def group_norm_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """weight: sum_c (sum_s g_cs xhat_cs)^2, xhat = GN(a) un-affine; bias: sum_c (sum_s g_cs)^2."""
+    a, g = a.float(), g.float()
+    xhat = F.group_norm(a, module.num_groups, eps=module.eps)
+    b, c = g.shape[0], g.shape[1]
+    # channels are dim 1: put them last so the shared reduction applies
+    return _affine_norm(module, xhat.reshape(b, c, -1).mT, g.reshape(b, c, -1).mT, 1)
+
+
+if hasattr(nn, "RMSNorm"):
+
+    @register_norm(nn.RMSNorm)
+    def rms_norm_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+        """weight: |sum_t g_t * a_t / sqrt(mean(a_t^2) + eps)|^2 (eps None -> float32 eps)."""
+        a, g = a.float(), g.float()
+        eps = torch.finfo(torch.float32).eps if module.eps is None else module.eps
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        xhat = a * torch.rsqrt(a.pow(2).mean(dims, keepdim=True) + eps)
+        return _affine_norm(module, xhat, g, len(dims))
+
+
+# --------------------------------------------------------------------------------------------
+# grad-sample rules
+
+
+@register_grad_sample(nn.Linear)
+def linear_grad_sample(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """weight: G_b = sum_t g_t a_t^T, shape (B, d_out, d_in); bias: sum_t g_t."""
+    a, g = _as_seq(a), _as_seq(g)
+    out: dict[str, Tensor] = {}
+    if _wants(module, "weight"):
+        out["weight"] = torch.bmm(g.mT, a)
+    if _wants(module, "bias"):
+        out["bias"] = g.sum(1)
+    return out
+
+
+@register_grad_sample(nn.Embedding)
+def embedding_grad_sample(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """weight: G_b[v] = sum_t [x_t == v != padding_idx] g_t, shape (B, V, d)."""
+    if not _wants(module, "weight"):
+        return {}
+    sums, uniq = _embedding_row_sums(module, a, g)
+    b, (v, d) = a.shape[0], module.weight.shape
+    grad = sums.new_zeros(b * v, d).index_copy_(0, uniq, sums)
+    return {"weight": grad.view(b, v, d)}
