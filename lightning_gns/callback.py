@@ -1,0 +1,452 @@
+"""The Lightning callback: wires norm hooks → estimator → loggers, and keeps resumable state."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor
+
+from lightning_gns import advice
+from lightning_gns.estimator import GNSEstimator, GNSValues, harmonic_batch_size
+from lightning_gns.estimator import grad_norm_sq as unbiased_grad_norm_sq
+from lightning_gns.estimator import trace_cov as unbiased_trace_cov
+from lightning_gns.norms import MicroBatchNorms, PerExampleNorms, squared_norm, trainable_parameters
+
+SOURCES = ("auto", "micro_batch", "per_example")
+
+
+class GradientNoiseScale(Callback):
+    r"""Measure the gradient noise scale B_simple = tr(Σ)/|G|² during training and log it.
+
+    Small-batch squared gradient norms come from per-example norms (``source="per_example"``)
+    or from each micro-batch/rank gradient under gradient accumulation and DDP
+    (``source="micro_batch"``); the big batch is the gradient the optimizer steps with. Each
+    optimizer step gives unbiased |G|² and tr(Σ) estimates, smoothed by bias-corrected EMAs.
+
+    Logged keys (to every logger and ``trainer.callback_metrics``): ``gns/b_simple``,
+    ``gns/b_simple_se``, ``gns/grad_norm_sq``, ``gns/grad_variance``, ``gns/batch_size``,
+    ``gns/optimal_batch_size``, ``gns/efficiency``, ``gns/coverage``, ``gns/skipped_steps``.
+
+    Args:
+        ema_decay: EMA decay per optimizer step, in (0, 1).
+        source: ``"auto"``, ``"per_example"`` or ``"micro_batch"``. ``auto`` takes per-example
+            norms when they cover every trainable parameter or when there is no second
+            micro-batch/rank to compare with; micro-batches otherwise.
+        layers: per-example layers to track: ``"all"`` or ``"norm"`` (LayerNorm/RMSNorm/
+            GroupNorm only, a cheap proxy in transformers).
+        loss_reduction: how the loss combines examples: ``"mean"`` (default) or ``"sum"``.
+        log_every_n_steps: optimizer steps between logs; default: the trainer's.
+        per_layer: also log ``gns/layer/<module>/b_simple`` (per-example source only).
+        batch_size_multiple: round the recommended batch size to a multiple of this instead of
+            a power of two.
+    """
+
+    def __init__(
+        self,
+        ema_decay: float = 0.99,
+        source: str = "auto",
+        layers: str = "all",
+        loss_reduction: str = "mean",
+        log_every_n_steps: int | None = None,
+        per_layer: bool = False,
+        batch_size_multiple: int | None = None,
+    ) -> None:
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        if layers not in ("all", "norm"):
+            raise ValueError(f"layers must be 'all' or 'norm', got {layers!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if log_every_n_steps is not None and (
+            not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"log_every_n_steps must be a positive int, got {log_every_n_steps!r}")
+        if batch_size_multiple is not None and batch_size_multiple < 1:
+            raise ValueError(f"batch_size_multiple must be >= 1, got {batch_size_multiple!r}")
+        if per_layer and source == "micro_batch":
+            raise ValueError("per_layer needs per-example norms: use source='per_example'")
+        self.estimator = GNSEstimator(ema_decay)  # validates ema_decay
+        self.ema_decay = ema_decay
+        self.source = source
+        self.layers = layers
+        self.loss_reduction = loss_reduction
+        self.log_every_n_steps = log_every_n_steps
+        self.per_layer = per_layer
+        self.batch_size_multiple = batch_size_multiple
+
+        self.active_source: str | None = None
+        self.values = GNSValues(*(math.nan,) * 5, 0, 0)
+        self.layer_values: dict[str, GNSValues] = {}
+        self._micro: MicroBatchNorms | None = None
+        self._pe: PerExampleNorms | None = None
+        self._layer_est: dict[str, GNSEstimator] = {}
+        self._left_out: dict[str, str] | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._warned: set[str] = set()
+        self._reset_step()
+        self._opt_steps = 0  # optimizer steps seen (host counter)
+        self._host_skipped = 0  # steps dropped on the host side (e.g. unusable micro-batch)
+        self._batch_size = math.nan
+        self._stepped = False
+        self._needs_check = False
+
+    # -- public read-out ------------------------------------------------------------------
+    @property
+    def b_simple(self) -> float:
+        """Latest B_simple = tr(Σ)/|G|² (NaN before the first estimate)."""
+        return self.values.b_simple
+
+    @property
+    def grad_norm_sq(self) -> float:
+        """Latest smoothed |G|²."""
+        return self.values.grad_norm_sq
+
+    @property
+    def grad_variance(self) -> float:
+        """Latest smoothed tr(Σ)."""
+        return self.values.grad_variance
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of trainable parameters the estimate covers."""
+        return self._pe.coverage() if self._pe is not None else 1.0
+
+    @property
+    def left_out(self) -> dict[str, str]:
+        """Modules left out of the per-example estimate, with the reason."""
+        return dict(self._pe.left_out) if self._pe is not None else {}
+
+    # -- set-up ---------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validate_setup(trainer, pl_module)
+        model: torch.nn.Module = pl_module
+        params = trainable_parameters(model)
+        if not params:
+            raise ValueError("GradientNoiseScale: the model has no trainable parameters")
+        many = trainer.accumulate_grad_batches > 1 or trainer.world_size > 1
+        pe = PerExampleNorms(model, layers=self.layers, per_layer=self.per_layer)
+        source = self.source
+        if source == "auto":
+            full = pe.coverage() >= 1.0 and not pe.left_out
+            source = "per_example" if (full or not many) and pe.sites else "micro_batch"
+        if source == "micro_batch":
+            if not many and not isinstance(trainer.accumulate_grad_batches, int):
+                pass
+            self._micro = MicroBatchNorms(params)
+            self._micro.attach()
+        else:
+            if not pe.sites:
+                raise ValueError(
+                    "GradientNoiseScale: no layer of this model has a per-example rule; use "
+                    "accumulate_grad_batches > 1 or DDP with source='micro_batch'"
+                )
+            self._pe = pe
+            if self._left_out is not None:  # resumed: the check already ran in the first run
+                for name, reason in self._left_out.items():
+                    pe._leave_out(name, reason)
+            else:
+                self._needs_check = True
+            pe.attach()
+        self.active_source = source
+        self.estimator.to(pl_module.device)
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(self._tensorboard_layout())
+
+    def _validate_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        supported = "single-device and DDP strategies with one optimizer and automatic optimization"
+        strategy = trainer.strategy
+        name = type(strategy).__name__
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or "DeepSpeed" in name:
+            raise RuntimeError(f"GradientNoiseScale supports {supported}; got strategy {name}")
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                f"GradientNoiseScale supports {supported}; this module uses manual optimization"
+            )
+        if len(trainer.optimizers) != 1:
+            raise RuntimeError(
+                f"GradientNoiseScale supports {supported}; got {len(trainer.optimizers)} optimizers"
+            )
+        many = trainer.accumulate_grad_batches > 1 or trainer.world_size > 1
+        if self.source == "micro_batch" and not many:
+            raise RuntimeError(
+                "GradientNoiseScale(source='micro_batch') needs two gradients per step to compare: "
+                "set Trainer(accumulate_grad_batches>1) or train on several devices (DDP), "
+                "or use source='per_example' (the default 'auto' picks it)"
+            )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._micro is not None:
+            self._micro.detach()
+            self._micro = None
+        if self._pe is not None:
+            self._left_out = dict(self._pe.left_out)
+            self._pe.detach()
+
+    # -- per micro-batch ------------------------------------------------------------------
+    def _reset_step(self) -> None:
+        self._small: list[Tensor] = []  # micro source: |g_i|² in backward units
+        self._sizes: list[int] = []  # examples in each micro-batch
+        self._pe_sum: Tensor | None = None  # per-example source: Σ_j b²|g_j|² in backward units
+        self._pe_layers: dict[str, Tensor] = {}
+        self._bad: str | None = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        try:
+            size = int(extract_batch_size(batch))
+        except Exception:  # noqa: BLE001 - an odd batch only costs this step
+            size = 0
+        self._mb_size = size
+        if self._pe is not None:
+            self._pe.start_micro_batch(size if size > 0 else None)
+            if self._needs_check:
+                self._pe.start_check()
+                self._needs_check = False
+                self._check_step = True
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        b = self._mb_size
+        if b <= 0:
+            self._bad = "could not find the batch size of a micro-batch"
+        if self._micro is not None:
+            u = self._micro.close_micro_batch()
+            if u is not None:
+                self._small.append(u)
+                self._sizes.append(b)
+        if self._pe is not None:
+            acc, layers, bad = self._pe.close_micro_batch()
+            if getattr(self, "_check_step", False):
+                self._check_step = False
+                self._bad = "structural check step"
+                self._after_check()
+            if bad is not None:
+                self._bad = bad
+            elif acc is not None:
+                w = float(b * b) if self.loss_reduction == "mean" else 1.0
+                part = acc.sum() * w
+                self._pe_sum = part if self._pe_sum is None else self._pe_sum + part
+                self._sizes.append(b)
+                for name, v in layers.items():
+                    lv = v.sum() * w
+                    prev = self._pe_layers.get(name)
+                    self._pe_layers[name] = lv if prev is None else prev + lv
+
+    def _after_check(self) -> None:
+        assert self._pe is not None
+        if self._pe.left_out:
+            names = ", ".join(f"{k} ({v})" for k, v in sorted(self._pe.left_out.items()))
+            self._warn_once(
+                "coverage",
+                f"GradientNoiseScale: per-example norms cover {self._pe.coverage():.1%} of the "
+                f"trainable parameters; left out: {names}. The estimate is over the covered ones.",
+            )
+
+    # -- per optimizer step ---------------------------------------------------------------
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._stepped = True
+        try:
+            self._step(trainer)
+        finally:
+            self._reset_step()
+
+    def _step(self, trainer: pl.Trainer) -> None:
+        k = trainer.accumulate_grad_batches
+        world = trainer.world_size
+        m = len(self._sizes)
+        if self._bad is not None or m == 0 or min(self._sizes) <= 0:
+            if self._bad != "structural check step":
+                self._skip(self._bad or "no gradient statistics were collected this step")
+            return
+        inv_scale_sq = self._inv_loss_scale_sq(trainer)
+        sum_reduce = self.loss_reduction == "sum"
+        if self._micro is not None:
+            b_small = harmonic_batch_size(self._sizes)
+            b_big = world * m * b_small
+            if b_big <= b_small:
+                self._skip("only one micro-batch in this step")
+                return
+            small = torch.stack(self._small)
+            if sum_reduce:  # a sum-reduced micro-batch gradient is b_i × its mean gradient
+                small = small / torch.tensor(self._sizes, device=small.device).float().square()
+            small_sq = small.mean() * (k * k) * inv_scale_sq
+            big_sq = squared_norm(p.grad for p in self._micro.params)
+        else:
+            assert self._pe is not None and self._pe_sum is not None
+            n = sum(self._sizes)
+            b_small, b_big = 1.0, float(world * n)
+            if b_big <= 1:
+                self._skip("a step with a single example")
+                return
+            small_sq = self._pe_sum * (k * k) * inv_scale_sq / n
+            big_sq = squared_norm(p.grad for p in self._pe.params)
+        if big_sq is None:
+            self._skip("no parameter has a gradient")
+            return
+        big_scale = (k / sum(self._sizes)) ** 2 if sum_reduce else (k / m) ** 2
+        big_sq = big_sq * big_scale
+        self._batch_size = b_big
+        self.estimator.update(
+            unbiased_grad_norm_sq(small_sq, big_sq, b_small, b_big),
+            unbiased_trace_cov(small_sq, big_sq, b_small, b_big),
+        )
+        if self.per_layer and self._pe is not None:
+            self._layer_step(trainer, k, m, inv_scale_sq, big_scale, b_big)
+
+    def _layer_step(
+        self, trainer: pl.Trainer, k: int, m: int, inv_scale_sq: Tensor | float, big_scale: float,
+        b_big: float,
+    ) -> None:
+        assert self._pe is not None
+        n = sum(self._sizes)
+        for name, part in self._pe_layers.items():
+            site = self._pe.sites.get(name)
+            if site is None:
+                continue
+            big = squared_norm(p.grad for p in site.params.values())
+            if big is None:
+                continue
+            small_sq = part * (k * k) * inv_scale_sq / n
+            big = big * big_scale
+            est = self._layer_est.get(name)
+            if est is None:
+                est = self._layer_est[name] = GNSEstimator(self.ema_decay, device=part.device)
+            est.update(
+                unbiased_grad_norm_sq(small_sq, big, 1.0, b_big),
+                unbiased_trace_cov(small_sq, big, 1.0, b_big),
+            )
+
+    @staticmethod
+    def _inv_loss_scale_sq(trainer: pl.Trainer) -> Tensor | float:
+        """1/s² for the AMP loss scale s that the backward-time gradients carry (device tensor)."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = getattr(scaler, "_scale", None) if scaler is not None else None
+        if isinstance(scale, Tensor):
+            return 1.0 / scale.double().square()
+        return 1.0
+
+    def _skip(self, reason: str) -> None:
+        self._host_skipped += 1
+        self._warn_once(
+            "skip:" + reason.split("'")[0],
+            f"GradientNoiseScale skipped a step ({reason}); skipped steps are counted in "
+            "gns/skipped_steps. Training is not affected.",
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    # -- logging --------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._stepped:
+            return
+        self._stepped = False
+        self._opt_steps += 1
+        every = self.log_every_n_steps or trainer.log_every_n_steps or 50
+        if self._opt_steps % every == 0:
+            self._sync_and_log(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_and_log(trainer)
+
+    def _sync_and_log(self, trainer: pl.Trainer) -> None:
+        """The only host sync: one all-reduce of the small state vector(s), then read-out."""
+        states = [self.estimator.state] + [e.state for e in self._layer_est.values()]
+        packed = torch.cat(states)
+        if trainer.world_size > 1:
+            packed = trainer.strategy.reduce(packed, reduce_op="mean")
+        parts = packed.split([s.numel() for s in states])
+        self.values = self.estimator.read(parts[0])
+        self.layer_values = {
+            name: est.read(part)
+            for (name, est), part in zip(self._layer_est.items(), parts[1:], strict=True)
+        }
+        metrics = self._metrics()
+        for key, value in metrics.items():
+            trainer.callback_metrics[key] = torch.tensor(value)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def _metrics(self) -> dict[str, float]:
+        v = self.values
+        out = {
+            "gns/b_simple": v.b_simple,
+            "gns/b_simple_se": v.b_simple_se,
+            "gns/grad_norm_sq": v.grad_norm_sq,
+            "gns/grad_variance": v.grad_variance,
+            "gns/batch_size": float(self._batch_size),
+            "gns/coverage": self.coverage,
+            "gns/skipped_steps": float(v.skipped + self._host_skipped),
+        }
+        if math.isfinite(v.b_simple) and v.b_simple > 0 and math.isfinite(self._batch_size):
+            opt = advice.optimal_batch_size(v.b_simple, multiple_of=self.batch_size_multiple)
+            out["gns/optimal_batch_size"] = float(opt)
+            out["gns/efficiency"] = float(advice.efficiency(self._batch_size, v.b_simple))
+        for name, lv in self.layer_values.items():
+            out[f"gns/layer/{name}/b_simple"] = lv.b_simple
+        return out
+
+    @staticmethod
+    def _tensorboard_layout() -> dict[str, dict[str, list[Any]]]:
+        return {
+            "gradient noise scale": {
+                "B_simple": ["Multiline", ["gns/b_simple", "gns/optimal_batch_size"]],
+                "B_simple standard error": ["Multiline", ["gns/b_simple_se"]],
+                "|G|² and tr(Σ)": ["Multiline", ["gns/grad_norm_sq", "gns/grad_variance"]],
+                "batch size and efficiency": ["Multiline", ["gns/batch_size", "gns/efficiency"]],
+            }
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        est_sd = self.estimator.state_dict()
+        return {
+            "estimator": est_sd,
+            "layers": {name: e.state_dict() for name, e in self._layer_est.items()},
+            "opt_steps": self._opt_steps,
+            "host_skipped": self._host_skipped,
+            "batch_size": self._batch_size,
+            "left_out": dict(self._pe.left_out) if self._pe is not None else self._left_out,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._left_out = state_dict.get("left_out")
+        if self.active_source is None:
+            self._pending_state = state_dict  # applied at fit start, once the device is known
+        else:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, sd: dict[str, Any]) -> None:
+        device = self.estimator.state.device
+        self.estimator.load_state_dict(sd["estimator"])
+        self.estimator.to(device)
+        self._layer_est = {}
+        for name, esd in sd.get("layers", {}).items():
+            est = GNSEstimator(self.ema_decay, device=device)
+            est.load_state_dict(esd)
+            self._layer_est[name] = est.to(device)
+        self._opt_steps = int(sd.get("opt_steps", 0))
+        self._host_skipped = int(sd.get("host_skipped", 0))
+        self._batch_size = float(sd.get("batch_size", math.nan))
+        self.values = self.estimator.read()
