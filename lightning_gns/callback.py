@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections import Counter, deque
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
@@ -21,6 +22,16 @@ from lightning_gns.estimator import trace_cov as unbiased_trace_cov
 from lightning_gns.norms import MicroBatchNorms, PerExampleNorms, squared_norm, trainable_parameters
 
 SOURCES = ("auto", "micro_batch", "per_example")
+
+
+def _several_gradients_per_step(trainer: pl.Trainer) -> bool:
+    """Whether steps combine several micro-batch or rank gradients (now or by a schedule)."""
+    if trainer.accumulate_grad_batches > 1 or trainer.world_size > 1:
+        return True
+    return any(
+        isinstance(c, GradientAccumulationScheduler) and max(c.scheduling.values()) > 1
+        for c in trainer.callbacks
+    )
 
 
 class GradientNoiseScale(Callback):
@@ -95,7 +106,7 @@ class GradientNoiseScale(Callback):
         self._reset_step()
         self._opt_steps = 0  # optimizer steps seen (host counter)
         self._host_skipped = 0  # steps dropped on the host side (e.g. unusable micro-batch)
-        self._batch_size = math.nan
+        self._recent_sizes: deque[float] = deque(maxlen=100)
         self._stepped = False
         self._needs_check = False
 
@@ -132,15 +143,13 @@ class GradientNoiseScale(Callback):
         params = trainable_parameters(model)
         if not params:
             raise ValueError("GradientNoiseScale: the model has no trainable parameters")
-        many = trainer.accumulate_grad_batches > 1 or trainer.world_size > 1
+        many = _several_gradients_per_step(trainer)
         pe = PerExampleNorms(model, layers=self.layers, per_layer=self.per_layer)
         source = self.source
         if source == "auto":
             full = pe.coverage() >= 1.0 and not pe.left_out
             source = "per_example" if (full or not many) and pe.sites else "micro_batch"
         if source == "micro_batch":
-            if not many and not isinstance(trainer.accumulate_grad_batches, int):
-                pass
             self._micro = MicroBatchNorms(params)
             self._micro.attach()
         else:
@@ -179,8 +188,7 @@ class GradientNoiseScale(Callback):
             raise RuntimeError(
                 f"GradientNoiseScale supports {supported}; got {len(trainer.optimizers)} optimizers"
             )
-        many = trainer.accumulate_grad_batches > 1 or trainer.world_size > 1
-        if self.source == "micro_batch" and not many:
+        if self.source == "micro_batch" and not _several_gradients_per_step(trainer):
             raise RuntimeError(
                 "GradientNoiseScale(source='micro_batch') needs two gradients per step to compare: "
                 "set Trainer(accumulate_grad_batches>1) or train on several devices (DDP), "
@@ -300,7 +308,7 @@ class GradientNoiseScale(Callback):
             return
         big_scale = (k / sum(self._sizes)) ** 2 if sum_reduce else (k / m) ** 2
         big_sq = big_sq * big_scale
-        self._batch_size = b_big
+        self._recent_sizes.append(b_big)
         self.estimator.update(
             unbiased_grad_norm_sq(small_sq, big_sq, b_small, b_big),
             unbiased_trace_cov(small_sq, big_sq, b_small, b_big),
@@ -309,7 +317,12 @@ class GradientNoiseScale(Callback):
             self._layer_step(trainer, k, m, inv_scale_sq, big_scale, b_big)
 
     def _layer_step(
-        self, trainer: pl.Trainer, k: int, m: int, inv_scale_sq: Tensor | float, big_scale: float,
+        self,
+        trainer: pl.Trainer,
+        k: int,
+        m: int,
+        inv_scale_sq: Tensor | float,
+        big_scale: float,
         b_big: float,
     ) -> None:
         assert self._pe is not None
@@ -355,7 +368,11 @@ class GradientNoiseScale(Callback):
 
     # -- logging --------------------------------------------------------------------------
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
     ) -> None:
         if not self._stepped:
@@ -388,21 +405,29 @@ class GradientNoiseScale(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
+    @property
+    def batch_size(self) -> float:
+        """B_big of the recent steps (the most common one, so a short last window is ignored)."""
+        if not self._recent_sizes:
+            return math.nan
+        return Counter(self._recent_sizes).most_common(1)[0][0]
+
     def _metrics(self) -> dict[str, float]:
         v = self.values
+        batch_size = self.batch_size
         out = {
             "gns/b_simple": v.b_simple,
             "gns/b_simple_se": v.b_simple_se,
             "gns/grad_norm_sq": v.grad_norm_sq,
             "gns/grad_variance": v.grad_variance,
-            "gns/batch_size": float(self._batch_size),
+            "gns/batch_size": float(batch_size),
             "gns/coverage": self.coverage,
             "gns/skipped_steps": float(v.skipped + self._host_skipped),
         }
-        if math.isfinite(v.b_simple) and v.b_simple > 0 and math.isfinite(self._batch_size):
+        if math.isfinite(v.b_simple) and v.b_simple > 0 and math.isfinite(batch_size):
             opt = advice.optimal_batch_size(v.b_simple, multiple_of=self.batch_size_multiple)
             out["gns/optimal_batch_size"] = float(opt)
-            out["gns/efficiency"] = float(advice.efficiency(self._batch_size, v.b_simple))
+            out["gns/efficiency"] = float(advice.efficiency(batch_size, v.b_simple))
         for name, lv in self.layer_values.items():
             out[f"gns/layer/{name}/b_simple"] = lv.b_simple
         return out
@@ -426,7 +451,7 @@ class GradientNoiseScale(Callback):
             "layers": {name: e.state_dict() for name, e in self._layer_est.items()},
             "opt_steps": self._opt_steps,
             "host_skipped": self._host_skipped,
-            "batch_size": self._batch_size,
+            "recent_sizes": list(self._recent_sizes),
             "left_out": dict(self._pe.left_out) if self._pe is not None else self._left_out,
         }
 
@@ -448,5 +473,6 @@ class GradientNoiseScale(Callback):
             self._layer_est[name] = est.to(device)
         self._opt_steps = int(sd.get("opt_steps", 0))
         self._host_skipped = int(sd.get("host_skipped", 0))
-        self._batch_size = float(sd.get("batch_size", math.nan))
+        self._recent_sizes.clear()
+        self._recent_sizes.extend(sd.get("recent_sizes", []))
         self.values = self.estimator.read()

@@ -51,13 +51,19 @@ class Classifier(pl.LightningModule):
     """A frozen-able classifier: learning rate 0 keeps the model (and the truth) fixed."""
 
     def __init__(
-        self, model: nn.Module, lr: float = 0.0, batch_size: int = 32, seed: int = 0
+        self,
+        model: nn.Module,
+        lr: float = 0.0,
+        batch_size: int = 32,
+        seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
         self.lr = lr
         self.batch_size = batch_size
         self.seed = seed
+        self.shuffle = shuffle
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -73,7 +79,7 @@ class Classifier(pl.LightningModule):
         x, y = digits()
         gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            TensorDataset(x, y), batch_size=self.batch_size, shuffle=True, generator=gen
+            TensorDataset(x, y), batch_size=self.batch_size, shuffle=self.shuffle, generator=gen
         )
 
 

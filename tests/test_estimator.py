@@ -1,0 +1,146 @@
+"""The math: unbiased |G|² and tr(Σ) on synthetic gradients with a known covariance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_gns.estimator import (
+    GNSEstimator,
+    grad_norm_sq,
+    harmonic_batch_size,
+    trace_cov,
+    values_from_moments,
+)
+
+D = 50
+
+
+def synthetic(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mean gradient G and a diagonal covariance Σ with known |G|² and tr(Σ)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(D, generator=gen, dtype=torch.float64) * 0.3
+    var = torch.rand(D, generator=gen, dtype=torch.float64) * 2.0
+    return g, var
+
+
+def sample_batch_means(g, var, b: int, n: int, gen) -> torch.Tensor:
+    """n batch means of b examples each: rows ~ N(G, Σ/b) built from per-example draws."""
+    x = g + torch.randn(n, b, D, generator=gen, dtype=torch.float64) * var.sqrt()
+    return x.mean(1)
+
+
+@pytest.mark.parametrize("b_small,k", [(1, 8), (4, 4), (16, 2)])
+def test_per_step_estimates_are_unbiased(b_small: int, k: int) -> None:
+    g, var = synthetic()
+    true_g2, true_tr = float(g.square().sum()), float(var.sum())
+    gen = torch.Generator().manual_seed(1)
+    trials = 4000
+    x = g + torch.randn(trials, k, b_small, D, generator=gen, dtype=torch.float64) * var.sqrt()
+    small = x.mean(2)  # (trials, k, D): k small batches per step
+    big = small.mean(1)  # the big batch is their mean
+    small_sq = small.square().sum(-1).mean(1)
+    big_sq = big.square().sum(-1)
+    b_big = k * b_small
+    est_g2 = grad_norm_sq(small_sq, big_sq, b_small, b_big)
+    est_tr = trace_cov(small_sq, big_sq, b_small, b_big)
+    for est, truth in ((est_g2, true_g2), (est_tr, true_tr)):
+        se = float(est.std() / math.sqrt(trials))
+        assert abs(float(est.mean()) - truth) < 4 * se, (float(est.mean()), truth, se)
+    # A biased alternative (plain |G_big|²) is detectably off: the test can fail.
+    se_big = float(big_sq.std() / math.sqrt(trials))
+    assert abs(float(big_sq.mean()) - true_g2) > 4 * se_big
+
+
+def test_harmonic_batch_size_makes_uneven_batches_unbiased() -> None:
+    g, var = synthetic(2)
+    gen = torch.Generator().manual_seed(3)
+    sizes, trials = [8, 8, 8, 3], 6000
+    means = [sample_batch_means(g, var, b, trials, gen) for b in sizes]
+    small_sq = torch.stack([m.square().sum(-1) for m in means]).mean(0)
+    big = torch.stack(means).mean(0)  # Lightning averages micro-batch means
+    b_small = harmonic_batch_size(sizes)
+    b_big = len(sizes) * b_small
+    est = trace_cov(small_sq, big.square().sum(-1), b_small, b_big)
+    se = float(est.std() / math.sqrt(trials))
+    assert abs(float(est.mean()) - float(var.sum())) < 4 * se
+    with pytest.raises(ValueError):
+        harmonic_batch_size([4, 0])
+
+
+def test_ema_bias_correction_and_ratio_after_smoothing() -> None:
+    est = GNSEstimator(ema_decay=0.9)
+    est.update(torch.tensor(2.0), torch.tensor(10.0))
+    v = est.read()
+    # One update: the bias-corrected EMA equals the value itself (no shrink towards 0).
+    assert v.grad_norm_sq == pytest.approx(2.0) and v.grad_variance == pytest.approx(10.0)
+    est.update(torch.tensor(-1.0), torch.tensor(20.0))
+    v = est.read()
+    w1, w2 = 0.1 * 0.9, 0.1
+    mg = (2.0 * w1 - 1.0 * w2) / (w1 + w2)
+    ms = (10.0 * w1 + 20.0 * w2) / (w1 + w2)
+    assert v.grad_norm_sq == pytest.approx(mg)  # a negative step value is kept, not clamped
+    assert v.b_simple == pytest.approx(ms / mg)  # ratio of the smoothed values
+    assert v.steps == 2 and v.skipped == 0
+
+
+def test_non_positive_grad_norm_reads_as_unknown_and_never_raises() -> None:
+    est = GNSEstimator(ema_decay=0.5)
+    est.update(torch.tensor(-3.0), torch.tensor(5.0))
+    v = est.read()
+    assert v.grad_norm_sq == pytest.approx(-3.0)
+    assert math.isnan(v.b_simple) and math.isnan(v.b_simple_se)
+    assert math.isnan(GNSEstimator().read().b_simple)  # before any step
+
+
+def test_non_finite_steps_are_skipped_and_counted() -> None:
+    est = GNSEstimator(ema_decay=0.9)
+    est.update(torch.tensor(1.0), torch.tensor(4.0))
+    before = est.state.clone()
+    est.update(torch.tensor(float("inf")), torch.tensor(4.0))
+    est.update(torch.tensor(1.0), torch.tensor(float("nan")))
+    assert torch.equal(est.state[:7], before[:7])
+    v = est.read()
+    assert v.steps == 1 and v.skipped == 2 and v.b_simple == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.5, 1.5, "0.9"])
+def test_invalid_decay_is_rejected(bad) -> None:
+    with pytest.raises(ValueError, match="ema_decay"):
+        GNSEstimator(ema_decay=bad)
+
+
+def test_standard_error_matches_spread_across_runs() -> None:
+    """The delta-method SE of the smoothed ratio predicts the spread over independent runs."""
+    g, var = synthetic(4)
+    gen = torch.Generator().manual_seed(5)
+    b_small, k, steps, runs = 4, 4, 300, 120
+    ratios, ses = [], []
+    x = g + torch.randn(runs, steps, k, b_small, D, generator=gen, dtype=torch.float64) * var.sqrt()
+    small = x.mean(3)
+    small_sq = small.square().sum(-1).mean(2)
+    big_sq = small.mean(2).square().sum(-1)
+    g2 = grad_norm_sq(small_sq, big_sq, b_small, k * b_small)
+    tr = trace_cov(small_sq, big_sq, b_small, k * b_small)
+    for r in range(runs):
+        est = GNSEstimator(ema_decay=0.98)
+        for t in range(steps):
+            est.update(g2[r, t], tr[r, t])
+        v = est.read()
+        ratios.append(v.b_simple)
+        ses.append(v.b_simple_se)
+    spread = torch.tensor(ratios).std().item()
+    mean_se = sum(ses) / len(ses)
+    assert 0.7 < mean_se / spread < 1.4, (mean_se, spread)
+
+
+def test_state_round_trip() -> None:
+    est = GNSEstimator(ema_decay=0.95)
+    for i in range(5):
+        est.update(torch.tensor(1.0 + i), torch.tensor(3.0 * i))
+    other = GNSEstimator(ema_decay=0.5)
+    other.load_state_dict(est.state_dict())
+    assert other.ema_decay == 0.95 and torch.equal(other.state, est.state)
+    assert values_from_moments(*est.state.tolist()) == est.read()
