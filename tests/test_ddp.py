@@ -1,0 +1,42 @@
+"""DDP with 2 CPU processes (gloo): rank-local statistics plus one all-reduce at logging steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("ddp_run.py")
+
+
+def run_ddp(tmp_path: Path, source: str, accumulate: int) -> dict:
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), source, str(accumulate)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(
+    "source,accumulate,batch_size",
+    [("micro_batch", 1, 32), ("micro_batch", 2, 64), ("per_example", 1, 32)],
+)
+def test_ddp_matches_exact(tmp_path, source, accumulate, batch_size) -> None:
+    r = run_ddp(tmp_path, source, accumulate)
+    assert r["world_size"] == 2 and r["active_source"] == source
+    assert r["batch_size"] == batch_size  # B_big = micro-batch × accumulation × world size
+    truth = r["truth"]
+    assert r["b_simple"] == pytest.approx(truth["b_simple"], rel=0.2)
+    assert r["grad_norm_sq"] == pytest.approx(truth["grad_norm_sq"], rel=0.2)
+    assert r["grad_variance"] == pytest.approx(truth["trace_cov"], rel=0.2)
