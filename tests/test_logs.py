@@ -1,0 +1,125 @@
+"""read_metrics on real TensorBoard event files and Lightning CSV logs written here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.tensorboard import SummaryWriter
+
+from lightning_gns.logs import COLUMNS, read_metrics
+
+
+def write_tb(folder: Path, scalars: dict[str, list[tuple[int, float]]]) -> None:
+    writer = SummaryWriter(str(folder))
+    for tag, points in scalars.items():
+        for step, value in points:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+def points(metric: str, df: pd.DataFrame, run: str) -> list[tuple[int, float]]:
+    rows = df[(df["run"] == run) & (df["metric"] == metric)]
+    return list(zip(rows["step"].tolist(), rows["value"].tolist(), strict=True))
+
+
+def test_nested_event_folders_are_runs_named_by_relative_path(tmp_path: Path) -> None:
+    write_tb(tmp_path / "exp1", {"gns/b_simple": [(0, 10.0), (5, 12.5)], "loss": [(0, 2.0)]})
+    write_tb(tmp_path / "exp2" / "seed1", {"gns/b_simple": [(3, 40.0)]})
+    df = read_metrics(tmp_path)
+    assert list(df.columns) == COLUMNS
+    assert sorted(df["run"].unique()) == ["exp1", "exp2/seed1"]
+    assert points("gns/b_simple", df, "exp1") == [(0, 10.0), (5, 12.5)]
+    assert points("gns/b_simple", df, "exp2/seed1") == [(3, 40.0)]
+    assert df["step"].dtype == "int64" and df["value"].dtype == "float64"
+    assert df.equals(df.sort_values(["run", "step", "metric"]).reset_index(drop=True))
+
+
+def test_run_folder_or_single_event_file_is_named_after_the_folder(tmp_path: Path) -> None:
+    run = tmp_path / "myrun"
+    write_tb(run, {"gns/b_simple": [(1, 3.0), (2, 4.0)]})
+    df = read_metrics(run)
+    assert set(df["run"]) == {"myrun"} and len(df) == 2
+    event_file = next(run.glob("events.out.tfevents.*"))
+    df_file = read_metrics(event_file)
+    assert set(df_file["run"]) == {"myrun"}
+    assert points("gns/b_simple", df_file, "myrun") == [(1, 3.0), (2, 4.0)]
+
+
+def test_several_event_files_in_one_folder_form_one_run(tmp_path: Path) -> None:
+    write_tb(tmp_path / "run", {"gns/b_simple": [(0, 1.0), (1, 2.0)]})
+    write_tb(tmp_path / "run", {"gns/b_simple": [(2, 3.0)]})  # a resumed writer
+    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 2
+    df = read_metrics(tmp_path)
+    assert points("gns/b_simple", df, "run") == [(0, 1.0), (1, 2.0), (2, 3.0)]
+
+
+def test_lightning_csv_and_tensorboard_loggers_mixed(tmp_path: Path) -> None:
+    csv = CSVLogger(str(tmp_path), name="csv_exp")
+    tb = TensorBoardLogger(str(tmp_path), name="tb_exp", default_hp_metric=False)
+    for step in range(4):
+        metrics = {"gns/b_simple": 10.0 + step, "gns/batch_size": 32.0}
+        if step % 2:
+            metrics["train/loss"] = 1.0 / step
+        for logger in (csv, tb):
+            logger.log_metrics(metrics, step=step)
+    csv.finalize("success")
+    tb.finalize("success")
+    assert (tmp_path / "csv_exp" / "version_0" / "metrics.csv").is_file()
+
+    df = read_metrics(tmp_path)
+    assert sorted(df["run"].unique()) == ["csv_exp/version_0", "tb_exp/version_0"]
+    for run in df["run"].unique():
+        assert points("gns/b_simple", df, run) == [(s, 10.0 + s) for s in range(4)]
+        assert points("train/loss", df, run) == [(1, 1.0), (3, pytest.approx(1 / 3))]
+    assert not df["value"].isna().any()  # the CSV's empty cells are dropped
+
+    one = read_metrics(tmp_path / "csv_exp" / "version_0" / "metrics.csv")
+    assert set(one["run"]) == {"version_0"}
+
+
+def test_csv_and_events_in_the_same_folder_do_not_duplicate(tmp_path: Path) -> None:
+    run = tmp_path / "both"
+    write_tb(run, {"gns/b_simple": [(0, 1.5), (1, 2.5)], "tb_only": [(0, 7.0)]})
+    pd.DataFrame({"step": [0, 1], "epoch": [0, 0], "gns/b_simple": [1.5, 2.5]}).to_csv(
+        run / "metrics.csv", index=False
+    )
+    df = read_metrics(tmp_path)
+    assert set(df["run"]) == {"both"}
+    assert points("gns/b_simple", df, "both") == [(0, 1.5), (1, 2.5)]
+    assert points("tb_only", df, "both") == [(0, 7.0)]
+    assert points("epoch", df, "both") == [(0, 0.0), (1, 0.0)]
+
+
+def test_hand_written_metrics_csv_with_nans(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,epoch,gns/b_simple,val_loss\n0,0,5.0,\n1,0,,0.5\n2,1,7.0,\n")
+    df = read_metrics(path)
+    assert points("gns/b_simple", df, tmp_path.name) == [(0, 5.0), (2, 7.0)]
+    assert points("val_loss", df, tmp_path.name) == [(1, 0.5)]
+
+
+def test_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_metrics(tmp_path / "missing")
+    (tmp_path / "empty" / "deep").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    with pytest.raises(ValueError, match="no TensorBoard event files or metrics.csv under"):
+        read_metrics(tmp_path / "empty")
+    with pytest.raises(ValueError, match="neither a TensorBoard event file"):
+        read_metrics(tmp_path / "empty" / "notes.txt")
+    bad = tmp_path / "bad" / "metrics.csv"
+    bad.parent.mkdir()
+    bad.write_text("epoch,loss\n0,1.0\n")
+    with pytest.raises(ValueError, match="'step' column"):
+        read_metrics(bad)
+
+
+def test_event_folder_without_scalars_gives_an_empty_table(tmp_path: Path) -> None:
+    writer = SummaryWriter(str(tmp_path / "r"))
+    writer.add_text("note", "no scalars here", 0)
+    writer.close()
+    df = read_metrics(tmp_path)
+    assert df.empty and list(df.columns) == COLUMNS
