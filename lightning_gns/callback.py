@@ -85,6 +85,8 @@ class GradientNoiseScale(Callback):
             raise ValueError(f"batch_size_multiple must be >= 1, got {batch_size_multiple!r}")
         if per_layer and source == "micro_batch":
             raise ValueError("per_layer needs per-example norms: use source='per_example'")
+        if ema_decay is None:
+            raise ValueError("ema_decay must be in (0, 1), got None; e.g. 0.99")
         self.estimator = GNSEstimator(ema_decay)  # validates ema_decay
         self.ema_decay = ema_decay
         self.source = source
@@ -401,9 +403,8 @@ class GradientNoiseScale(Callback):
         metrics = self._metrics()
         for key, value in metrics.items():
             trainer.callback_metrics[key] = torch.tensor(value)
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     @property
     def batch_size(self) -> float:
@@ -424,6 +425,7 @@ class GradientNoiseScale(Callback):
             "gns/coverage": self.coverage,
             "gns/skipped_steps": float(v.skipped + self._host_skipped),
         }
+        out["gns/optimal_batch_size"] = out["gns/efficiency"] = math.nan  # not yet known
         if math.isfinite(v.b_simple) and v.b_simple > 0 and math.isfinite(batch_size):
             opt = advice.optimal_batch_size(v.b_simple, multiple_of=self.batch_size_multiple)
             out["gns/optimal_batch_size"] = float(opt)

@@ -70,13 +70,18 @@ class GNSEstimator:
 
     Args:
         ema_decay: decay β per update, in (0, 1). The effective window is about 1/(1 − β).
+            ``None`` weighs all updates equally (a plain running mean).
         device: where the state lives.
     """
 
-    def __init__(self, ema_decay: float = 0.99, device: torch.device | str | None = None) -> None:
-        if not (isinstance(ema_decay, (int, float)) and 0.0 < float(ema_decay) < 1.0):
+    def __init__(
+        self, ema_decay: float | None = 0.99, device: torch.device | str | None = None
+    ) -> None:
+        if ema_decay is not None and not (
+            isinstance(ema_decay, (int, float)) and 0.0 < float(ema_decay) < 1.0
+        ):
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay!r}; e.g. 0.99")
-        self.ema_decay = float(ema_decay)
+        self.ema_decay = None if ema_decay is None else float(ema_decay)
         self.state = torch.zeros(len(_FIELDS), dtype=torch.float64, device=device)
 
     def to(self, device: torch.device | str) -> GNSEstimator:
@@ -88,7 +93,6 @@ class GNSEstimator:
 
     def update(self, grad_norm_sq: Tensor, trace_cov: Tensor) -> None:
         """Add one step's unbiased estimates; non-finite ones are skipped and counted."""
-        beta = self.ema_decay
         g = grad_norm_sq.detach().to(self.state)
         s = trace_cov.detach().to(self.state)
         ok = torch.isfinite(g) & torch.isfinite(s)
@@ -96,8 +100,11 @@ class GNSEstimator:
         s = torch.where(ok, s, torch.zeros_like(s))
         f = ok.to(self.state.dtype)
         # keep = β where the step counts, 1 where it is skipped; add = (1 − β)·f.
-        keep = 1.0 - (1.0 - beta) * f
-        add = (1.0 - beta) * f
+        if self.ema_decay is None:  # running mean: every weight 1
+            keep, add = torch.ones_like(f), f
+        else:
+            keep = 1.0 - (1.0 - self.ema_decay) * f
+            add = (1.0 - self.ema_decay) * f
         x = torch.stack([g, s, g * g, s * s, g * s, torch.ones_like(g), torch.ones_like(g)])
         st = self.state
         st[:5].mul_(keep).add_(add * x[:5])
@@ -111,11 +118,12 @@ class GNSEstimator:
         v = dict(zip(_FIELDS, (state if state is not None else self.state).tolist(), strict=True))
         return values_from_moments(**v)
 
-    def state_dict(self) -> dict[str, float | list[float]]:
+    def state_dict(self) -> dict[str, float | list[float] | None]:
         return {"ema_decay": self.ema_decay, "state": self.state.tolist()}
 
-    def load_state_dict(self, sd: dict[str, float | list[float]]) -> None:
-        self.ema_decay = float(sd["ema_decay"])  # type: ignore[arg-type]
+    def load_state_dict(self, sd: dict[str, float | list[float] | None]) -> None:
+        decay = sd["ema_decay"]
+        self.ema_decay = None if decay is None else float(decay)  # type: ignore[arg-type]
         self.state = torch.tensor(sd["state"], dtype=torch.float64, device=self.state.device)
 
 

@@ -1,0 +1,38 @@
+# The two commands a newcomer runs: `make demo` and `make test` (each creates .venv if missing).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# On these machines torch 2.13.0 is a local CPU wheel; a looser pin downloads a CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test lint format bench validate clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/demo.py --root runs
+
+# Headless Chromium renders the HTML report in a test (Debian's package).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(VENV)/.installed chromium
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf runs reports lightning_logs .pytest_cache

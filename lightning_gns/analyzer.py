@@ -1,0 +1,290 @@
+"""GradientNoiseAnalyzer: "what batch size should I use?" for a plain PyTorch model.
+
+It drives the same per-example hooks (:mod:`lightning_gns.norms`) and the same estimator
+(:mod:`lightning_gns.estimator`) as the Lightning callback over a data loader, and leaves the
+model exactly as it found it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gns import advice
+from lightning_gns.estimator import GNSEstimator, grad_norm_sq, trace_cov
+from lightning_gns.norms import PerExampleNorms, squared_norm, trainable_parameters
+
+_REDUCTIONS = ("mean", "sum", "batchmean")
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class GradientNoiseAnalyzer:
+    """Estimate the gradient noise scale B_simple = tr(Σ)/|G|² from a few batches.
+
+    Each batch gives per-example gradient norms (B_small = 1) and the batch gradient
+    (B_big = batch size); the unbiased |G|² and tr(Σ) are averaged over batches and
+    B_simple is their ratio, with a delta-method standard error.
+
+    Args:
+        model: a ``nn.Module``; it is not changed (parameters, ``.grad``, buffers, train/eval
+            mode and the RNG state are restored).
+        criterion: ``loss = criterion(model(inputs), targets)`` with a mean (default) or sum
+            reduction over examples, e.g. ``nn.CrossEntropyLoss()``.
+        data_loader: yields ``(inputs, targets)`` batches with the batch on dim 0.
+        layers: ``"all"`` registered layer types or ``"norm"`` (normalization layers only).
+        train_mode: put the model in train mode while analysing (dropout on, as in training);
+            ``False`` for eval mode, ``None`` to keep the modes it has.
+        verbose: print progress and a summary.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: Callable[[Any, Any], Tensor],
+        data_loader: Iterable[Any],
+        layers: str = "all",
+        train_mode: bool | None = True,
+        verbose: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(criterion):
+            raise TypeError("criterion must be callable as criterion(model(inputs), targets)")
+        reduction = getattr(criterion, "reduction", "mean")
+        if reduction == "none":
+            raise ValueError(
+                "criterion has reduction='none'; pass one with reduction='mean' or 'sum' "
+                "(e.g. nn.CrossEntropyLoss()) so each example's share of the gradient is known"
+            )
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"criterion reduction {reduction!r} has no per-example form")
+        if not trainable_parameters(model):
+            raise ValueError("model has no parameters that require grad")
+        self.model = model
+        self.criterion = criterion
+        self.data_loader = data_loader
+        self.layers = layers
+        self.train_mode = train_mode
+        self.verbose = verbose
+        self.reduction = "sum" if reduction == "sum" else "mean"
+
+    def analyze(self, num_batches: int = 30) -> dict[str, Any]:
+        """Run ``num_batches`` batches (forward and backward, no optimizer step).
+
+        Returns a dict with ``gradient_noise_scale`` (B_simple), ``gradient_noise_scale_se``,
+        ``confidence_interval`` (95%), ``optimal_batch_size``, ``current_batch_size``,
+        ``efficiency`` (fraction; 1.0 = optimal), ``mean_gradient_norm`` (|G|),
+        ``grad_norm_sq`` (|G|²), ``gradient_variance`` (tr(Σ)), ``num_batches``,
+        ``num_examples``, ``coverage`` and ``left_out``.
+        """
+        if not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+        state = _ModelState(self.model)
+        try:
+            return self._analyze(num_batches)
+        finally:
+            state.restore()
+
+    def _analyze(self, num_batches: int) -> dict[str, Any]:
+        model = self.model
+        device = next(model.parameters()).device
+        if self.train_mode is not None:
+            model.train(self.train_mode)
+        for p in model.parameters():
+            p.grad = None
+        norms = PerExampleNorms(model, layers=self.layers)
+        if not norms.sites:
+            raise ValueError("no layer of this model has a per-example rule (see README)")
+        norms.attach()
+        est = GNSEstimator(ema_decay=None, device=device)
+        self._say("📊 Analyzing Gradient Noise Scale...")
+        sizes: list[int] = []
+        try:
+            it = iter(self.data_loader)
+            for i in range(num_batches):
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                inputs, targets = self._split(batch)
+                inputs, targets = _to(inputs, device), _to(targets, device)
+                size = self._batch_size(inputs)
+                if i == 0:
+                    self._check_per_example(inputs, targets, size)
+                    norms.start_micro_batch(size)
+                    norms.start_check()  # the structural check (tied or reused weights)
+                    self._backward(inputs, targets)
+                    norms.close_micro_batch()
+                    self._zero(model)
+                norms.start_micro_batch(size)
+                self._backward(inputs, targets)
+                per_example, _, bad = norms.close_micro_batch()
+                if bad is not None or per_example is None:
+                    raise ValueError(f"cannot use per-example norms on this model: {bad}")
+                w = float(size * size) if self.reduction == "mean" else 1.0
+                small = per_example.double().sum() * w / size
+                big = squared_norm(p.grad for p in norms.params)
+                assert big is not None
+                big = big.double() / (size * size if self.reduction == "sum" else 1)
+                est.update(grad_norm_sq(small, big, 1, size), trace_cov(small, big, 1, size))
+                self._zero(model)
+                sizes.append(size)
+                self._progress(i + 1, num_batches)
+        finally:
+            norms.detach()
+        if not sizes:
+            raise ValueError("the data loader is empty: it yielded no batch")
+        return self._results(est, sizes, norms)
+
+    def _results(self, est: GNSEstimator, sizes: list[int], norms: PerExampleNorms) -> dict:
+        v = est.read()
+        current = getattr(self.data_loader, "batch_size", None) or max(sizes)
+        b = v.b_simple
+        known = math.isfinite(b) and b > 0
+        se = v.b_simple_se
+        out = {
+            "gradient_noise_scale": b,
+            "gradient_noise_scale_se": se,
+            "confidence_interval": (b - 1.96 * se, b + 1.96 * se) if known else (math.nan,) * 2,
+            "optimal_batch_size": advice.optimal_batch_size(b) if known else None,
+            "current_batch_size": int(current),
+            "efficiency": float(advice.efficiency(current, b)) if known else math.nan,
+            "mean_gradient_norm": math.sqrt(v.grad_norm_sq) if v.grad_norm_sq > 0 else 0.0,
+            "grad_norm_sq": v.grad_norm_sq,
+            "gradient_variance": v.grad_variance,
+            "num_batches": len(sizes),
+            "num_examples": sum(sizes),
+            "coverage": norms.coverage(),
+            "left_out": dict(norms.left_out),
+        }
+        if known:
+            self._say(f"\nGradient Noise Scale: {b:.2f} ± {se:.2f}")
+            self._say(f"Optimal batch size: {out['optimal_batch_size']}")
+            self._say(f"Efficiency: {out['efficiency']:.1%}")
+        else:
+            self._say("\nGradient Noise Scale: not yet known (|G|² ≤ 0: the gradient is all noise)")
+        return out
+
+    # -- helpers ------------------------------------------------------------------------------
+    @staticmethod
+    def _split(batch: Any) -> tuple[Any, Any]:
+        if isinstance(batch, (list, tuple)) and len(batch) == 2:
+            return batch[0], batch[1]
+        raise ValueError("each batch must be an (inputs, targets) pair")
+
+    @staticmethod
+    def _batch_size(inputs: Any) -> int:
+        first = inputs
+        while isinstance(first, (list, tuple)) and first:
+            first = first[0]
+        if not isinstance(first, Tensor) or first.dim() == 0:
+            raise ValueError("inputs must be a tensor (or tuple of tensors) with a batch dim 0")
+        size = int(first.shape[0])
+        if size < 2:
+            raise ValueError(
+                "batch size 1 gives no second example to compare with: use batch_size >= 2"
+            )
+        return size
+
+    def _loss(self, inputs: Any, targets: Any) -> Tensor:
+        out = self.model(*inputs) if isinstance(inputs, (list, tuple)) else self.model(inputs)
+        return self.criterion(out, targets)
+
+    def _backward(self, inputs: Any, targets: Any) -> None:
+        loss = self._loss(inputs, targets)
+        if loss.dim() != 0:
+            raise ValueError("criterion must return a scalar loss (reduction 'mean' or 'sum')")
+        loss.backward()
+
+    def _check_per_example(self, inputs: Any, targets: Any, size: int) -> None:
+        """The loss of a batch must be the mean (or sum) of the losses of its two halves."""
+        half = size // 2
+        with torch.no_grad():
+            rng = torch.get_rng_state()
+            whole = self._loss(inputs, targets).double()
+            losses = []
+            for lo, hi in ((0, half), (half, size)):
+                torch.set_rng_state(rng)
+                losses.append(self._loss(_slice(inputs, lo, hi), _slice(targets, lo, hi)))
+            torch.set_rng_state(rng)
+        first, second = (x.double() for x in losses)
+        if self.reduction == "sum":
+            expect = first + second
+        else:
+            expect = (half * first + (size - half) * second) / size
+        if not torch.isclose(whole, expect, rtol=1e-3, atol=1e-6):
+            raise ValueError(
+                f"the criterion's batch loss is not the {self.reduction} of per-example losses "
+                f"({float(whole):.6g} vs {float(expect):.6g}): examples interact (e.g. BatchNorm "
+                "in train mode, or a batch-level loss), so per-example gradients are not defined; "
+                "for BatchNorm pass train_mode=False (eval mode uses its running statistics)"
+            )
+
+    @staticmethod
+    def _zero(model: nn.Module) -> None:
+        for p in model.parameters():
+            p.grad = None
+
+    def _say(self, msg: str) -> None:
+        if self.verbose:
+            print(msg, flush=True)
+
+    def _progress(self, done: int, total: int) -> None:
+        """One updating line on a terminal; the first, every 10th and the last line otherwise."""
+        if not self.verbose:
+            return
+        msg = f"   Collecting gradients: {done}/{total}"
+        if sys.stdout.isatty():
+            print("\r" + msg, end="\n" if done == total else "", flush=True)
+        elif done in (1, total) or done % 10 == 0:
+            print(msg, flush=True)
+
+
+def _slice(obj: Any, lo: int, hi: int) -> Any:
+    if isinstance(obj, Tensor):
+        return obj[lo:hi]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_slice(o, lo, hi) for o in obj)
+    return obj
+
+
+class _ModelState:
+    """Everything analysis may touch: parameters, .grad, buffers, modes, RNG."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.params = {k: p.detach().clone() for k, p in model.named_parameters()}
+        self.grads = {
+            k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()
+        }
+        self.buffers = {k: b.clone() for k, b in model.named_buffers()}
+        self.modes = {k: m.training for k, m in model.named_modules()}
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for k, p in self.model.named_parameters():
+                p.copy_(self.params[k])
+                p.grad = self.grads[k]
+            for k, b in self.model.named_buffers():
+                b.copy_(self.buffers[k])
+        for k, m in self.model.named_modules():
+            m.training = self.modes[k]
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)

@@ -1,0 +1,93 @@
+"""What a run writes: TensorBoard events (read with TensorBoard's reader), CSV, YAML configs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+from conftest import Classifier, mlp, trainer_kwargs
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_gns import GradientNoiseScale
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {
+    "gns/b_simple",
+    "gns/b_simple_se",
+    "gns/grad_norm_sq",
+    "gns/grad_variance",
+    "gns/batch_size",
+    "gns/optimal_batch_size",
+    "gns/efficiency",
+    "gns/coverage",
+    "gns/skipped_steps",
+}
+
+
+def test_tensorboard_and_csv_loggers_get_the_gns_keys(tmp_path) -> None:
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    cs = CSVLogger(tmp_path, name="csv")
+    cb = GradientNoiseScale(ema_decay=0.9, per_layer=True)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, logger=[tb, cs], log_every_n_steps=5),
+        callbacks=[cb],
+    )
+    trainer.fit(Classifier(mlp(), batch_size=64))
+
+    acc = EventAccumulator(tb.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert KEYS <= tags
+    assert {"gns/layer/model.0/b_simple", "gns/layer/model.2/b_simple"} <= tags
+    steps = [e.step for e in acc.Scalars("gns/b_simple")]
+    assert steps[:3] == [5, 10, 15]  # optimizer steps, every log_every_n_steps
+    assert acc.Scalars("gns/batch_size")[-1].value == 64
+    # The custom-scalars layout groups the curves in TensorBoard's "Custom Scalars" tab.
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    assert content, "no custom-scalars layout in the event file"
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors(next(iter(content)))[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert "gns/b_simple" in charts["B_simple"]
+
+    with open(Path(cs.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert KEYS <= set(rows[0])
+    values = [float(r["gns/b_simple"]) for r in rows if r["gns/b_simple"]]
+    assert values and values[-1] == cb.b_simple
+
+
+def test_lightning_cli_configures_the_callback_from_yaml(tmp_path) -> None:
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "cli.py"),
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "digits.yaml"),
+        "--config",
+        str(ROOT / "configs" / "gns_accumulation.yaml"),
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_checkpointing=false",
+        "--print_config",
+    ]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lightning_gns.GradientNoiseScale" in out.stdout
+    assert "source: micro_batch" in out.stdout and "ema_decay: 0.98" in out.stdout
+
+    cmd.remove("--print_config")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    events = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert "gns/b_simple" in acc.Tags()["scalars"]
