@@ -78,6 +78,8 @@ class _Site:
     activation: Tensor | None = None
     grad_output: Tensor | None = None  # kept only during the structural check
     shared: set[str] = field(default_factory=set)  # attrs whose weight is tied to another site
+    handle: RemovableHandle | None = None
+    active: bool = True
 
 
 class PerExampleNorms:
@@ -103,7 +105,6 @@ class PerExampleNorms:
         self.per_layer = per_layer
         self.sites: dict[str, _Site] = {}
         self.left_out: dict[str, str] = {}
-        self._handles: list[RemovableHandle] = []
         self._acc: Tensor | None = None
         self._layer_acc: dict[str, Tensor] = {}
         self._shared_acc: dict[int, Tensor] = {}
@@ -143,9 +144,18 @@ class PerExampleNorms:
                         site.shared.add(attr)
 
     def _leave_out(self, name: str, reason: str) -> None:
-        if name in self.sites:
-            del self.sites[name]
+        site = self.sites.pop(name, None)
+        if site is not None:
+            site.active = False
+            if site.handle is not None:
+                site.handle.remove()
             self.left_out[name] = reason
+
+    def _fail(self, site: _Site, reason: str) -> None:
+        """A module broke an assumption: leave it out; outside the check, drop this micro-batch."""
+        self._leave_out(site.name, reason)
+        if not self._checking:
+            self._bad = f"module '{site.name}' {reason}"
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -164,14 +174,13 @@ class PerExampleNorms:
     def attach(self) -> None:
         self.detach()
         for site in self.sites.values():
-            self._handles.append(
-                site.module.register_forward_hook(self._make_forward_hook(site), with_kwargs=False)
-            )
+            site.handle = site.module.register_forward_hook(self._make_forward_hook(site))
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        for site in self.sites.values():
+            if site.handle is not None:
+                site.handle.remove()
+                site.handle = None
         self._stop_check_hooks()
         self._reset()
 
@@ -201,20 +210,27 @@ class PerExampleNorms:
                 return
             site.calls += 1
             if site.calls > 1:
-                self._bad = f"module '{site.name}' was called {site.calls} times in one forward"
+                self._fail(site, f"called {site.calls} times in one forward")
                 return
             site.activation = args[0]
-            output.register_hook(lambda g: self._backward(site, g))
+            base = output._base
+            if base is not None and base.numel() == output.numel() and output.is_contiguous():
+                # Linear on (B, T, d) returns a view of a 2-D product; an in-place op on that
+                # view (e.g. relu_) reroutes autograd around its hooks, but not its base's.
+                shape = output.shape
+                base.register_hook(lambda g: self._backward(site, g.reshape(shape)))
+            else:
+                output.register_hook(lambda g: self._backward(site, g))
 
         return hook
 
     def _backward(self, site: _Site, g: Tensor) -> None:
         a = site.activation
-        if a is None or self._bad is not None:
+        if a is None or not site.active or self._bad is not None:
             return
         b = self._batch_size
         if b is not None and (g.dim() == 0 or g.shape[0] != b or a.shape[:1] != g.shape[:1]):
-            self._bad = f"module '{site.name}' saw inputs without a batch dimension of size {b}"
+            self._fail(site, f"has inputs without a batch dimension of size {b}")
             return
         if self._checking:
             site.grad_output = g.detach()
@@ -278,6 +294,7 @@ class PerExampleNorms:
 
     def _finish_check(self) -> None:
         """Compare each site's own gradient with the parameter's total micro-batch gradient."""
+        self._stop_check_hooks()  # the recomputation below must not overwrite the totals
         local: dict[int, Tensor] = {}
         for name, site in list(self.sites.items()):
             if site.calls == 0:
@@ -313,7 +330,6 @@ class PerExampleNorms:
                         name, f"'{attr}' also gets gradient from outside this module (tied/reused?)"
                     )
                     break
-        self._stop_check_hooks()
         self._check_grads = {}
 
     @staticmethod

@@ -1,0 +1,147 @@
+"""The hooks: micro-batch norms and per-example norms from module hooks, structure checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_gns.norms import MicroBatchNorms, PerExampleNorms
+
+
+class TinyLM(nn.Module):
+    """Token + positional embeddings, a LayerNorm, an MLP and an output head (maybe tied)."""
+
+    def __init__(self, vocab=11, d=8, t=5, tie="none", pad=0) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d, padding_idx=pad)
+        self.pos = nn.Embedding(t, d)
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.tie = tie
+        if tie == "module":
+            self.head.weight = self.tok.weight
+
+    def forward(self, idx: Tensor) -> Tensor:
+        h = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        h = self.fc(self.norm(h)).relu_()  # an in-place op right after a hooked output
+        if self.tie == "functional":
+            return F.linear(h, self.tok.weight)
+        return self.head(h)
+
+
+def per_example_sq_norms(model: nn.Module, idx: Tensor, params: list[str]) -> Tensor:
+    named = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x):
+        out = functional_call(model, {**named, **p}, (x.unsqueeze(0),))
+        return (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+
+    g = vmap(grad(loss), in_dims=(None, 0))({k: named[k] for k in params}, idx)
+    return sum(g[k].flatten(1).square().sum(1) for k in params)
+
+
+def run(model: nn.Module, idx: Tensor, norms: PerExampleNorms, check: bool = True):
+    norms.attach()
+    if check:
+        norms.start_micro_batch(idx.shape[0])
+        norms.start_check()
+        out = model(idx)
+        (out * torch.linspace(-1, 1, out[0].numel()).view_as(out[0])).sum().backward()
+        norms.close_micro_batch()
+        model.zero_grad()
+    norms.start_micro_batch(idx.shape[0])
+    out = model(idx)
+    (out * torch.linspace(-1, 1, out[0].numel()).view_as(out[0])).sum().backward()
+    result = norms.close_micro_batch()
+    norms.detach()
+    return result
+
+
+@pytest.fixture
+def idx() -> Tensor:
+    torch.manual_seed(0)
+    x = torch.randint(0, 11, (6, 5))
+    x[0, :2] = 0  # padding tokens
+    x[1] = 3  # repeated tokens
+    return x
+
+
+def test_tied_module_weights_are_handled_exactly(idx) -> None:
+    torch.manual_seed(1)
+    model = TinyLM(tie="module")
+    norms = PerExampleNorms(model)
+    acc, _, bad = run(model, idx, norms)
+    assert bad is None
+    assert set(norms.left_out) == {"pos"}  # positional embedding: no batch dimension
+    names = [k for k, _ in model.named_parameters() if not k.startswith("pos.")]
+    ref = per_example_sq_norms(model, idx, names)
+    torch.testing.assert_close(acc, ref.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_weight_used_outside_its_module_is_left_out(idx) -> None:
+    torch.manual_seed(2)
+    model = TinyLM(tie="functional")
+    norms = PerExampleNorms(model)
+    acc, _, _ = run(model, idx, norms)
+    assert "tok" in norms.left_out and "outside" in norms.left_out["tok"]
+    names = ["norm.weight", "norm.bias", "fc.weight", "fc.bias"]
+    ref = per_example_sq_norms(model, idx, names)
+    torch.testing.assert_close(acc, ref.float(), rtol=1e-4, atol=1e-6)
+    assert norms.coverage() == pytest.approx(
+        sum(p.numel() for n, p in model.named_parameters() if n in names)
+        / sum(p.numel() for p in model.parameters())
+    )
+
+
+def test_module_called_twice_is_left_out() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(self.a(self.a(x)))
+
+    model = Twice()
+    norms = PerExampleNorms(model)
+    acc, _, _ = run(model, torch.randn(5, 4), norms)
+    assert "called 2 times" in norms.left_out["a"]
+    assert acc is not None and acc.shape == (5,)
+
+
+def test_norm_layers_mode_hooks_only_normalization_layers() -> None:
+    model = TinyLM()
+    norms = PerExampleNorms(model, layers="norm")
+    assert set(norms.sites) == {"norm"}
+    assert norms.left_out == {}  # other layers are not candidates, not failures
+
+
+def test_per_layer_norms_add_up(idx) -> None:
+    torch.manual_seed(3)
+    model = TinyLM()
+    norms = PerExampleNorms(model, per_layer=True)
+    acc, layers, _ = run(model, idx, norms)
+    assert set(layers) == {"tok", "norm", "fc", "head"}
+    torch.testing.assert_close(sum(layers.values()), acc)
+
+
+def test_micro_batch_norms_see_each_local_gradient_before_accumulation() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    micro = MicroBatchNorms([p for p in model.parameters()])
+    micro.attach()
+    xs = [torch.randn(5, 3) for _ in range(3)]
+    seen = []
+    for x in xs:
+        model(x).sum().backward()
+        seen.append(micro.close_micro_batch())
+    micro.detach()
+    for x, s in zip(xs, seen, strict=True):
+        ref = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+        assert s == pytest.approx(sum(float(g.square().sum()) for g in ref), rel=1e-5)
+    assert micro.close_micro_batch() is None
