@@ -1,0 +1,105 @@
+"""Checks that only a GPU shows: CUDA AMP (fp16 GradScaler) and "no host sync per step".
+
+    python benchmarks/gpu_checks.py            # needs a CUDA device
+
+1. A frozen MLP (learning rate 0) on the digits under precision="16-mixed": the callback's
+   B_simple against the exact value from per-example gradients (fp32, torch.func).
+2. torch.cuda.set_sync_debug_mode("error") around every piece of the callback's per-step code
+   (its hooks, the parameter hooks and the per-example module hooks) on non-logging steps:
+   any host synchronisation raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from conftest import Classifier, digits, exact_gns, mlp  # noqa: E402
+
+from lightning_gns import GradientNoiseScale  # noqa: E402
+from lightning_gns.norms import hooks  # noqa: E402
+
+STRICT = {"on": False}
+
+
+def strict(fn):
+    """Run fn with sync debug mode 'error' while STRICT is on (non-logging steps)."""
+
+    @functools.wraps(fn)
+    def wrapped(*a, **k):
+        if not STRICT["on"]:
+            return fn(*a, **k)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return fn(*a, **k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return wrapped
+
+
+class Strict(GradientNoiseScale):
+    """Turns STRICT on from the second optimizer step (after the one-off structural check)."""
+
+    def on_train_batch_start(self, trainer, *a, **k):
+        STRICT["on"] = trainer.global_step >= 1
+        return strict(super().on_train_batch_start)(trainer, *a, **k)
+
+    def on_after_backward(self, *a, **k):
+        return strict(super().on_after_backward)(*a, **k)
+
+    def on_before_optimizer_step(self, *a, **k):
+        return strict(super().on_before_optimizer_step)(*a, **k)
+
+    def on_train_batch_end(self, trainer, *a, **k):
+        STRICT["on"] = False  # the logging read-out may sync, by design
+        return super().on_train_batch_end(trainer, *a, **k)
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "needs a CUDA device"
+    # Wrap the hook bodies that run inside backward.
+    hooks.MicroBatchNorms._hook = strict(hooks.MicroBatchNorms._hook)
+    hooks.PerExampleNorms._backward = strict(hooks.PerExampleNorms._backward)
+    x, y = digits()
+    truth = exact_gns(mlp(), x, y)
+    results = {"device": torch.cuda.get_device_name(), "truth_b_simple": truth["b_simple"]}
+    for source, acc in (("micro_batch", 4), ("per_example", 1), ("per_example", 4)):
+        cb = Strict(ema_decay=0.98, source=source, log_every_n_steps=50)
+        trainer = pl.Trainer(
+            accelerator="gpu",
+            devices=1,
+            precision="16-mixed",
+            max_epochs=8,
+            accumulate_grad_batches=acc,
+            callbacks=[cb],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(Classifier(mlp(), batch_size=16 if acc > 1 else 64))
+        scaler = trainer.precision_plugin.scaler
+        key = f"{source}_acc{acc}"
+        results[key] = {
+            "b_simple": cb.b_simple,
+            "b_simple_se": cb.values.b_simple_se,
+            "rel_error": cb.b_simple / truth["b_simple"] - 1,
+            "grad_norm_sq_rel_error": cb.grad_norm_sq / truth["grad_norm_sq"] - 1,
+            "steps": cb.values.steps,
+            "skipped": cb.values.skipped,
+            "loss_scale": float(scaler.get_scale()),
+            "strict_sync_check": "passed",
+        }
+        print(key, results[key], flush=True)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
