@@ -109,6 +109,8 @@ class GradientNoiseScale(Callback):
         self._opt_steps = 0  # optimizer steps seen (host counter)
         self._host_skipped = 0  # steps dropped on the host side (e.g. unusable micro-batch)
         self._recent_sizes: deque[float] = deque(maxlen=100)
+        # Steps recorded on the device since the last logging step: (row, b_small, b_big, layers)
+        self._pending: list[tuple[Tensor, float, float, list[str]]] = []
         self._stepped = False
         self._needs_check = False
 
@@ -207,7 +209,6 @@ class GradientNoiseScale(Callback):
 
     # -- per micro-batch ------------------------------------------------------------------
     def _reset_step(self) -> None:
-        self._small: list[Tensor] = []  # micro source: |g_i|² in backward units
         self._sizes: list[int] = []  # examples in each micro-batch
         self._pe_sum: Tensor | None = None  # per-example source: Σ_j b²|g_j|² in backward units
         self._pe_layers: dict[str, Tensor] = {}
@@ -232,10 +233,11 @@ class GradientNoiseScale(Callback):
         b = self._mb_size
         if b <= 0:
             self._bad = "could not find the batch size of a micro-batch"
+            b = 1
         if self._micro is not None:
-            u = self._micro.close_micro_batch()
-            if u is not None:
-                self._small.append(u)
+            # A sum-reduced micro-batch gradient is b × its mean gradient: weigh |g|² by 1/b².
+            weight = 1.0 / (b * b) if self.loss_reduction == "sum" else 1.0
+            if self._micro.close_micro_batch(weight):
                 self._sizes.append(b)
         if self._pe is not None:
             acc, layers, bad = self._pe.close_micro_batch()
@@ -246,6 +248,7 @@ class GradientNoiseScale(Callback):
             if bad is not None:
                 self._bad = bad
             elif acc is not None:
+                # A mean-reduced loss gives example j the share g_j/b of the gradient: undo 1/b.
                 w = float(b * b) if self.loss_reduction == "mean" else 1.0
                 part = acc.sum() * w
                 self._pe_sum = part if self._pe_sum is None else self._pe_sum + part
@@ -276,75 +279,74 @@ class GradientNoiseScale(Callback):
             self._reset_step()
 
     def _step(self, trainer: pl.Trainer) -> None:
-        k = trainer.accumulate_grad_batches
-        world = trainer.world_size
+        """Record this step's small- and big-batch |g|² (device scalars, in the units of the
+        mean per-example gradient); the estimator consumes them at the next logging step."""
+        small_total = self._micro.take() if self._micro is not None else None
+        k = trainer.accumulate_grad_batches  # Lightning divides the loss by k before backward
         m = len(self._sizes)
-        if self._bad is not None or m == 0 or min(self._sizes) <= 0:
+        if self._bad is not None or m == 0:
             if self._bad != "structural check step":
                 self._skip(self._bad or "no gradient statistics were collected this step")
             return
-        inv_scale_sq = self._inv_loss_scale_sq(trainer)
-        sum_reduce = self.loss_reduction == "sum"
+        n = sum(self._sizes)
+        world = trainer.world_size
         if self._micro is not None:
             b_small = harmonic_batch_size(self._sizes)
             b_big = world * m * b_small
-            if b_big <= b_small:
-                self._skip("only one micro-batch in this step")
-                return
-            small = torch.stack(self._small)
-            if sum_reduce:  # a sum-reduced micro-batch gradient is b_i × its mean gradient
-                small = small / torch.tensor(self._sizes, device=small.device).float().square()
-            small_sq = small.mean() * (k * k) * inv_scale_sq
-            big_sq = squared_norm(p.grad for p in self._micro.params)
+            small = small_total
+            params = self._micro.params
+            per_small = k * k / m  # mean over micro-batches, times k² for Lightning's 1/k
         else:
-            assert self._pe is not None and self._pe_sum is not None
-            n = sum(self._sizes)
+            assert self._pe is not None
             b_small, b_big = 1.0, float(world * n)
-            if b_big <= 1:
-                self._skip("a step with a single example")
-                return
-            small_sq = self._pe_sum * (k * k) * inv_scale_sq / n
-            big_sq = squared_norm(p.grad for p in self._pe.params)
-        if big_sq is None:
+            small = self._pe_sum
+            params = self._pe.params
+            per_small = k * k / n  # mean over examples
+        if b_big <= b_small or small is None:
+            self._skip("only one micro-batch in this step" if m == 1 else "a one-example step")
+            return
+        big = squared_norm(p.grad for p in params)
+        if big is None:
             self._skip("no parameter has a gradient")
             return
-        big_scale = (k / sum(self._sizes)) ** 2 if sum_reduce else (k / m) ** 2
-        big_sq = big_sq * big_scale
-        self._recent_sizes.append(b_big)
-        self.estimator.update(
-            unbiased_grad_norm_sq(small_sq, big_sq, b_small, b_big),
-            unbiased_trace_cov(small_sq, big_sq, b_small, b_big),
-        )
+        # .grad is the mean of the m micro-batch gradients times m/k (sum: of n examples, ×1/k).
+        big_scale = (k / n) ** 2 if self.loss_reduction == "sum" else (k / m) ** 2
+        inv_scale_sq = self._inv_loss_scale_sq(trainer)
+        row = [small * (per_small * inv_scale_sq), big * big_scale]
+        names: list[str] = []
         if self.per_layer and self._pe is not None:
-            self._layer_step(trainer, k, m, inv_scale_sq, big_scale, b_big)
+            for name, part in self._pe_layers.items():
+                site = self._pe.sites.get(name)
+                big_l = squared_norm(p.grad for p in site.params.values()) if site else None
+                if big_l is not None:
+                    row += [part * (per_small * inv_scale_sq), big_l * big_scale]
+                    names.append(name)
+        self._pending.append((torch.stack([r.double() for r in row]), b_small, b_big, names))
+        self._recent_sizes.append(b_big)
 
-    def _layer_step(
-        self,
-        trainer: pl.Trainer,
-        k: int,
-        m: int,
-        inv_scale_sq: Tensor | float,
-        big_scale: float,
-        b_big: float,
-    ) -> None:
-        assert self._pe is not None
-        n = sum(self._sizes)
-        for name, part in self._pe_layers.items():
-            site = self._pe.sites.get(name)
-            if site is None:
-                continue
-            big = squared_norm(p.grad for p in site.params.values())
-            if big is None:
-                continue
-            small_sq = part * (k * k) * inv_scale_sq / n
-            big = big * big_scale
-            est = self._layer_est.get(name)
-            if est is None:
-                est = self._layer_est[name] = GNSEstimator(self.ema_decay, device=part.device)
-            est.update(
-                unbiased_grad_norm_sq(small_sq, big, 1.0, b_big),
-                unbiased_trace_cov(small_sq, big, 1.0, b_big),
-            )
+    def _flush(self) -> None:
+        """Turn the recorded steps into unbiased estimates and feed the EMAs (logging steps)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        device = pending[0][0].device
+        bs = torch.tensor([(p[1], p[2]) for p in pending], dtype=torch.float64, device=device)
+        raw = torch.stack([p[0][:2] for p in pending])
+        b_small, b_big = bs[:, 0], bs[:, 1]
+        self.estimator.update_many(
+            unbiased_grad_norm_sq(raw[:, 0], raw[:, 1], b_small, b_big),
+            unbiased_trace_cov(raw[:, 0], raw[:, 1], b_small, b_big),
+        )
+        for row, _, b_big_i, names in pending:  # per-layer estimates (an option): per step
+            for j, name in enumerate(names):
+                est = self._layer_est.get(name)
+                if est is None:
+                    est = self._layer_est[name] = GNSEstimator(self.ema_decay, device=device)
+                small_l, big_l = row[2 + 2 * j], row[3 + 2 * j]
+                est.update(
+                    unbiased_grad_norm_sq(small_l, big_l, 1.0, b_big_i),
+                    unbiased_trace_cov(small_l, big_l, 1.0, b_big_i),
+                )
 
     @staticmethod
     def _inv_loss_scale_sq(trainer: pl.Trainer) -> Tensor | float:
@@ -390,6 +392,7 @@ class GradientNoiseScale(Callback):
 
     def _sync_and_log(self, trainer: pl.Trainer) -> None:
         """The only host sync: one all-reduce of the small state vector(s), then read-out."""
+        self._flush()
         states = [self.estimator.state] + [e.state for e in self._layer_est.values()]
         packed = torch.cat(states)
         if trainer.world_size > 1:
@@ -447,6 +450,7 @@ class GradientNoiseScale(Callback):
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self._flush()
         est_sd = self.estimator.state_dict()
         return {
             "estimator": est_sd,

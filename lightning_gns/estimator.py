@@ -113,6 +113,31 @@ class GNSEstimator:
         st[7].add_(f)
         st[8].add_(1.0 - f)
 
+    def update_many(self, grad_norm_sq: Tensor, trace_cov: Tensor) -> None:
+        """:meth:`update` for each element of two 1-D tensors in order, in a few vector ops."""
+        g = grad_norm_sq.detach().to(self.state).reshape(-1)
+        s = trace_cov.detach().to(self.state).reshape(-1)
+        if g.numel() == 0:
+            return
+        ok = torch.isfinite(g) & torch.isfinite(s)
+        g = torch.where(ok, g, torch.zeros_like(g))
+        s = torch.where(ok, s, torch.zeros_like(s))
+        f = ok.to(self.state.dtype)
+        if self.ema_decay is None:
+            keep, add = torch.ones_like(f), f
+        else:
+            keep = 1.0 - (1.0 - self.ema_decay) * f
+            add = (1.0 - self.ema_decay) * f
+        # Weight of step i in the final state: add_i · Π_{j>i} keep_j; the old state: Π keep_j.
+        after, after2 = _suffix_products(keep), _suffix_products(keep * keep)
+        w = add * after
+        x = torch.stack([g, s, g * g, s * s, g * s, torch.ones_like(g)])
+        st = self.state
+        st[:6].mul_(keep.prod()).add_(x @ w)
+        st[6].mul_((keep**2).prod()).add_((add * add * after2).sum())
+        st[7].add_(f.sum())
+        st[8].add_((1.0 - f).sum())
+
     def read(self, state: Tensor | None = None) -> GNSValues:
         """Host read-out (one device-to-host copy). ``state`` may be an all-reduced copy."""
         v = dict(zip(_FIELDS, (state if state is not None else self.state).tolist(), strict=True))
@@ -125,6 +150,12 @@ class GNSEstimator:
         decay = sd["ema_decay"]
         self.ema_decay = None if decay is None else float(decay)  # type: ignore[arg-type]
         self.state = torch.tensor(sd["state"], dtype=torch.float64, device=self.state.device)
+
+
+def _suffix_products(x: Tensor) -> Tensor:
+    """out_i = Π_{j>i} x_j (1 for the last element)."""
+    tail = torch.flip(torch.cumprod(torch.flip(x[1:], [0]), 0), [0])
+    return torch.cat([tail, torch.ones_like(x[:1])])
 
 
 def values_from_moments(

@@ -144,3 +144,21 @@ def test_state_round_trip() -> None:
     other.load_state_dict(est.state_dict())
     assert other.ema_decay == 0.95 and torch.equal(other.state, est.state)
     assert values_from_moments(*est.state.tolist()) == est.read()
+
+
+@pytest.mark.parametrize("decay", [0.9, None])
+def test_update_many_equals_sequential_updates(decay) -> None:
+    gen = torch.Generator().manual_seed(7)
+    g = torch.randn(37, generator=gen, dtype=torch.float64)
+    s = torch.randn(37, generator=gen, dtype=torch.float64) + 3
+    g[5] = float("inf")
+    s[11] = float("nan")
+    one, many = GNSEstimator(decay), GNSEstimator(decay)
+    one.update(torch.tensor(0.5), torch.tensor(2.0))
+    many.update(torch.tensor(0.5), torch.tensor(2.0))
+    for gi, si in zip(g, s, strict=True):
+        one.update(gi, si)
+    many.update_many(g[:20], s[:20])
+    many.update_many(g[20:], s[20:])
+    torch.testing.assert_close(many.state, one.state, rtol=1e-12, atol=1e-12)
+    assert many.read().skipped == 2

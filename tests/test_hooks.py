@@ -139,9 +139,19 @@ def test_micro_batch_norms_see_each_local_gradient_before_accumulation() -> None
     seen = []
     for x in xs:
         model(x).sum().backward()
-        seen.append(micro.close_micro_batch())
+        assert micro.close_micro_batch()
+        seen.append(micro.take())
+    model(xs[0]).sum().backward()
+    micro.close_micro_batch(weight=0.25)
+    model(xs[1]).sum().backward()
+    micro.close_micro_batch()
+    both = micro.take()
     micro.detach()
-    for x, s in zip(xs, seen, strict=True):
+    refs = []
+    for x in xs:
         ref = torch.autograd.grad(model(x).sum(), list(model.parameters()))
-        assert s == pytest.approx(sum(float(g.square().sum()) for g in ref), rel=1e-5)
-    assert micro.close_micro_batch() is None
+        refs.append(sum(float(g.square().sum()) for g in ref))
+    for s, r in zip(seen, refs, strict=True):
+        assert float(s) == pytest.approx(r, rel=1e-5)
+    assert float(both) == pytest.approx(0.25 * refs[0] + refs[1], rel=1e-5)
+    assert micro.take() is None and not micro.close_micro_batch()

@@ -38,11 +38,16 @@ def squared_norm(tensors: Iterable[Tensor | None]) -> Tensor | None:
 
 
 class MicroBatchNorms:
-    """Squared norm of each micro-batch's local gradient, over the given parameters."""
+    """Squared norms of each micro-batch's local gradient, over the given parameters.
+
+    The hooks only record one norm per parameter; :meth:`take` sums the squares of a whole
+    optimizer step in one go (the mean over micro-batches is that sum over their count).
+    """
 
     def __init__(self, params: Iterable[nn.Parameter]) -> None:
         self.params = list(params)
         self._parts: list[Tensor] = []
+        self._start = 0  # first part of the current micro-batch
         self._handles: list[RemovableHandle] = []
 
     def attach(self) -> None:
@@ -54,17 +59,30 @@ class MicroBatchNorms:
             h.remove()
         self._handles = []
         self._parts.clear()
+        self._start = 0
 
     def _hook(self, grad: Tensor) -> None:
         self._parts.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
 
-    def close_micro_batch(self) -> Tensor | None:
-        """|g|² of the micro-batch just back-propagated (None if no gradient was seen)."""
-        if not self._parts:
+    def close_micro_batch(self, weight: float = 1.0) -> bool:
+        """End a micro-batch; its |g|² counts ``weight`` times. False if it had no gradient."""
+        if len(self._parts) == self._start:
+            return False
+        if weight != 1.0:
+            mine = torch.stack(self._parts[self._start :]).square().sum().mul(weight).sqrt()
+            del self._parts[self._start :]
+            self._parts.append(mine)
+        self._start = len(self._parts)
+        return True
+
+    def take(self) -> Tensor | None:
+        """Σ over the closed micro-batches of their |g|² (weighted); resets."""
+        parts = self._parts[: self._start]
+        self._parts = self._parts[self._start :]
+        self._start = 0
+        if not parts:
             return None
-        out = torch.stack(self._parts).square().sum()
-        self._parts.clear()
-        return out
+        return torch.stack(parts).square().sum()
 
 
 @dataclass
