@@ -56,6 +56,8 @@ class GradientNoiseScale(Callback):
         loss_reduction: how the loss combines examples: ``"mean"`` (default) or ``"sum"``.
         log_every_n_steps: optimizer steps between logs; default: the trainer's.
         per_layer: also log ``gns/layer/<module>/b_simple`` (per-example source only).
+        examples_per_batch: per-example norms for only the first k examples of each
+            micro-batch: cost × k/B, still unbiased with shuffled batches, noisier. None: all.
         batch_size_multiple: round the recommended batch size to a multiple of this instead of
             a power of two.
     """
@@ -69,6 +71,7 @@ class GradientNoiseScale(Callback):
         log_every_n_steps: int | None = None,
         per_layer: bool = False,
         batch_size_multiple: int | None = None,
+        examples_per_batch: int | None = None,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -83,6 +86,8 @@ class GradientNoiseScale(Callback):
             raise ValueError(f"log_every_n_steps must be a positive int, got {log_every_n_steps!r}")
         if batch_size_multiple is not None and batch_size_multiple < 1:
             raise ValueError(f"batch_size_multiple must be >= 1, got {batch_size_multiple!r}")
+        if examples_per_batch is not None and examples_per_batch < 1:
+            raise ValueError(f"examples_per_batch must be >= 1, got {examples_per_batch!r}")
         if per_layer and source == "micro_batch":
             raise ValueError("per_layer needs per-example norms: use source='per_example'")
         if ema_decay is None:
@@ -95,6 +100,7 @@ class GradientNoiseScale(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.per_layer = per_layer
         self.batch_size_multiple = batch_size_multiple
+        self.examples_per_batch = examples_per_batch
 
         self.active_source: str | None = None
         self.values = GNSValues(*(math.nan,) * 5, 0, 0)
@@ -148,7 +154,12 @@ class GradientNoiseScale(Callback):
         if not params:
             raise ValueError("GradientNoiseScale: the model has no trainable parameters")
         many = _several_gradients_per_step(trainer)
-        pe = PerExampleNorms(model, layers=self.layers, per_layer=self.per_layer)
+        pe = PerExampleNorms(
+            model,
+            layers=self.layers,
+            per_layer=self.per_layer,
+            examples_per_batch=self.examples_per_batch,
+        )
         source = self.source
         if source == "auto":
             full = pe.coverage() >= 1.0 and not pe.left_out
@@ -211,6 +222,7 @@ class GradientNoiseScale(Callback):
     def _reset_step(self) -> None:
         self._sizes: list[int] = []  # examples in each micro-batch
         self._pe_sum: Tensor | None = None  # per-example source: Σ_j b²|g_j|² in backward units
+        self._pe_count = 0  # examples in _pe_sum
         self._pe_layers: dict[str, Tensor] = {}
         self._bad: str | None = None
 
@@ -252,6 +264,7 @@ class GradientNoiseScale(Callback):
                 w = float(b * b) if self.loss_reduction == "mean" else 1.0
                 part = acc.sum() * w
                 self._pe_sum = part if self._pe_sum is None else self._pe_sum + part
+                self._pe_count += acc.shape[0]
                 self._sizes.append(b)
                 for name, v in layers.items():
                     lv = v.sum() * w
@@ -301,7 +314,7 @@ class GradientNoiseScale(Callback):
             b_small, b_big = 1.0, float(world * n)
             small = self._pe_sum
             params = self._pe.params
-            per_small = k * k / n  # mean over examples
+            per_small = k * k / self._pe_count  # mean over the (sampled) examples
         if b_big <= b_small or small is None:
             self._skip("only one micro-batch in this step" if m == 1 else "a one-example step")
             return
@@ -321,7 +334,7 @@ class GradientNoiseScale(Callback):
                 if big_l is not None:
                     row += [part * (per_small * inv_scale_sq), big_l * big_scale]
                     names.append(name)
-        self._pending.append((torch.stack([r.double() for r in row]), b_small, b_big, names))
+        self._pending.append((torch.stack(row), b_small, b_big, names))
         self._recent_sizes.append(b_big)
 
     def _flush(self) -> None:
@@ -331,7 +344,7 @@ class GradientNoiseScale(Callback):
         pending, self._pending = self._pending, []
         device = pending[0][0].device
         bs = torch.tensor([(p[1], p[2]) for p in pending], dtype=torch.float64, device=device)
-        raw = torch.stack([p[0][:2] for p in pending])
+        raw = torch.stack([p[0][:2] for p in pending]).double()
         b_small, b_big = bs[:, 0], bs[:, 1]
         self.estimator.update_many(
             unbiased_grad_norm_sq(raw[:, 0], raw[:, 1], b_small, b_big),

@@ -269,3 +269,11 @@ def test_no_host_sync_on_non_logging_steps(tmp_path, monkeypatch) -> None:
         cb = Watched(source=source, log_every_n_steps=1000)
         fit(cb, tmp_path, epochs=1, accumulate_grad_batches=2)
         assert inside["calls"] == 0
+
+
+def test_sampled_per_example_norms_stay_unbiased(tmp_path, truth) -> None:
+    cb = GradientNoiseScale(ema_decay=0.98, source="per_example", examples_per_batch=16)
+    fit(cb, tmp_path, batch_size=64, epochs=10)
+    assert cb._pe is not None and cb._pe.examples_per_batch == 16
+    assert cb.batch_size == 64  # the big batch is still the whole batch
+    assert_close(cb, truth)

@@ -108,6 +108,8 @@ class PerExampleNorms:
         layers: ``"all"`` registered layer types, or ``"norm"`` for LayerNorm/RMSNorm/GroupNorm
             only (the cheap transformer mode of Gray et al. 2024).
         per_layer: also keep per-example norms per module, for per-layer noise scales.
+        examples_per_batch: compute norms for only the first k examples of each micro-batch
+            (cost × k/B; still unbiased when batches are shuffled); None: all examples.
 
     The first micro-batch after :meth:`start_check` runs a structural check: each module must
     be called once per forward on inputs with batch dimension ``batch_size``, and the gradient
@@ -116,11 +118,21 @@ class PerExampleNorms:
     left out, with the reason in :attr:`left_out`.
     """
 
-    def __init__(self, model: nn.Module, layers: str = "all", per_layer: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str = "all",
+        per_layer: bool = False,
+        examples_per_batch: int | None = None,
+    ) -> None:
         if layers not in ("all", "norm"):
             raise ValueError(f"layers must be 'all' or 'norm', got {layers!r}")
+        if examples_per_batch is not None and examples_per_batch < 1:
+            raise ValueError(f"examples_per_batch must be >= 1, got {examples_per_batch!r}")
         self.model = model
         self.per_layer = per_layer
+        self.examples_per_batch = examples_per_batch
+        self._params: list[nn.Parameter] | None = None
         self.sites: dict[str, _Site] = {}
         self.left_out: dict[str, str] = {}
         self._acc: Tensor | None = None
@@ -162,6 +174,7 @@ class PerExampleNorms:
                         site.shared.add(attr)
 
     def _leave_out(self, name: str, reason: str) -> None:
+        self._params = None
         site = self.sites.pop(name, None)
         if site is not None:
             site.active = False
@@ -178,11 +191,13 @@ class PerExampleNorms:
     @property
     def params(self) -> list[nn.Parameter]:
         """Unique covered parameters."""
-        seen: dict[int, nn.Parameter] = {}
-        for site in self.sites.values():
-            for p in site.params.values():
-                seen.setdefault(id(p), p)
-        return list(seen.values())
+        if self._params is None:
+            seen: dict[int, nn.Parameter] = {}
+            for site in self.sites.values():
+                for p in site.params.values():
+                    seen.setdefault(id(p), p)
+            self._params = list(seen.values())
+        return self._params
 
     def coverage(self) -> float:
         """Fraction of trainable parameter elements covered."""
@@ -252,6 +267,9 @@ class PerExampleNorms:
             return
         if self._checking:
             site.grad_output = g.detach()
+        k = self.examples_per_batch
+        if k is not None and g.shape[0] > k:
+            a, g = a[:k], g[:k]
         rule = norm_rule_for(site.module)
         assert rule is not None
         norms = rule(site.module, a, g)

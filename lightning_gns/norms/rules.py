@@ -124,6 +124,12 @@ def _unfold_nd(x: Tensor, conv: nn.Module) -> Tensor:
 @register_norm(nn.Linear)
 def linear_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     """weight: |sum_t g_t a_t^T|_F^2 (Gram or materialized, cheaper); bias: |sum_t g_t|^2."""
+    if a.dim() == 2:  # one position per example: |g|²|a|² and |g|²
+        g_sq = g.float().pow(2).sum(1)
+        out = {"weight": a.float().pow(2).sum(1) * g_sq} if _wants(module, "weight") else {}
+        if _wants(module, "bias"):
+            out["bias"] = g_sq
+        return out
     a, g = _as_seq(a), _as_seq(g)
     out: dict[str, Tensor] = {}
     if _wants(module, "weight"):
