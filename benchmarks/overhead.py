@@ -1,0 +1,262 @@
+"""Step-time overhead of the ``GradientNoiseScale`` callback, measured side by side.
+
+Each setting is trained with and without the callback in short ``Trainer.fit`` runs that are
+interleaved (baseline, setting 1, setting 2, ..., baseline, setting 1, ...) so that drifts in
+machine load hit both alike. A timing callback records ``time.perf_counter()`` at the first
+``on_train_batch_start`` and the last ``on_train_batch_end`` of each optimizer step (it is the
+first callback at batch start and the last at batch end, so the GNS callback's own hooks are
+inside the window; on CUDA it synchronizes first). Warm-up steps, which include the
+per-example source's one-time structural check, are dropped. The table reports the median
+per-optimizer-step time without and with the callback and their ratio, plus the spread of the
+ratio between repeats.
+
+    python benchmarks/overhead.py                     # CPU, defaults (a few minutes)
+    python benchmarks/overhead.py --device cuda --precision 16-mixed
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from common import (
+    describe_device,
+    digits,
+    markdown_table,
+    median,
+    mlp,
+    quiet,
+    set_threads,
+    sync,
+)
+from lightning.pytorch.callbacks import Callback
+from tiny_gpt import GPTModule, char_dataset
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+
+from lightning_gns import GradientNoiseScale
+
+
+class StepTimes:
+    """Per-optimizer-step wall times, from two callbacks placed first and last in the list."""
+
+    def __init__(self, accumulate: int, device: str) -> None:
+        self.accumulate = accumulate
+        self.device = device
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def callbacks(self) -> tuple[Callback, Callback]:
+        """(start, end): put ``start`` first and ``end`` last in ``Trainer(callbacks=...)``."""
+        owner = self
+
+        class Start(Callback):
+            def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+                if args[-1] % owner.accumulate == 0:
+                    sync(owner.device)
+                    owner._t0 = time.perf_counter()
+
+        class End(Callback):
+            def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+                if (args[-1] + 1) % owner.accumulate == 0:
+                    sync(owner.device)
+                    owner.times.append(time.perf_counter() - owner._t0)
+
+        return Start(), End()
+
+
+class Classifier(pl.LightningModule):
+    """Cross-entropy classifier around a plain model, SGD with momentum."""
+
+    def __init__(self, model: nn.Module, lr: float = 0.05) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = lr
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+@dataclass
+class Workload:
+    """A model factory, its data and batch size, and how many steps to time per fit."""
+
+    name: str
+    make_module: Callable[[], pl.LightningModule]
+    data: Dataset
+    batch_size: int
+    steps: int
+    norm_mode: bool = False  # also time layers="norm"
+
+
+@dataclass
+class Setting:
+    """One row: the callback's arguments (None: baseline) and the accumulation."""
+
+    label: str
+    accumulate: int
+    gns: dict[str, Any] | None
+    times: list[float] = field(default_factory=list)
+    repeat_medians: list[float] = field(default_factory=list)
+
+
+def fit_once(
+    work: Workload, setting: Setting, args: argparse.Namespace, seed: int, timed: bool = True
+) -> list[float]:
+    """One short fit; returns the per-optimizer-step times after warm-up.
+
+    Every fit back-propagates the same number of micro-batches: ``steps × accumulate`` (the
+    ``--accumulate`` flag), so an accumulation-1 fit runs ``accumulate`` times more steps.
+    """
+    torch.manual_seed(seed)
+    module = work.make_module()
+    per_step = args.accumulate // setting.accumulate
+    steps = args.warmup + (work.steps * per_step if timed else 0)
+    n = steps * setting.accumulate * work.batch_size
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        work.data,
+        batch_size=work.batch_size,
+        sampler=RandomSampler(work.data, replacement=True, num_samples=n, generator=gen),
+        drop_last=True,
+    )
+    timer = StepTimes(setting.accumulate, args.device)
+    start, end = timer.callbacks()
+    mid = [GradientNoiseScale(**setting.gns)] if setting.gns is not None else []
+    trainer = pl.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        devices=1,
+        precision=args.precision,
+        max_steps=steps,
+        accumulate_grad_batches=setting.accumulate,
+        callbacks=[start, *mid, end],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, loader)
+    if len(timer.times) != steps:
+        raise RuntimeError(f"expected {steps} timed steps, got {len(timer.times)}")
+    return timer.times[args.warmup :]
+
+
+def settings_for(work: Workload, accumulate: int) -> list[list[Setting]]:
+    """Groups that share a baseline: accumulation k (micro-batch, per-example, norm) and 1."""
+    k = accumulate
+    group_k = [
+        Setting(f"baseline, acc {k}", k, None),
+        Setting(f"micro_batch, acc {k}", k, {"source": "micro_batch"}),
+        Setting(f"per_example, acc {k}", k, {"source": "per_example"}),
+    ]
+    if work.norm_mode:
+        group_k.append(
+            Setting(
+                f"per_example layers=norm, acc {k}", k, {"source": "per_example", "layers": "norm"}
+            )
+        )
+    group_1 = [
+        Setting("baseline, acc 1", 1, None),
+        Setting("per_example, acc 1", 1, {"source": "per_example"}),
+    ]
+    return [group_k, group_1]
+
+
+def run_workload(work: Workload, args: argparse.Namespace) -> list[list[str]]:
+    """Interleaved repeats of every group; returns the table rows for this workload."""
+    rows: list[list[str]] = []
+    for group in settings_for(work, args.accumulate):
+        for setting in group:  # warm the process up (first-call costs), untimed
+            fit_once(work, setting, args, seed=0, timed=False)
+        for rep in range(args.repeats):
+            for setting in group:
+                times = fit_once(work, setting, args, seed=rep)
+                setting.times += times
+                setting.repeat_medians.append(median(times))
+        base = group[0]
+        t_base = median(base.times)
+        for setting in group[1:]:
+            t = median(setting.times)
+            per_rep = [
+                s / b for s, b in zip(setting.repeat_medians, base.repeat_medians, strict=True)
+            ]
+            rows.append(
+                [
+                    work.name,
+                    setting.label,
+                    f"{1e3 * t_base:.2f}",
+                    f"{1e3 * t:.2f}",
+                    f"{t / t_base:.3f}",
+                    f"{min(per_rep):.3f}–{max(per_rep):.3f}",
+                ]
+            )
+    return rows
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    """The digits MLP and the tiny GPT."""
+    x, y = digits()
+    ds, vocab = char_dataset(args.seq_len)
+    out = [
+        Workload(
+            "MLP digits (b=128)",
+            lambda: Classifier(mlp()),
+            TensorDataset(x, y),
+            128,
+            args.mlp_steps,
+        ),
+        Workload(
+            f"tiny GPT (b=16, T={args.seq_len})",
+            lambda: GPTModule(vocab, seq_len=args.seq_len),
+            ds,
+            16,
+            args.gpt_steps,
+            norm_mode=True,
+        ),
+    ]
+    return [w for w in out if args.only is None or args.only in w.name]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="32-true", help="Trainer precision, e.g. 16-mixed")
+    p.add_argument("--accumulate", type=int, default=4, help="accumulate_grad_batches (>1)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved fits per setting")
+    p.add_argument("--warmup", type=int, default=2, help="optimizer steps dropped per fit")
+    p.add_argument("--mlp-steps", type=int, default=40, help="timed optimizer steps per MLP fit")
+    p.add_argument("--gpt-steps", type=int, default=5, help="timed optimizer steps per GPT fit")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--only", default=None, help="run only workloads whose name contains this")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+    args = p.parse_args()
+    if args.accumulate < 2:
+        p.error("--accumulate must be at least 2 (the micro_batch source needs two)")
+    quiet()
+    set_threads(args.threads or None, args.device)
+    rows: list[list[str]] = []
+    t0 = time.perf_counter()
+    for work in workloads(args):
+        rows += run_workload(work, args)
+    headers = ["workload", "setting", "without (ms)", "with (ms)", "ratio", "ratio per repeat"]
+    print(
+        f"\nGradientNoiseScale overhead on {describe_device(args.device)}, precision "
+        f"{args.precision}, torch {torch.__version__}, median of {args.repeats} interleaved "
+        f"fits per setting ({time.perf_counter() - t0:.0f} s)\n"
+    )
+    print(markdown_table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()
