@@ -152,8 +152,9 @@ def fit_once(
     return timer.times[args.warmup :]
 
 
-def settings_for(work: Workload, accumulate: int) -> list[list[Setting]]:
-    """Groups that share a baseline: accumulation k (micro-batch, per-example, norm) and 1."""
+def settings_for(work: Workload, accumulate: int, sample: int | None) -> list[list[Setting]]:
+    """Groups that share a baseline: accumulation k (micro-batch, per-example, norm, sampled
+    per-example) and 1."""
     k = accumulate
     group_k = [
         Setting(f"baseline, acc {k}", k, None),
@@ -166,6 +167,14 @@ def settings_for(work: Workload, accumulate: int) -> list[list[Setting]]:
                 f"per_example layers=norm, acc {k}", k, {"source": "per_example", "layers": "norm"}
             )
         )
+    if sample:
+        group_k.append(
+            Setting(
+                f"per_example examples_per_batch={sample}, acc {k}",
+                k,
+                {"source": "per_example", "examples_per_batch": sample},
+            )
+        )
     group_1 = [
         Setting("baseline, acc 1", 1, None),
         Setting("per_example, acc 1", 1, {"source": "per_example"}),
@@ -176,7 +185,7 @@ def settings_for(work: Workload, accumulate: int) -> list[list[Setting]]:
 def run_workload(work: Workload, args: argparse.Namespace) -> list[list[str]]:
     """Interleaved repeats of every group; returns the table rows for this workload."""
     rows: list[list[str]] = []
-    for group in settings_for(work, args.accumulate):
+    for group in settings_for(work, args.accumulate, args.examples_per_batch):
         for setting in group:  # warm the process up (first-call costs), untimed
             fit_once(work, setting, args, seed=0, timed=False)
         for rep in range(args.repeats):
@@ -239,6 +248,12 @@ def main() -> None:
     p.add_argument("--gpt-steps", type=int, default=5, help="timed optimizer steps per GPT fit")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--only", default=None, help="run only workloads whose name contains this")
+    p.add_argument(
+        "--examples-per-batch",
+        type=int,
+        default=4,
+        help="also time per_example with this examples_per_batch (0: skip)",
+    )
     p.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     args = p.parse_args()
     if args.accumulate < 2:

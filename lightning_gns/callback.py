@@ -49,8 +49,8 @@ class GradientNoiseScale(Callback):
     Args:
         ema_decay: EMA decay per optimizer step, in (0, 1).
         source: ``"auto"``, ``"per_example"`` or ``"micro_batch"``. ``auto`` takes per-example
-            norms when they cover every trainable parameter or when there is no second
-            micro-batch/rank to compare with; micro-batches otherwise.
+            norms when they cover every trainable parameter, when ``layers="norm"``, or when
+            there is no second micro-batch/rank to compare with; micro-batches otherwise.
         layers: per-example layers to track: ``"all"`` or ``"norm"`` (LayerNorm/RMSNorm/
             GroupNorm only, a cheap proxy in transformers).
         loss_reduction: how the loss combines examples: ``"mean"`` (default) or ``"sum"``.
@@ -163,7 +163,8 @@ class GradientNoiseScale(Callback):
         source = self.source
         if source == "auto":
             full = pe.coverage() >= 1.0 and not pe.left_out
-            source = "per_example" if (full or not many) and pe.sites else "micro_batch"
+            wanted = full or not many or self.layers == "norm"
+            source = "per_example" if wanted and pe.sites else "micro_batch"
         if source == "micro_batch":
             self._micro = MicroBatchNorms(params)
             self._micro.attach()
@@ -176,7 +177,7 @@ class GradientNoiseScale(Callback):
             self._pe = pe
             if self._left_out is not None:  # resumed: the check already ran in the first run
                 for name, reason in self._left_out.items():
-                    pe._leave_out(name, reason)
+                    pe.leave_out(name, reason)
             else:
                 self._needs_check = True
             pe.attach()

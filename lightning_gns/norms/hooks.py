@@ -169,11 +169,11 @@ class PerExampleNorms:
                 for name, attr in owner:
                     site = self.sites[name]
                     if grad_sample_rule_for(site.module) is None:
-                        self._leave_out(name, f"weight '{attr}' is shared with another module")
+                        self.leave_out(name, f"weight '{attr}' is shared with another module")
                     else:
                         site.shared.add(attr)
 
-    def _leave_out(self, name: str, reason: str) -> None:
+    def leave_out(self, name: str, reason: str) -> None:
         self._params = None
         site = self.sites.pop(name, None)
         if site is not None:
@@ -184,7 +184,7 @@ class PerExampleNorms:
 
     def _fail(self, site: _Site, reason: str) -> None:
         """A module broke an assumption: leave it out; outside the check, drop this micro-batch."""
-        self._leave_out(site.name, reason)
+        self.leave_out(site.name, reason)
         if not self._checking:
             self._bad = f"module '{site.name}' {reason}"
 
@@ -334,19 +334,19 @@ class PerExampleNorms:
         local: dict[int, Tensor] = {}
         for name, site in list(self.sites.items()):
             if site.calls == 0:
-                self._leave_out(name, "not called through its forward (parameters used directly)")
+                self.leave_out(name, "not called through its forward (parameters used directly)")
                 continue
             if site.calls > 1:
-                self._leave_out(name, f"called {site.calls} times in one forward")
+                self.leave_out(name, f"called {site.calls} times in one forward")
                 continue
             if site.grad_output is None or site.activation is None:
-                self._leave_out(name, "its output got no gradient in backward")
+                self.leave_out(name, "its output got no gradient in backward")
                 continue
             self._recomputing = True
             try:
                 grads = self._local_grads(site)
             except Exception as err:  # noqa: BLE001 - anything odd means: do not trust it
-                self._leave_out(name, f"could not verify its gradient ({err})")
+                self.leave_out(name, f"could not verify its gradient ({err})")
                 continue
             finally:
                 self._recomputing = False
@@ -358,11 +358,11 @@ class PerExampleNorms:
                 total = self._check_grads.get(id(p))
                 mine = local.get(id(p))
                 if total is None or mine is None:
-                    self._leave_out(name, f"no gradient seen for '{attr}'")
+                    self.leave_out(name, f"no gradient seen for '{attr}'")
                     break
                 err = (mine - total.float()).norm() / total.float().norm().clamp_min(1e-30)
                 if float(err) > 1e-2:
-                    self._leave_out(
+                    self.leave_out(
                         name, f"'{attr}' also gets gradient from outside this module (tied/reused?)"
                     )
                     break
