@@ -155,3 +155,39 @@ def test_micro_batch_norms_see_each_local_gradient_before_accumulation() -> None
         assert float(s) == pytest.approx(r, rel=1e-5)
     assert float(both) == pytest.approx(0.25 * refs[0] + refs[1], rel=1e-5)
     assert micro.take() is None and not micro.close_micro_batch()
+
+
+def test_positional_embedding_is_left_out_even_when_sequence_equals_batch() -> None:
+    torch.manual_seed(5)
+    model = TinyLM(t=6)
+    x = torch.randint(1, 11, (6, 6))  # batch 6 = sequence 6: the batch-size check can't tell
+    norms = PerExampleNorms(model)
+    acc, _, _ = run(model, x, norms)
+    assert "pos" in norms.left_out and "positions" in norms.left_out["pos"]
+    names = [k for k, _ in model.named_parameters() if not k.startswith("pos.")]
+    torch.testing.assert_close(
+        acc, per_example_sq_norms(model, x, names).float(), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_a_module_failing_after_the_check_drops_the_micro_batch_not_the_module() -> None:
+    class Maybe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.twice = False
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.a(y) if self.twice else y
+
+    model = Maybe()
+    norms = PerExampleNorms(model)
+    run(model, torch.randn(5, 4), norms)
+    norms.attach()
+    model.twice = True
+    norms.start_micro_batch(5)
+    model(torch.randn(5, 4)).sum().backward()
+    acc, _, bad = norms.close_micro_batch()
+    assert acc is None and "called 2 times" in bad
+    assert "a" in norms.sites and norms.coverage() == 1.0

@@ -37,6 +37,17 @@ def squared_norm(tensors: Iterable[Tensor | None]) -> Tensor | None:
     return torch.stack([n.float() for n in norms]).square().sum()
 
 
+def _not_a_batch(x: object) -> bool:
+    """Inputs whose dim 0 cannot be examples: a parameter, or positions arange(s, s + n) (a
+    positional embedding), which would pass the batch-size check when n equals the batch."""
+    if isinstance(x, nn.Parameter):
+        return True
+    if isinstance(x, Tensor) and x.dim() == 1 and x.numel() > 1 and not x.is_floating_point():
+        steps = torch.arange(x.numel(), device=x.device, dtype=x.dtype)
+        return bool(torch.equal(x - x[0], steps))
+    return False
+
+
 class MicroBatchNorms:
     """Squared norms of each micro-batch's local gradient, over the given parameters.
 
@@ -183,9 +194,11 @@ class PerExampleNorms:
             self.left_out[name] = reason
 
     def _fail(self, site: _Site, reason: str) -> None:
-        """A module broke an assumption: leave it out; outside the check, drop this micro-batch."""
-        self.leave_out(site.name, reason)
-        if not self._checking:
+        """A module broke an assumption. In the structural check it is left out for good; later
+        only this micro-batch is dropped, so the covered parameters never change mid-run."""
+        if self._checking:
+            self.leave_out(site.name, reason)
+        else:
             self._bad = f"module '{site.name}' {reason}"
 
     @property
@@ -246,6 +259,9 @@ class PerExampleNorms:
                 self._fail(site, f"called {site.calls} times in one forward")
                 return
             site.activation = args[0]
+            if self._checking and _not_a_batch(args[0]):
+                self._fail(site, "has inputs that are positions or parameters, not a batch")
+                return
             base = output._base
             if base is not None and base.numel() == output.numel() and output.is_contiguous():
                 # Linear on (B, T, d) returns a view of a 2-D product; an in-place op on that

@@ -99,7 +99,7 @@ def _gram_sq_norm(a: Tensor, g: Tensor) -> Tensor:
 
 def _materialized_sq_norm(a: Tensor, g: Tensor) -> Tensor:
     """|G_n|_F^2 with G_n = g_n^T a_n materialized, shape (d_out, d_in)."""
-    return torch.bmm(g.mT, a).pow(2).sum((1, 2))
+    return torch.linalg.vector_norm(torch.bmm(g.mT, a), dim=(1, 2)).square()
 
 
 def _as_seq(x: Tensor) -> Tensor:
