@@ -1,7 +1,8 @@
 """Step-time overhead of the ``GradientNoiseScale`` callback, measured side by side.
 
 Each setting is trained with and without the callback in short ``Trainer.fit`` runs that are
-interleaved (baseline, setting 1, setting 2, ..., baseline, setting 1, ...) so that drifts in
+interleaved (baseline, setting 1, setting 2, ..., then rotated: setting 1, setting 2, ...,
+baseline, ...) so that drifts in
 machine load hit both alike. A timing callback records ``time.perf_counter()`` at the first
 ``on_train_batch_start`` and the last ``on_train_batch_end`` of each optimizer step (it is the
 first callback at batch start and the last at batch end, so the GNS callback's own hooks are
@@ -189,7 +190,8 @@ def run_workload(work: Workload, args: argparse.Namespace) -> list[list[str]]:
         for setting in group:  # warm the process up (first-call costs), untimed
             fit_once(work, setting, args, seed=0, timed=False)
         for rep in range(args.repeats):
-            for setting in group:
+            shift = rep % len(group)  # rotate the order: no setting always runs right after another
+            for setting in group[shift:] + group[:shift]:
                 times = fit_once(work, setting, args, seed=rep)
                 setting.times += times
                 setting.repeat_medians.append(median(times))

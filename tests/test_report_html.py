@@ -108,3 +108,37 @@ def test_explore_page_renders_its_plots(chromium: Path, tmp_path: Path) -> None:
     page = write_explore(16.07, None, tmp_path / "explore")
     attrs = _body_attrs(_dom(chromium, page))
     assert attrs.get("data-images") == "2" and attrs.get("data-loaded") == "2"
+
+
+def test_report_on_the_demos_logs_end_to_end(chromium: Path, tmp_path: Path) -> None:
+    """`make demo` then `lightning-gns report runs/`: table, PNGs and an HTML page that renders."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    demo = subprocess.run(
+        [sys.executable, str(root / "examples" / "demo.py"), "--root", "runs", "--epochs", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert "final B_simple" in demo.stdout and "tensorboard --logdir runs" in demo.stdout
+    cli = subprocess.run(
+        [sys.executable, "-m", "lightning_gns.cli", "report", "runs", "--out", "report"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert "digits_b32x1" in cli.stdout and "recommended" in cli.stdout
+    out = tmp_path / "report"
+    assert {"noise_scale.png", "efficiency.png", "pareto.png", "report.html"} <= {
+        p.name for p in out.iterdir()
+    }
+    attrs = _body_attrs(_dom(chromium, out / "report.html"))
+    assert attrs.get("data-images") == "3" and attrs.get("data-loaded") == "3"

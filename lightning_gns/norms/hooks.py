@@ -51,8 +51,8 @@ def _not_a_batch(x: object) -> bool:
 class MicroBatchNorms:
     """Squared norms of each micro-batch's local gradient, over the given parameters.
 
-    The hooks only record one norm per parameter; :meth:`take` sums the squares of a whole
-    optimizer step in one go (the mean over micro-batches is that sum over their count).
+    The hooks record one |g_p|² per parameter; :meth:`take` sums those of a whole optimizer
+    step in one go (the mean over micro-batches is that sum over their count).
     """
 
     def __init__(self, params: Iterable[nn.Parameter]) -> None:
@@ -73,14 +73,19 @@ class MicroBatchNorms:
         self._start = 0
 
     def _hook(self, grad: Tensor) -> None:
-        self._parts.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
+        g = grad.detach()
+        if g.dtype == torch.float32 and g.is_contiguous():  # one BLAS call, cheapest on CPU
+            flat = g.view(-1)
+            self._parts.append(torch.dot(flat, flat))
+        else:  # half precision: accumulate in float32 (squares of scaled fp16 grads overflow)
+            self._parts.append(torch.linalg.vector_norm(g, dtype=torch.float32).square())
 
     def close_micro_batch(self, weight: float = 1.0) -> bool:
         """End a micro-batch; its |g|² counts ``weight`` times. False if it had no gradient."""
         if len(self._parts) == self._start:
             return False
         if weight != 1.0:
-            mine = torch.stack(self._parts[self._start :]).square().sum().mul(weight).sqrt()
+            mine = torch.stack(self._parts[self._start :]).sum().mul(weight)
             del self._parts[self._start :]
             self._parts.append(mine)
         self._start = len(self._parts)
@@ -93,7 +98,7 @@ class MicroBatchNorms:
         self._start = 0
         if not parts:
             return None
-        return torch.stack(parts).square().sum()
+        return torch.stack(parts).sum()
 
 
 @dataclass
