@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # On these machines torch 2.13.0 is a local CPU wheel; a looser pin downloads a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint format bench validate clean
+.PHONY: demo report test lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py --root runs
+
+# Table, PNGs and an HTML page from the demo's logs (reports/report.html).
+report: $(VENV)/.installed
+	$(VENV)/bin/lightning-gns report runs --out reports
 
 # Headless Chromium renders the HTML report in a test (Debian's package).
 chromium:

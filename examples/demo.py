@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -14,6 +15,12 @@ from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from lightning_gns import GradientNoiseScale  # noqa: E402
+
+
+def tool(name: str) -> str:
+    """The command for a console script: the venv's copy (relative path) when run from one."""
+    path = Path(sys.executable).parent / name
+    return os.path.relpath(path) if path.exists() else name
 
 
 def main() -> None:
@@ -48,8 +55,8 @@ def main() -> None:
         print(f"recommended batch   : {metrics['gns/optimal_batch_size']:.0f}")
         print(f"efficiency now      : {metrics['gns/efficiency']:.0%}")
     print(f"validation accuracy : {metrics.get('val/acc', math.nan):.3f}")
-    print(f"\nView the curves:  tensorboard --logdir {args.root}")
-    print(f"Report:           lightning-gns report {args.root}")
+    print(f"\nView the curves:  {tool('tensorboard')} --logdir {args.root}")
+    print(f"Report:           {tool('lightning-gns')} report {args.root}")
 
 
 if __name__ == "__main__":
