@@ -6,7 +6,7 @@
   output sees the output gradient, and a rule from :mod:`lightning_gns.norms.rules` turns the
   pair into per-example squared norms without materialising per-example gradients.
 
-All results stay on the device; nothing here calls ``.item()`` on the per-step path.
+All results stay on the device: nothing on the per-step path reads a value back to the host.
 """
 
 from __future__ import annotations
