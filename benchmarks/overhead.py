@@ -228,10 +228,16 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
             args.mlp_steps,
         ),
         Workload(
-            f"tiny GPT (b=16, T={args.seq_len})",
-            lambda: GPTModule(vocab, seq_len=args.seq_len),
+            f"GPT (b={args.gpt_batch}, T={args.seq_len}, d={args.gpt_width}, L={args.gpt_layers})",
+            lambda: GPTModule(
+                vocab,
+                seq_len=args.seq_len,
+                width=args.gpt_width,
+                n_layers=args.gpt_layers,
+                n_heads=max(1, args.gpt_width // 32),
+            ),
             ds,
-            16,
+            args.gpt_batch,
             args.gpt_steps,
             norm_mode=True,
         ),
@@ -249,6 +255,9 @@ def main() -> None:
     p.add_argument("--mlp-steps", type=int, default=40, help="timed optimizer steps per MLP fit")
     p.add_argument("--gpt-steps", type=int, default=5, help="timed optimizer steps per GPT fit")
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--gpt-width", type=int, default=128, help="GPT width (heads: width/32)")
+    p.add_argument("--gpt-layers", type=int, default=4)
+    p.add_argument("--gpt-batch", type=int, default=16)
     p.add_argument("--only", default=None, help="run only workloads whose name contains this")
     p.add_argument(
         "--examples-per-batch",
