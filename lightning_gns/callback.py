@@ -118,7 +118,9 @@ class GradientNoiseScale(Callback):
         # Steps recorded on the device since the last logging step: (row, b_small, b_big, layers)
         self._pending: list[tuple[Tensor, float, float, list[str]]] = []
         self._stepped = False
-        self._needs_check = False
+        self._needs_check = False  # run the structural check on the next micro-batch
+        self._check_step = False  # this step's first micro-batch was the check: drop the step
+        self._mb_size = 0  # examples in the current micro-batch
 
     # -- public read-out ------------------------------------------------------------------
     @property
@@ -254,7 +256,7 @@ class GradientNoiseScale(Callback):
                 self._sizes.append(b)
         if self._pe is not None:
             acc, layers, bad = self._pe.close_micro_batch()
-            if getattr(self, "_check_step", False):
+            if self._check_step:
                 self._check_step = False
                 self._bad = "structural check step"
                 self._after_check()
