@@ -43,8 +43,9 @@ class GradientNoiseScale(Callback):
     optimizer step gives unbiased |G|² and tr(Σ) estimates, smoothed by bias-corrected EMAs.
 
     Logged keys (to every logger and ``trainer.callback_metrics``): ``gns/b_simple``,
-    ``gns/b_simple_se``, ``gns/grad_norm_sq``, ``gns/grad_variance``, ``gns/batch_size``,
-    ``gns/optimal_batch_size``, ``gns/efficiency``, ``gns/coverage``, ``gns/skipped_steps``.
+    ``gns/b_simple_se``, ``gns/b_simple_debiased``, ``gns/grad_norm_sq``, ``gns/grad_variance``,
+    ``gns/batch_size``, ``gns/optimal_batch_size``, ``gns/efficiency``, ``gns/coverage``,
+    ``gns/skipped_steps``.
 
     Args:
         ema_decay: EMA decay per optimizer step, in (0, 1).
@@ -438,6 +439,7 @@ class GradientNoiseScale(Callback):
         out = {
             "gns/b_simple": v.b_simple,
             "gns/b_simple_se": v.b_simple_se,
+            "gns/b_simple_debiased": v.b_simple_debiased,
             "gns/grad_norm_sq": v.grad_norm_sq,
             "gns/grad_variance": v.grad_variance,
             "gns/batch_size": float(batch_size),

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = {
     "gns/b_simple",
     "gns/b_simple_se",
+    "gns/b_simple_debiased",
     "gns/grad_norm_sq",
     "gns/grad_variance",
     "gns/batch_size",
