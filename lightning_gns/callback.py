@@ -292,6 +292,8 @@ class GradientNoiseScale(Callback):
         self._stepped = True
         try:
             self._step(trainer)
+        except Exception as err:  # noqa: BLE001 - statistics must never stop training
+            self._skip(f"{type(err).__name__}: {err}")
         finally:
             self._reset_step()
 

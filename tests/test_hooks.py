@@ -191,3 +191,20 @@ def test_a_module_failing_after_the_check_drops_the_micro_batch_not_the_module()
     acc, _, bad = norms.close_micro_batch()
     assert acc is None and "called 2 times" in bad
     assert "a" in norms.sites and norms.coverage() == 1.0
+
+
+def test_a_failing_rule_never_breaks_the_backward(monkeypatch) -> None:
+    from lightning_gns.norms import rules
+
+    class Odd(nn.Linear):
+        pass
+
+    def broken(module, a, g):
+        raise RuntimeError("unexpected shape")
+
+    monkeypatch.setitem(rules.NORM_RULES, Odd, broken)
+    model = nn.Sequential(nn.Linear(4, 4), Odd(4, 2))
+    norms = PerExampleNorms(model)
+    acc, _, bad = run(model, torch.randn(5, 4), norms)  # check pass, then a normal pass
+    assert "rule failed" in norms.left_out["1"] and bad is None
+    assert acc is not None and acc.shape == (5,)

@@ -291,6 +291,12 @@ class PerExampleNorms:
         k = self.examples_per_batch
         if k is not None and g.shape[0] > k:
             a, g = a[:k], g[:k]
+        try:
+            self._apply_rules(site, a, g)
+        except Exception as err:  # noqa: BLE001 - never break the user's backward
+            self._fail(site, f"its per-example rule failed ({type(err).__name__}: {err})")
+
+    def _apply_rules(self, site: _Site, a: Tensor, g: Tensor) -> None:
         rule = norm_rule_for(site.module)
         assert rule is not None
         norms = rule(site.module, a, g)
