@@ -93,28 +93,14 @@ class GNSEstimator:
 
     def update(self, grad_norm_sq: Tensor, trace_cov: Tensor) -> None:
         """Add one step's unbiased estimates; non-finite ones are skipped and counted."""
-        g = grad_norm_sq.detach().to(self.state)
-        s = trace_cov.detach().to(self.state)
-        ok = torch.isfinite(g) & torch.isfinite(s)
-        g = torch.where(ok, g, torch.zeros_like(g))
-        s = torch.where(ok, s, torch.zeros_like(s))
-        f = ok.to(self.state.dtype)
-        # keep = β where the step counts, 1 where it is skipped; add = (1 − β)·f.
-        if self.ema_decay is None:  # running mean: every weight 1
-            keep, add = torch.ones_like(f), f
-        else:
-            keep = 1.0 - (1.0 - self.ema_decay) * f
-            add = (1.0 - self.ema_decay) * f
-        x = torch.stack([g, s, g * g, s * s, g * s, torch.ones_like(g), torch.ones_like(g)])
-        st = self.state
-        st[:5].mul_(keep).add_(add * x[:5])
-        st[5].mul_(keep).add_(add)  # Σ weights: 1 − β^t, the bias correction
-        st[6].mul_(keep * keep).add_(add * add)  # Σ squared weights, for the standard error
-        st[7].add_(f)
-        st[8].add_(1.0 - f)
+        self.update_many(grad_norm_sq.reshape(1), trace_cov.reshape(1))
 
     def update_many(self, grad_norm_sq: Tensor, trace_cov: Tensor) -> None:
-        """:meth:`update` for each element of two 1-D tensors in order, in a few vector ops."""
+        """One EMA update per element of two 1-D tensors, in order, in a few vector ops.
+
+        A step counts with f = 1 (finite) or is skipped with f = 0: keep = 1 − (1 − β)f and
+        add = (1 − β)f; with ``ema_decay`` None every weight is 1 (a running mean).
+        """
         g = grad_norm_sq.detach().to(self.state).reshape(-1)
         s = trace_cov.detach().to(self.state).reshape(-1)
         if g.numel() == 0:
@@ -123,7 +109,7 @@ class GNSEstimator:
         g = torch.where(ok, g, torch.zeros_like(g))
         s = torch.where(ok, s, torch.zeros_like(s))
         f = ok.to(self.state.dtype)
-        if self.ema_decay is None:
+        if self.ema_decay is None:  # running mean: every weight 1
             keep, add = torch.ones_like(f), f
         else:
             keep = 1.0 - (1.0 - self.ema_decay) * f
