@@ -1,17 +1,29 @@
 """lightning-gns: the gradient noise scale (critical batch size) for PyTorch Lightning."""
 
+from typing import Any
+
 from lightning_gns.analyzer import GradientNoiseAnalyzer
 from lightning_gns.callback import GradientNoiseScale
 from lightning_gns.estimator import GNSEstimator, GNSValues
-from lightning_gns.logs import read_metrics
+from lightning_gns.tracker import GNSTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GNSEstimator",
+    "GNSTracker",
     "GNSValues",
     "GradientNoiseAnalyzer",
     "GradientNoiseScale",
     "__version__",
     "read_metrics",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``read_metrics`` needs pandas: imported when first used, not with the package."""
+    if name == "read_metrics":
+        from lightning_gns.logs import read_metrics
+
+        return read_metrics
+    raise AttributeError(f"module 'lightning_gns' has no attribute {name!r}")

@@ -14,11 +14,13 @@ Scalar inputs give Python floats; array inputs give NumPy arrays (broadcast toge
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "compute_efficiency",
@@ -221,6 +223,8 @@ def efficiency_table(b_noise: float, batch_sizes: ArrayLike) -> pd.DataFrame:
     """
     noise = _scalar_noise(b_noise)
     sizes = np.atleast_1d(_batch(batch_sizes)).ravel()
+    import pandas as pd  # only the table needs pandas; the package imports without it
+
     return pd.DataFrame(
         {
             "batch_size": sizes,

@@ -1,7 +1,7 @@
 """GradientNoiseAnalyzer: "what batch size should I use?" for a plain PyTorch model.
 
-It drives the same per-example hooks (:mod:`lightning_gns.norms`) and the same estimator
-(:mod:`lightning_gns.estimator`) as the Lightning callback over a data loader, and leaves the
+It drives the same per-example source (:mod:`lightning_gns.sources`) and the same tracker
+(:mod:`lightning_gns.tracker`) as the Lightning callback over a data loader, and leaves the
 model exactly as it found it.
 """
 
@@ -9,27 +9,22 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from lightning_gns import advice
-from lightning_gns.estimator import GNSEstimator, grad_norm_sq, trace_cov
-from lightning_gns.norms import PerExampleNorms, squared_norm, trainable_parameters
+from lightning_gns.norms.hooks import coupled_modules
+from lightning_gns.sources import MODEL, PerExampleSource, SkipStep, Units, build_source
+from lightning_gns.tracker import GNSTracker
 
 _REDUCTIONS = ("mean", "sum", "batchmean")
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
 
 
 class GradientNoiseAnalyzer:
@@ -72,7 +67,7 @@ class GradientNoiseAnalyzer:
             )
         if reduction not in _REDUCTIONS:
             raise ValueError(f"criterion reduction {reduction!r} has no per-example form")
-        if not trainable_parameters(model):
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("model has no parameters that require grad")
         self.model = model
         self.criterion = criterion
@@ -104,62 +99,78 @@ class GradientNoiseAnalyzer:
         device = next(model.parameters()).device
         if self.train_mode is not None:
             model.train(self.train_mode)
-        for p in model.parameters():
-            p.grad = None
-        norms = PerExampleNorms(model, layers=self.layers)
-        if not norms.sites:
-            raise ValueError("no layer of this model has a per-example rule (see README)")
-        norms.attach()
-        est = GNSEstimator(ema_decay=None, device=device)
+        self._zero(model)
+        units = Units(1, self.reduction)  # one backward per batch: only the reduction to undo
+        tracker = GNSTracker(ema_decay=None).to(device)  # a running mean over the batches
+        source: PerExampleSource | None = None
         self._say("📊 Analyzing Gradient Noise Scale...")
         sizes: list[int] = []
+        bar = tqdm(
+            total=num_batches,
+            desc="   Collecting gradients",
+            bar_format="{desc}: {n_fmt}/{total_fmt}",
+            file=sys.stdout,
+            mininterval=0,
+            disable=not self.verbose,
+        )
         try:
-            it = iter(self.data_loader)
-            for i in range(num_batches):
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
-                inputs, targets = self._split(batch)
-                inputs, targets = _to(inputs, device), _to(targets, device)
+            for batch in _first(self.data_loader, num_batches):
+                inputs, targets = move_data_to_device(self._split(batch), device)
                 size = self._batch_size(inputs)
-                if i == 0:
+                if source is None:  # first batch: can examples be told apart? then the check
                     self._check_per_example(inputs, targets, size)
-                    norms.start_micro_batch(size)
-                    norms.start_check()  # the structural check (tied or reused weights)
-                    self._backward(inputs, targets)
-                    norms.close_micro_batch()
-                    self._zero(model)
-                norms.start_micro_batch(size)
-                self._backward(inputs, targets)
-                per_example, _, bad = norms.close_micro_batch()
-                if bad is not None or per_example is None:
-                    raise ValueError(f"cannot use per-example norms on this model: {bad}")
-                w = float(size * size) if self.reduction == "mean" else 1.0
-                small = per_example.double().sum() * w / size
-                big = squared_norm(p.grad for p in norms.params)
-                assert big is not None
-                big = big.double() / (size * size if self.reduction == "sum" else 1)
-                est.update(grad_norm_sq(small, big, 1, size), trace_cov(small, big, 1, size))
-                self._zero(model)
+                    source = self._source()
+                    self._step(source, inputs, targets, size, units)
+                tracker.record(self._step(source, inputs, targets, size, units))
                 sizes.append(size)
-                self._progress(i + 1, num_batches)
+                bar.update(1)
         finally:
-            norms.detach()
-        if not sizes:
+            bar.close()
+            if source is not None:
+                source.detach()
+        if source is None:
             raise ValueError("the data loader is empty: it yielded no batch")
-        return self._results(est, sizes, norms)
+        return self._results(tracker, sizes, source)
 
-    def _results(self, est: GNSEstimator, sizes: list[int], norms: PerExampleNorms) -> dict:
-        v = est.read()
+    def _source(self) -> PerExampleSource:
+        coupled = coupled_modules(self.model)
+        if coupled:
+            raise ValueError(
+                f"examples interact in {', '.join(coupled[:3])} (BatchNorm in train mode), so "
+                "per-example gradients are not defined; pass train_mode=False (eval mode uses "
+                "the running statistics)"
+            )
+        try:
+            source = build_source(self.model, "per_example", self.layers, several_gradients=False)
+        except ValueError as err:
+            raise ValueError(f"cannot analyze this model: {err}") from None
+        assert isinstance(source, PerExampleSource)
+        source.attach()
+        return source
+
+    def _step(self, source: PerExampleSource, inputs: Any, targets: Any, size: int, units: Units):
+        """One forward and backward; the batch's per-example and batch norms (None: check)."""
+        source.start_micro_batch(size)
+        self._backward(inputs, targets)
+        source.end_micro_batch(size, units)
+        try:
+            return source.end_step(units)
+        except SkipStep as skip:
+            if skip.silent:  # the structural check
+                return None
+            raise ValueError(f"cannot use per-example norms on this model: {skip.reason}") from None
+        finally:
+            self._zero(self.model)
+
+    def _results(self, tracker: GNSTracker, sizes: list[int], source: PerExampleSource) -> dict:
+        v = tracker.read()[MODEL]
         current = getattr(self.data_loader, "batch_size", None) or max(sizes)
         b = v.b_simple
         known = math.isfinite(b) and b > 0
-        se = v.b_simple_se
         out = {
             "gradient_noise_scale": b,
-            "gradient_noise_scale_se": se,
-            "confidence_interval": (b - 1.96 * se, b + 1.96 * se) if known else (math.nan,) * 2,
+            "gradient_noise_scale_se": v.b_simple_se,
+            "confidence_interval": (v.b_simple_lower, v.b_simple_upper),
             "optimal_batch_size": advice.optimal_batch_size(b) if known else None,
             "current_batch_size": int(current),
             "efficiency": float(advice.efficiency(current, b)) if known else math.nan,
@@ -168,18 +179,18 @@ class GradientNoiseAnalyzer:
             "gradient_variance": v.grad_variance,
             "num_batches": len(sizes),
             "num_examples": sum(sizes),
-            "coverage": norms.coverage(),
-            "left_out": dict(norms.left_out),
+            "coverage": source.norms.coverage(),
+            "left_out": dict(source.norms.left_out),
         }
         if known:
-            self._say(f"\nGradient Noise Scale: {b:.2f} ± {se:.2f}")
+            lo, hi = out["confidence_interval"]
+            self._say(f"\nGradient Noise Scale: {b:.2f} (95% interval {lo:.4g} to {hi:.4g})")
             self._say(f"Optimal batch size: {out['optimal_batch_size']}")
             self._say(f"Efficiency: {out['efficiency']:.1%}")
         else:
             self._say("\nGradient Noise Scale: not yet known (|G|² ≤ 0: the gradient is all noise)")
         return out
 
-    # -- helpers ------------------------------------------------------------------------------
     @staticmethod
     def _split(batch: Any) -> tuple[Any, Any]:
         if isinstance(batch, (list, tuple)) and len(batch) == 2:
@@ -188,12 +199,12 @@ class GradientNoiseAnalyzer:
 
     @staticmethod
     def _batch_size(inputs: Any) -> int:
-        first = inputs
-        while isinstance(first, (list, tuple)) and first:
-            first = first[0]
-        if not isinstance(first, Tensor) or first.dim() == 0:
-            raise ValueError("inputs must be a tensor (or tuple of tensors) with a batch dim 0")
-        size = int(first.shape[0])
+        try:
+            size = int(extract_batch_size(inputs))
+        except Exception:  # noqa: BLE001 - Lightning's inference found no tensor
+            raise ValueError(
+                "inputs must be a tensor (or a collection of tensors) with the batch on dim 0"
+            ) from None
         if size < 2:
             raise ValueError(
                 "batch size 1 gives no second example to compare with: use batch_size >= 2"
@@ -213,7 +224,7 @@ class GradientNoiseAnalyzer:
     def _check_per_example(self, inputs: Any, targets: Any, size: int) -> None:
         """The loss of a batch must be the mean (or sum) of the losses of its two halves."""
         half = size // 2
-        with torch.no_grad():
+        with torch.no_grad(), _dropout_off(self.model):
             rng = torch.get_rng_state()
             whole = self._loss(inputs, targets).double()
             losses = []
@@ -243,15 +254,27 @@ class GradientNoiseAnalyzer:
         if self.verbose:
             print(msg, flush=True)
 
-    def _progress(self, done: int, total: int) -> None:
-        """One updating line on a terminal; the first, every 10th and the last line otherwise."""
-        if not self.verbose:
+
+def _first(loader: Iterable[Any], n: int) -> Iterator[Any]:
+    for i, batch in enumerate(loader):
+        if i >= n:
             return
-        msg = f"   Collecting gradients: {done}/{total}"
-        if sys.stdout.isatty():
-            print("\r" + msg, end="\n" if done == total else "", flush=True)
-        elif done in (1, total) or done % 10 == 0:
-            print(msg, flush=True)
+        yield batch
+
+
+@contextmanager
+def _dropout_off(model: nn.Module) -> Iterator[None]:
+    """Dropout draws a new mask per call (it does not couple examples): switch it off while
+    comparing a batch's loss with its halves', so only real coupling is reported."""
+    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    modes = [m.training for m in dropouts]
+    for m in dropouts:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(dropouts, modes, strict=True):
+            m.train(mode)
 
 
 def _slice(obj: Any, lo: int, hi: int) -> Any:

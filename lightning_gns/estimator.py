@@ -1,4 +1,4 @@
-"""Unbiased estimates of |G|² and tr(Σ), and their bias-corrected EMA (pure math).
+"""Unbiased estimates of |G|² and tr(Σ), their bias-corrected EMA, and intervals (pure math).
 
 McCandlish et al. 2018, "An Empirical Model of Large-Batch Training" (arXiv 1812.06162),
 Appendix A: for a gradient averaged over B examples, E|G_B|² = |G|² + tr(Σ)/B. Two batch
@@ -6,7 +6,7 @@ sizes b_small < b_big give two equations and so unbiased estimates of |G|² and 
 B_simple = tr(Σ)/|G|² (eq. 2.9) is then the ratio of the smoothed estimates.
 
 Everything here is plain ``torch`` on whatever device the inputs live on: no Lightning, no
-``torch.distributed``, no host synchronisation in :meth:`GNSEstimator.update`.
+``torch.distributed``, no host synchronisation in :func:`ema_update`.
 """
 
 from __future__ import annotations
@@ -17,16 +17,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# Layout of a state row: smoothed moments that average linearly across processes, then counts.
+FIELDS = ("g", "s", "gg", "ss", "gs", "w", "w2", "steps", "skipped", "stale")
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+
 
 def grad_norm_sq(
-    small_sq: Tensor | float, big_sq: Tensor | float, b_small: float, b_big: float
+    small_sq: Tensor | float, big_sq: Tensor | float, b_small: Tensor | float, b_big: Tensor | float
 ) -> Tensor | float:
     """Unbiased |G|²: (B_big|G_big|² − B_small|G_small|²)/(B_big − B_small) (App. A, eq. A.2)."""
     return (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
 
 
 def trace_cov(
-    small_sq: Tensor | float, big_sq: Tensor | float, b_small: float, b_big: float
+    small_sq: Tensor | float, big_sq: Tensor | float, b_small: Tensor | float, b_big: Tensor | float
 ) -> Tensor | float:
     """Unbiased tr(Σ): (|G_small|² − |G_big|²)/(1/B_small − 1/B_big) (App. A, eq. A.3)."""
     return (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
@@ -39,109 +43,119 @@ def harmonic_batch_size(sizes: list[int]) -> float:
     return len(sizes) / sum(1.0 / b for b in sizes)
 
 
+def check_decay(ema_decay: object) -> float | None:
+    """``ema_decay`` as a float in (0, 1), or None (a plain running mean)."""
+    if ema_decay is None:
+        return None
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)):
+        raise ValueError(f"ema_decay must be a float in (0, 1), got {ema_decay!r}; e.g. 0.99")
+    if not 0.0 < float(ema_decay) < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay!r}; e.g. 0.99")
+    return float(ema_decay)
+
+
+def new_state(columns: int = 1, device: torch.device | str | None = None) -> Tensor:
+    """Empty moments: one row of :data:`FIELDS` per estimated quantity (model, layers)."""
+    return torch.zeros(columns, len(FIELDS), dtype=torch.float64, device=device)
+
+
+def _suffix_products(x: Tensor) -> Tensor:
+    """out_i = Π_{j>i} x_j along dim 0 (1 for the last row)."""
+    tail = torch.flip(torch.cumprod(torch.flip(x[1:], [0]), 0), [0])
+    return torch.cat([tail, torch.ones_like(x[:1])])
+
+
+def ema_update(
+    state: Tensor, grad_norm_sq: Tensor, trace_cov: Tensor, ema_decay: float | None
+) -> Tensor:
+    """The state after one bias-corrected EMA update per row of ``(n, C)`` step estimates.
+
+    A step counts with f = 1 (finite) or is skipped with f = 0: keep = 1 − (1 − β)f and
+    add = (1 − β)f; with ``ema_decay`` None every weight is 1 (a running mean). A few vector
+    ops, no host sync. ``stale`` counts the steps since the last finite one.
+    """
+    g = grad_norm_sq.detach().to(state).reshape(grad_norm_sq.shape[0], -1)
+    s = trace_cov.detach().to(state).reshape(g.shape)
+    if g.shape[0] == 0:
+        return state
+    ok = torch.isfinite(g) & torch.isfinite(s)
+    g, s = torch.where(ok, g, 0.0), torch.where(ok, s, 0.0)
+    f = ok.to(state.dtype)
+    if ema_decay is None:
+        keep, add = torch.ones_like(f), f
+    else:
+        keep, add = 1.0 - (1.0 - ema_decay) * f, (1.0 - ema_decay) * f
+    # Weight of step i in the final state: add_i · Π_{j>i} keep_j; the old state: Π keep_j.
+    w = add * _suffix_products(keep)
+    w2 = add * add * _suffix_products(keep * keep)
+    x = torch.stack([g, s, g * g, s * s, g * s, torch.ones_like(g)])  # (6, n, C)
+    out = state.clone()
+    out[:, :6] = state[:, :6] * keep.prod(0).unsqueeze(1) + torch.einsum("knc,nc->ck", x, w)
+    out[:, 6] = state[:, 6] * (keep * keep).prod(0) + w2.sum(0)
+    out[:, 7] = state[:, 7] + f.sum(0)
+    out[:, 8] = state[:, 8] + (1.0 - f).sum(0)
+    n = g.shape[0]
+    pos = torch.arange(n, device=g.device, dtype=state.dtype).unsqueeze(1)
+    last = torch.where(ok, pos, -1.0).amax(0)  # index of the last finite step, −1 if none
+    out[:, 9] = torch.where(last >= 0, n - 1 - last, state[:, 9] + n)
+    return out
+
+
 @dataclass(frozen=True)
 class GNSValues:
     """Read-out of the smoothed estimates (host floats).
 
     ``b_simple`` is tr(Σ)/|G|² of the smoothed values; NaN while the smoothed |G|² is not
-    positive (not yet known). ``b_simple_se`` is its delta-method standard error and
-    ``b_simple_debiased`` the ratio with the first-order bias E[S/G] − E[S]/E[G] removed.
+    positive. ``b_simple_lower``/``b_simple_upper`` bound a 95% Fieller interval for the ratio
+    (``upper`` is inf while |G|² is not significantly above zero: then only the lower bound is
+    known); ``b_simple_se`` is the delta-method standard error. Both need at least two
+    effective steps: NaN before (unknown, never a false zero).
     """
 
     b_simple: float
     b_simple_se: float
-    b_simple_debiased: float
+    b_simple_lower: float
+    b_simple_upper: float
     grad_norm_sq: float
     grad_variance: float
     steps: int
     skipped: int
+    stale: int = 0
+
+    @staticmethod
+    def unknown(steps: int = 0, skipped: int = 0, stale: int = 0) -> GNSValues:
+        nan = math.nan
+        return GNSValues(nan, nan, nan, nan, nan, nan, steps, skipped, stale)
 
 
-# Layout of the state vector: smoothed moments that average linearly across processes.
-_FIELDS = ("g", "s", "gg", "ss", "gs", "w", "w2", "steps", "skipped")
+def t_quantile(dof: float, z: float = Z_95) -> float:
+    """Student-t quantile from the normal one (Cornish-Fisher, two terms; exact as dof → ∞)."""
+    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
 
 
-class GNSEstimator:
-    """Bias-corrected exponential moving averages of per-step |G|² and tr(Σ) estimates.
-
-    The state is one small float64 tensor on the device, updated with masked arithmetic so a
-    step whose inputs are not finite (e.g. an AMP overflow) is dropped and counted without a
-    host sync. Per-step estimates are never clamped; only :meth:`read` handles |G|² ≤ 0.
-
-    Args:
-        ema_decay: decay β per update, in (0, 1). The effective window is about 1/(1 − β).
-            ``None`` weighs all updates equally (a plain running mean).
-        device: where the state lives.
-    """
-
-    def __init__(
-        self, ema_decay: float | None = 0.99, device: torch.device | str | None = None
-    ) -> None:
-        if ema_decay is not None and not (
-            isinstance(ema_decay, (int, float)) and 0.0 < float(ema_decay) < 1.0
-        ):
-            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay!r}; e.g. 0.99")
-        self.ema_decay = None if ema_decay is None else float(ema_decay)
-        self.state = torch.zeros(len(_FIELDS), dtype=torch.float64, device=device)
-
-    def to(self, device: torch.device | str) -> GNSEstimator:
-        self.state = self.state.to(device)
-        return self
-
-    def reset(self) -> None:
-        self.state.zero_()
-
-    def update(self, grad_norm_sq: Tensor, trace_cov: Tensor) -> None:
-        """Add one step's unbiased estimates; non-finite ones are skipped and counted."""
-        self.update_many(grad_norm_sq.reshape(1), trace_cov.reshape(1))
-
-    def update_many(self, grad_norm_sq: Tensor, trace_cov: Tensor) -> None:
-        """One EMA update per element of two 1-D tensors, in order, in a few vector ops.
-
-        A step counts with f = 1 (finite) or is skipped with f = 0: keep = 1 − (1 − β)f and
-        add = (1 − β)f; with ``ema_decay`` None every weight is 1 (a running mean).
-        """
-        g = grad_norm_sq.detach().to(self.state).reshape(-1)
-        s = trace_cov.detach().to(self.state).reshape(-1)
-        if g.numel() == 0:
-            return
-        ok = torch.isfinite(g) & torch.isfinite(s)
-        g = torch.where(ok, g, torch.zeros_like(g))
-        s = torch.where(ok, s, torch.zeros_like(s))
-        f = ok.to(self.state.dtype)
-        if self.ema_decay is None:  # running mean: every weight 1
-            keep, add = torch.ones_like(f), f
-        else:
-            keep = 1.0 - (1.0 - self.ema_decay) * f
-            add = (1.0 - self.ema_decay) * f
-        # Weight of step i in the final state: add_i · Π_{j>i} keep_j; the old state: Π keep_j.
-        after, after2 = _suffix_products(keep), _suffix_products(keep * keep)
-        w = add * after
-        x = torch.stack([g, s, g * g, s * s, g * s, torch.ones_like(g)])
-        st = self.state
-        st[:6].mul_(keep.prod()).add_(x @ w)
-        st[6].mul_((keep**2).prod()).add_((add * add * after2).sum())
-        st[7].add_(f.sum())
-        st[8].add_((1.0 - f).sum())
-
-    def read(self, state: Tensor | None = None) -> GNSValues:
-        """Host read-out (one device-to-host copy). ``state`` may be an all-reduced copy."""
-        v = dict(zip(_FIELDS, (state if state is not None else self.state).tolist(), strict=True))
-        return values_from_moments(**v)
-
-    def state_dict(self) -> dict[str, float | list[float] | None]:
-        return {"ema_decay": self.ema_decay, "state": self.state.tolist()}
-
-    def load_state_dict(self, sd: dict[str, float | list[float] | None]) -> None:
-        decay = sd["ema_decay"]
-        self.ema_decay = None if decay is None else float(decay)  # type: ignore[arg-type]
-        self.state = torch.tensor(sd["state"], dtype=torch.float64, device=self.state.device)
-
-
-def _suffix_products(x: Tensor) -> Tensor:
-    """out_i = Π_{j>i} x_j (1 for the last element)."""
-    tail = torch.flip(torch.cumprod(torch.flip(x[1:], [0]), 0), [0])
-    return torch.cat([tail, torch.ones_like(x[:1])])
+def fieller_interval(
+    s: float, g: float, var_s: float, var_g: float, cov: float, t: float
+) -> tuple[float, float]:
+    """Confidence set of R = E[s]/E[g] from {R: (s − R g)² ≤ t² Var(s − R g)} (Fieller 1954),
+    intersected with R > 0: (lower, upper), upper = inf when g is not significantly positive."""
+    a = g * g - t * t * var_g
+    b = s * g - t * t * cov
+    c = s * s - t * t * var_s
+    disc = b * b - a * c
+    if a > 0:  # g significantly non-zero: a bounded interval
+        if disc < 0:
+            return math.nan, math.nan
+        root = math.sqrt(disc)
+        lo, hi = (b - root) / a, (b + root) / a
+        if hi <= 0:
+            return 0.0, 0.0
+        return max(lo, 0.0), hi
+    # Unbounded: the set is outside the roots (or everything); only a lower bound can be known.
+    if disc <= 0 or a == 0:
+        return 0.0, math.inf
+    root = math.sqrt(disc)
+    r1, r2 = sorted(((b - root) / a, (b + root) / a))
+    return (r2 if r1 <= 0 < r2 else 0.0), math.inf
 
 
 def values_from_moments(
@@ -154,26 +168,61 @@ def values_from_moments(
     w2: float,
     steps: float,
     skipped: float,
+    stale: float = 0.0,
 ) -> GNSValues:
-    """Bias-corrected means, then B_simple = tr(Σ)/|G|² with a delta-method error (host math).
+    """Bias-corrected means, B_simple = tr(Σ)/|G|², its 95% interval and standard error.
 
-    With normalised EMA weights w_i, Var(mean) = Σw_i² · Var(step) (steps taken as independent),
-    and E[S/G] ≈ (μ_S/μ_G)(1 + Var G/μ_G² − Cov(S,G)/(μ_S μ_G)).
+    With normalised weights w_i, Var(mean) = Σw_i² · Var(step) (steps as independent), and the
+    weighted step variance is unbiased after division by 1 − Σw_i² (n_eff = 1/Σw_i² steps).
     """
-    nan = math.nan
+    counts = int(steps), int(skipped), int(stale)
     if w <= 0:
-        return GNSValues(nan, nan, nan, nan, nan, int(steps), int(skipped))
+        return GNSValues.unknown(*counts)
     mg, ms = g / w, s / w
-    var_g = max(gg / w - mg * mg, 0.0)
-    var_s = max(ss / w - ms * ms, 0.0)
-    cov = gs / w - mg * ms
-    shrink = w2 / (w * w)  # Σ (w_i/Σw)²: variance of the smoothed mean per unit step variance
+    ratio = ms / mg if mg > 0 else math.nan
+    shrink = w2 / (w * w)  # Σ (w_i/Σw)²
+    if shrink >= 1.0 - 1e-12:  # one effective step: no spread to measure
+        return GNSValues(ratio, math.nan, math.nan, math.nan, mg, ms, *counts)
+    k = shrink / (1.0 - shrink)  # Var(mean) per unit biased step variance
+    var_g = max(gg / w - mg * mg, 0.0) * k
+    var_s = max(ss / w - ms * ms, 0.0) * k
+    cov = (gs / w - mg * ms) * k
+    n_eff = 1.0 / shrink
+    lower, upper = fieller_interval(ms, mg, var_s, var_g, cov, t_quantile(n_eff - 1.0))
+    se = math.nan
     if mg > 0:
-        ratio = ms / mg
-        rel_g, rel_s = shrink * var_g / mg**2, shrink * var_s / ms**2 if ms != 0 else 0.0
-        rel_gs = shrink * cov / (ms * mg) if ms != 0 else 0.0
-        se = abs(ratio) * math.sqrt(max(rel_s + rel_g - 2 * rel_gs, 0.0))
-        debiased = ratio * (1.0 - rel_g + rel_gs)
-    else:
-        ratio = se = debiased = nan
-    return GNSValues(ratio, se, debiased, mg, ms, int(steps), int(skipped))
+        rel = var_s / ms**2 + var_g / mg**2 - 2 * cov / (ms * mg) if ms != 0 else math.nan
+        se = abs(ratio) * math.sqrt(max(rel, 0.0))
+    return GNSValues(ratio, se, lower, upper, mg, ms, *counts)
+
+
+class GNSEstimator:
+    """One bias-corrected EMA of per-step |G|² and tr(Σ) estimates in a device tensor.
+
+    Per-step estimates are never clamped; non-finite steps are skipped and counted without a
+    host sync; only :meth:`read` handles |G|² ≤ 0.
+
+    Args:
+        ema_decay: decay β per update, in (0, 1); the effective window is about 1/(1 − β).
+            ``None`` weighs all updates equally (a plain running mean).
+        device: where the state lives.
+    """
+
+    def __init__(
+        self, ema_decay: float | None = 0.99, device: torch.device | str | None = None
+    ) -> None:
+        self.ema_decay = check_decay(ema_decay)
+        self.state = new_state(1, device)[0]
+
+    def update(self, grad_norm_sq: Tensor, trace_cov: Tensor) -> None:
+        """Add one step's unbiased estimates; non-finite ones are skipped and counted."""
+        self.update_many(grad_norm_sq.reshape(1), trace_cov.reshape(1))
+
+    def update_many(self, grad_norm_sq: Tensor, trace_cov: Tensor) -> None:
+        """One EMA update per element of two 1-D tensors, in order."""
+        g, s = grad_norm_sq.reshape(-1, 1), trace_cov.reshape(-1, 1)
+        self.state = ema_update(self.state.unsqueeze(0), g, s, self.ema_decay)[0]
+
+    def read(self) -> GNSValues:
+        """Host read-out (one device-to-host copy)."""
+        return values_from_moments(*self.state.tolist())

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from conftest import Classifier, digits, exact_gns, mlp, trainer_kwargs  # noqa: E402
+from helpers import Classifier, digits, exact_gns, mlp, trainer_kwargs  # noqa: E402
 
 from lightning_gns import GradientNoiseScale  # noqa: E402
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import Classifier, digits, exact_gns, mlp, trainer_kwargs
+from helpers import Classifier, digits, exact_gns, mlp, trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import Classifier, digits, exact_gns, mlp, trainer_kwargs
+from helpers import Classifier, digits, exact_gns, mlp, trainer_kwargs
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
@@ -129,12 +130,13 @@ def test_logged_to_callback_metrics_and_every_n_steps(tmp_path) -> None:
                 trainer.callback_metrics.pop("gns/b_simple")
 
     cb = GradientNoiseScale(log_every_n_steps=5)
-    fit(cb, tmp_path, batch_size=128, epochs=2, callbacks=[cb, Spy()])
+    trainer = fit(cb, tmp_path, batch_size=128, epochs=2, callbacks=[cb, Spy()])
     assert logged[:3] == [5, 10, 15]
+    metrics = trainer.callback_metrics
     for key in ("b_simple_se", "grad_norm_sq", "grad_variance", "batch_size", "coverage"):
-        assert f"gns/{key}" in [k for k in cb._metrics()]
-    assert cb._metrics()["gns/batch_size"] == 128  # not the short last batch of 5
-    assert cb._metrics()["gns/optimal_batch_size"] in (16, 32, 64)
+        assert f"gns/{key}" in metrics
+    assert metrics["gns/batch_size"] == 128  # not the short last batch of 5
+    assert metrics["gns/optimal_batch_size"] in (16, 32, 64)
 
 
 def test_resume_from_checkpoint_continues_the_estimate(tmp_path) -> None:
@@ -213,7 +215,7 @@ def test_manual_optimization_is_rejected(tmp_path) -> None:
         fit(GradientNoiseScale(), tmp_path, module=Manual(), epochs=1)
 
 
-def test_batchnorm_and_custom_module_train_and_report_coverage(tmp_path) -> None:
+def test_custom_module_is_left_out_and_coverage_reported(tmp_path) -> None:
     class Scale(nn.Module):  # a custom parametrized module: no per-example rule
         def __init__(self, d: int) -> None:
             super().__init__()
@@ -223,14 +225,14 @@ def test_batchnorm_and_custom_module_train_and_report_coverage(tmp_path) -> None
             return x * self.gain
 
     model = nn.Sequential(
-        nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), Scale(32), nn.Linear(32, 10)
+        nn.Linear(64, 32), nn.LayerNorm(32), nn.Tanh(), Scale(32), nn.Linear(32, 10)
     )
     cb = GradientNoiseScale(ema_decay=0.9)
     with pytest.warns(UserWarning, match="cover"):
         trainer = fit(cb, tmp_path, module=Classifier(model, batch_size=64), epochs=2)
-    assert set(cb.left_out) == {"model.1", "model.3"}
+    assert set(cb.left_out) == {"model.3"}
     total = sum(p.numel() for p in model.parameters())
-    assert cb.coverage == pytest.approx((64 * 32 + 32 + 32 * 10 + 10) / total)
+    assert cb.coverage == pytest.approx((total - 32) / total)
     assert trainer.callback_metrics["gns/coverage"].item() == pytest.approx(cb.coverage)
     assert math.isfinite(cb.b_simple)
 
@@ -274,7 +276,7 @@ def test_no_host_sync_on_non_logging_steps(tmp_path, monkeypatch) -> None:
 def test_sampled_per_example_norms_stay_unbiased(tmp_path, truth) -> None:
     cb = GradientNoiseScale(ema_decay=0.98, source="per_example", examples_per_batch=16)
     fit(cb, tmp_path, batch_size=64, epochs=10)
-    assert cb._pe is not None and cb._pe.examples_per_batch == 16
+    assert cb.active_source == "per_example"
     assert cb.batch_size == 64  # the big batch is still the whole batch
     assert_close(cb, truth)
 
@@ -283,12 +285,14 @@ def test_sampled_per_example_norms_stay_unbiased(tmp_path, truth) -> None:
 def test_bf16_autocast(source, accumulate, tmp_path, truth) -> None:
     cb = GradientNoiseScale(ema_decay=0.98, source=source)
     batch_size = 64 if accumulate == 1 else 16
-    fit(
-        cb,
-        tmp_path,
-        module=Classifier(mlp(), batch_size=batch_size),
-        precision="bf16-mixed",
-        accumulate_grad_batches=accumulate,
-    )
-    assert cb.values.skipped == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(
+            cb,
+            tmp_path,
+            module=Classifier(mlp(), batch_size=batch_size),
+            precision="bf16-mixed",
+            accumulate_grad_batches=accumulate,
+        )
+    assert not [w for w in caught if "non-finite" in str(w.message)]  # bf16 does not overflow
     assert_close(cb, truth, tol=0.25)  # bf16 forward changes the model's numbers a little

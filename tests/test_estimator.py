@@ -9,11 +9,12 @@ import torch
 
 from lightning_gns.estimator import (
     GNSEstimator,
+    GNSValues,
     grad_norm_sq,
     harmonic_batch_size,
     trace_cov,
-    values_from_moments,
 )
+from lightning_gns.tracker import GNSTracker
 
 D = 50
 
@@ -136,14 +137,17 @@ def test_standard_error_matches_spread_across_runs() -> None:
     assert 0.7 < mean_se / spread < 1.4, (mean_se, spread)
 
 
-def test_state_round_trip() -> None:
-    est = GNSEstimator(ema_decay=0.95)
-    for i in range(5):
-        est.update(torch.tensor(1.0 + i), torch.tensor(3.0 * i))
-    other = GNSEstimator(ema_decay=0.5)
-    other.load_state_dict(est.state_dict())
-    assert other.ema_decay == 0.95 and torch.equal(other.state, est.state)
-    assert values_from_moments(*est.state.tolist()) == est.read()
+def test_tracker_state_round_trip() -> None:
+    tracker = GNSTracker(ema_decay=0.95, columns=["model", "layer"])
+    gen = torch.Generator().manual_seed(0)
+    tracker.update(torch.rand(5, 2, generator=gen, dtype=torch.float64) + 1, torch.rand(5, 2) * 3)
+    other = GNSTracker(ema_decay=0.5, columns=["layer", "model", "new"])
+    other.restore(tracker.export())
+    assert other.ema_decay == 0.5  # the decay is the new tracker's own
+    assert torch.equal(other.moments[0], tracker.moments[1])
+    assert torch.equal(other.moments[1], tracker.moments[0])
+    assert other.read()["new"] == GNSValues.unknown()
+    assert other.read()["model"] == tracker.read()["model"]
 
 
 @pytest.mark.parametrize("decay", [0.9, None])

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-from conftest import Classifier, mlp, trainer_kwargs
+from helpers import Classifier, mlp, trainer_kwargs
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -19,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = {
     "gns/b_simple",
     "gns/b_simple_se",
-    "gns/b_simple_debiased",
+    "gns/b_simple_lower",
+    "gns/b_simple_upper",
+    "gns/small_batch_size",
+    "gns/stale_steps",
     "gns/grad_norm_sq",
     "gns/grad_variance",
     "gns/batch_size",
@@ -55,8 +59,13 @@ def test_tensorboard_and_csv_loggers_get_the_gns_keys(tmp_path) -> None:
     assert content, "no custom-scalars layout in the event file"
     layout = layout_pb2.Layout()
     layout.ParseFromString(acc.Tensors(next(iter(content)))[0].tensor_proto.string_val[0])
-    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
-    assert "gns/b_simple" in charts["B_simple"]
+    charts = [c for cat in layout.category for c in cat.chart]
+    margins = [[(s.value, s.lower, s.upper) for s in c.margin.series] for c in charts]
+    assert [("gns/b_simple", "gns/b_simple_lower", "gns/b_simple_upper")] in margins
+    for chart in charts:  # each Multiline regex is anchored and matches exactly one tag
+        for pattern in chart.multiline.tag:
+            assert pattern.startswith("^") and pattern.endswith("$"), pattern
+            assert len([t for t in tags if re.search(pattern, t)]) == 1, pattern
 
     with open(Path(cs.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -234,14 +234,20 @@ def test_unsupported_embedding_options(module: nn.Module) -> None:
     assert grad_sample_rule_for(module) is None
 
 
-def test_exact_type_lookup() -> None:
+def test_subclasses_get_the_nearest_registered_rule() -> None:
     class MyLinear(nn.Linear):
+        pass
+
+    class MyLayerNorm(nn.LayerNorm):
         pass
 
     assert norm_rule_for(nn.Linear(2, 3)) is NORM_RULES[nn.Linear]
     assert grad_sample_rule_for(nn.Linear(2, 3)) is GRAD_SAMPLE_RULES[nn.Linear]
-    assert norm_rule_for(MyLinear(2, 3)) is None
-    assert grad_sample_rule_for(MyLinear(2, 3)) is None
+    assert norm_rule_for(MyLinear(2, 3)) is NORM_RULES[nn.Linear]
+    assert grad_sample_rule_for(MyLinear(2, 3)) is GRAD_SAMPLE_RULES[nn.Linear]
+    assert norm_rule_for(MyLayerNorm(3)) is NORM_RULES[nn.LayerNorm]
+    mha = nn.MultiheadAttention(4, 2)
+    assert norm_rule_for(mha.out_proj) is NORM_RULES[nn.Linear]  # NonDynamicallyQuantizable
     assert norm_rule_for(nn.ReLU()) is None
     assert grad_sample_rule_for(nn.Conv2d(1, 1, 1)) is None
 

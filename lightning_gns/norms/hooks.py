@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gns.norms.check import StructuralCheck, not_a_batch
 from lightning_gns.norms.rules import grad_sample_rule_for, norm_rule_for
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
@@ -37,15 +38,53 @@ def squared_norm(tensors: Iterable[Tensor | None]) -> Tensor | None:
     return torch.stack([n.float() for n in norms]).square().sum()
 
 
-def _not_a_batch(x: object) -> bool:
-    """Inputs whose dim 0 cannot be examples: a parameter, or positions arange(s, s + n) (a
-    positional embedding), which would pass the batch-size check when n equals the batch."""
-    if isinstance(x, nn.Parameter):
-        return True
-    if isinstance(x, Tensor) and x.dim() == 1 and x.numel() > 1 and not x.is_floating_point():
-        steps = torch.arange(x.numel(), device=x.device, dtype=x.dtype)
-        return bool(torch.equal(x - x[0], steps))
-    return False
+def coupled_modules(model: nn.Module) -> list[str]:
+    """Modules in train mode that mix examples of a batch (BatchNorm and its subclasses): with
+    them, per-example gradients are not defined (each example's output depends on the others)."""
+    return [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+
+
+def unrecognised_norm_layers(model: nn.Module) -> list[str]:
+    """Modules named like a normalization layer ("...Norm") that no norm rule covers."""
+    return [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if "norm" in type(m).__name__.lower()
+        and not isinstance(m, NORM_LAYERS)
+        and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+
+
+class BatchDimProbe:
+    """Sees dim 0 of the first input of every module with parameters during one forward: the
+    model's own idea of how many examples a micro-batch holds (the most common value)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.sizes: list[int] = []
+        self._handles = [
+            m.register_forward_hook(self._hook)
+            for m in model.modules()
+            if any(True for _ in m.parameters(recurse=False))
+        ]
+
+    def _hook(self, module: nn.Module, args: tuple, output: object) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
+            if not not_a_batch(args[0]):
+                self.sizes.append(int(args[0].shape[0]))
+
+    def close(self) -> int | None:
+        """Remove the hooks; the most common batch dimension seen, if any."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if not self.sizes:
+            return None
+        return max(set(self.sizes), key=self.sizes.count)
 
 
 class MicroBatchNorms:
@@ -143,8 +182,14 @@ class PerExampleNorms:
     ) -> None:
         if layers not in ("all", "norm"):
             raise ValueError(f"layers must be 'all' or 'norm', got {layers!r}")
-        if examples_per_batch is not None and examples_per_batch < 1:
-            raise ValueError(f"examples_per_batch must be >= 1, got {examples_per_batch!r}")
+        if examples_per_batch is not None and (
+            isinstance(examples_per_batch, bool)
+            or not isinstance(examples_per_batch, int)
+            or examples_per_batch < 1
+        ):
+            raise ValueError(
+                f"examples_per_batch must be a positive int or None, got {examples_per_batch!r}"
+            )
         self.model = model
         self.per_layer = per_layer
         self.examples_per_batch = examples_per_batch
@@ -156,10 +201,8 @@ class PerExampleNorms:
         self._shared_acc: dict[int, Tensor] = {}
         self._batch_size: int | None = None
         self._bad: str | None = None
-        self._checking = False
-        self._recomputing = False
-        self._check_grads: dict[int, Tensor] = {}
-        self._check_handles: list[RemovableHandle] = []
+        self.recomputing = False  # the check re-runs modules: their hooks must stay quiet
+        self._check: StructuralCheck | None = None
         self._find_sites(layers)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -201,7 +244,7 @@ class PerExampleNorms:
     def _fail(self, site: _Site, reason: str) -> None:
         """A module broke an assumption. In the structural check it is left out for good; later
         only this micro-batch is dropped, so the covered parameters never change mid-run."""
-        if self._checking:
+        if self._check is not None:
             self.leave_out(site.name, reason)
         else:
             self._bad = f"module '{site.name}' {reason}"
@@ -232,7 +275,9 @@ class PerExampleNorms:
             if site.handle is not None:
                 site.handle.remove()
                 site.handle = None
-        self._stop_check_hooks()
+        if self._check is not None:
+            self._check.stop()
+            self._check = None
         self._reset()
 
     # -- per micro-batch ------------------------------------------------------------------
@@ -253,7 +298,7 @@ class PerExampleNorms:
 
     def _make_forward_hook(self, site: _Site):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if self._recomputing or not torch.is_grad_enabled():
+            if self.recomputing or not torch.is_grad_enabled():
                 return
             if not isinstance(output, Tensor) or not args:
                 return
@@ -264,7 +309,7 @@ class PerExampleNorms:
                 self._fail(site, f"called {site.calls} times in one forward")
                 return
             site.activation = args[0]
-            if self._checking and _not_a_batch(args[0]):
+            if self._check is not None and not_a_batch(args[0]):
                 self._fail(site, "has inputs that are positions or parameters, not a batch")
                 return
             base = output._base
@@ -286,7 +331,7 @@ class PerExampleNorms:
         if b is not None and (g.dim() == 0 or g.shape[0] != b or a.shape[:1] != g.shape[:1]):
             self._fail(site, f"has inputs without a batch dimension of size {b}")
             return
-        if self._checking:
+        if self._check is not None:
             site.grad_output = g.detach()
         k = self.examples_per_batch
         if k is not None and g.shape[0] > k:
@@ -327,86 +372,15 @@ class PerExampleNorms:
         for shared in self._shared_acc.values():
             sq = shared.flatten(1).square().sum(1)
             acc = sq if acc is None else acc + sq
-        if self._checking:
-            self._finish_check()
+        if self._check is not None:
+            self._check.finish()
+            self._check = None
         bad = self._bad
         layers = self._layer_acc
         self._reset()
         return (None if bad else acc), layers, bad
 
-    # -- structural check -----------------------------------------------------------------
     def start_check(self) -> None:
-        """Check the next micro-batch's structure (see class docstring)."""
-        self._checking = True
-        self._check_grads = {}
-        self._check_handles = [
-            p.register_hook(self._make_grad_recorder(id(p))) for p in self.params
-        ]
-
-    def _make_grad_recorder(self, key: int):  # noqa: ANN202
-        def rec(grad: Tensor) -> None:
-            self._check_grads[key] = grad.detach().clone()
-
-        return rec
-
-    def _stop_check_hooks(self) -> None:
-        for h in self._check_handles:
-            h.remove()
-        self._check_handles = []
-        self._checking = False
-
-    def _finish_check(self) -> None:
-        """Compare each site's own gradient with the parameter's total micro-batch gradient."""
-        self._stop_check_hooks()  # the recomputation below must not overwrite the totals
-        local: dict[int, Tensor] = {}
-        for name, site in list(self.sites.items()):
-            if site.calls == 0:
-                self.leave_out(name, "not called through its forward (parameters used directly)")
-                continue
-            if site.calls > 1:
-                self.leave_out(name, f"called {site.calls} times in one forward")
-                continue
-            if site.grad_output is None or site.activation is None:
-                self.leave_out(name, "its output got no gradient in backward")
-                continue
-            self._recomputing = True
-            try:
-                grads = self._local_grads(site)
-            except Exception as err:  # noqa: BLE001 - anything odd means: do not trust it
-                self.leave_out(name, f"could not verify its gradient ({err})")
-                continue
-            finally:
-                self._recomputing = False
-            for attr, gr in grads.items():
-                key = id(site.params[attr])
-                local[key] = gr if key not in local else local[key] + gr
-        for name, site in list(self.sites.items()):
-            for attr, p in site.params.items():
-                total = self._check_grads.get(id(p))
-                mine = local.get(id(p))
-                if total is None or mine is None:
-                    self.leave_out(name, f"no gradient seen for '{attr}'")
-                    break
-                err = (mine - total.float()).norm() / total.float().norm().clamp_min(1e-30)
-                if float(err) > 1e-2:
-                    self.leave_out(
-                        name, f"'{attr}' also gets gradient from outside this module (tied/reused?)"
-                    )
-                    break
-        self._check_grads = {}
-
-    @staticmethod
-    def _local_grads(site: _Site) -> dict[str, Tensor]:
-        mod, a, g = site.module, site.activation, site.grad_output
-        assert a is not None and g is not None
-        params = list(site.params.values())
-        dtype = params[0].dtype
-        x = a.detach().to(dtype) if a.is_floating_point() else a.detach()
-        with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            out = mod(x)
-            grads = torch.autograd.grad(out, params, g.to(out.dtype), allow_unused=True)
-        return {
-            attr: gr.float()
-            for (attr, _), gr in zip(site.params.items(), grads, strict=True)
-            if gr is not None
-        }
+        """Run the structural check (see :mod:`lightning_gns.norms.check`) on the next
+        micro-batch; failing modules are left out, with the reason in :attr:`left_out`."""
+        self._check = StructuralCheck(self)

@@ -26,7 +26,7 @@ GRAD_SAMPLE_RULES: dict[type[nn.Module], GradSampleRule] = {}
 
 
 def register_norm(*module_types: type[nn.Module]) -> Callable[[NormRule], NormRule]:
-    """Decorator registering a norm rule for the given exact module types."""
+    """Decorator registering a norm rule for these module types (and their subclasses)."""
 
     def deco(rule: NormRule) -> NormRule:
         for t in module_types:
@@ -39,7 +39,7 @@ def register_norm(*module_types: type[nn.Module]) -> Callable[[NormRule], NormRu
 def register_grad_sample(
     *module_types: type[nn.Module],
 ) -> Callable[[GradSampleRule], GradSampleRule]:
-    """Decorator registering a per-example-gradient rule for the given exact module types."""
+    """Decorator registering a per-example-gradient rule for these types (and subclasses)."""
 
     def deco(rule: GradSampleRule) -> GradSampleRule:
         for t in module_types:
@@ -51,21 +51,29 @@ def register_grad_sample(
 
 def _unsupported(module: nn.Module) -> bool:
     """True for module configurations whose gradients the rules do not model."""
-    if type(module) is nn.Embedding:
+    if isinstance(module, nn.Embedding):
         return bool(module.scale_grad_by_freq or module.sparse)
     return False
 
 
+def _lookup(table: dict[type[nn.Module], NormRule], module: nn.Module) -> NormRule | None:
+    """The rule of the nearest registered class in the module's MRO (a subclass inherits its
+    parent's rule; the structural check still verifies that the subclass behaves the same)."""
+    for cls in type(module).__mro__:
+        rule = table.get(cls)
+        if rule is not None:
+            return None if _unsupported(module) else rule
+    return None
+
+
 def norm_rule_for(module: nn.Module) -> NormRule | None:
-    """Norm rule for ``type(module)`` (exact type match; subclasses get None)."""
-    rule = NORM_RULES.get(type(module))
-    return None if rule is None or _unsupported(module) else rule
+    """Norm rule for the module: its class's, or its nearest registered ancestor's."""
+    return _lookup(NORM_RULES, module)
 
 
 def grad_sample_rule_for(module: nn.Module) -> GradSampleRule | None:
-    """Grad-sample rule for ``type(module)`` (exact type match; subclasses get None)."""
-    rule = GRAD_SAMPLE_RULES.get(type(module))
-    return None if rule is None or _unsupported(module) else rule
+    """Grad-sample rule for the module: its class's, or its nearest registered ancestor's."""
+    return _lookup(GRAD_SAMPLE_RULES, module)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,112 @@
+"""The structural check run on the first micro-batch of the per-example source.
+
+Per-example rules assume that each covered module is called once per forward, on inputs whose
+dim 0 is the batch, and that its parameters get gradient only through that call. The check
+records each parameter's whole micro-batch gradient, recomputes every module's own gradient
+from its saved input and output gradient, and leaves out the modules where the two differ
+(weights also used through ``F.linear``, modules reused, positional embeddings on ``arange``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from lightning_gns.norms.hooks import PerExampleNorms, _Site
+
+TOLERANCE = 1e-2  # relative difference between a module's own and the whole gradient
+
+
+def not_a_batch(x: object) -> bool:
+    """Inputs whose dim 0 cannot be examples: a parameter, or positions arange(s, s + n) (a
+    positional embedding), which would pass the batch-size check when n equals the batch."""
+    if isinstance(x, nn.Parameter):
+        return True
+    if isinstance(x, Tensor) and x.dim() == 1 and x.numel() > 1 and not x.is_floating_point():
+        steps = torch.arange(x.numel(), device=x.device, dtype=x.dtype)
+        return bool(torch.equal(x - x[0], steps))
+    return False
+
+
+class StructuralCheck:
+    """Records whole gradients during one backward, then verifies each site against them."""
+
+    def __init__(self, norms: PerExampleNorms) -> None:
+        self.norms = norms
+        self.grads: dict[int, Tensor] = {}
+        self.handles: list[RemovableHandle] = [
+            p.register_hook(self._recorder(id(p))) for p in norms.params
+        ]
+
+    def _recorder(self, key: int):  # noqa: ANN202
+        def rec(grad: Tensor) -> None:
+            self.grads[key] = grad.detach().clone()
+
+        return rec
+
+    def stop(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def finish(self) -> None:
+        """Leave out every site whose own gradient is not its parameters' whole gradient."""
+        self.stop()  # the recomputation below must not overwrite the totals
+        norms = self.norms
+        local: dict[int, Tensor] = {}
+        for name, site in list(norms.sites.items()):
+            reason = _call_problem(site)
+            if reason is None:
+                norms.recomputing = True
+                try:
+                    for attr, gr in _local_grads(site).items():
+                        key = id(site.params[attr])
+                        local[key] = gr if key not in local else local[key] + gr
+                except Exception as err:  # noqa: BLE001 - anything odd means: do not trust it
+                    reason = f"could not verify its gradient ({err})"
+                finally:
+                    norms.recomputing = False
+            if reason is not None:
+                norms.leave_out(name, reason)
+        for name, site in list(norms.sites.items()):
+            for attr, p in site.params.items():
+                total, mine = self.grads.get(id(p)), local.get(id(p))
+                if total is None or mine is None:
+                    norms.leave_out(name, f"no gradient seen for '{attr}'")
+                    break
+                err = (mine - total.float()).norm() / total.float().norm().clamp_min(1e-30)
+                if float(err) > TOLERANCE:
+                    reason = f"'{attr}' also gets gradient from outside this module (tied/reused?)"
+                    norms.leave_out(name, reason)
+                    break
+        self.grads = {}
+
+
+def _call_problem(site: _Site) -> str | None:
+    if site.calls == 0:
+        return "not called through its forward (parameters used directly)"
+    if site.calls > 1:
+        return f"called {site.calls} times in one forward"
+    if site.grad_output is None or site.activation is None:
+        return "its output got no gradient in backward"
+    return None
+
+
+def _local_grads(site: _Site) -> dict[str, Tensor]:
+    """The gradient of the site's parameters through this module alone (float32)."""
+    mod, a, g = site.module, site.activation, site.grad_output
+    assert a is not None and g is not None
+    params = list(site.params.values())
+    x = a.detach().to(params[0].dtype) if a.is_floating_point() else a.detach()
+    with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        out = mod(x)
+        grads = torch.autograd.grad(out, params, g.to(out.dtype), allow_unused=True)
+    return {
+        attr: gr.float()
+        for (attr, _), gr in zip(site.params.items(), grads, strict=True)
+        if gr is not None
+    }

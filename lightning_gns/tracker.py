@@ -1,0 +1,116 @@
+"""The estimators' state: smoothed moments per column, reduced across processes, resumable.
+
+Per step the tracker only appends the source's device tensors to a pending list (no kernel,
+no host sync). :meth:`GNSTracker.flush` turns pending steps into unbiased |G|² and tr(Σ)
+estimates (:mod:`lightning_gns.estimator`) and feeds the EMAs in a few vector ops; it runs at
+reading time, or when ``max_pending`` steps have piled up. :meth:`GNSTracker.read` is the one
+host read: an optional cross-process reduction of the small moments tensor, then one copy.
+
+The state is a ``torchmetrics.Metric`` state (``dist_reduce_fx="mean"``): each process keeps
+its own moments and only reading combines them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_gns.estimator import (
+    FIELDS,
+    GNSValues,
+    check_decay,
+    ema_update,
+    grad_norm_sq,
+    new_state,
+    trace_cov,
+    values_from_moments,
+)
+from lightning_gns.sources import MODEL, StepNorms
+
+
+class GNSTracker(Metric):
+    """Bias-corrected EMAs of |G|² and tr(Σ) for the model and optional per-layer columns.
+
+    Args:
+        ema_decay: EMA decay per optimizer step in (0, 1); ``None`` for a plain running mean.
+        columns: names of the estimated quantities (``"model"`` first, then layers).
+        max_pending: flush after this many recorded steps even if nobody reads.
+    """
+
+    full_state_update = False
+
+    def __init__(
+        self,
+        ema_decay: float | None = 0.99,
+        columns: Sequence[str] = (MODEL,),
+        max_pending: int = 256,
+    ) -> None:
+        super().__init__()
+        self.ema_decay = check_decay(ema_decay)
+        self.columns = list(columns)
+        self.max_pending = max_pending
+        self.add_state("moments", new_state(len(self.columns)), dist_reduce_fx="mean")
+        self.pending: list[StepNorms | None] = []  # None: a step that could not be used
+
+    # -- per step ------------------------------------------------------------------------
+    def record(self, step: StepNorms | None) -> None:
+        """Add one optimizer step (``None``: skipped; it counts as skipped and stale)."""
+        self.pending.append(step)
+        if len(self.pending) >= self.max_pending:
+            self.flush()
+
+    def flush(self) -> None:
+        """Feed the pending steps to the EMAs (device ops only)."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        st = self.moments
+        nan = torch.full((len(self.columns),), float("nan"), dtype=st.dtype, device=st.device)
+        small = torch.stack([nan if p is None else p.small_sq.to(st) for p in pending])
+        big = torch.stack([nan if p is None else p.big_sq.to(st) for p in pending])
+        sizes = [(1.0, 2.0) if p is None else (p.b_small, p.b_big) for p in pending]
+        bs = torch.tensor(sizes, dtype=st.dtype, device=st.device)
+        b_small, b_big = bs[:, :1], bs[:, 1:]
+        self.update(grad_norm_sq(small, big, b_small, b_big), trace_cov(small, big, b_small, b_big))
+
+    def update(self, grad_norm_sq: Tensor, trace_cov: Tensor) -> None:  # type: ignore[override]
+        """EMA update with ``(n, columns)`` unbiased per-step estimates."""
+        self.moments = ema_update(self.moments, grad_norm_sq, trace_cov, self.ema_decay)
+
+    def compute(self) -> Tensor:
+        return self.moments
+
+    # -- read-out ------------------------------------------------------------------------
+    def read(self, sync: bool = False) -> dict[str, GNSValues]:
+        """Flush, reduce across processes if ``sync``, and read every column on the host."""
+        self.flush()
+        with self.sync_context(should_sync=sync, distributed_available=lambda: sync):
+            rows = self.moments.tolist()
+        return {
+            name: values_from_moments(*row) for name, row in zip(self.columns, rows, strict=True)
+        }
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def export(self) -> dict[str, Any]:
+        """Plain numbers to resume from: decay, column names, moments per column."""
+        self.flush()
+        rows = self.moments.tolist()
+        return {
+            "ema_decay": self.ema_decay,
+            "fields": list(FIELDS),
+            "moments": dict(zip(self.columns, rows, strict=True)),
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Take the moments of the columns that exist in both; the decay stays this one's."""
+        rows = saved.get("moments", {})
+        state = self.moments.clone()
+        for i, name in enumerate(self.columns):
+            if name in rows and len(rows[name]) == len(FIELDS):
+                state[i] = torch.tensor(rows[name], dtype=state.dtype, device=state.device)
+        self.moments = state
+        self.pending = []

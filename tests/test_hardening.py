@@ -1,0 +1,270 @@
+"""Defects users hit (issue 7), one test each: they failed before the fix."""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import Classifier, digits, exact_gns, mlp, trainer_kwargs
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gns import GradientNoiseAnalyzer, GradientNoiseScale
+
+
+@pytest.fixture(scope="module")
+def truth() -> dict[str, float]:
+    x, y = digits()
+    return exact_gns(mlp(), x, y)
+
+
+def fit(cb, tmp_path, module=None, batch_size=16, epochs=4, callbacks=None, **kw):
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=epochs, **kw), callbacks=callbacks or [cb]
+    )
+    trainer.fit(module or Classifier(mlp(), batch_size=batch_size))
+    return trainer
+
+
+def caught_warnings(run) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return [str(w.message) for w in caught]
+
+
+class IndexFirst(Classifier):
+    """Batches are (arange(7.), x, y): Lightning infers a batch size of 7."""
+
+    def training_step(self, batch, batch_idx):
+        _, x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        x, y = digits()
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def collate(items):
+            xs, ys = zip(*items, strict=True)
+            return torch.arange(7.0), torch.stack(xs), torch.stack(ys)
+
+        data = TensorDataset(x, y)
+        return DataLoader(data, self.batch_size, shuffle=True, generator=gen, collate_fn=collate)
+
+
+# 1 ----------------------------------------------------------------------------------------
+def test_batch_size_fn_and_a_warning_when_the_inferred_size_is_wrong(tmp_path, truth) -> None:
+    cb = GradientNoiseScale(ema_decay=0.98, source="micro_batch")
+    said = caught_warnings(
+        lambda: fit(cb, tmp_path, IndexFirst(mlp(), batch_size=16), accumulate_grad_batches=4)
+    )
+    assert any("taken as 7" in m and "see 16" in m and "batch_size_fn" in m for m in said)
+
+    for acc in (4, 1):  # micro-batches; per-example norms
+        cb = GradientNoiseScale(ema_decay=0.98, batch_size_fn=lambda batch: len(batch[1]))
+        said = caught_warnings(
+            lambda cb=cb, acc=acc: fit(
+                cb, tmp_path, IndexFirst(mlp(), batch_size=16), accumulate_grad_batches=acc
+            )
+        )
+        assert not any("taken as" in m for m in said)
+        assert cb.batch_size == 16 * acc
+        assert cb.b_simple == pytest.approx(truth["b_simple"], rel=0.2)
+
+
+# 2 ----------------------------------------------------------------------------------------
+class StepReport(pl.Callback):
+    """Puts the worker's own estimator step count where the parent process can read it."""
+
+    def __init__(self, gns: GradientNoiseScale) -> None:
+        self.gns = gns
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trainer.callback_metrics["test/estimator_steps"] = torch.tensor(
+            float(self.gns.values.steps + self.gns.values.skipped)
+        )
+        trainer.callback_metrics["test/optimizer_steps"] = torch.tensor(float(trainer.global_step))
+
+
+def test_ddp_spawn_keeps_state_per_process_and_returns_the_estimate(tmp_path, truth) -> None:
+    cb = GradientNoiseScale(ema_decay=0.98, source="micro_batch", log_every_n_steps=10)
+    trainer = fit(
+        cb,
+        tmp_path,
+        epochs=6,
+        callbacks=[cb, StepReport(cb)],
+        devices=2,
+        strategy="ddp_spawn",
+    )
+    metrics = trainer.callback_metrics  # Lightning returns these from the spawned workers
+    assert float(metrics["test/estimator_steps"]) == float(metrics["test/optimizer_steps"])
+    assert float(metrics["gns/b_simple"]) == pytest.approx(truth["b_simple"], rel=0.2)
+
+
+# 3 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"examples_per_batch": 16 / 4},
+        {"batch_size_multiple": 2.5},
+        {"log_every_n_steps": 5.0},
+        {"examples_per_batch": True},
+        {"ema_decay": "0.9"},
+        {"source": "per-example"},
+        {"batch_size_fn": 3},
+    ],
+)
+def test_arguments_that_would_crash_later_are_refused_at_construction(kwargs) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        GradientNoiseScale(**kwargs)
+
+
+# 4 ----------------------------------------------------------------------------------------
+def batchnorm_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 10))
+
+
+def test_batchnorm_in_train_mode_is_refused_per_example_and_measured_by_micro_batch(
+    tmp_path,
+) -> None:
+    with pytest.raises(RuntimeError, match=r"BatchNorm.*accumulate_grad_batches"):
+        fit(GradientNoiseScale(), tmp_path, Classifier(batchnorm_mlp(), batch_size=32))
+    cb = GradientNoiseScale(ema_decay=0.95)
+    fit(cb, tmp_path, Classifier(batchnorm_mlp(), batch_size=16), accumulate_grad_batches=2)
+    assert cb.active_source == "micro_batch" and cb.coverage == 1.0
+    assert math.isfinite(cb.b_simple) and cb.b_simple > 0
+
+
+# 5 ----------------------------------------------------------------------------------------
+class LSTMClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.scale = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        out, _ = self.lstm(x.view(x.shape[0], 8, 8))
+        return out[:, -1, :10] * self.scale[:10]
+
+
+class OwnRMSNorm(nn.Module):
+    """A norm layer of the user's own (as Llama's), not a subclass of a known one."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def test_clear_messages_for_models_and_batches_it_cannot_measure(tmp_path) -> None:
+    with pytest.raises(
+        RuntimeError, match=r"no layer .* per-example rule \(found: LSTM.*accumulate"
+    ):
+        fit(GradientNoiseScale(), tmp_path, Classifier(LSTMClassifier(), batch_size=32))
+
+    model = nn.Sequential(nn.Linear(64, 32), OwnRMSNorm(32), nn.Linear(32, 10))
+    with pytest.raises(RuntimeError, match=r"no normalization layer.*model\.1 \(OwnRMSNorm\)"):
+        fit(GradientNoiseScale(layers="norm"), tmp_path, Classifier(model, batch_size=32))
+
+    cb = GradientNoiseScale()
+    said = caught_warnings(lambda: fit(cb, tmp_path, batch_size=1, max_steps=5))
+    assert any("one example" in m and "raise the batch size" in m for m in said)
+    assert not any("one micro-batch" in m for m in said)
+
+
+# 6 ----------------------------------------------------------------------------------------
+def test_uncertainty_is_unknown_not_zero_after_one_estimate(tmp_path) -> None:
+    cb = GradientNoiseScale(source="micro_batch", log_every_n_steps=1)
+    trainer = fit(cb, tmp_path, max_steps=1, accumulate_grad_batches=2)
+    assert cb.values.steps == 1
+    assert math.isnan(float(trainer.callback_metrics["gns/b_simple_se"]))
+    assert math.isnan(float(trainer.callback_metrics["gns/b_simple_lower"]))
+    x, y = digits()
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    result = GradientNoiseAnalyzer(mlp(), nn.CrossEntropyLoss(), loader, verbose=False).analyze(1)
+    assert all(math.isnan(b) for b in result["confidence_interval"])
+    assert math.isnan(result["gradient_noise_scale_se"])
+
+
+# 7 ----------------------------------------------------------------------------------------
+def test_resume_with_another_decay_keeps_the_new_one_and_warns(tmp_path) -> None:
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    first = GradientNoiseScale(ema_decay=0.9)
+    fit(first, tmp_path, epochs=1, callbacks=[first, ck], enable_checkpointing=True)
+    cb = GradientNoiseScale(ema_decay=0.99)
+    said = caught_warnings(
+        lambda: pl.Trainer(
+            **trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True),
+            callbacks=[cb, ModelCheckpoint(dirpath=tmp_path / "ck2")],
+        ).fit(Classifier(mlp(), batch_size=16), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    )
+    assert any("resuming with ema_decay=0.99" in m and "0.9" in m for m in said)
+    assert cb.ema_decay == 0.99 and cb.tracker.ema_decay == 0.99
+    assert cb.values.steps > first.values.steps  # the smoothed state was carried over
+
+
+# 8 ----------------------------------------------------------------------------------------
+def test_batch_size_follows_an_accumulation_schedule_at_once(tmp_path) -> None:
+    sched = GradientAccumulationScheduler(scheduling={0: 1, 2: 4})
+    cb = GradientNoiseScale(log_every_n_steps=1)
+    trainer = fit(cb, tmp_path, epochs=3, callbacks=[cb, sched])
+    assert float(trainer.callback_metrics["gns/batch_size"]) == 64
+
+
+# 9 ----------------------------------------------------------------------------------------
+class TurnsNaN(Classifier):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= 30 else loss
+
+
+def test_non_finite_steps_warn_and_the_estimate_reports_its_age(tmp_path) -> None:
+    cb = GradientNoiseScale(log_every_n_steps=10)
+    said = caught_warnings(lambda: fit(cb, tmp_path, TurnsNaN(mlp(), lr=0.1), max_steps=60))
+    assert any("non-finite" in m for m in said)
+    assert cb.values.stale == 30 and cb.values.skipped == 30
+
+
+# 10 ---------------------------------------------------------------------------------------
+def test_pending_steps_are_flushed_when_logging_never_comes(tmp_path) -> None:
+    seen: list[int] = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            seen.append(len(gns.tracker.pending))
+
+    gns = GradientNoiseScale(log_every_n_steps=10_000)
+    fit(gns, tmp_path, batch_size=8, epochs=2, callbacks=[gns, Spy()])
+    assert len(seen) > 400 and max(seen) <= gns.tracker.max_pending
+
+
+# 11 ---------------------------------------------------------------------------------------
+def test_the_last_step_is_logged_once(tmp_path) -> None:
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = GradientNoiseScale(log_every_n_steps=5)
+    fit(cb, tmp_path, max_steps=20, logger=logger, log_every_n_steps=5)
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        steps = [r["step"] for r in csv.DictReader(f) if r.get("gns/b_simple")]
+    assert steps == ["5", "10", "15", "20"]
+
+
+# 12 ---------------------------------------------------------------------------------------
+def test_analyzer_takes_dropout_but_refuses_batchnorm_in_train_mode() -> None:
+    x, y = digits()
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    torch.manual_seed(0)
+    dropout = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 10))
+    result = GradientNoiseAnalyzer(dropout, nn.CrossEntropyLoss(), loader, verbose=False).analyze(8)
+    assert math.isfinite(result["gradient_noise_scale"]) and result["num_batches"] == 8
+    with pytest.raises(ValueError, match="examples interact"):
+        GradientNoiseAnalyzer(batchnorm_mlp(), nn.CrossEntropyLoss(), loader).analyze(2)
