@@ -14,6 +14,7 @@ Scalar inputs give Python floats; array inputs give NumPy arrays (broadcast toge
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
+    "MAX_SPREAD",
+    "Supported",
+    "supported",
     "compute_efficiency",
     "critical_batch_size",
     "efficiency",
@@ -190,6 +194,35 @@ def optimal_batch_size(
     if max_size is not None:
         size = min(size, int(max_size))
     return int(size)
+
+
+# Recommend a batch size only when the 95% interval of B_noise spans at most this factor.
+MAX_SPREAD = 4.0
+
+
+@dataclass(frozen=True)
+class Supported:
+    """What the data support: ``kind`` is ``"estimate"`` (a recommendation), ``"at_least"``
+    (only a lower bound: B_noise is at least ``lower``) or ``"unknown"``."""
+
+    kind: str
+    b_noise: float = math.nan
+    lower: float = math.nan
+    recommended: int | None = None
+
+
+def supported(
+    b_simple: float, lower: float, upper: float, multiple_of: int | None = None
+) -> Supported:
+    """Advice from an estimate and its interval: a recommendation only when upper/lower is at
+    most :data:`MAX_SPREAD`; a lower bound alone when that is all the data show."""
+    known = math.isfinite(b_simple) and b_simple > 0
+    has_lower = math.isfinite(lower) and lower > 0
+    if known and has_lower and math.isfinite(upper) and upper <= MAX_SPREAD * lower:
+        return Supported("estimate", b_simple, lower, optimal_batch_size(b_simple, multiple_of))
+    if has_lower:
+        return Supported("at_least", math.nan, lower)
+    return Supported("unknown")
 
 
 def wasted(batch_size: ArrayLike, b_noise: float, recommended: int | None = None) -> dict[str, Any]:

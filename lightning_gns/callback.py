@@ -23,11 +23,94 @@ from lightning_gns.sources import MODEL, SkipStep, Source, Units, build_source
 from lightning_gns.tracker import GNSTracker
 
 SUPPORTED = "single-device and DDP strategies with one optimizer and automatic optimization"
+CHOICES = {
+    "source": ("auto", "micro_batch", "per_example"),
+    "layers": ("all", "norm"),
+    "loss_reduction": ("mean", "sum"),
+}
 
 
-def _positive_int(name: str, value: object) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+def _check_arguments(args: dict[str, Any]) -> None:
+    """Refuse at construction what would break training later (LightningCLI also checks the
+    ``Literal`` choices from the signature)."""
+    for name, allowed in CHOICES.items():
+        if args[name] not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {args[name]!r}")
+    for name in ("log_every_n_steps", "batch_size_multiple", "examples_per_batch"):
+        value = args[name]
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if args["per_layer"] and args["source"] == "micro_batch":
+        raise ValueError("per_layer needs per-example norms: use source='per_example'")
+    if args["batch_size_fn"] is not None and not callable(args["batch_size_fn"]):
+        raise ValueError("batch_size_fn must be a function batch -> number of examples")
+    check_decay(args["ema_decay"] if args["ema_decay"] is not None else "None")
+
+
+def _check_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    strategy = trainer.strategy
+    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
+        strategy, (SingleDeviceStrategy, DDPStrategy)
+    ):
+        got = f"strategy {type(strategy).__name__}"
+    elif not pl_module.automatic_optimization:
+        got = "manual optimization"
+    elif len(trainer.optimizers) != 1:
+        got = f"{len(trainer.optimizers)} optimizers"
+    else:
+        return
+    raise RuntimeError(f"GradientNoiseScale supports {SUPPORTED}; got {got}")
+
+
+def _units(trainer: pl.Trainer, reduction: str) -> Units:
+    """This step's scale factors: accumulation, reduction, AMP loss scale, world size."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    scale = getattr(scaler, "_scale", None) if scaler is not None else None
+    inv = 1.0 / scale.double().square() if isinstance(scale, torch.Tensor) else 1.0
+    return Units(trainer.accumulate_grad_batches, reduction, inv, trainer.world_size)  # type: ignore[arg-type]
+
+
+class _BatchSizes:
+    """Examples per micro-batch: ``batch_size_fn`` or Lightning's inference, checked once
+    against what the model's layers see (:class:`BatchDimProbe`), with the recent ones."""
+
+    def __init__(self, batch_size_fn: Callable[[Any], int] | None) -> None:
+        self.fn = batch_size_fn
+        self.recent: deque[int] = deque(maxlen=64)
+        self.current = 0
+        self.probe: BatchDimProbe | None = None
+
+    def start(self, batch: Any) -> int:
+        try:
+            self.current = int(self.fn(batch) if self.fn else extract_batch_size(batch))
+        except Exception:  # noqa: BLE001 - an odd batch only costs this step
+            self.current = 0
+        if self.current > 0:
+            self.recent.append(self.current)
+        return self.current
+
+    @property
+    def usual(self) -> float:
+        return float(max(set(self.recent), key=self.recent.count)) if self.recent else math.nan
+
+    def close_probe(self) -> int | None:
+        seen, self.probe = (self.probe.close() if self.probe else None), None
+        return seen
+
+    def check_probe(self) -> str | None:
+        """After the first backward: a warning if the layers saw another batch size."""
+        if self.probe is None:
+            return None
+        seen = self.close_probe()
+        if seen is None or seen == self.current:
+            return None
+        return (
+            f"GradientNoiseScale: the batch size was taken as {self.current}, but the model's "
+            f"layers see {seen} examples per micro-batch; if {seen} is right, pass "
+            "GradientNoiseScale(batch_size_fn=lambda batch: ...) (the estimate depends on it)"
+        )
 
 
 def _several_gradients_per_step(trainer: pl.Trainer) -> bool:
@@ -80,24 +163,8 @@ class GradientNoiseScale(Callback):
         batch_size_fn: Callable[[Any], int] | None = None,
     ) -> None:
         super().__init__()
-        for name, value, allowed in (
-            ("source", source, ("auto", "micro_batch", "per_example")),
-            ("layers", layers, ("all", "norm")),
-            ("loss_reduction", loss_reduction, ("mean", "sum")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        for name, value in (
-            ("log_every_n_steps", log_every_n_steps),
-            ("batch_size_multiple", batch_size_multiple),
-            ("examples_per_batch", examples_per_batch),
-        ):
-            _positive_int(name, value)
-        if per_layer and source == "micro_batch":
-            raise ValueError("per_layer needs per-example norms: use source='per_example'")
-        if batch_size_fn is not None and not callable(batch_size_fn):
-            raise ValueError("batch_size_fn must be a function batch -> number of examples")
-        self.ema_decay = check_decay(ema_decay if ema_decay is not None else "None")
+        _check_arguments(locals())
+        self.ema_decay = float(ema_decay)
         self.source, self.layers, self.loss_reduction = source, layers, loss_reduction
         self.log_every_n_steps, self.per_layer = log_every_n_steps, per_layer
         self.batch_size_multiple, self.examples_per_batch = batch_size_multiple, examples_per_batch
@@ -110,9 +177,8 @@ class GradientNoiseScale(Callback):
         self._saved: dict[str, Any] | None = None  # checkpoint state until fit start
         self._warned: set[str] = set()
         self._steps = self._logged_at = self._host_skips = self._nonfinite = 0
-        self._micro_sizes: deque[int] = deque(maxlen=64)
-        self._probe: BatchDimProbe | None = None
-        self._mb_size, self._stepped, self._bad = 0, False, None
+        self._sizes = _BatchSizes(batch_size_fn)
+        self._stepped, self._bad = False, None
         self._trainer: pl.Trainer | None = None
 
     # -- public read-out ------------------------------------------------------------------
@@ -137,37 +203,23 @@ class GradientNoiseScale(Callback):
     @property
     def coverage(self) -> float:
         """Fraction of trainable parameters the estimate covers."""
-        norms = getattr(self._source, "norms", None)
-        return norms.coverage() if hasattr(norms, "coverage") else 1.0
+        return self._source.coverage if self._source is not None else math.nan
 
     @property
     def left_out(self) -> dict[str, str]:
         """Modules left out of the per-example estimate, with the reason."""
-        return dict(getattr(getattr(self._source, "norms", None), "left_out", {}))
+        return dict(self._source.left_out) if self._source is not None else {}
 
     @property
     def batch_size(self) -> float:
         """Examples per optimizer step now: usual micro-batch × accumulation × world size."""
-        if not self._micro_sizes or self._trainer is None:
-            return math.nan
-        usual = max(set(self._micro_sizes), key=self._micro_sizes.count)
-        return float(usual * self._trainer.accumulate_grad_batches * self._trainer.world_size)
+        t = self._trainer
+        return self._sizes.usual * t.accumulate_grad_batches * t.world_size if t else math.nan
 
     # -- set-up ---------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        strategy = trainer.strategy
-        name = type(strategy).__name__
-        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
-            strategy, (SingleDeviceStrategy, DDPStrategy)
-        ):
-            raise RuntimeError(f"GradientNoiseScale supports {SUPPORTED}; got strategy {name}")
-        if not pl_module.automatic_optimization:
-            raise RuntimeError(f"GradientNoiseScale supports {SUPPORTED}; got manual optimization")
-        if len(trainer.optimizers) != 1:
-            raise RuntimeError(
-                f"GradientNoiseScale supports {SUPPORTED}; got {len(trainer.optimizers)} optimizers"
-            )
+        _check_setup(trainer, pl_module)
         saved = self._saved or {}
         try:
             self._source = build_source(
@@ -188,7 +240,7 @@ class GradientNoiseScale(Callback):
         if self._saved is not None:
             self._restore(self._saved)
             self._saved = None
-        self._probe = BatchDimProbe(pl_module)
+        self._sizes.probe = BatchDimProbe(pl_module)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(_tensorboard_layout())
@@ -198,48 +250,27 @@ class GradientNoiseScale(Callback):
         if self._source is not None and self.tracker is not None:
             self._saved = self.state_dict()  # a later fit with this callback continues
             self._source.detach()
-        if self._probe is not None:
-            self._probe.close()
-            self._probe = None
+        self._sizes.close_probe()
 
     # -- per micro-batch and step ---------------------------------------------------------
-    def _units(self, trainer: pl.Trainer) -> Units:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = getattr(scaler, "_scale", None) if scaler is not None else None
-        inv = 1.0 / scale.double().square() if isinstance(scale, torch.Tensor) else 1.0
-        return Units(trainer.accumulate_grad_batches, self.loss_reduction, inv, trainer.world_size)
-
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        try:
-            size = int(
-                self.batch_size_fn(batch) if self.batch_size_fn else extract_batch_size(batch)
-            )
-        except Exception:  # noqa: BLE001 - an odd batch only costs this step
-            size = 0
-        self._mb_size = size
+        size = self._sizes.start(batch)
         if size < 1:
             self._bad = "could not tell the batch size of a micro-batch; pass batch_size_fn"
         elif self._source is not None:
-            self._micro_sizes.append(size)
             self._source.start_micro_batch(size)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._probe is not None:
-            seen, self._probe = self._probe.close(), None
-            if seen is not None and seen != self._mb_size:
-                self._warn_once(
-                    "batch size",
-                    f"GradientNoiseScale: the batch size was taken as {self._mb_size}, but the "
-                    f"model's layers see {seen} examples per micro-batch; if {seen} is right, "
-                    "pass GradientNoiseScale(batch_size_fn=lambda batch: ...) (the estimate "
-                    "depends on it)",
-                )
-        if self._mb_size > 0 and self._source is not None:
-            self._source.end_micro_batch(self._mb_size, self._units(trainer))
+        mismatch = self._sizes.check_probe()
+        if mismatch:
+            self._warn_once("batch size", mismatch)
+        if self._sizes.current > 0 and self._source is not None:
+            units = _units(trainer, self.loss_reduction)
+            self._source.end_micro_batch(self._sizes.current, units)
 
     @override
     def on_before_optimizer_step(
@@ -250,26 +281,17 @@ class GradientNoiseScale(Callback):
             return
         bad, self._bad = self._bad, None
         try:
-            sample = self._source.end_step(self._units(trainer))
+            sample = self._source.end_step(_units(trainer, self.loss_reduction))
             if bad is not None:
                 raise SkipStep(bad)
             self.tracker.record(sample)
         except SkipStep as skip:
-            if skip.silent:  # the structural check: say what it left out
-                self._warn_coverage()
-            else:
+            if not skip.silent:
                 self._skip(skip.reason)
+            elif note := self._source.coverage_note():  # the check ran: say what it left out
+                self._warn_once("coverage", f"GradientNoiseScale: {note}")
         except Exception as err:  # noqa: BLE001 - statistics must never stop training
             self._skip(f"{type(err).__name__}: {err}")
-
-    def _warn_coverage(self) -> None:
-        if self.left_out:
-            names = ", ".join(f"{k} ({v})" for k, v in sorted(self.left_out.items()))
-            self._warn_once(
-                "coverage",
-                f"GradientNoiseScale: per-example norms cover {self.coverage:.1%} of the "
-                f"trainable parameters; left out: {names}. The estimate is over the covered ones.",
-            )
 
     def _skip(self, reason: str) -> None:
         assert self.tracker is not None
@@ -333,35 +355,14 @@ class GradientNoiseScale(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def _metrics(self) -> dict[str, float]:
-        v, batch = self.values, self.batch_size
-        small = 1.0 if self.active_source == "per_example" else batch / max(1, self._accumulated())
-        upper = v.b_simple_upper if math.isfinite(v.b_simple_upper) else math.nan
-        out = {
-            "gns/b_simple": v.b_simple,
-            "gns/b_simple_se": v.b_simple_se,
-            "gns/b_simple_lower": v.b_simple_lower,
-            "gns/b_simple_upper": upper,
-            "gns/grad_norm_sq": v.grad_norm_sq,
-            "gns/grad_variance": v.grad_variance,
-            "gns/batch_size": batch,
-            "gns/small_batch_size": small,
-            "gns/coverage": self.coverage,
-            "gns/skipped_steps": float(v.skipped),
-            "gns/stale_steps": float(v.stale),
-            "gns/optimal_batch_size": math.nan,
-            "gns/efficiency": math.nan,
-        }
-        if math.isfinite(v.b_simple) and v.b_simple > 0 and math.isfinite(batch):
-            opt = advice.optimal_batch_size(v.b_simple, multiple_of=self.batch_size_multiple)
-            out["gns/optimal_batch_size"] = float(opt)
-            out["gns/efficiency"] = float(advice.efficiency(batch, v.b_simple))
+        per_example = self.active_source == "per_example"
+        t = self._trainer
+        small = 1.0 if per_example or t is None else self.batch_size / t.accumulate_grad_batches
+        out = read_out(self.values, self.batch_size, small, self.batch_size_multiple)
+        out["gns/coverage"] = self.coverage
         for name, lv in self.layer_values.items():
             out[f"gns/layer/{name}/b_simple"] = lv.b_simple
         return out
-
-    def _accumulated(self) -> int:
-        t = self._trainer
-        return t.accumulate_grad_batches * t.world_size if t is not None else 1
 
     # -- checkpoints ----------------------------------------------------------------------
     @override
@@ -372,7 +373,7 @@ class GradientNoiseScale(Callback):
             "tracker": self.tracker.export(),
             "steps": self._steps,
             "host_skips": self._host_skips,
-            "micro_sizes": list(self._micro_sizes),
+            "micro_sizes": list(self._sizes.recent),
             "left_out": self.left_out if self.active_source == "per_example" else None,
         }
 
@@ -386,20 +387,38 @@ class GradientNoiseScale(Callback):
     def _restore(self, sd: dict[str, Any]) -> None:
         assert self.tracker is not None
         saved = sd.get("tracker", {})
-        old = saved.get("ema_decay", self.ema_decay)
-        if old != self.ema_decay:
-            self._warn_once(
-                "decay",
-                f"GradientNoiseScale: resuming with ema_decay={self.ema_decay} from a checkpoint "
-                f"written with {old}; the smoothed state is kept and {self.ema_decay} applies "
-                "from here on.",
-            )
-        self.tracker.restore(saved)
+        note = self.tracker.restore(saved)
+        if note:
+            self._warn_once("decay", f"GradientNoiseScale: {note}")
         self._steps = self._logged_at = int(sd.get("steps", 0))
         self._host_skips = int(sd.get("host_skips", 0))
-        self._micro_sizes.clear()
-        self._micro_sizes.extend(sd.get("micro_sizes", []))
+        self._sizes.recent.clear()
+        self._sizes.recent.extend(sd.get("micro_sizes", []))
         self.values = self.tracker.read()[MODEL]
+
+
+def read_out(
+    v: GNSValues, batch_size: float, small_batch_size: float, multiple: int | None = None
+) -> dict[str, float]:
+    """The logged ``gns/*`` values of one read-out (see README for each key)."""
+    out = {
+        "gns/b_simple": v.b_simple,
+        "gns/b_simple_se": v.b_simple_se,
+        "gns/b_simple_lower": v.b_simple_lower,
+        "gns/b_simple_upper": v.b_simple_upper if math.isfinite(v.b_simple_upper) else math.nan,
+        "gns/grad_norm_sq": v.grad_norm_sq,
+        "gns/grad_variance": v.grad_variance,
+        "gns/batch_size": batch_size,
+        "gns/small_batch_size": small_batch_size,
+        "gns/skipped_steps": float(v.skipped),
+        "gns/stale_steps": float(v.stale),
+        "gns/optimal_batch_size": math.nan,
+        "gns/efficiency": math.nan,
+    }
+    if math.isfinite(v.b_simple) and v.b_simple > 0 and math.isfinite(batch_size):
+        out["gns/optimal_batch_size"] = float(advice.optimal_batch_size(v.b_simple, multiple))
+        out["gns/efficiency"] = float(advice.efficiency(batch_size, v.b_simple))
+    return out
 
 
 def _tensorboard_layout() -> dict[str, dict[str, list[Any]]]:

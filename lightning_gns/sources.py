@@ -78,6 +78,8 @@ class MicroBatchSource:
     """Small batches are micro-batches (gradient accumulation) and ranks (DDP)."""
 
     name = "micro_batch"
+    coverage = 1.0  # every trainable parameter
+    left_out: dict[str, str] = {}
 
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
@@ -91,6 +93,9 @@ class MicroBatchSource:
     def detach(self) -> None:
         self.norms.detach()
         self.sizes = []
+
+    def coverage_note(self) -> None:
+        """Micro-batch norms cover every trainable parameter: nothing to say."""
 
     def start_micro_batch(self, batch_size: int) -> None:
         """Nothing to prepare: parameter hooks see each micro-batch gradient."""
@@ -141,6 +146,24 @@ class PerExampleSource:
     @property
     def params(self) -> list[nn.Parameter]:
         return self.norms.params
+
+    @property
+    def coverage(self) -> float:
+        return self.norms.coverage()
+
+    @property
+    def left_out(self) -> dict[str, str]:
+        return dict(self.norms.left_out)
+
+    def coverage_note(self) -> str | None:
+        """One line naming what the per-example norms leave out (None: everything covered)."""
+        if not self.norms.left_out:
+            return None
+        names = ", ".join(f"{k} ({v})" for k, v in sorted(self.norms.left_out.items()))
+        return (
+            f"per-example norms cover {self.coverage:.1%} of the trainable parameters; left "
+            f"out: {names}. The estimate is over the covered ones."
+        )
 
     def _reset(self) -> None:
         self.total: Tensor | None = None  # Σ_j |g_j|² in backward units × b² (mean loss)

@@ -105,8 +105,9 @@ class GNSTracker(Metric):
             "moments": dict(zip(self.columns, rows, strict=True)),
         }
 
-    def restore(self, saved: dict[str, Any]) -> None:
-        """Take the moments of the columns that exist in both; the decay stays this one's."""
+    def restore(self, saved: dict[str, Any]) -> str | None:
+        """Take the moments of the columns that exist in both; the decay stays this one's (a
+        note says so when the saved one differs)."""
         rows = saved.get("moments", {})
         state = self.moments.clone()
         for i, name in enumerate(self.columns):
@@ -114,3 +115,10 @@ class GNSTracker(Metric):
                 state[i] = torch.tensor(rows[name], dtype=state.dtype, device=state.device)
         self.moments = state
         self.pending = []
+        old = saved.get("ema_decay", self.ema_decay)
+        if old == self.ema_decay:
+            return None
+        return (
+            f"resuming with ema_decay={self.ema_decay} from a checkpoint written with {old}; "
+            f"the smoothed state is kept and {self.ema_decay} applies from here on."
+        )

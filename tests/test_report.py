@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -52,7 +53,15 @@ def test_summarize_hand_values() -> None:
     values = growing(20)  # 10..29; 10% of 20 points = 2 points
     df = frame(
         {
-            "a": {"gns/b_simple": values, "gns/batch_size": [8] * 19 + [16], "loss": [1] * 20},
+            "a": {
+                "gns/b_simple": values,
+                "gns/b_simple_lower": [v * 0.8 for v in values],
+                "gns/b_simple_upper": [v * 1.25 for v in values],
+                "gns/batch_size": [8] * 19 + [16],
+                "gns/small_batch_size": [1] * 20,
+                "gns/coverage": [0.5] * 20,
+                "loss": [1] * 20,
+            },
             "no_gns": {"loss": [1.0, 0.5]},
         }
     )
@@ -65,6 +74,8 @@ def test_summarize_hand_values() -> None:
     assert row["b_simple_early"] == pytest.approx(10.5)
     assert row["b_simple_late"] == pytest.approx(28.5)
     assert row["b_simple_last"] == pytest.approx(29.0)
+    assert row["source"] == "per-example" and row["coverage"] == 0.5
+    assert (row["b_simple_lower"], row["b_simple_upper"]) == (29.0 * 0.8, 29.0 * 1.25)
     assert row["recommended_batch_size"] == 32  # 28.5 -> 2^round(4.83)
     assert row["efficiency"] == pytest.approx(4 * 16 * 28.5 / (16 + 28.5) ** 2)
     waste = advice.wasted(16, 28.5, 32)
@@ -76,7 +87,10 @@ def test_summarize_hand_values() -> None:
 def test_summarize_ignores_nan_points_and_handles_missing_pieces() -> None:
     df = frame(
         {
-            "nan_first": {"gns/b_simple": [math.nan, 4.0, 4.0, math.nan]},
+            "nan_first": {
+                "gns/b_simple": [math.nan, 4.0, 4.0, math.nan],
+                "gns/b_simple_se": [math.nan, 0.5, 0.5, math.nan],
+            },
             "negative": {"gns/b_simple": [-5.0, -3.0], "gns/batch_size": [32, 32]},
         }
     )
@@ -87,7 +101,7 @@ def test_summarize_ignores_nan_points_and_handles_missing_pieces() -> None:
     assert math.isnan(summary.loc["nan_first", "efficiency"])
     assert math.isnan(summary.loc["negative", "recommended_batch_size"])
     lines = advise(summary.reset_index())
-    assert len(lines) == 2 and "not a positive estimate" in lines[1]
+    assert len(lines) == 2 and "no advice" in lines[1]
     assert "not logged" in lines[0]
 
 
@@ -101,9 +115,13 @@ def test_summarize_without_b_simple_raises() -> None:
 def test_advise_directions() -> None:
     df = frame(
         {
-            "small": {"gns/b_simple": [100.0] * 10, "gns/batch_size": [8] * 10},
-            "big": {"gns/b_simple": [100.0] * 10, "gns/batch_size": [1024] * 10},
-            "ok": {"gns/b_simple": [100.0] * 10, "gns/batch_size": [128] * 10},
+            name: {
+                "gns/b_simple": [100.0] * 10,
+                "gns/b_simple_lower": [80.0] * 10,
+                "gns/b_simple_upper": [125.0] * 10,
+                "gns/batch_size": [batch] * 10,
+            }
+            for name, batch in (("small", 8), ("big", 1024), ("ok", 128))
         }
     )
     lines = dict(zip(["big", "ok", "small"], advise(summarize(df)), strict=True))
@@ -161,7 +179,8 @@ def test_write_report_from_tensorboard_logs(tmp_path: Path) -> None:
     assert not re.search(r'(src|href)\s*=\s*"(?!data:)', text)  # nothing external
     assert "http://" not in text and "https://" not in text
     assert "run&lt;1&gt;" in text and "run<1>" not in text  # names are escaped
-    assert "<table" in text and "<style>" in text and 'data-images="3"' in text
+    assert "<table" in text and "<style>" in text and text.count("<img ") == 3
+    assert "<script" not in text  # no JavaScript in the page
     assert any("plotting" in m for m in messages) and any("reading" in m for m in messages)
 
     df_page = write_report(read_metrics(tmp_path / "logs"), tmp_path / "out2", source="mine")
@@ -191,3 +210,49 @@ def test_write_explore(tmp_path: Path) -> None:
     assert (
         text.count('<img src="data:image/png;base64,') == 2 and "recommended batch size 16" in text
     )
+
+
+def test_a_sweep_of_many_runs_stays_readable_and_advises_only_what_is_supported(
+    tmp_path: Path,
+) -> None:
+    runs = {
+        f"run{i:02d}": {
+            "gns/b_simple": [20.0 * 1.1**i] * 10,
+            "gns/b_simple_lower": [16.0 * 1.1**i] * 10,
+            "gns/b_simple_upper": [25.0 * 1.1**i] * 10,
+            "gns/batch_size": [32] * 10,
+            "gns/small_batch_size": [8] * 10,
+            "gns/coverage": [1.0] * 10,
+        }
+        for i in range(28)
+    }
+    runs["all_nan"] = {"gns/b_simple": [math.nan] * 5, "gns/b_simple_lower": [400.0] * 5}
+    runs["short"] = {  # 75 steps: a point estimate with an interval far too wide to act on
+        "gns/b_simple": [2.0] * 8,
+        "gns/b_simple_lower": [0.3] * 8,
+        "gns/b_simple_upper": [90.0] * 8,
+        "gns/batch_size": [64] * 8,
+    }
+    df = frame(runs)
+    summary = summarize(df).set_index("run")
+    assert len(summary) == 30  # every run, including the one without an estimate
+    assert "no estimate" in summary.loc["all_nan", "note"]
+    assert summary.loc["run05", "source"] == "micro-batch (8)"
+    assert math.isnan(summary.loc["short", "recommended_batch_size"])
+    lines = dict(zip(summary.index, advise(summary.reset_index()), strict=True))
+    assert "at least 400" in lines["all_nan"]
+    assert "no advice" in lines["short"] and "too wide" in lines["short"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. matplotlib's "constrained layout not applied"
+        page = write_report(df, tmp_path / "out")
+    text = page.read_text()
+    assert "all_nan" in text and "micro-batch (8)" in text
+    assert "(8 of 29 runs" in " ".join(_plot_titles(df, summary.reset_index()))
+
+
+def _plot_titles(df: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    from lightning_gns.report.plots import pick_runs
+
+    chosen = pick_runs(summary)
+    assert len(chosen) == 8 and chosen[0] == "short" and chosen[-1] == "run27"
+    return [f"({len(chosen)} of {len(summary) - 1} runs"]
