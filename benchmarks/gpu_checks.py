@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from conftest import Classifier, digits, exact_gns, mlp  # noqa: E402
+from helpers import Classifier, digits, exact_gns, mlp  # noqa: E402
 
 from lightning_gns import GradientNoiseScale  # noqa: E402
 from lightning_gns.norms import hooks  # noqa: E402

@@ -47,7 +47,9 @@ def main() -> None:
 
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
     print()
-    print(f"final B_simple      : {gns.b_simple:.1f} ± {gns.values.b_simple_se:.1f} (1 s.e.)")
+    v = gns.values
+    interval = f"95% interval {v.b_simple_lower:.1f} to {v.b_simple_upper:.1f}"
+    print(f"final B_simple      : {v.b_simple:.1f} ({interval})")
     print(f"|G|² (smoothed)     : {gns.grad_norm_sq:.4g}")
     print(f"tr(Σ) (smoothed)    : {gns.grad_variance:.4g}")
     print(f"batch size used     : {gns.batch_size:.0f}")

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from lightning_gns.estimator import PRECISION
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -196,8 +198,9 @@ def optimal_batch_size(
     return int(size)
 
 
-# Recommend a batch size only when the 95% interval of B_noise spans at most this factor.
-MAX_SPREAD = 4.0
+# Recommend a batch size only when the 95% interval of B_noise spans at most this factor (the
+# same bar as for reporting B_simple as known: about ±20%).
+MAX_SPREAD = PRECISION
 
 
 @dataclass(frozen=True)
@@ -215,11 +218,16 @@ def supported(
     b_simple: float, lower: float, upper: float, multiple_of: int | None = None
 ) -> Supported:
     """Advice from an estimate and its interval: a recommendation only when upper/lower is at
-    most :data:`MAX_SPREAD`; a lower bound alone when that is all the data show."""
+    most :data:`MAX_SPREAD`, and never above twice the lower bound (so efficiency stays ≥ 89%
+    even if B_noise is at the low end of the interval); a lower bound alone when that is all
+    the data show."""
     known = math.isfinite(b_simple) and b_simple > 0
     has_lower = math.isfinite(lower) and lower > 0
     if known and has_lower and math.isfinite(upper) and upper <= MAX_SPREAD * lower:
-        return Supported("estimate", b_simple, lower, optimal_batch_size(b_simple, multiple_of))
+        rec = optimal_batch_size(b_simple, multiple_of)
+        if rec > 2 * lower:
+            rec = optimal_batch_size(lower, multiple_of)
+        return Supported("estimate", b_simple, lower, rec)
     if has_lower:
         return Supported("at_least", math.nan, lower)
     return Supported("unknown")

@@ -81,7 +81,9 @@ class GradientNoiseAnalyzer:
         """Run ``num_batches`` batches (forward and backward, no optimizer step).
 
         Returns a dict with ``gradient_noise_scale`` (B_simple), ``gradient_noise_scale_se``,
-        ``confidence_interval`` (95%), ``optimal_batch_size``, ``current_batch_size``,
+        ``confidence_interval`` (95%, Fieller), ``known`` (whether the interval spans at most
+        1.5×; otherwise ``gradient_noise_scale`` is NaN and the interval's lower end bounds
+        it), ``optimal_batch_size`` (None unless known), ``current_batch_size``,
         ``efficiency`` (fraction; 1.0 = optimal), ``mean_gradient_norm`` (|G|),
         ``grad_norm_sq`` (|G|²), ``gradient_variance`` (tr(Σ)), ``num_batches``,
         ``num_examples``, ``coverage`` and ``left_out``.
@@ -101,7 +103,7 @@ class GradientNoiseAnalyzer:
             model.train(self.train_mode)
         self._zero(model)
         units = Units(1, self.reduction)  # one backward per batch: only the reduction to undo
-        tracker = GNSTracker(ema_decay=None).to(device)  # a running mean over the batches
+        tracker = GNSTracker(running_mean=True).to(device)  # every batch weighs the same
         source: PerExampleSource | None = None
         self._say("📊 Analyzing Gradient Noise Scale...")
         sizes: list[int] = []
@@ -115,10 +117,10 @@ class GradientNoiseAnalyzer:
         )
         try:
             for batch in _first(self.data_loader, num_batches):
-                inputs, targets = move_data_to_device(self._split(batch), device)
-                size = self._batch_size(inputs)
+                inputs, targets = move_data_to_device(_split(batch), device)
+                size = _batch_size(inputs)
                 if source is None:  # first batch: can examples be told apart? then the check
-                    self._check_per_example(inputs, targets, size)
+                    _check_independent(self._loss, self.reduction, model, inputs, targets, size)
                     source = self._source()
                     self._step(source, inputs, targets, size, units)
                 tracker.record(self._step(source, inputs, targets, size, units))
@@ -165,13 +167,15 @@ class GradientNoiseAnalyzer:
     def _results(self, tracker: GNSTracker, sizes: list[int], source: PerExampleSource) -> dict:
         v = tracker.read()[MODEL]
         current = getattr(self.data_loader, "batch_size", None) or max(sizes)
-        b = v.b_simple
-        known = math.isfinite(b) and b > 0
+        verdict = advice.supported(v.b_simple, v.b_simple_lower, v.b_simple_upper)
+        known = verdict.kind == "estimate"
+        b = v.b_simple if known else math.nan
         out = {
             "gradient_noise_scale": b,
             "gradient_noise_scale_se": v.b_simple_se,
             "confidence_interval": (v.b_simple_lower, v.b_simple_upper),
-            "optimal_batch_size": advice.optimal_batch_size(b) if known else None,
+            "known": known,
+            "optimal_batch_size": verdict.recommended,
             "current_batch_size": int(current),
             "efficiency": float(advice.efficiency(current, b)) if known else math.nan,
             "mean_gradient_norm": math.sqrt(v.grad_norm_sq) if v.grad_norm_sq > 0 else 0.0,
@@ -182,34 +186,19 @@ class GradientNoiseAnalyzer:
             "coverage": source.norms.coverage(),
             "left_out": dict(source.norms.left_out),
         }
+        lo, hi = out["confidence_interval"]
         if known:
-            lo, hi = out["confidence_interval"]
             self._say(f"\nGradient Noise Scale: {b:.2f} (95% interval {lo:.4g} to {hi:.4g})")
             self._say(f"Optimal batch size: {out['optimal_batch_size']}")
             self._say(f"Efficiency: {out['efficiency']:.1%}")
-        else:
-            self._say("\nGradient Noise Scale: not yet known (|G|² ≤ 0: the gradient is all noise)")
-        return out
-
-    @staticmethod
-    def _split(batch: Any) -> tuple[Any, Any]:
-        if isinstance(batch, (list, tuple)) and len(batch) == 2:
-            return batch[0], batch[1]
-        raise ValueError("each batch must be an (inputs, targets) pair")
-
-    @staticmethod
-    def _batch_size(inputs: Any) -> int:
-        try:
-            size = int(extract_batch_size(inputs))
-        except Exception:  # noqa: BLE001 - Lightning's inference found no tensor
-            raise ValueError(
-                "inputs must be a tensor (or a collection of tensors) with the batch on dim 0"
-            ) from None
-        if size < 2:
-            raise ValueError(
-                "batch size 1 gives no second example to compare with: use batch_size >= 2"
+        elif verdict.kind == "at_least":
+            self._say(
+                f"\nGradient Noise Scale: not yet known; at least {lo:.4g} (95%). Analyze more "
+                "batches for an estimate; a batch size below the bound is too small."
             )
-        return size
+        else:
+            self._say("\nGradient Noise Scale: not yet known (the gradient is all noise so far)")
+        return out
 
     def _loss(self, inputs: Any, targets: Any) -> Tensor:
         out = self.model(*inputs) if isinstance(inputs, (list, tuple)) else self.model(inputs)
@@ -221,30 +210,6 @@ class GradientNoiseAnalyzer:
             raise ValueError("criterion must return a scalar loss (reduction 'mean' or 'sum')")
         loss.backward()
 
-    def _check_per_example(self, inputs: Any, targets: Any, size: int) -> None:
-        """The loss of a batch must be the mean (or sum) of the losses of its two halves."""
-        half = size // 2
-        with torch.no_grad(), _dropout_off(self.model):
-            rng = torch.get_rng_state()
-            whole = self._loss(inputs, targets).double()
-            losses = []
-            for lo, hi in ((0, half), (half, size)):
-                torch.set_rng_state(rng)
-                losses.append(self._loss(_slice(inputs, lo, hi), _slice(targets, lo, hi)))
-            torch.set_rng_state(rng)
-        first, second = (x.double() for x in losses)
-        if self.reduction == "sum":
-            expect = first + second
-        else:
-            expect = (half * first + (size - half) * second) / size
-        if not torch.isclose(whole, expect, rtol=1e-3, atol=1e-6):
-            raise ValueError(
-                f"the criterion's batch loss is not the {self.reduction} of per-example losses "
-                f"({float(whole):.6g} vs {float(expect):.6g}): examples interact (e.g. BatchNorm "
-                "in train mode, or a batch-level loss), so per-example gradients are not defined; "
-                "for BatchNorm pass train_mode=False (eval mode uses its running statistics)"
-            )
-
     @staticmethod
     def _zero(model: nn.Module) -> None:
         for p in model.parameters():
@@ -253,6 +218,58 @@ class GradientNoiseAnalyzer:
     def _say(self, msg: str) -> None:
         if self.verbose:
             print(msg, flush=True)
+
+
+def _split(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError("each batch must be an (inputs, targets) pair")
+
+
+def _batch_size(inputs: Any) -> int:
+    try:
+        size = int(extract_batch_size(inputs))
+    except Exception:  # noqa: BLE001 - Lightning's inference found no tensor
+        raise ValueError(
+            "inputs must be a tensor (or a collection of tensors) with the batch on dim 0"
+        ) from None
+    if size < 2:
+        raise ValueError(
+            "batch size 1 gives no second example to compare with: use batch_size >= 2"
+        )
+    return size
+
+
+def _check_independent(
+    loss: Callable[[Any, Any], Tensor],
+    reduction: str,
+    model: nn.Module,
+    inputs: Any,
+    targets: Any,
+    size: int,
+) -> None:
+    """The loss of a batch must be the mean (or sum) of the losses of its two halves."""
+    half = size // 2
+    with torch.no_grad(), _dropout_off(model):
+        rng = torch.get_rng_state()
+        whole = loss(inputs, targets).double()
+        losses = []
+        for lo, hi in ((0, half), (half, size)):
+            torch.set_rng_state(rng)
+            losses.append(loss(_slice(inputs, lo, hi), _slice(targets, lo, hi)))
+        torch.set_rng_state(rng)
+    first, second = (x.double() for x in losses)
+    if reduction == "sum":
+        expect = first + second
+    else:
+        expect = (half * first + (size - half) * second) / size
+    if not torch.isclose(whole, expect, rtol=1e-3, atol=1e-6):
+        raise ValueError(
+            f"the criterion's batch loss is not the {reduction} of per-example losses "
+            f"({float(whole):.6g} vs {float(expect):.6g}): examples interact (e.g. BatchNorm "
+            "in train mode, or a batch-level loss), so per-example gradients are not defined; "
+            "for BatchNorm pass train_mode=False (eval mode uses its running statistics)"
+        )
 
 
 def _first(loader: Iterable[Any], n: int) -> Iterator[Any]:

@@ -46,7 +46,7 @@ def _check_arguments(args: dict[str, Any]) -> None:
         raise ValueError("per_layer needs per-example norms: use source='per_example'")
     if args["batch_size_fn"] is not None and not callable(args["batch_size_fn"]):
         raise ValueError("batch_size_fn must be a function batch -> number of examples")
-    check_decay(args["ema_decay"] if args["ema_decay"] is not None else "None")
+    check_decay(args["ema_decay"])
 
 
 def _check_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -118,7 +118,7 @@ def _several_gradients_per_step(trainer: pl.Trainer) -> bool:
     if trainer.accumulate_grad_batches > 1 or trainer.world_size > 1:
         return True
     return any(
-        isinstance(c, GradientAccumulationScheduler) and max(c.scheduling.values(), default=1) > 1
+        isinstance(c, GradientAccumulationScheduler) and c.going_to_accumulate_grad_batches()
         for c in trainer.callbacks
     )
 
@@ -132,8 +132,10 @@ class GradientNoiseScale(Callback):
     bias-corrected EMAs (:mod:`lightning_gns.tracker`). Logged keys: see README.
 
     Args:
-        ema_decay: EMA decay per optimizer step, in (0, 1); the window is about 1/(1 − β) steps.
-            A resumed run keeps this value (not the checkpoint's) and warns if they differ.
+        ema_decay: ``None`` (default): the adaptive window, the shortest of about 100, 1,000
+            and 10,000 steps whose 95% interval is precise; a float in (0, 1): a fixed EMA
+            window of about 1/(1 − β) steps. A resumed run keeps this choice (warned if the
+            checkpoint's differs).
         source: ``auto`` takes per-example norms when they cover every trainable parameter,
             with ``layers="norm"``, or when a step has no second micro-batch/rank gradient;
             micro-batches otherwise.
@@ -152,7 +154,7 @@ class GradientNoiseScale(Callback):
 
     def __init__(
         self,
-        ema_decay: float = 0.99,
+        ema_decay: float | None = None,
         source: Literal["auto", "micro_batch", "per_example"] = "auto",
         layers: Literal["all", "norm"] = "all",
         loss_reduction: Literal["mean", "sum"] = "mean",
@@ -164,7 +166,7 @@ class GradientNoiseScale(Callback):
     ) -> None:
         super().__init__()
         _check_arguments(locals())
-        self.ema_decay = float(ema_decay)
+        self.ema_decay = None if ema_decay is None else float(ema_decay)
         self.source, self.layers, self.loss_reduction = source, layers, loss_reduction
         self.log_every_n_steps, self.per_layer = log_every_n_steps, per_layer
         self.batch_size_multiple, self.examples_per_batch = batch_size_multiple, examples_per_batch
@@ -189,8 +191,14 @@ class GradientNoiseScale(Callback):
 
     @property
     def b_simple(self) -> float:
-        """Latest B_simple = tr(Σ)/|G|² (NaN before the first estimate)."""
-        return self.values.b_simple
+        """Latest B_simple = tr(Σ)/|G|²; NaN while not yet known (its 95% interval spans more
+        than 1.5×: then :attr:`b_simple_lower` bounds it)."""
+        return self.values.b_simple if self.values.known else math.nan
+
+    @property
+    def b_simple_lower(self) -> float:
+        """Lower end of the 95% interval of B_simple (NaN before two effective steps)."""
+        return self.values.b_simple_lower
 
     @property
     def grad_norm_sq(self) -> float:
@@ -204,6 +212,11 @@ class GradientNoiseScale(Callback):
     def coverage(self) -> float:
         """Fraction of trainable parameters the estimate covers."""
         return self._source.coverage if self._source is not None else math.nan
+
+    @property
+    def covered_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the estimate is over (all trainable ones unless some are left out)."""
+        return list(self._source.params) if self._source is not None else []
 
     @property
     def left_out(self) -> dict[str, str]:
@@ -402,7 +415,7 @@ def read_out(
 ) -> dict[str, float]:
     """The logged ``gns/*`` values of one read-out (see README for each key)."""
     out = {
-        "gns/b_simple": v.b_simple,
+        "gns/b_simple": v.b_simple if v.known else math.nan,  # not yet known: see the lower bound
         "gns/b_simple_se": v.b_simple_se,
         "gns/b_simple_lower": v.b_simple_lower,
         "gns/b_simple_upper": v.b_simple_upper if math.isfinite(v.b_simple_upper) else math.nan,
@@ -412,11 +425,13 @@ def read_out(
         "gns/small_batch_size": small_batch_size,
         "gns/skipped_steps": float(v.skipped),
         "gns/stale_steps": float(v.stale),
+        "gns/window_steps": v.window,
         "gns/optimal_batch_size": math.nan,
         "gns/efficiency": math.nan,
     }
-    if math.isfinite(v.b_simple) and v.b_simple > 0 and math.isfinite(batch_size):
-        out["gns/optimal_batch_size"] = float(advice.optimal_batch_size(v.b_simple, multiple))
+    verdict = advice.supported(v.b_simple, v.b_simple_lower, v.b_simple_upper, multiple)
+    if verdict.kind == "estimate" and math.isfinite(batch_size):
+        out["gns/optimal_batch_size"] = float(verdict.recommended)
         out["gns/efficiency"] = float(advice.efficiency(batch_size, v.b_simple))
     return out
 

@@ -20,6 +20,12 @@ from torch import Tensor
 # Layout of a state row: smoothed moments that average linearly across processes, then counts.
 FIELDS = ("g", "s", "gg", "ss", "gs", "w", "w2", "steps", "skipped", "stale")
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+# B_simple is "known" when its 95% interval spans at most this factor (upper ≤ 1.5 × lower,
+# about ±20%); otherwise only the lower bound is reported.
+PRECISION = 1.5
+# The adaptive window: EMAs at these decays (about 100, 1,000 and 10,000 steps) run side by
+# side; the read-out takes the shortest one whose interval is precise.
+ADAPTIVE_DECAYS = (0.99, 0.999, 0.9999)
 
 
 def grad_norm_sq(
@@ -44,7 +50,7 @@ def harmonic_batch_size(sizes: list[int]) -> float:
 
 
 def check_decay(ema_decay: object) -> float | None:
-    """``ema_decay`` as a float in (0, 1), or None (a plain running mean)."""
+    """``ema_decay`` as a float in (0, 1), or None."""
     if ema_decay is None:
         return None
     if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)):
@@ -66,13 +72,14 @@ def _suffix_products(x: Tensor) -> Tensor:
 
 
 def ema_update(
-    state: Tensor, grad_norm_sq: Tensor, trace_cov: Tensor, ema_decay: float | None
+    state: Tensor, grad_norm_sq: Tensor, trace_cov: Tensor, ema_decay: float | Tensor | None
 ) -> Tensor:
     """The state after one bias-corrected EMA update per row of ``(n, C)`` step estimates.
 
     A step counts with f = 1 (finite) or is skipped with f = 0: keep = 1 − (1 − β)f and
-    add = (1 − β)f; with ``ema_decay`` None every weight is 1 (a running mean). A few vector
-    ops, no host sync. ``stale`` counts the steps since the last finite one.
+    add = (1 − β)f; with ``ema_decay`` None (or β = 1 in a per-column tensor of decays) every
+    weight is 1 (a running mean). A few vector ops, no host sync. ``stale`` counts the steps
+    since the last finite one.
     """
     g = grad_norm_sq.detach().to(state).reshape(grad_norm_sq.shape[0], -1)
     s = trace_cov.detach().to(state).reshape(g.shape)
@@ -84,7 +91,9 @@ def ema_update(
     if ema_decay is None:
         keep, add = torch.ones_like(f), f
     else:
-        keep, add = 1.0 - (1.0 - ema_decay) * f, (1.0 - ema_decay) * f
+        beta = torch.as_tensor(ema_decay, dtype=state.dtype, device=state.device)
+        keep = 1.0 - (1.0 - beta) * f
+        add = torch.where(beta >= 1.0, f, (1.0 - beta) * f)
     # Weight of step i in the final state: add_i · Π_{j>i} keep_j; the old state: Π keep_j.
     w = add * _suffix_products(keep)
     w2 = add * add * _suffix_products(keep * keep)
@@ -121,11 +130,27 @@ class GNSValues:
     steps: int
     skipped: int
     stale: int = 0
+    window: float = math.nan  # effective number of steps behind the smoothed values
 
     @staticmethod
     def unknown(steps: int = 0, skipped: int = 0, stale: int = 0) -> GNSValues:
         nan = math.nan
         return GNSValues(nan, nan, nan, nan, nan, nan, steps, skipped, stale)
+
+    @property
+    def known(self) -> bool:
+        """Whether the 95% interval is precise enough to report B_simple (:data:`PRECISION`)."""
+        lo, hi = self.b_simple_lower, self.b_simple_upper
+        return math.isfinite(hi) and lo > 0 and hi <= PRECISION * lo
+
+
+def choose_window(candidates: list[GNSValues]) -> GNSValues:
+    """The adaptive window (candidates from the shortest window to the longest): the shortest
+    whose B_simple is known; when none is, the longest (the most data, the best lower bound)."""
+    for values in candidates:
+        if values.known:
+            return values
+    return candidates[-1]
 
 
 def t_quantile(dof: float, z: float = Z_95) -> float:
@@ -178,11 +203,12 @@ def values_from_moments(
     counts = int(steps), int(skipped), int(stale)
     if w <= 0:
         return GNSValues.unknown(*counts)
+    window = w * w / w2 if w2 > 0 else math.nan
     mg, ms = g / w, s / w
     ratio = ms / mg if mg > 0 else math.nan
     shrink = w2 / (w * w)  # Σ (w_i/Σw)²
     if shrink >= 1.0 - 1e-12:  # one effective step: no spread to measure
-        return GNSValues(ratio, math.nan, math.nan, math.nan, mg, ms, *counts)
+        return GNSValues(ratio, math.nan, math.nan, math.nan, mg, ms, *counts, window)
     k = shrink / (1.0 - shrink)  # Var(mean) per unit biased step variance
     var_g = max(gg / w - mg * mg, 0.0) * k
     var_s = max(ss / w - ms * ms, 0.0) * k
@@ -193,7 +219,7 @@ def values_from_moments(
     if mg > 0:
         rel = var_s / ms**2 + var_g / mg**2 - 2 * cov / (ms * mg) if ms != 0 else math.nan
         se = abs(ratio) * math.sqrt(max(rel, 0.0))
-    return GNSValues(ratio, se, lower, upper, mg, ms, *counts)
+    return GNSValues(ratio, se, lower, upper, mg, ms, *counts, window)
 
 
 class GNSEstimator:

@@ -20,9 +20,11 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_gns.estimator import (
+    ADAPTIVE_DECAYS,
     FIELDS,
     GNSValues,
     check_decay,
+    choose_window,
     ema_update,
     grad_norm_sq,
     new_state,
@@ -36,24 +38,34 @@ class GNSTracker(Metric):
     """Bias-corrected EMAs of |G|² and tr(Σ) for the model and optional per-layer columns.
 
     Args:
-        ema_decay: EMA decay per optimizer step in (0, 1); ``None`` for a plain running mean.
+        ema_decay: EMA decay per optimizer step in (0, 1), a fixed window of about 1/(1 − β)
+            steps; ``None`` (default) for the adaptive window: EMAs at
+            :data:`~lightning_gns.estimator.ADAPTIVE_DECAYS` side by side, read out from the
+            shortest one whose interval is precise.
         columns: names of the estimated quantities (``"model"`` first, then layers).
         max_pending: flush after this many recorded steps even if nobody reads.
+        running_mean: weigh every step equally instead (the analyzer's fixed set of batches).
     """
 
     full_state_update = False
 
     def __init__(
         self,
-        ema_decay: float | None = 0.99,
+        ema_decay: float | None = None,
         columns: Sequence[str] = (MODEL,),
         max_pending: int = 256,
+        running_mean: bool = False,
     ) -> None:
         super().__init__()
         self.ema_decay = check_decay(ema_decay)
+        if running_mean:
+            self.decays: tuple[float, ...] = (1.0,)
+        else:
+            self.decays = (self.ema_decay,) if self.ema_decay is not None else ADAPTIVE_DECAYS
         self.columns = list(columns)
         self.max_pending = max_pending
-        self.add_state("moments", new_state(len(self.columns)), dist_reduce_fx="mean")
+        rows = len(self.columns) * len(self.decays)  # row c·W + w: column c, window w
+        self.add_state("moments", new_state(rows), dist_reduce_fx="mean")
         self.pending: list[StepNorms | None] = []  # None: a step that could not be used
 
     # -- per step ------------------------------------------------------------------------
@@ -78,41 +90,57 @@ class GNSTracker(Metric):
         self.update(grad_norm_sq(small, big, b_small, b_big), trace_cov(small, big, b_small, b_big))
 
     def update(self, grad_norm_sq: Tensor, trace_cov: Tensor) -> None:  # type: ignore[override]
-        """EMA update with ``(n, columns)`` unbiased per-step estimates."""
-        self.moments = ema_update(self.moments, grad_norm_sq, trace_cov, self.ema_decay)
+        """EMA update with ``(n, columns)`` unbiased per-step estimates (every window)."""
+        w = len(self.decays)
+        beta = torch.tensor(self.decays, dtype=self.moments.dtype, device=self.moments.device)
+        self.moments = ema_update(
+            self.moments,
+            grad_norm_sq.repeat_interleave(w, dim=1),
+            trace_cov.repeat_interleave(w, dim=1),
+            beta.repeat(len(self.columns)),
+        )
 
     def compute(self) -> Tensor:
         return self.moments
 
     # -- read-out ------------------------------------------------------------------------
     def read(self, sync: bool = False) -> dict[str, GNSValues]:
-        """Flush, reduce across processes if ``sync``, and read every column on the host."""
+        """Flush, reduce across processes if ``sync``, and read every column on the host (with
+        the adaptive window: the shortest window whose interval is precise)."""
         self.flush()
         with self.sync_context(should_sync=sync, distributed_available=lambda: sync):
             rows = self.moments.tolist()
+        w = len(self.decays)
         return {
-            name: values_from_moments(*row) for name, row in zip(self.columns, rows, strict=True)
+            name: choose_window([values_from_moments(*r) for r in rows[i * w : (i + 1) * w]])
+            for i, name in enumerate(self.columns)
         }
 
     # -- checkpoints ---------------------------------------------------------------------
     def export(self) -> dict[str, Any]:
         """Plain numbers to resume from: decay, column names, moments per column."""
         self.flush()
-        rows = self.moments.tolist()
+        rows, w = self.moments.tolist(), len(self.decays)
         return {
             "ema_decay": self.ema_decay,
+            "decays": list(self.decays),
             "fields": list(FIELDS),
-            "moments": dict(zip(self.columns, rows, strict=True)),
+            "moments": {name: rows[i * w : (i + 1) * w] for i, name in enumerate(self.columns)},
         }
 
     def restore(self, saved: dict[str, Any]) -> str | None:
         """Take the moments of the columns that exist in both; the decay stays this one's (a
         note says so when the saved one differs)."""
-        rows = saved.get("moments", {})
+        rows, w = saved.get("moments", {}), len(self.decays)
+        old = list(saved.get("decays", []))
         state = self.moments.clone()
         for i, name in enumerate(self.columns):
-            if name in rows and len(rows[name]) == len(FIELDS):
-                state[i] = torch.tensor(rows[name], dtype=state.dtype, device=state.device)
+            saved_rows = rows.get(name, [])
+            for j, decay in enumerate(self.decays):
+                # the same window, or the same position when the number of windows matches
+                k = old.index(decay) if decay in old else (j if len(old) == w else None)
+                if k is not None and k < len(saved_rows) and len(saved_rows[k]) == len(FIELDS):
+                    state[i * w + j] = torch.tensor(saved_rows[k], dtype=state.dtype)
         self.moments = state
         self.pending = []
         old = saved.get("ema_decay", self.ema_decay)
@@ -120,5 +148,5 @@ class GNSTracker(Metric):
             return None
         return (
             f"resuming with ema_decay={self.ema_decay} from a checkpoint written with {old}; "
-            f"the smoothed state is kept and {self.ema_decay} applies from here on."
+            f"the smoothed state is kept and ema_decay={self.ema_decay} applies from here on."
         )

@@ -138,3 +138,14 @@ def test_efficiency_table() -> None:
     assert table["efficiency"].iloc[0] == pytest.approx(table["efficiency"].iloc[2])
     with pytest.raises(ValueError, match="b_noise"):
         advice.efficiency_table(0.0, [4])
+
+
+def test_supported_advice_follows_the_interval() -> None:
+    from lightning_gns.advice import MAX_SPREAD, supported
+
+    assert supported(100.0, 85.0, 120.0).recommended == 128  # tight: the rounded estimate
+    assert supported(100.0, 85.0, 120.0 * MAX_SPREAD).kind == "at_least"  # too wide
+    assert supported(math.nan, 400.0, math.inf).lower == 400.0  # only a lower bound
+    assert supported(math.nan, math.nan, math.nan).kind == "unknown"
+    # never above twice the lower bound: 46 rounds to 64 > 2 × 31, so the bound's rounding
+    assert supported(46.0, 31.0, 46.0).recommended == 32

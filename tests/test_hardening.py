@@ -105,7 +105,8 @@ def test_ddp_spawn_keeps_state_per_process_and_returns_the_estimate(tmp_path, tr
     )
     metrics = trainer.callback_metrics  # Lightning returns these from the spawned workers
     assert float(metrics["test/estimator_steps"]) == float(metrics["test/optimizer_steps"])
-    assert float(metrics["gns/b_simple"]) == pytest.approx(truth["b_simple"], rel=0.2)
+    lower, upper = float(metrics["gns/b_simple_lower"]), float(metrics["gns/b_simple_upper"])
+    assert 0 < lower <= truth["b_simple"] <= (upper if math.isfinite(upper) else math.inf)
 
 
 # 3 ----------------------------------------------------------------------------------------

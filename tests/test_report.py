@@ -55,8 +55,8 @@ def test_summarize_hand_values() -> None:
         {
             "a": {
                 "gns/b_simple": values,
-                "gns/b_simple_lower": [v * 0.8 for v in values],
-                "gns/b_simple_upper": [v * 1.25 for v in values],
+                "gns/b_simple_lower": [v * 0.9 for v in values],
+                "gns/b_simple_upper": [v * 1.2 for v in values],
                 "gns/batch_size": [8] * 19 + [16],
                 "gns/small_batch_size": [1] * 20,
                 "gns/coverage": [0.5] * 20,
@@ -75,7 +75,7 @@ def test_summarize_hand_values() -> None:
     assert row["b_simple_late"] == pytest.approx(28.5)
     assert row["b_simple_last"] == pytest.approx(29.0)
     assert row["source"] == "per-example" and row["coverage"] == 0.5
-    assert (row["b_simple_lower"], row["b_simple_upper"]) == (29.0 * 0.8, 29.0 * 1.25)
+    assert (row["b_simple_lower"], row["b_simple_upper"]) == (29.0 * 0.9, 29.0 * 1.2)
     assert row["recommended_batch_size"] == 32  # 28.5 -> 2^round(4.83)
     assert row["efficiency"] == pytest.approx(4 * 16 * 28.5 / (16 + 28.5) ** 2)
     waste = advice.wasted(16, 28.5, 32)
@@ -89,7 +89,7 @@ def test_summarize_ignores_nan_points_and_handles_missing_pieces() -> None:
         {
             "nan_first": {
                 "gns/b_simple": [math.nan, 4.0, 4.0, math.nan],
-                "gns/b_simple_se": [math.nan, 0.5, 0.5, math.nan],
+                "gns/b_simple_se": [math.nan, 0.2, 0.2, math.nan],
             },
             "negative": {"gns/b_simple": [-5.0, -3.0], "gns/batch_size": [32, 32]},
         }
@@ -117,8 +117,8 @@ def test_advise_directions() -> None:
         {
             name: {
                 "gns/b_simple": [100.0] * 10,
-                "gns/b_simple_lower": [80.0] * 10,
-                "gns/b_simple_upper": [125.0] * 10,
+                "gns/b_simple_lower": [85.0] * 10,
+                "gns/b_simple_upper": [120.0] * 10,
                 "gns/batch_size": [batch] * 10,
             }
             for name, batch in (("small", 8), ("big", 1024), ("ok", 128))
@@ -218,8 +218,8 @@ def test_a_sweep_of_many_runs_stays_readable_and_advises_only_what_is_supported(
     runs = {
         f"run{i:02d}": {
             "gns/b_simple": [20.0 * 1.1**i] * 10,
-            "gns/b_simple_lower": [16.0 * 1.1**i] * 10,
-            "gns/b_simple_upper": [25.0 * 1.1**i] * 10,
+            "gns/b_simple_lower": [17.0 * 1.1**i] * 10,
+            "gns/b_simple_upper": [24.0 * 1.1**i] * 10,
             "gns/batch_size": [32] * 10,
             "gns/small_batch_size": [8] * 10,
             "gns/coverage": [1.0] * 10,

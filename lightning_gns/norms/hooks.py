@@ -155,6 +155,41 @@ class _Site:
     active: bool = True
 
 
+def find_sites(model: nn.Module, layers: str) -> tuple[dict[str, _Site], dict[str, str]]:
+    """Modules with a per-example rule (all, or the normalization layers) and, with a reason,
+    those left out. A weight shared by several sites is summed per example (grad-sample rule)
+    or, without one, its sites are left out."""
+    sites: dict[str, _Site] = {}
+    left_out: dict[str, str] = {}
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for name, mod in model.named_modules():
+        own = {k: p for k, p in mod.named_parameters(recurse=False) if p.requires_grad}
+        if not own:
+            continue
+        wanted = layers == "all" or isinstance(mod, NORM_LAYERS)
+        if not wanted:
+            continue
+        if norm_rule_for(mod) is None:
+            left_out[name or type(mod).__name__] = f"no per-example rule for {type(mod).__name__}"
+            continue
+        sites[name] = _Site(name, mod, own)
+        for attr, p in own.items():
+            owners.setdefault(id(p), []).append((name, attr))
+    for owner in owners.values():
+        if len(owner) < 2:
+            continue
+        for name, attr in owner:
+            site = sites.get(name)
+            if site is None:
+                continue
+            if grad_sample_rule_for(site.module) is None:
+                del sites[name]
+                left_out[name] = f"weight '{attr}' is shared with another module"
+            else:
+                site.shared.add(attr)
+    return sites, left_out
+
+
 class PerExampleNorms:
     """Per-example squared gradient norms from module hooks, one rule per layer type.
 
@@ -194,8 +229,6 @@ class PerExampleNorms:
         self.per_layer = per_layer
         self.examples_per_batch = examples_per_batch
         self._params: list[nn.Parameter] | None = None
-        self.sites: dict[str, _Site] = {}
-        self.left_out: dict[str, str] = {}
         self._acc: Tensor | None = None
         self._layer_acc: dict[str, Tensor] = {}
         self._shared_acc: dict[int, Tensor] = {}
@@ -203,35 +236,9 @@ class PerExampleNorms:
         self._bad: str | None = None
         self.recomputing = False  # the check re-runs modules: their hooks must stay quiet
         self._check: StructuralCheck | None = None
-        self._find_sites(layers)
+        self.sites, self.left_out = find_sites(model, layers)
 
     # -- set-up ---------------------------------------------------------------------------
-    def _find_sites(self, layers: str) -> None:
-        owners: dict[int, list[tuple[str, str]]] = {}
-        for name, mod in self.model.named_modules():
-            own = {k: p for k, p in mod.named_parameters(recurse=False) if p.requires_grad}
-            if not own:
-                continue
-            rule = norm_rule_for(mod)
-            wanted = layers == "all" or isinstance(mod, NORM_LAYERS)
-            if rule is None or not wanted:
-                if wanted:
-                    self.left_out[name or type(mod).__name__] = (
-                        f"no per-example rule for {type(mod).__name__}"
-                    )
-                continue
-            self.sites[name] = _Site(name, mod, own)
-            for attr, p in own.items():
-                owners.setdefault(id(p), []).append((name, attr))
-        for owner in owners.values():
-            if len(owner) > 1:
-                for name, attr in owner:
-                    site = self.sites[name]
-                    if grad_sample_rule_for(site.module) is None:
-                        self.leave_out(name, f"weight '{attr}' is shared with another module")
-                    else:
-                        site.shared.add(attr)
-
     def leave_out(self, name: str, reason: str) -> None:
         self._params = None
         site = self.sites.pop(name, None)
