@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pl.seed_everything(0, verbose=False)
-    gns = GradientNoiseScale(ema_decay=0.95)
+    gns = GradientNoiseScale()  # adaptive window, auto source
     name = f"digits_b{args.batch_size}x{args.accumulate}"
     trainer = pl.Trainer(
         max_epochs=args.epochs,
@@ -48,8 +48,11 @@ def main() -> None:
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
     print()
     v = gns.values
-    interval = f"95% interval {v.b_simple_lower:.1f} to {v.b_simple_upper:.1f}"
-    print(f"final B_simple      : {v.b_simple:.1f} ({interval})")
+    if v.known:
+        interval = f"95% interval {v.b_simple_lower:.1f} to {v.b_simple_upper:.1f}"
+        print(f"final B_simple      : {v.b_simple:.1f} ({interval}, {v.window:.0f}-step window)")
+    else:
+        print(f"final B_simple      : not yet known; at least {v.b_simple_lower:.1f} (95%)")
     print(f"|G|² (smoothed)     : {gns.grad_norm_sq:.4g}")
     print(f"tr(Σ) (smoothed)    : {gns.grad_variance:.4g}")
     print(f"batch size used     : {gns.batch_size:.0f}")

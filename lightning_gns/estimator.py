@@ -144,13 +144,30 @@ class GNSValues:
         return math.isfinite(hi) and lo > 0 and hi <= PRECISION * lo
 
 
+def _bounds(v: GNSValues) -> tuple[float, float]:
+    lo = v.b_simple_lower if math.isfinite(v.b_simple_lower) else 0.0
+    hi = v.b_simple_upper if not math.isnan(v.b_simple_upper) else math.inf
+    return lo, hi
+
+
 def choose_window(candidates: list[GNSValues]) -> GNSValues:
-    """The adaptive window (candidates from the shortest window to the longest): the shortest
-    whose B_simple is known; when none is, the longest (the most data, the best lower bound)."""
+    """The adaptive window, from candidates ordered from the shortest window to the longest.
+
+    Lepski's rule: a longer window is admissible only while its interval overlaps the interval
+    of every shorter one (otherwise B_simple has moved and the long window would lag). Take the
+    shortest admissible window whose B_simple is known; when none is, the longest admissible
+    one (the most data, the best lower bound).
+    """
+    chosen, seen = candidates[0], []
     for values in candidates:
+        lo, hi = _bounds(values)
+        if any(lo > s_hi or s_lo > hi for s_lo, s_hi in seen):
+            break
+        chosen = values
         if values.known:
-            return values
-    return candidates[-1]
+            break
+        seen.append((lo, hi))
+    return chosen
 
 
 def t_quantile(dof: float, z: float = Z_95) -> float:

@@ -166,3 +166,23 @@ def test_update_many_equals_sequential_updates(decay) -> None:
     many.update_many(g[20:], s[20:])
     torch.testing.assert_close(many.state, one.state, rtol=1e-12, atol=1e-12)
     assert many.read().skipped == 2
+
+
+def test_adaptive_window_does_not_lag_behind_a_moving_noise_scale() -> None:
+    """B_simple jumps from 50 to 150; the short window is imprecise, the long one precise but
+    mostly old: the read-out must not report the old value as known (Lepski's rule)."""
+    gen = torch.Generator().manual_seed(0)
+    before, after = 2000, 300
+    ratio = torch.cat([torch.full((before,), 50.0), torch.full((after,), 150.0)]).double()
+    g = 1.0 + 1.8 * torch.randn(before + after, generator=gen, dtype=torch.float64)
+    s = ratio * (1.0 + 0.3 * torch.randn(before + after, generator=gen, dtype=torch.float64))
+    tracker = GNSTracker(columns=["model"])  # the adaptive default
+    tracker.update(g.unsqueeze(1), s.unsqueeze(1))
+    v = tracker.read()["model"]
+    assert not (v.known and abs(v.b_simple / 150 - 1) > 0.25), v
+    assert not v.known and v.b_simple_lower > 100  # the bound says: far above the old 50
+    # A fixed long window lags: it reports a precise, wrong value.
+    long = GNSTracker(ema_decay=0.999, columns=["model"])
+    long.update(g.unsqueeze(1), s.unsqueeze(1))
+    lagging = long.read()["model"]
+    assert lagging.known and lagging.b_simple < 100

@@ -22,6 +22,7 @@ from lightning_gns import advice
 from lightning_gns.report.summary import B_SIMPLE, check_frame, fmt_num, series
 
 MAX_RUNS = 8
+LOWER = "gns/b_simple_lower"
 
 
 def pick_runs(summary: pd.DataFrame) -> list[str]:
@@ -49,6 +50,7 @@ class Curve:
     color: str
     current: list[float] = field(default_factory=list)
     recommended: list[float] = field(default_factory=list)
+    supported: bool = True  # False: the last interval is too wide to act on (drawn dashed)
 
 
 def _figure(width: float = 9.5, height: float = 4.8) -> Figure:
@@ -87,6 +89,9 @@ def _curves_from_summary(summary: pd.DataFrame) -> list[Curve]:
             curve.current.append(float(row.batch_size))
         if math.isfinite(row.recommended_batch_size):
             curve.recommended.append(float(row.recommended_batch_size))
+        else:
+            curve.supported = False
+            curve.label += " (interval too wide: indicative)"
         curves.append(curve)
     return curves
 
@@ -98,7 +103,11 @@ def plot_noise_scale(
     logs) and the batch size in use (dashed); ``runs`` picks which (default: all, capped)."""
     check_frame(df)
     fig = _figure(10.0, 5.0)
-    every = [r for r in sorted(df["run"].astype(str).unique()) if not series(df, r, B_SIMPLE).empty]
+    every = [
+        r
+        for r in sorted(df["run"].astype(str).unique())
+        if not (series(df, r, B_SIMPLE).empty and series(df, r, LOWER).empty)
+    ]
     chosen = [r for r in (runs if runs is not None else every) if r in every][:MAX_RUNS]
     if not chosen:
         _empty_note(fig, f"no finite {B_SIMPLE} logged")
@@ -113,17 +122,26 @@ def plot_noise_scale(
         lo, hi = _band(df, run, noise)
         if lo is not None:
             ax.fill_between(noise["step"], lo, hi, color=color, alpha=0.18, lw=0)
+        bound = series(df, run, LOWER)
+        only = bound["value"].where(~bound["step"].isin(noise["step"]) & (bound["value"] > 0))
+        if only.notna().any():  # not yet known: the lower bound is what the data say
+            ax.plot(bound["step"], only, color=color, ls=":", marker="^", ms=3, lw=1)
+            lows.append(float(only.min()))
         sizes = series(df, run, "gns/batch_size")
         if not sizes.empty:
             ax.step(sizes["step"], sizes["value"], where="post", color=color, ls="--", lw=1.2)
             lows.append(float(sizes["value"].min()))
-        lows.append(float(values.min()))
+        if len(values):
+            lows.append(float(values.min()))
     if min(lows) > 0:
         ax.set_yscale("log")
         ax.set_ylim(bottom=0.5 * min(lows))
         _plain_ticks(ax, "y")
     ax.plot([], [], color="0.3", ls="--", lw=1.2, label="batch size (dashed)")
     ax.fill_between([], [], [], color="0.3", alpha=0.18, lw=0, label="95% interval")
+    ax.plot(
+        [], [], color="0.3", ls=":", marker="^", ms=3, lw=1, label="lower bound (not yet known)"
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("examples (B_simple and batch size)")
     ax.set_title("Gradient noise scale B_simple = tr(Σ)/|G|² during training")
@@ -136,7 +154,7 @@ def plot_noise_scale(
 def _band(df: pd.DataFrame, run: str, noise: pd.DataFrame):  # noqa: ANN202
     """Lower and upper band per logged step (an unbounded upper is drawn at 10× the value)."""
     frame = noise.rename(columns={"value": "b"})
-    lower, upper = series(df, run, "gns/b_simple_lower"), series(df, run, "gns/b_simple_upper")
+    lower, upper = series(df, run, LOWER), series(df, run, "gns/b_simple_upper")
     if not lower.empty:
         m = frame.merge(lower.rename(columns={"value": "lo"}), on="step", how="left")
         m = m.merge(upper.rename(columns={"value": "hi"}), on="step", how="left")
@@ -170,7 +188,10 @@ def plot_efficiency_curves(
     grid = np.geomspace(lo, hi, 400)
     single = len(curves) == 1
     for c in curves:
-        ax.plot(grid, 100 * advice.efficiency(grid, c.b_noise), color=c.color, lw=2, label=c.label)
+        style = {"lw": 2} if c.supported else {"lw": 1.5, "ls": "--", "alpha": 0.7}
+        ax.plot(
+            grid, 100 * advice.efficiency(grid, c.b_noise), color=c.color, label=c.label, **style
+        )
         if single:
             ax.plot(
                 grid, 100 * advice.time_efficiency(grid, c.b_noise), color="0.35", ls="--", lw=1
