@@ -160,6 +160,13 @@ class PerExampleSource:
         if not self.norms.left_out:
             return None
         names = ", ".join(f"{k} ({v})" for k, v in sorted(self.norms.left_out.items()))
+        if not self.norms.sites:
+            return (
+                f"per-example norms cover none of the trainable parameters (left out: {names}), "
+                "so no step can be measured. Set Trainer(accumulate_grad_batches>=2) or train on "
+                "2+ devices (DDP) to measure between micro-batches, or register a rule with "
+                "lightning_gns.norms.register_norm"
+            )
         return (
             f"per-example norms cover {self.coverage:.1%} of the trainable parameters; left "
             f"out: {names}. The estimate is over the covered ones."

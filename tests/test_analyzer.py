@@ -97,10 +97,13 @@ def test_runs_on_the_models_device_and_reports_coverage() -> None:
         def forward(self, x):
             return x * self.gain
 
-    model = nn.Sequential(mlp(), Scale())
+    model = nn.Sequential(mlp(), Scale())  # Scale has no rule: torch.func covers it
     res = GradientNoiseAnalyzer(model, nn.CrossEntropyLoss(), loader(), verbose=False).analyze(3)
-    assert res["left_out"] == {"1": "no per-example rule for Scale"}
-    assert 0.9 < res["coverage"] < 1.0
+    assert res["left_out"] == {} and res["coverage"] == 1.0
+    tied = nn.Sequential(mlp(), Scale())
+    tied[1].gain = tied[0][2].bias  # one weight in two modules, one of them without a rule
+    res = GradientNoiseAnalyzer(tied, nn.CrossEntropyLoss(), loader(), verbose=False).analyze(3)
+    assert 0.5 < res["coverage"] < 1.0 and res["left_out"]
 
 
 @pytest.mark.parametrize(

@@ -76,8 +76,8 @@ def test_tied_module_weights_are_handled_exactly(idx) -> None:
     norms = PerExampleNorms(model)
     acc, _, bad = run(model, idx, norms)
     assert bad is None
-    assert set(norms.left_out) == {"pos"}  # positional embedding: no batch dimension
-    names = [k for k, _ in model.named_parameters() if not k.startswith("pos.")]
+    assert norms.left_out == {}  # the positional embedding (on arange(T)) is covered too
+    names = [k for k, _ in model.named_parameters()]
     ref = per_example_sq_norms(model, idx, names)
     torch.testing.assert_close(acc, ref.float(), rtol=1e-4, atol=1e-6)
 
@@ -88,7 +88,7 @@ def test_weight_used_outside_its_module_is_left_out(idx) -> None:
     norms = PerExampleNorms(model)
     acc, _, _ = run(model, idx, norms)
     assert "tok" in norms.left_out and "outside" in norms.left_out["tok"]
-    names = ["norm.weight", "norm.bias", "fc.weight", "fc.bias"]
+    names = ["pos.weight", "norm.weight", "norm.bias", "fc.weight", "fc.bias"]
     ref = per_example_sq_norms(model, idx, names)
     torch.testing.assert_close(acc, ref.float(), rtol=1e-4, atol=1e-6)
     assert norms.coverage() == pytest.approx(
@@ -126,7 +126,7 @@ def test_per_layer_norms_add_up(idx) -> None:
     model = TinyLM()
     norms = PerExampleNorms(model, per_layer=True)
     acc, layers, _ = run(model, idx, norms)
-    assert set(layers) == {"tok", "norm", "fc", "head"}
+    assert set(layers) == {"tok", "pos", "norm", "fc", "head"}
     torch.testing.assert_close(sum(layers.values()), acc)
 
 
@@ -157,14 +157,14 @@ def test_micro_batch_norms_see_each_local_gradient_before_accumulation() -> None
     assert micro.take() is None and not micro.close_micro_batch()
 
 
-def test_positional_embedding_is_left_out_even_when_sequence_equals_batch() -> None:
+def test_positional_embedding_is_covered_even_when_sequence_equals_batch() -> None:
     torch.manual_seed(5)
     model = TinyLM(t=6)
-    x = torch.randint(1, 11, (6, 6))  # batch 6 = sequence 6: the batch-size check can't tell
+    x = torch.randint(1, 11, (6, 6))  # batch 6 = sequence 6: arange(6) is positions, not a batch
     norms = PerExampleNorms(model)
     acc, _, _ = run(model, x, norms)
-    assert "pos" in norms.left_out and "positions" in norms.left_out["pos"]
-    names = [k for k, _ in model.named_parameters() if not k.startswith("pos.")]
+    assert norms.left_out == {}
+    names = [k for k, _ in model.named_parameters()]
     torch.testing.assert_close(
         acc, per_example_sq_norms(model, x, names).float(), rtol=1e-4, atol=1e-6
     )
@@ -208,3 +208,30 @@ def test_a_failing_rule_never_breaks_the_backward(monkeypatch) -> None:
     acc, _, bad = run(model, torch.randn(5, 4), norms)  # check pass, then a normal pass
     assert "rule failed" in norms.left_out["1"] and bad is None
     assert acc is not None and acc.shape == (5,)
+
+
+class PositionsLM(nn.Module):
+    """Positions shared by the batch as Hugging Face passes them: (1, T), maybe packed."""
+
+    def __init__(self, positions: Tensor) -> None:
+        super().__init__()
+        self.positions = positions
+        self.tok = nn.Embedding(11, 8)
+        self.pos = nn.Embedding(8, 8)
+        self.head = nn.Linear(8, 11)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.head(self.tok(idx) + self.pos(self.positions))
+
+
+@pytest.mark.parametrize(
+    "positions", [torch.arange(5).unsqueeze(0), torch.tensor([[0, 1, 2, 0, 1]])]
+)
+def test_broadcast_positions_are_exact_per_example(idx, positions) -> None:
+    torch.manual_seed(6)
+    model = PositionsLM(positions)  # the second case: packed sequences repeat positions
+    norms = PerExampleNorms(model)
+    acc, _, bad = run(model, idx, norms)
+    assert bad is None and norms.left_out == {}
+    ref = per_example_sq_norms(model, idx, [k for k, _ in model.named_parameters()])
+    torch.testing.assert_close(acc, ref.float(), rtol=1e-4, atol=1e-6)

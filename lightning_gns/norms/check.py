@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
+
+from lightning_gns.norms.generic import leaves_of
 
 if TYPE_CHECKING:
     from lightning_gns.norms.hooks import PerExampleNorms, _Site
@@ -91,6 +94,8 @@ def _call_problem(site: _Site) -> str | None:
         return "not called through its forward (parameters used directly)"
     if site.calls > 1:
         return f"called {site.calls} times in one forward"
+    if site.generic:
+        return None if site.out_grads else "its output got no gradient in backward"
     if site.grad_output is None or site.activation is None:
         return "its output got no gradient in backward"
     return None
@@ -98,15 +103,33 @@ def _call_problem(site: _Site) -> str | None:
 
 def _local_grads(site: _Site) -> dict[str, Tensor]:
     """The gradient of the site's parameters through this module alone (float32)."""
-    mod, a, g = site.module, site.activation, site.grad_output
-    assert a is not None and g is not None
     params = list(site.params.values())
-    x = a.detach().to(params[0].dtype) if a.is_floating_point() else a.detach()
-    with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-        out = mod(x)
-        grads = torch.autograd.grad(out, params, g.to(out.dtype), allow_unused=True)
+    if site.generic:
+        grads = _generic_local_grads(site, params)
+    else:
+        mod, a, g = site.module, site.activation, site.grad_output
+        assert a is not None and g is not None
+        x = a.detach().to(params[0].dtype) if a.is_floating_point() else a.detach()
+        with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+            out = mod(x)
+            grads = torch.autograd.grad(out, params, g.to(out.dtype), allow_unused=True)
     return {
         attr: gr.float()
         for (attr, _), gr in zip(site.params.items(), grads, strict=True)
         if gr is not None
     }
+
+
+def _generic_local_grads(site: _Site, params: list[nn.Parameter]) -> tuple:
+    """Re-run a rule-less module on its saved inputs; gradients from its saved output grads."""
+    assert site.inputs is not None
+    args, kwargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, site.inputs)
+    with torch.enable_grad():
+        out = leaves_of(site.module(*args, **kwargs))
+        used = sorted(site.out_grads)
+        return torch.autograd.grad(
+            [out[i] for i in used],
+            params,
+            [site.out_grads[i].to(out[i].dtype) for i in used],
+            allow_unused=True,
+        )

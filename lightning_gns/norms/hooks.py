@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gns.norms.check import StructuralCheck, not_a_batch
+from lightning_gns.norms.generic import generic_sq_norms, leaves_of
 from lightning_gns.norms.rules import grad_sample_rule_for, norm_rule_for
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
@@ -46,6 +48,19 @@ def coupled_modules(model: nn.Module) -> list[str]:
         for name, m in model.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
     ]
+
+
+def looks_like_norm(module: nn.Module) -> bool:
+    """Normalization layers: LayerNorm/RMSNorm/GroupNorm and subclasses, and look-alikes of
+    other libraries (a class named "...Norm" with a per-feature weight, e.g. LlamaRMSNorm),
+    BatchNorm excepted (it mixes examples)."""
+    if isinstance(module, NORM_LAYERS):
+        return True
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    name = type(module).__name__.lower()
+    own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+    return name.endswith("norm") and bool(own) and all(p.dim() == 1 for p in own)
 
 
 def unrecognised_norm_layers(model: nn.Module) -> list[str]:
@@ -153,6 +168,10 @@ class _Site:
     shared: set[str] = field(default_factory=set)  # attrs whose weight is tied to another site
     handle: RemovableHandle | None = None
     active: bool = True
+    generic: bool = False  # no rule: torch.func over the saved inputs (norms/generic.py)
+    inputs: tuple[tuple, dict] | None = None  # generic: the forward's args and kwargs
+    outputs: list[Any] = field(default_factory=list)  # generic: the output's leaves
+    out_grads: dict[int, Tensor] = field(default_factory=dict)  # generic: their gradients
 
 
 def find_sites(model: nn.Module, layers: str) -> tuple[dict[str, _Site], dict[str, str]]:
@@ -166,13 +185,10 @@ def find_sites(model: nn.Module, layers: str) -> tuple[dict[str, _Site], dict[st
         own = {k: p for k, p in mod.named_parameters(recurse=False) if p.requires_grad}
         if not own:
             continue
-        wanted = layers == "all" or isinstance(mod, NORM_LAYERS)
+        wanted = layers == "all" or looks_like_norm(mod)
         if not wanted:
             continue
-        if norm_rule_for(mod) is None:
-            left_out[name or type(mod).__name__] = f"no per-example rule for {type(mod).__name__}"
-            continue
-        sites[name] = _Site(name, mod, own)
+        sites[name] = _Site(name, mod, own, generic=norm_rule_for(mod) is None)
         for attr, p in own.items():
             owners.setdefault(id(p), []).append((name, attr))
     for owner in owners.values():
@@ -275,7 +291,11 @@ class PerExampleNorms:
     def attach(self) -> None:
         self.detach()
         for site in self.sites.values():
-            site.handle = site.module.register_forward_hook(self._make_forward_hook(site))
+            if site.generic:
+                hook = self._make_generic_hook(site)
+                site.handle = site.module.register_forward_hook(hook, with_kwargs=True)
+            else:
+                site.handle = site.module.register_forward_hook(self._make_forward_hook(site))
 
     def detach(self) -> None:
         for site in self.sites.values():
@@ -302,6 +322,7 @@ class PerExampleNorms:
             site.calls = 0
             site.activation = None
             site.grad_output = None
+            site.inputs, site.outputs, site.out_grads = None, [], {}
 
     def _make_forward_hook(self, site: _Site):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, output: object) -> None:
@@ -316,7 +337,10 @@ class PerExampleNorms:
                 self._fail(site, f"called {site.calls} times in one forward")
                 return
             site.activation = args[0]
-            if self._check is not None and not_a_batch(args[0]):
+            broadcast = self._broadcast(site, args[0], output)
+            if broadcast is not None:  # positions without a batch dim: per example from here
+                output = broadcast
+            elif self._check is not None and not_a_batch(args[0]):
                 self._fail(site, "has inputs that are positions or parameters, not a batch")
                 return
             base = output._base
@@ -327,8 +351,69 @@ class PerExampleNorms:
                 base.register_hook(lambda g: self._backward(site, g.reshape(shape)))
             else:
                 output.register_hook(lambda g: self._backward(site, g))
+            return broadcast
 
         return hook
+
+    def _broadcast(self, site: _Site, x: object, output: Tensor) -> Tensor | None:
+        """An embedding called on positions shared by the batch ((T,) or (1, T), as nanoGPT and
+        Hugging Face do): expand its output to the batch, so each example's output gradient
+        (before the broadcast sum) reaches the rule; the model computes the same values."""
+        b = self._batch_size
+        if b is None or b < 2 or not isinstance(site.module, nn.Embedding):
+            return None
+        if not isinstance(x, Tensor) or x.is_floating_point() or x.dim() not in (1, 2):
+            return None
+        if x.dim() == 1 and (x.shape[0] != b or not_a_batch(x)):
+            site.activation = x.unsqueeze(0).expand(b, -1)
+            return output.unsqueeze(0).expand(b, *output.shape)
+        if x.dim() == 2 and x.shape[0] == 1:
+            site.activation = x.expand(b, -1)
+            return output.expand(b, *output.shape[1:])
+        return None
+
+    def _make_generic_hook(self, site: _Site):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            if self.recomputing or not torch.is_grad_enabled():
+                return
+            leaves = leaves_of(output)
+            if not any(isinstance(t, Tensor) and t.requires_grad for t in leaves):
+                return
+            site.calls += 1
+            if site.calls > 1:
+                self._fail(site, f"called {site.calls} times in one forward")
+                return
+            site.inputs, site.outputs = (args, kwargs), leaves
+            for i, t in enumerate(leaves):
+                if isinstance(t, Tensor) and t.requires_grad:
+                    t.register_hook(self._make_grad_saver(site, i))
+
+        return hook
+
+    @staticmethod
+    def _make_grad_saver(site: _Site, i: int):  # noqa: ANN205
+        def save(g: Tensor) -> None:
+            site.out_grads[i] = g.detach()
+
+        return save
+
+    def _generic(self, site: _Site) -> None:
+        """Close a module without a rule: torch.func over its saved inputs (after backward)."""
+        if site.inputs is None or not site.out_grads or not site.active:
+            return
+        b = self._batch_size or leaves_of(site.outputs)[0].shape[0]
+        self.recomputing = True  # the functional forward must not re-enter these hooks
+        try:
+            params, inputs, outs, grads = site.params, site.inputs, site.outputs, site.out_grads
+            sq = generic_sq_norms(site.module, params, inputs, outs, grads, b)
+        except Exception as err:  # noqa: BLE001 - never break the user's step
+            kind, why = type(site.module).__name__, f"{type(err).__name__}: {err}"
+            self._fail(site, f"{kind} has no rule and torch.func failed ({why})")
+            return
+        finally:
+            self.recomputing = False
+        k = self.examples_per_batch
+        self._add(site, sq[:k] if k is not None else sq)
 
     def _backward(self, site: _Site, g: Tensor) -> None:
         a = site.activation
@@ -365,8 +450,10 @@ class PerExampleNorms:
                 key = id(site.params[attr])
                 prev = self._shared_acc.get(key)
                 self._shared_acc[key] = samples[attr] if prev is None else prev + samples[attr]
-        if total is None:
-            return
+        if total is not None:
+            self._add(site, total)
+
+    def _add(self, site: _Site, total: Tensor) -> None:
         self._acc = total if self._acc is None else self._acc + total
         if self.per_layer:
             prev = self._layer_acc.get(site.name)
@@ -375,6 +462,9 @@ class PerExampleNorms:
     def close_micro_batch(self) -> tuple[Tensor | None, dict[str, Tensor], str | None]:
         """Per-example |g_j|² (B,) over covered parameters, per-layer ones, and a reason if the
         micro-batch cannot be used (a module reused within one forward, a missing batch dim)."""
+        for site in list(self.sites.values()):
+            if site.generic and self._bad is None:
+                self._generic(site)
         acc = self._acc
         for shared in self._shared_acc.values():
             sq = shared.flatten(1).square().sum(1)

@@ -1,0 +1,81 @@
+"""Per-example squared norms for a module without a dedicated rule, from ``torch.func``.
+
+The module's saved inputs (args and kwargs) and the gradients of its outputs are enough: each
+example's gradient of the module's *own* parameters is the vector-Jacobian product of that
+example's slice of the functional forward, and ``vmap`` runs all examples at once. Squared
+norms are taken at once, so no per-example gradient outlives the call. The batch dimension of
+each tensor is found by size (dim 1 first for modules with ``batch_first=False``, such as
+``nn.LSTM`` and ``nn.MultiheadAttention``); tensors without one are shared by all examples.
+The structural check verifies every module covered this way, like every rule. Cost: one
+vmapped forward and backward of the module, on top of the training step's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+
+def batch_dim(t: Tensor, batch: int, batch_first: bool = True) -> int | None:
+    """The dim of ``t`` that holds the examples, or None (shared by all examples)."""
+    order = [1, 0] if not batch_first else [0, 1]
+    for d in order + list(range(2, t.dim())):
+        if d < t.dim() and t.shape[d] == batch:
+            return d
+    return None
+
+
+def generic_sq_norms(
+    module: nn.Module,
+    params: dict[str, nn.Parameter],
+    inputs: tuple[tuple, dict],
+    outputs: list[Tensor],
+    grads: dict[int, Tensor],
+    batch: int,
+) -> Tensor:
+    """Per-example |∂ℓ_j/∂θ|² over the module's own ``params``, shape (batch,), float32.
+
+    ``outputs`` are the tensor leaves of the module's output and ``grads`` the gradients that
+    reached them (by leaf index); leaves without a gradient do not contribute.
+    """
+    batch_first = bool(getattr(module, "batch_first", True))
+    leaves, spec = tree_flatten(inputs)
+    where = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
+    tensors = [leaves[i].detach() for i in where]
+    in_dims = [batch_dim(t, batch, batch_first) for t in tensors]
+    if all(d is None for d in in_dims):
+        raise ValueError(f"no input has a batch dimension of size {batch}")
+    used = sorted(grads)
+    cots = [grads[i].detach() for i in used]
+    out_dims = [batch_dim(outputs[i], batch, batch_first) for i in used]
+    if any(d is None for d in out_dims):
+        raise ValueError(f"an output without a batch dimension of size {batch} got gradient")
+    own = {k: p.detach() for k, p in params.items()}
+
+    def example_loss(p: dict[str, Tensor], xs: list[Tensor], gs: list[Tensor]) -> Tensor:
+        filled = list(leaves)
+        for i, x, d in zip(where, xs, in_dims, strict=True):
+            filled[i] = x if d is None else x.unsqueeze(d)
+        args, kwargs = tree_unflatten(filled, spec)
+        out, _ = tree_flatten(functional_call(module, p, args, kwargs))
+        total = torch.zeros((), dtype=torch.float32, device=gs[0].device)
+        for i, g, d in zip(used, gs, out_dims, strict=True):
+            total = total + (out[i].squeeze(d).float() * g.float()).sum()
+        return total
+
+    per = vmap(grad(example_loss), in_dims=(None, in_dims, out_dims))(own, tensors, cots)
+    return sum(v.flatten(1).float().square().sum(1) for v in per.values())
+
+
+def own_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+def leaves_of(output: Any) -> list[Tensor]:
+    """Tensor leaves of a module's output, in ``tree_flatten`` order (others as placeholders)."""
+    flat, _ = tree_flatten(output)
+    return flat
