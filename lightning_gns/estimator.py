@@ -24,8 +24,10 @@ Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 # about ±20%); otherwise only the lower bound is reported.
 PRECISION = 1.5
 # The adaptive window: EMAs at these decays (about 100, 1,000 and 10,000 steps) run side by
-# side; the read-out takes the shortest one whose interval is precise.
+# side; the read-out takes the shortest one whose interval spans at most TARGET (about ±11%),
+# else the longest one that agrees with all shorter ones.
 ADAPTIVE_DECAYS = (0.99, 0.999, 0.9999)
+TARGET = 1.25
 
 
 def grad_norm_sq(
@@ -155,8 +157,8 @@ def choose_window(candidates: list[GNSValues]) -> GNSValues:
 
     Lepski's rule: a longer window is admissible only while its interval overlaps the interval
     of every shorter one (otherwise B_simple has moved and the long window would lag). Take the
-    shortest admissible window whose B_simple is known; when none is, the longest admissible
-    one (the most data, the best lower bound).
+    shortest admissible window whose interval spans at most :data:`TARGET`; when none does,
+    the longest admissible one (the most data: the tightest interval, the best lower bound).
     """
     chosen, seen = candidates[0], []
     for values in candidates:
@@ -164,7 +166,7 @@ def choose_window(candidates: list[GNSValues]) -> GNSValues:
         if any(lo > s_hi or s_lo > hi for s_lo, s_hi in seen):
             break
         chosen = values
-        if values.known:
+        if lo > 0 and hi <= TARGET * lo:
             break
         seen.append((lo, hi))
     return chosen

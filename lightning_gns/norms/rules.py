@@ -56,11 +56,14 @@ def _unsupported(module: nn.Module) -> bool:
     return False
 
 
-def _lookup(table: dict[type[nn.Module], NormRule], module: nn.Module) -> NormRule | None:
+def _lookup(
+    table: dict[type[nn.Module], NormRule], by_name: dict[str, NormRule], module: nn.Module
+) -> NormRule | None:
     """The rule of the nearest registered class in the module's MRO (a subclass inherits its
-    parent's rule; the structural check still verifies that the subclass behaves the same)."""
+    parent's rule; the structural check still verifies that the subclass behaves the same);
+    third-party classes are registered by qualified name."""
     for cls in type(module).__mro__:
-        rule = table.get(cls)
+        rule = table.get(cls) or by_name.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
             return None if _unsupported(module) else rule
     return None
@@ -68,12 +71,12 @@ def _lookup(table: dict[type[nn.Module], NormRule], module: nn.Module) -> NormRu
 
 def norm_rule_for(module: nn.Module) -> NormRule | None:
     """Norm rule for the module: its class's, or its nearest registered ancestor's."""
-    return _lookup(NORM_RULES, module)
+    return _lookup(NORM_RULES, NORM_RULES_BY_NAME, module)
 
 
 def grad_sample_rule_for(module: nn.Module) -> GradSampleRule | None:
     """Grad-sample rule for the module: its class's, or its nearest registered ancestor's."""
-    return _lookup(GRAD_SAMPLE_RULES, module)
+    return _lookup(GRAD_SAMPLE_RULES, GRAD_SAMPLE_RULES_BY_NAME, module)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,3 +265,28 @@ def embedding_grad_sample(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, 
     b, (v, d) = a.shape[0], module.weight.shape
     grad = sums.new_zeros(b * v, d).index_copy_(0, uniq, sums)
     return {"weight": grad.view(b, v, d)}
+
+
+# --------------------------------------------------------------------------------------------
+# third-party layers, matched by qualified class name (their libraries are never imported here)
+
+NORM_RULES_BY_NAME: dict[str, NormRule] = {}
+GRAD_SAMPLE_RULES_BY_NAME: dict[str, GradSampleRule] = {}
+
+
+def _transposed(rule: GradSampleRule) -> GradSampleRule:
+    """A Linear grad-sample rule for a layer storing its weight as (d_in, d_out)."""
+
+    def wrapped(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+        out = rule(module, a, g)
+        if "weight" in out:
+            out["weight"] = out["weight"].transpose(1, 2)
+        return out
+
+    return wrapped
+
+
+# Hugging Face's GPT-2 Conv1D is a Linear with a transposed weight: y = x W + b, W (d_in, d_out).
+# The Frobenius norm of the per-example weight gradient is the Linear one's.
+NORM_RULES_BY_NAME["transformers.pytorch_utils.Conv1D"] = linear_norm
+GRAD_SAMPLE_RULES_BY_NAME["transformers.pytorch_utils.Conv1D"] = _transposed(linear_grad_sample)

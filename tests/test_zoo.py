@@ -1,0 +1,67 @@
+"""Models nobody here wrote, with no edits: coverage and B_simple against the exact value.
+
+Hugging Face GPT-2 (Conv1D layers, positions of shape (1, T)), Llama (its own RMSNorm), ViT
+(bare cls_token and position embeddings), a nanoGPT-style model (wpe(arange(T))) and LSTM
+classifiers, each frozen, with the exact B_simple over all trainable parameters and the whole
+data set; the callback runs with default settings. ResNet (BatchNorm) gets the hardening
+issue's behaviour. Skipped where transformers is not installed (it is a dev dependency).
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import trainer_kwargs
+from zoo import ZOO, ZooModule, exact, resnet
+
+from lightning_gns import GradientNoiseScale
+
+pytest.importorskip("transformers")
+STEPS = 1000
+
+
+def fit(cb: GradientNoiseScale, tmp_path, module: pl.LightningModule, **kw) -> pl.Trainer:
+    kw.setdefault("max_steps", STEPS)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, log_every_n_steps=100, **kw), callbacks=[cb])
+    trainer.fit(module)
+    return trainer
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_whole_model_coverage_and_b_simple_within_10_percent(name, tmp_path) -> None:
+    torch.manual_seed(0)
+    model, data, loss = ZOO[name]()
+    truth = exact(model, data, loss)["b_simple"]
+    batch = 16
+    assert batch / truth > 0.2  # not far below B_noise: a point estimate is expected
+    cb = GradientNoiseScale()  # default settings
+    trainer = fit(cb, tmp_path, ZooModule(model, data, loss, batch))
+    assert cb.active_source == "per_example"
+    assert cb.coverage >= 0.999 and cb.left_out == {}, cb.left_out
+    assert float(trainer.callback_metrics["gns/coverage"]) >= 0.999
+    assert cb.b_simple == pytest.approx(truth, rel=0.10)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "vit"])
+def test_norm_layer_mode_finds_the_normalization_layers(name, tmp_path) -> None:
+    torch.manual_seed(0)
+    model, data, loss = ZOO[name]()
+    cb = GradientNoiseScale(layers="norm")
+    fit(cb, tmp_path, ZooModule(model, data, loss, 16), max_steps=20)
+    norms = {id(m.weight) for m in model.modules() if type(m).__name__.endswith("Norm")}
+    assert norms and norms <= {id(p) for p in cb.covered_parameters}
+    assert 0 < cb.coverage < 0.05 and cb.left_out == {}
+
+
+def test_resnet_batchnorm_is_refused_per_example_and_measured_between_micro_batches(
+    tmp_path,
+) -> None:
+    torch.manual_seed(0)
+    model, data, loss = resnet()
+    with pytest.raises(RuntimeError, match="BatchNorm"):
+        fit(GradientNoiseScale(), tmp_path, ZooModule(model, data, loss, 16), max_steps=2)
+    cb = GradientNoiseScale()
+    fit(cb, tmp_path, ZooModule(model, data, loss, 16), max_steps=40, accumulate_grad_batches=2)
+    assert cb.active_source == "micro_batch" and cb.coverage == 1.0
+    assert cb.values.steps == 40
