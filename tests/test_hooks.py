@@ -235,3 +235,31 @@ def test_broadcast_positions_are_exact_per_example(idx, positions) -> None:
     assert bad is None and norms.left_out == {}
     ref = per_example_sq_norms(model, idx, [k for k, _ in model.named_parameters()])
     torch.testing.assert_close(acc, ref.float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_is_covered_by_the_fallback_exactly(batch_first) -> None:
+    """No rule for nn.MultiheadAttention: torch.func covers its in_proj and, since it reads
+    out_proj.weight without calling out_proj, adopts out_proj's parameters too."""
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+            self.head = nn.Linear(8, 11)
+
+        def forward(self, idx: Tensor) -> Tensor:
+            h = self.emb(idx)
+            h = h if batch_first else h.transpose(0, 1)
+            out = self.mha(h, h, h, need_weights=False)[0]
+            return self.head(out if batch_first else out.transpose(0, 1))
+
+    torch.manual_seed(3)
+    model = Attn()
+    idx = torch.randint(0, 11, (6, 5))
+    norms = PerExampleNorms(model)
+    acc, _, bad = run(model, idx, norms)
+    assert bad is None and norms.left_out == {} and norms.coverage() == 1.0
+    ref = per_example_sq_norms(model, idx, [k for k, _ in model.named_parameters()])
+    torch.testing.assert_close(acc, ref.float(), rtol=1e-4, atol=1e-6)

@@ -60,6 +60,7 @@ class StructuralCheck:
         """Leave out every site whose own gradient is not its parameters' whole gradient."""
         self.stop()  # the recomputation below must not overwrite the totals
         norms = self.norms
+        _adopt_uncalled(norms)
         local: dict[int, Tensor] = {}
         for name, site in list(norms.sites.items()):
             reason = _call_problem(site)
@@ -87,6 +88,25 @@ class StructuralCheck:
                     norms.leave_out(name, reason)
                     break
         self.grads = {}
+
+
+def _adopt_uncalled(norms: PerExampleNorms) -> None:
+    """A module whose parameters its parent uses directly (``nn.MultiheadAttention`` reads
+    ``out_proj.weight`` without calling ``out_proj``) is never called: when the nearest called
+    ancestor is covered by the torch.func fallback, that ancestor takes its parameters."""
+    for name, site in list(norms.sites.items()):
+        if site.calls != 0 or not name:
+            continue
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            parent = norms.sites.get(".".join(parts[:cut]))
+            if parent is not None and parent.generic and parent.calls == 1:
+                rel = ".".join(parts[cut:])
+                for attr, p in site.params.items():
+                    parent.params[f"{rel}.{attr}"] = p
+                del norms.sites[name]
+                norms.invalidate()
+                break
 
 
 def _call_problem(site: _Site) -> str | None:

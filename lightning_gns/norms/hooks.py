@@ -255,6 +255,10 @@ class PerExampleNorms:
         self.sites, self.left_out = find_sites(model, layers)
 
     # -- set-up ---------------------------------------------------------------------------
+    def invalidate(self) -> None:
+        """The covered parameters changed (the check moved some between sites)."""
+        self._params = None
+
     def leave_out(self, name: str, reason: str) -> None:
         self._params = None
         site = self.sites.pop(name, None)
