@@ -174,6 +174,31 @@ class _Site:
     out_grads: dict[int, Tensor] = field(default_factory=dict)  # generic: their gradients
 
 
+def broadcast_positions(site: _Site, x: object, output: Tensor, b: int | None) -> Tensor | None:
+    """An embedding called on positions shared by the batch ((T,) or (1, T), as nanoGPT and
+    Hugging Face do): its output expanded to the batch (None: not such a call), so each
+    example's output gradient (before the broadcast sum) reaches the rule; the model computes
+    the same values. The site's activation becomes the positions expanded alike."""
+    if b is None or b < 2 or not isinstance(site.module, nn.Embedding):
+        return None
+    if not isinstance(x, Tensor) or x.is_floating_point() or x.dim() not in (1, 2):
+        return None
+    if x.dim() == 1 and (x.shape[0] != b or not_a_batch(x)):
+        site.activation = x.unsqueeze(0).expand(b, -1)
+        return output.unsqueeze(0).expand(b, *output.shape)
+    if x.dim() == 2 and x.shape[0] == 1:
+        site.activation = x.expand(b, -1)
+        return output.expand(b, *output.shape[1:])
+    return None
+
+
+def _grad_saver(site: _Site, i: int):  # noqa: ANN202
+    def save(g: Tensor) -> None:
+        site.out_grads[i] = g.detach()
+
+    return save
+
+
 def find_sites(model: nn.Module, layers: str) -> tuple[dict[str, _Site], dict[str, str]]:
     """Modules with a per-example rule (all, or the normalization layers) and, with a reason,
     those left out. A weight shared by several sites is summed per example (grad-sample rule)
@@ -341,7 +366,7 @@ class PerExampleNorms:
                 self._fail(site, f"called {site.calls} times in one forward")
                 return
             site.activation = args[0]
-            broadcast = self._broadcast(site, args[0], output)
+            broadcast = broadcast_positions(site, args[0], output, self._batch_size)
             if broadcast is not None:  # positions without a batch dim: per example from here
                 output = broadcast
             elif self._check is not None and not_a_batch(args[0]):
@@ -359,23 +384,6 @@ class PerExampleNorms:
 
         return hook
 
-    def _broadcast(self, site: _Site, x: object, output: Tensor) -> Tensor | None:
-        """An embedding called on positions shared by the batch ((T,) or (1, T), as nanoGPT and
-        Hugging Face do): expand its output to the batch, so each example's output gradient
-        (before the broadcast sum) reaches the rule; the model computes the same values."""
-        b = self._batch_size
-        if b is None or b < 2 or not isinstance(site.module, nn.Embedding):
-            return None
-        if not isinstance(x, Tensor) or x.is_floating_point() or x.dim() not in (1, 2):
-            return None
-        if x.dim() == 1 and (x.shape[0] != b or not_a_batch(x)):
-            site.activation = x.unsqueeze(0).expand(b, -1)
-            return output.unsqueeze(0).expand(b, *output.shape)
-        if x.dim() == 2 and x.shape[0] == 1:
-            site.activation = x.expand(b, -1)
-            return output.expand(b, *output.shape[1:])
-        return None
-
     def _make_generic_hook(self, site: _Site):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             if self.recomputing or not torch.is_grad_enabled():
@@ -390,16 +398,9 @@ class PerExampleNorms:
             site.inputs, site.outputs = (args, kwargs), leaves
             for i, t in enumerate(leaves):
                 if isinstance(t, Tensor) and t.requires_grad:
-                    t.register_hook(self._make_grad_saver(site, i))
+                    t.register_hook(_grad_saver(site, i))
 
         return hook
-
-    @staticmethod
-    def _make_grad_saver(site: _Site, i: int):  # noqa: ANN205
-        def save(g: Tensor) -> None:
-            site.out_grads[i] = g.detach()
-
-        return save
 
     def _generic(self, site: _Site) -> None:
         """Close a module without a rule: torch.func over its saved inputs (after backward)."""
