@@ -295,3 +295,21 @@ def test_bf16_autocast(source, accumulate, tmp_path, truth) -> None:
         )
     assert not [w for w in caught if "non-finite" in str(w.message)]  # bf16 does not overflow
     assert_close(cb, truth, tol=0.25)  # bf16 forward changes the model's numbers a little
+
+
+def test_bf16_autocast_with_a_layer_covered_by_the_fallback(tmp_path) -> None:
+    class Gain(nn.Module):  # no rule: torch.func re-runs it outside the autocast region
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.linspace(0.5, 1.5, 32))
+
+        def forward(self, x):
+            return x @ torch.diag(self.w)  # a matmul: bf16 activations against fp32 weights
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), Gain(), nn.Tanh(), nn.Linear(32, 10))
+    cb = GradientNoiseScale(ema_decay=0.98)
+    fit(cb, tmp_path, module=Classifier(model, batch_size=64), precision="bf16-mixed")
+    assert cb.left_out == {} and cb.coverage == 1.0
+    x, y = digits()
+    assert_close(cb, exact_gns(model, x, y), tol=0.25)

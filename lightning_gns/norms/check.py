@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gns.norms.generic import leaves_of
+from lightning_gns.norms.generic import as_param_dtype, leaves_of
 
 if TYPE_CHECKING:
     from lightning_gns.norms.hooks import PerExampleNorms, _Site
@@ -143,8 +142,8 @@ def _local_grads(site: _Site) -> dict[str, Tensor]:
 def _generic_local_grads(site: _Site, params: list[nn.Parameter]) -> tuple:
     """Re-run a rule-less module on its saved inputs; gradients from its saved output grads."""
     assert site.inputs is not None
-    args, kwargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, site.inputs)
-    with torch.enable_grad():
+    args, kwargs = as_param_dtype(site.inputs, site.params)
+    with torch.enable_grad(), torch.autocast(device_type=params[0].device.type, enabled=False):
         out = leaves_of(site.module(*args, **kwargs))
         used = sorted(site.out_grads)
         return torch.autograd.grad(

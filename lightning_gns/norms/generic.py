@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 
 def batch_dim(t: Tensor, batch: int, batch_first: bool = True) -> int | None:
@@ -44,7 +44,7 @@ def generic_sq_norms(
     reached them (by leaf index); leaves without a gradient do not contribute.
     """
     batch_first = bool(getattr(module, "batch_first", True))
-    leaves, spec = tree_flatten(inputs)
+    leaves, spec = tree_flatten(as_param_dtype(inputs, params))
     where = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
     tensors = [leaves[i].detach() for i in where]
     in_dims = [batch_dim(t, batch, batch_first) for t in tensors]
@@ -74,8 +74,14 @@ def generic_sq_norms(
     return sum(v.flatten(1).float().square().sum(1) for v in per.values())
 
 
-def own_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    return {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
+def as_param_dtype(inputs: Any, params: dict[str, nn.Parameter]) -> Any:
+    """Floating inputs in the parameters' dtype: under mixed precision the module ran in an
+    autocast region that its re-run after backward is not in."""
+    dtype = next(iter(params.values())).dtype
+    return tree_map(
+        lambda t: t.detach().to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t,
+        inputs,
+    )
 
 
 def leaves_of(output: Any) -> list[Tensor]:
