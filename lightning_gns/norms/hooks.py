@@ -199,6 +199,25 @@ def _grad_saver(site: _Site, i: int):  # noqa: ANN202
     return save
 
 
+def rule_norms(site: _Site, a: Tensor, g: Tensor, shared: dict[int, Tensor]) -> Tensor | None:
+    """Per-example squared norms of a site's own (untied) parameters by its rule; a weight tied
+    to another site adds its per-example gradient to ``shared`` (summed over the sites)."""
+    rule = norm_rule_for(site.module)
+    assert rule is not None
+    total: Tensor | None = None
+    for attr, n in rule(site.module, a, g).items():
+        if attr not in site.shared:
+            total = n if total is None else total + n
+    if site.shared:
+        gs_rule = grad_sample_rule_for(site.module)
+        assert gs_rule is not None
+        samples = gs_rule(site.module, a, g)
+        for attr in site.shared:
+            key = id(site.params[attr])
+            shared[key] = samples[attr] if key not in shared else shared[key] + samples[attr]
+    return total
+
+
 def find_sites(model: nn.Module, layers: str) -> tuple[dict[str, _Site], dict[str, str]]:
     """Modules with a per-example rule (all, or the normalization layers) and, with a reason,
     those left out. A weight shared by several sites is summed per example (grad-sample rule)
@@ -439,22 +458,7 @@ class PerExampleNorms:
             self._fail(site, f"its per-example rule failed ({type(err).__name__}: {err})")
 
     def _apply_rules(self, site: _Site, a: Tensor, g: Tensor) -> None:
-        rule = norm_rule_for(site.module)
-        assert rule is not None
-        norms = rule(site.module, a, g)
-        total: Tensor | None = None
-        for attr, n in norms.items():
-            if attr in site.shared:
-                continue
-            total = n if total is None else total + n
-        if site.shared:
-            gs_rule = grad_sample_rule_for(site.module)
-            assert gs_rule is not None
-            samples = gs_rule(site.module, a, g)
-            for attr in site.shared:
-                key = id(site.params[attr])
-                prev = self._shared_acc.get(key)
-                self._shared_acc[key] = samples[attr] if prev is None else prev + samples[attr]
+        total = rule_norms(site, a, g, self._shared_acc)
         if total is not None:
             self._add(site, total)
 
