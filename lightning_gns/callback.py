@@ -72,45 +72,80 @@ def _units(trainer: pl.Trainer, reduction: str) -> Units:
     return Units(trainer.accumulate_grad_batches, reduction, inv, trainer.world_size)  # type: ignore[arg-type]
 
 
-class _BatchSizes:
-    """Examples per micro-batch: ``batch_size_fn`` or Lightning's inference, checked once
-    against what the model's layers see (:class:`BatchDimProbe`), with the recent ones."""
+class _StepFeed:
+    """The per-step path, on the device only: each micro-batch's size (``batch_size_fn`` or
+    Lightning's inference, checked once against what the layers see) and norms from the
+    source, one record per optimizer step into the tracker; a step it cannot use is recorded
+    as skipped and warned about once."""
 
-    def __init__(self, batch_size_fn: Callable[[Any], int] | None) -> None:
-        self.fn = batch_size_fn
-        self.recent: deque[int] = deque(maxlen=64)
-        self.current = 0
+    def __init__(
+        self, batch_size_fn: Callable[[Any], int] | None, warn: Callable[[str, str], None]
+    ) -> None:
+        self.fn, self.warn = batch_size_fn, warn
+        self.recent: deque[int] = deque(maxlen=64)  # recent micro-batch sizes
+        self.current = self.host_skips = 0
+        self.bad: str | None = None
         self.probe: BatchDimProbe | None = None
-
-    def start(self, batch: Any) -> int:
-        try:
-            self.current = int(self.fn(batch) if self.fn else extract_batch_size(batch))
-        except Exception:  # noqa: BLE001 - an odd batch only costs this step
-            self.current = 0
-        if self.current > 0:
-            self.recent.append(self.current)
-        return self.current
+        self.source: Source | None = None
+        self.tracker: GNSTracker | None = None
 
     @property
     def usual(self) -> float:
         return float(max(set(self.recent), key=self.recent.count)) if self.recent else math.nan
 
+    def start(self, batch: Any) -> None:
+        try:
+            self.current = int(self.fn(batch) if self.fn else extract_batch_size(batch))
+        except Exception:  # noqa: BLE001 - an odd batch only costs this step
+            self.current = 0
+        if self.current < 1:
+            self.bad = "could not tell the batch size of a micro-batch; pass batch_size_fn"
+        elif self.source is not None:
+            self.recent.append(self.current)
+            self.source.start_micro_batch(self.current)
+
+    def after_backward(self, units: Units) -> None:
+        seen = self.close_probe() if self.probe is not None else None
+        if seen is not None and seen != self.current:
+            self.warn(
+                "batch size",
+                f"GradientNoiseScale: the batch size was taken as {self.current}, but the "
+                f"model's layers see {seen} examples per micro-batch; if {seen} is right, pass "
+                "GradientNoiseScale(batch_size_fn=lambda batch: ...) (the estimate depends on it)",
+            )
+        if self.current > 0 and self.source is not None:
+            self.source.end_micro_batch(self.current, units)
+
+    def before_step(self, units: Units) -> None:
+        if self.source is None or self.tracker is None:
+            return
+        bad, self.bad = self.bad, None
+        try:
+            sample = self.source.end_step(units)
+            if bad is not None:
+                raise SkipStep(bad)
+            self.tracker.record(sample)
+        except SkipStep as skip:
+            if not skip.silent:
+                self.skip(skip.reason)
+            elif note := self.source.coverage_note():  # the check ran: say what it left out
+                self.warn("coverage", f"GradientNoiseScale: {note}")
+        except Exception as err:  # noqa: BLE001 - statistics must never stop training
+            self.skip(f"{type(err).__name__}: {err}")
+
+    def skip(self, reason: str) -> None:
+        assert self.tracker is not None
+        self.tracker.record(None)
+        self.host_skips += 1
+        self.warn(
+            "skip:" + reason.split("'")[0],
+            f"GradientNoiseScale skipped a step ({reason}); skipped steps are counted in "
+            "gns/skipped_steps. Training is not affected.",
+        )
+
     def close_probe(self) -> int | None:
         seen, self.probe = (self.probe.close() if self.probe else None), None
         return seen
-
-    def check_probe(self) -> str | None:
-        """After the first backward: a warning if the layers saw another batch size."""
-        if self.probe is None:
-            return None
-        seen = self.close_probe()
-        if seen is None or seen == self.current:
-            return None
-        return (
-            f"GradientNoiseScale: the batch size was taken as {self.current}, but the model's "
-            f"layers see {seen} examples per micro-batch; if {seen} is right, pass "
-            "GradientNoiseScale(batch_size_fn=lambda batch: ...) (the estimate depends on it)"
-        )
 
 
 def _several_gradients_per_step(trainer: pl.Trainer) -> bool:
@@ -174,14 +209,21 @@ class GradientNoiseScale(Callback):
 
         self.values = GNSValues.unknown()
         self.layer_values: dict[str, GNSValues] = {}
-        self.tracker: GNSTracker | None = None
-        self._source: Source | None = None
         self._saved: dict[str, Any] | None = None  # checkpoint state until fit start
         self._warned: set[str] = set()
-        self._steps = self._logged_at = self._host_skips = self._nonfinite = 0
-        self._sizes = _BatchSizes(batch_size_fn)
-        self._stepped, self._bad = False, None
+        self._feed = _StepFeed(batch_size_fn, self._warn_once)
+        self._steps = self._logged_at = self._nonfinite = 0
+        self._stepped = False
         self._trainer: pl.Trainer | None = None
+
+    @property
+    def tracker(self) -> GNSTracker | None:
+        """The estimators' state (a torchmetrics ``Metric``), once fitting started."""
+        return self._feed.tracker
+
+    @property
+    def _source(self) -> Source | None:
+        return self._feed.source
 
     # -- public read-out ------------------------------------------------------------------
     @property
@@ -227,7 +269,7 @@ class GradientNoiseScale(Callback):
     def batch_size(self) -> float:
         """Examples per optimizer step now: usual micro-batch × accumulation × world size."""
         t = self._trainer
-        return self._sizes.usual * t.accumulate_grad_batches * t.world_size if t else math.nan
+        return self._feed.usual * t.accumulate_grad_batches * t.world_size if t else math.nan
 
     # -- set-up ---------------------------------------------------------------------------
     @override
@@ -235,7 +277,7 @@ class GradientNoiseScale(Callback):
         _check_setup(trainer, pl_module)
         saved = self._saved or {}
         try:
-            self._source = build_source(
+            source = build_source(
                 pl_module,
                 self.source,
                 self.layers,
@@ -246,14 +288,15 @@ class GradientNoiseScale(Callback):
             )
         except ValueError as err:
             raise RuntimeError(f"GradientNoiseScale: {err}") from None
-        self._source.attach()
+        source.attach()
         self._trainer = trainer
+        self._feed.source = source
         # A fresh tracker in every process (ddp_spawn pickles the callback: no shared state).
-        self.tracker = GNSTracker(self.ema_decay, self._source.columns).to(pl_module.device)
+        self._feed.tracker = GNSTracker(self.ema_decay, source.columns).to(pl_module.device)
         if self._saved is not None:
             self._restore(self._saved)
             self._saved = None
-        self._sizes.probe = BatchDimProbe(pl_module)
+        self._feed.probe = BatchDimProbe(pl_module)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(_tensorboard_layout())
@@ -263,58 +306,25 @@ class GradientNoiseScale(Callback):
         if self._source is not None and self.tracker is not None:
             self._saved = self.state_dict()  # a later fit with this callback continues
             self._source.detach()
-        self._sizes.close_probe()
+        self._feed.close_probe()
 
     # -- per micro-batch and step ---------------------------------------------------------
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        size = self._sizes.start(batch)
-        if size < 1:
-            self._bad = "could not tell the batch size of a micro-batch; pass batch_size_fn"
-        elif self._source is not None:
-            self._source.start_micro_batch(size)
+        self._feed.start(batch)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        mismatch = self._sizes.check_probe()
-        if mismatch:
-            self._warn_once("batch size", mismatch)
-        if self._sizes.current > 0 and self._source is not None:
-            units = _units(trainer, self.loss_reduction)
-            self._source.end_micro_batch(self._sizes.current, units)
+        self._feed.after_backward(_units(trainer, self.loss_reduction))
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._stepped = True
-        if self._source is None or self.tracker is None:
-            return
-        bad, self._bad = self._bad, None
-        try:
-            sample = self._source.end_step(_units(trainer, self.loss_reduction))
-            if bad is not None:
-                raise SkipStep(bad)
-            self.tracker.record(sample)
-        except SkipStep as skip:
-            if not skip.silent:
-                self._skip(skip.reason)
-            elif note := self._source.coverage_note():  # the check ran: say what it left out
-                self._warn_once("coverage", f"GradientNoiseScale: {note}")
-        except Exception as err:  # noqa: BLE001 - statistics must never stop training
-            self._skip(f"{type(err).__name__}: {err}")
-
-    def _skip(self, reason: str) -> None:
-        assert self.tracker is not None
-        self.tracker.record(None)
-        self._host_skips += 1
-        self._warn_once(
-            "skip:" + reason.split("'")[0],
-            f"GradientNoiseScale skipped a step ({reason}); skipped steps are counted in "
-            "gns/skipped_steps. Training is not affected.",
-        )
+        self._feed.before_step(_units(trainer, self.loss_reduction))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -352,7 +362,7 @@ class GradientNoiseScale(Callback):
         values = self.tracker.read(sync=trainer.world_size > 1)
         self.values = values.pop(MODEL)
         self.layer_values = {k: v for k, v in values.items() if k not in self.left_out}
-        nonfinite = self.values.skipped - self._host_skips
+        nonfinite = self.values.skipped - self._feed.host_skips
         if nonfinite > self._nonfinite:
             self._nonfinite = nonfinite
             self._warn_once(
@@ -385,8 +395,8 @@ class GradientNoiseScale(Callback):
         return {
             "tracker": self.tracker.export(),
             "steps": self._steps,
-            "host_skips": self._host_skips,
-            "micro_sizes": list(self._sizes.recent),
+            "host_skips": self._feed.host_skips,
+            "micro_sizes": list(self._feed.recent),
             "left_out": self.left_out if self.active_source == "per_example" else None,
         }
 
@@ -404,9 +414,9 @@ class GradientNoiseScale(Callback):
         if note:
             self._warn_once("decay", f"GradientNoiseScale: {note}")
         self._steps = self._logged_at = int(sd.get("steps", 0))
-        self._host_skips = int(sd.get("host_skips", 0))
-        self._sizes.recent.clear()
-        self._sizes.recent.extend(sd.get("micro_sizes", []))
+        self._feed.host_skips = int(sd.get("host_skips", 0))
+        self._feed.recent.clear()
+        self._feed.recent.extend(sd.get("micro_sizes", []))
         self.values = self.tracker.read()[MODEL]
 
 
