@@ -147,6 +147,33 @@ class _StepFeed:
         seen, self.probe = (self.probe.close() if self.probe else None), None
         return seen
 
+    def check_nonfinite(self, values: GNSValues) -> None:
+        """Warn once when steps were dropped for non-finite gradients (not skipped here)."""
+        if values.skipped > self.host_skips:
+            self.warn(
+                "non-finite",
+                "GradientNoiseScale: steps with non-finite gradients (an AMP overflow, or NaN/inf "
+                "in the model) were left out; gns/stale_steps counts the steps since the last "
+                "usable one, and gns/b_simple is that old.",
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.tracker is not None
+        return {
+            "tracker": self.tracker.export(),
+            "host_skips": self.host_skips,
+            "micro_sizes": list(self.recent),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        assert self.tracker is not None
+        note = self.tracker.restore(sd.get("tracker", {}))
+        if note:
+            self.warn("decay", f"GradientNoiseScale: {note}")
+        self.host_skips = int(sd.get("host_skips", 0))
+        self.recent.clear()
+        self.recent.extend(sd.get("micro_sizes", []))
+
 
 def _several_gradients_per_step(trainer: pl.Trainer) -> bool:
     """Whether steps combine several micro-batch or rank gradients (now or by a schedule)."""
@@ -212,7 +239,7 @@ class GradientNoiseScale(Callback):
         self._saved: dict[str, Any] | None = None  # checkpoint state until fit start
         self._warned: set[str] = set()
         self._feed = _StepFeed(batch_size_fn, self._warn_once)
-        self._steps = self._logged_at = self._nonfinite = 0
+        self._steps = self._logged_at = 0
         self._stepped = False
         self._trainer: pl.Trainer | None = None
 
@@ -362,20 +389,8 @@ class GradientNoiseScale(Callback):
         values = self.tracker.read(sync=trainer.world_size > 1)
         self.values = values.pop(MODEL)
         self.layer_values = {k: v for k, v in values.items() if k not in self.left_out}
-        nonfinite = self.values.skipped - self._feed.host_skips
-        if nonfinite > self._nonfinite:
-            self._nonfinite = nonfinite
-            self._warn_once(
-                "non-finite",
-                "GradientNoiseScale: steps with non-finite gradients (an AMP overflow, or NaN/inf "
-                "in the model) were left out; gns/stale_steps counts the steps since the last "
-                "usable one, and gns/b_simple is that old.",
-            )
-        metrics = self._metrics()
-        for key, value in metrics.items():
-            trainer.callback_metrics[key] = torch.tensor(value)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        self._feed.check_nonfinite(self.values)
+        _publish(trainer, self._metrics())
 
     def _metrics(self) -> dict[str, float]:
         per_example = self.active_source == "per_example"
@@ -392,13 +407,8 @@ class GradientNoiseScale(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.tracker is None:
             return dict(self._saved or {})
-        return {
-            "tracker": self.tracker.export(),
-            "steps": self._steps,
-            "host_skips": self._feed.host_skips,
-            "micro_sizes": list(self._feed.recent),
-            "left_out": self.left_out if self.active_source == "per_example" else None,
-        }
+        left_out = self.left_out if self.active_source == "per_example" else None
+        return {"steps": self._steps, "left_out": left_out, **self._feed.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -408,16 +418,17 @@ class GradientNoiseScale(Callback):
             self._restore(state_dict)
 
     def _restore(self, sd: dict[str, Any]) -> None:
-        assert self.tracker is not None
-        saved = sd.get("tracker", {})
-        note = self.tracker.restore(saved)
-        if note:
-            self._warn_once("decay", f"GradientNoiseScale: {note}")
+        self._feed.load_state_dict(sd)
         self._steps = self._logged_at = int(sd.get("steps", 0))
-        self._feed.host_skips = int(sd.get("host_skips", 0))
-        self._feed.recent.clear()
-        self._feed.recent.extend(sd.get("micro_sizes", []))
-        self.values = self.tracker.read()[MODEL]
+        self.values = self._feed.tracker.read()[MODEL]
+
+
+def _publish(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """To ``trainer.callback_metrics`` (EarlyStopping, sweeps) and every logger."""
+    for key, value in metrics.items():
+        trainer.callback_metrics[key] = torch.tensor(value)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def read_out(
