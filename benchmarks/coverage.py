@@ -1,7 +1,8 @@
 """Does the 95% interval of B_simple hold, easy regime and hard regime alike?
 
 Frozen digits MLPs (at initialisation, partly trained, trained to a low loss) with the exact
-truth tr(Σ)/|G|² over all 1797 examples (per-example gradients from ``torch.func``). Each run
+truth tr(Σ)/|G|² over all 1797 examples (per-example gradients from ``torch.func``), and the
+small nanoGPT-style transformer of ``tests/zoo.py`` over its 256 character sequences. Each run
 draws batches with replacement, gives the per-example source's record per step (mean |g_j|²,
 |G_B|²) to the real tracker (default adaptive window), and is read at several step counts.
 Per case and read: how often the interval contains the truth (coverage), how often B_simple is
@@ -24,15 +25,24 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+import zoo  # noqa: E402
 from helpers import digits, mlp, per_example_grads, simulate_per_example, trained_mlp  # noqa: E402
 
 CASES = [  # (model, batch size)
+    ("nanoGPT-style transformer", 2),
     ("MLP at initialisation", 32),
     ("MLP at initialisation", 8),
     ("MLP partly trained", 16),
     ("MLP trained to a low loss", 32),
     ("MLP trained to a low loss", 16),
 ]
+
+
+def transformer_grads() -> torch.Tensor:
+    """Per-example gradients of the zoo's small transformer over its 256 sequences."""
+    torch.manual_seed(0)
+    model, data, loss = zoo.nanogpt()
+    return zoo.per_example_grads(model, data, loss)
 
 
 def models() -> dict[str, torch.nn.Module]:
@@ -68,6 +78,7 @@ def main() -> None:
     t0 = time.time()
     x, y = digits()
     grads = {name: per_example_grads(m, x, y) for name, m in models().items()}
+    grads["nanoGPT-style transformer"] = transformer_grads()
     print(
         "| model | batch B | exact B_simple | B/B_simple | steps | coverage of the 95% interval "
         "| known | known within 25% | within 25% or not known | median lower bound / truth "

@@ -12,6 +12,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+import zoo
 from helpers import (
     Classifier,
     digits,
@@ -32,15 +33,23 @@ RUNS = 150
 @pytest.fixture(scope="module")
 def grads() -> dict[str, object]:
     x, y = digits()
+    torch.manual_seed(0)
+    model, data, loss = zoo.nanogpt()  # a small transformer on characters of the stdlib
     return {
         "init": per_example_grads(mlp(), x, y),
         "trained": per_example_grads(trained_mlp(), x, y),
+        "transformer": zoo.per_example_grads(model, data, loss),
     }
 
 
 @pytest.mark.parametrize(
     "model,batch,ratio_range",
-    [("init", 32, (0.5, 2.0)), ("init", 8, (0.1, 0.5)), ("trained", 16, (0.01, 0.05))],
+    [
+        ("init", 32, (0.5, 2.0)),
+        ("init", 8, (0.1, 0.5)),
+        ("trained", 16, (0.01, 0.05)),
+        ("transformer", 2, (0.5, 1.0)),
+    ],
 )
 def test_interval_coverage_and_honest_point_estimates(grads, model, batch, ratio_range) -> None:
     truth, reads = simulate_per_example(grads[model], batch, [300, 2000], RUNS, seed=batch)

@@ -134,14 +134,19 @@ ZOO: dict[str, Callable[[], tuple[nn.Module, TensorDataset, Callable]]] = {
 }
 
 
-def exact(model: nn.Module, data: TensorDataset, loss: Callable) -> dict[str, float]:
-    """True |G|², tr(Σ) and B_simple over all trainable parameters and the whole data set."""
+def per_example_grads(model: nn.Module, data: TensorDataset, loss: Callable) -> Tensor:
+    """Every example's gradient over all trainable parameters, (N, d) float64."""
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
     for x, y in zip(*data.tensors, strict=True):
         grads = torch.autograd.grad(loss(model, x.unsqueeze(0), y.unsqueeze(0)), params)
         rows.append(torch.cat([g.flatten().double() for g in grads]))
-    per = torch.stack(rows)
+    return torch.stack(rows)
+
+
+def exact(model: nn.Module, data: TensorDataset, loss: Callable) -> dict[str, float]:
+    """True |G|², tr(Σ) and B_simple over all trainable parameters and the whole data set."""
+    per = per_example_grads(model, data, loss)
     g = per.mean(0)
     trace = float((per - g).square().sum(1).mean())
     g2 = float(g.square().sum())
