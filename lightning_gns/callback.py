@@ -473,6 +473,7 @@ def _tensorboard_layout() -> dict[str, dict[str, list[Any]]]:
             "|G|² (smoothed)": ["Multiline", ["^gns/grad_norm_sq$"]],
             "tr(Σ) (smoothed)": ["Multiline", ["^gns/grad_variance$"]],
             "coverage": ["Multiline", ["^gns/coverage$"]],
+            "averaging window (effective steps)": ["Multiline", ["^gns/window_steps$"]],
             "skipped and stale steps": [
                 "Multiline",
                 ["^gns/skipped_steps$", "^gns/stale_steps$"],

@@ -24,6 +24,7 @@ KEYS = {
     "gns/b_simple_upper",
     "gns/small_batch_size",
     "gns/stale_steps",
+    "gns/window_steps",
     "gns/grad_norm_sq",
     "gns/grad_variance",
     "gns/batch_size",
