@@ -9,12 +9,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from sklearn.datasets import load_digits
-from torch import Tensor, nn
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+
+from helpers import digits  # noqa: E402, F401  the standardised digits, as the tests use them
 
 
 def quiet() -> None:
@@ -29,14 +31,6 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="backpack")
     warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
     warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def digits() -> tuple[Tensor, Tensor]:
-    """scikit-learn's bundled 8×8 digits (1797 examples), standardised: (X (N, 64), y (N,))."""
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    return x, torch.tensor(data.target, dtype=torch.long)
 
 
 def mlp(hidden: int = 256, seed: int = 0) -> nn.Module:
