@@ -263,3 +263,31 @@ def test_multihead_attention_is_covered_by_the_fallback_exactly(batch_first) -> 
     assert bad is None and norms.left_out == {} and norms.coverage() == 1.0
     ref = per_example_sq_norms(model, idx, [k for k, _ in model.named_parameters()])
     torch.testing.assert_close(acc, ref.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_positions_as_long_as_the_batch_are_recognised_once_not_every_step(monkeypatch) -> None:
+    """Telling positions arange(T) from a batch of T token ids reads values back to the host:
+    that may happen once per module, never on every step."""
+    import lightning_gns.norms.hooks as hooks
+
+    calls = {"n": 0}
+    real = hooks.not_a_batch
+
+    def counted(x):
+        calls["n"] += 1
+        return real(x)
+
+    monkeypatch.setattr(hooks, "not_a_batch", counted)
+    torch.manual_seed(7)
+    model = TinyLM(t=6)
+    x = torch.randint(1, 11, (6, 6))  # batch 6 = sequence 6
+    norms = PerExampleNorms(model)
+    run(model, x, norms)  # the check, then one more micro-batch
+    before = calls["n"]
+    norms.attach()
+    for _ in range(3):
+        norms.start_micro_batch(6)
+        model(x).sum().backward()
+        acc, _, bad = norms.close_micro_batch()
+        assert bad is None and acc is not None
+    assert calls["n"] == before  # decided during the first steps, not again

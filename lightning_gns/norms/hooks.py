@@ -172,6 +172,7 @@ class _Site:
     inputs: tuple[tuple, dict] | None = None  # generic: the forward's args and kwargs
     outputs: list[Any] = field(default_factory=list)  # generic: the output's leaves
     out_grads: dict[int, Tensor] = field(default_factory=dict)  # generic: their gradients
+    positions: bool | None = None  # a 1-D input as long as the batch: positions (decided once)
 
 
 def broadcast_positions(site: _Site, x: object, output: Tensor, b: int | None) -> Tensor | None:
@@ -183,7 +184,9 @@ def broadcast_positions(site: _Site, x: object, output: Tensor, b: int | None) -
         return None
     if not isinstance(x, Tensor) or x.is_floating_point() or x.dim() not in (1, 2):
         return None
-    if x.dim() == 1 and (x.shape[0] != b or not_a_batch(x)):
+    if x.dim() == 1 and x.shape[0] == b and site.positions is None:
+        site.positions = not_a_batch(x)  # decided once (a host read): positions, or a batch
+    if x.dim() == 1 and (x.shape[0] != b or site.positions):
         site.activation = x.unsqueeze(0).expand(b, -1)
         return output.unsqueeze(0).expand(b, *output.shape)
     if x.dim() == 2 and x.shape[0] == 1:
