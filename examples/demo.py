@@ -53,6 +53,11 @@ def main() -> None:
         print(f"final B_simple      : {v.b_simple:.1f} ({interval}, {v.window:.0f}-step window)")
     else:
         print(f"final B_simple      : not yet known; at least {v.b_simple_lower:.1f} (95%)")
+        if gns.batch_size < v.b_simple_lower:
+            print(
+                f"advice              : batch size {gns.batch_size:.0f} is below that bound; a "
+                "larger batch would need fewer steps at little extra compute"
+            )
     print(f"|G|² (smoothed)     : {gns.grad_norm_sq:.4g}")
     print(f"tr(Σ) (smoothed)    : {gns.grad_variance:.4g}")
     print(f"batch size used     : {gns.batch_size:.0f}")
