@@ -174,27 +174,35 @@ def conv_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
 
 @register_norm(nn.Embedding)
 def embedding_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
-    """weight: sum_{t,t'} [x_t == x_t' != padding_idx] (g_t . g_t'), via per-row segment sums."""
+    """weight: sum_{t,t'} [x_t == x_t' != padding_idx] (g_t . g_t'), via per-row segment sums.
+
+    Rows are grouped by sorting (example, token id) keys and summing each run into a buffer of
+    fixed size B·T: no data-dependent shape, so no host sync (``torch.unique`` would need one).
+    """
     if not _wants(module, "weight"):
         return {}
-    sums, uniq = _embedding_row_sums(module, a, g)
-    b = a.shape[0]
-    row_batch = torch.div(uniq, module.num_embeddings, rounding_mode="floor")
-    sq = torch.zeros(b, dtype=torch.float32, device=g.device)
-    return {"weight": sq.index_add_(0, row_batch, sums.pow(2).sum(1))}
+    keys, gs = _embedding_keys(module, a, g)
+    n, d = gs.shape
+    sorted_keys, order = torch.sort(keys)
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    segment = torch.cumsum(starts, 0) - 1  # the run of equal keys each sorted row belongs to
+    sums = gs.new_zeros(n, d).index_add_(0, segment, gs[order])
+    example = torch.div(sorted_keys, module.num_embeddings, rounding_mode="floor")
+    seg_example = torch.zeros_like(segment).scatter_(0, segment, example)  # unused runs: 0, sum 0
+    sq = torch.zeros(a.shape[0], dtype=torch.float32, device=g.device)
+    return {"weight": sq.index_add_(0, seg_example, sums.pow(2).sum(1))}
 
 
-def _embedding_row_sums(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Per (example, token id) summed output grads; returns (sums (U, d), keys b * V + id (U,))."""
+def _embedding_keys(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat keys b·V + id (B·T,) and output grads (B·T, d), padding rows zeroed."""
     b, v = a.shape[0], module.num_embeddings
     x = a.long().reshape(b, -1)
     gs = g.float().reshape(b, x.shape[1], -1)
     if module.padding_idx is not None:
         gs = gs * (x != module.padding_idx).unsqueeze(-1)
     keys = x + v * torch.arange(b, device=x.device).unsqueeze(1)
-    uniq, inv = torch.unique(keys.reshape(-1), return_inverse=True)
-    sums = gs.new_zeros(uniq.numel(), gs.shape[-1]).index_add_(0, inv, gs.reshape(-1, gs.shape[-1]))
-    return sums, uniq
+    return keys.reshape(-1), gs.reshape(-1, gs.shape[-1])
 
 
 def _affine_norm(
@@ -261,10 +269,9 @@ def embedding_grad_sample(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, 
     """weight: G_b[v] = sum_t [x_t == v != padding_idx] g_t, shape (B, V, d)."""
     if not _wants(module, "weight"):
         return {}
-    sums, uniq = _embedding_row_sums(module, a, g)
+    keys, gs = _embedding_keys(module, a, g)
     b, (v, d) = a.shape[0], module.weight.shape
-    grad = sums.new_zeros(b * v, d).index_copy_(0, uniq, sums)
-    return {"weight": grad.view(b, v, d)}
+    return {"weight": gs.new_zeros(b * v, d).index_add_(0, keys, gs).view(b, v, d)}
 
 
 # --------------------------------------------------------------------------------------------
