@@ -290,22 +290,19 @@ def build_source(
             "micro-batches instead: set Trainer(accumulate_grad_batches>=2) or train on 2+ "
             "devices (DDP); the default source='auto' then uses them"
         )
-    if not norms.sites:
-        if layers == "norm":
-            odd = unrecognised_norm_layers(model)
-            raise ValueError(
-                "layers='norm' found no normalization layer with a per-example rule "
-                "(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm and their subclasses)"
-                + (f"; not recognised: {', '.join(odd[:5])}" if odd else "")
-                + ". Use layers='all', or register a rule with lightning_gns.norms.register_norm"
-            )
-        kinds = sorted(
-            {reason.removeprefix("no per-example rule for ") for reason in norms.left_out.values()}
-        )
+    if not norms.sites and layers == "all":  # every parameter shared where no rule can sum it
+        left = ", ".join(f"{k} ({v})" for k, v in sorted(norms.left_out.items())[:5])
         raise ValueError(
-            f"no layer of this model has a per-example rule (found: {', '.join(kinds[:5])}), "
-            "and each step has only one gradient. Set Trainer(accumulate_grad_batches>=2) or "
-            "train on 2+ devices (DDP) to measure between micro-batches, or register a rule "
-            "with lightning_gns.norms.register_norm"
+            f"per-example norms can cover none of the parameters (left out: {left}), and each "
+            "step has only one gradient. Set Trainer(accumulate_grad_batches>=2) or train on "
+            "2+ devices (DDP) to measure between micro-batches"
+        )
+    if not norms.sites:
+        odd = unrecognised_norm_layers(model)
+        raise ValueError(
+            "layers='norm' found no normalization layer with a per-example rule "
+            "(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm and their subclasses)"
+            + (f"; not recognised: {', '.join(odd[:5])}" if odd else "")
+            + ". Use layers='all', or register a rule with lightning_gns.norms.register_norm"
         )
     return PerExampleSource(norms, per_layer, left_out)

@@ -132,21 +132,23 @@ class GNSTracker(Metric):
         """Take the moments of the columns that exist in both; the decay stays this one's (a
         note says so when the saved one differs)."""
         rows, w = saved.get("moments", {}), len(self.decays)
-        old = list(saved.get("decays", []))
+        saved_decays = list(saved.get("decays", []))
         state = self.moments.clone()
         for i, name in enumerate(self.columns):
             saved_rows = rows.get(name, [])
             for j, decay in enumerate(self.decays):
                 # the same window, or the same position when the number of windows matches
-                k = old.index(decay) if decay in old else (j if len(old) == w else None)
+                same = decay in saved_decays
+                k = saved_decays.index(decay) if same else (j if len(saved_decays) == w else None)
                 if k is not None and k < len(saved_rows) and len(saved_rows[k]) == len(FIELDS):
                     state[i * w + j] = torch.tensor(saved_rows[k], dtype=state.dtype)
         self.moments = state
         self.pending = []
-        old = saved.get("ema_decay", self.ema_decay)
-        if old == self.ema_decay:
+        saved_decay = saved.get("ema_decay", self.ema_decay)
+        if saved_decay == self.ema_decay:
             return None
         return (
-            f"resuming with ema_decay={self.ema_decay} from a checkpoint written with {old}; "
+            f"resuming with ema_decay={self.ema_decay} from a checkpoint written with "
+            f"{saved_decay}; "
             f"the smoothed state is kept and ema_decay={self.ema_decay} applies from here on."
         )

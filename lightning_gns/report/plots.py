@@ -74,6 +74,11 @@ def _plain_ticks(ax: Axes, axes: str = "xy") -> None:
         axis.set_minor_formatter(NullFormatter())
 
 
+def _legend_outside(ax: Axes) -> None:
+    """The legend to the right of the axes: it never covers curves, however many runs."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
 def _empty_note(fig: Figure, text: str) -> None:
     ax = fig.add_subplot()
     ax.set_axis_off()
@@ -147,7 +152,7 @@ def plot_noise_scale(
     ax.set_title("Gradient noise scale B_simple = tr(Σ)/|G|² during training")
     _shown_note(ax, len(chosen), len(every))
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -224,7 +229,7 @@ def plot_efficiency_curves(
     ax.set_ylabel("efficiency 4·B·B_noise/(B+B_noise)² [%]")
     ax.set_title("Efficiency versus batch size (peak at B = B_noise)")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -280,7 +285,7 @@ def plot_pareto_curves(
     ax.set_ylabel("optimizer steps S/S_min (time)")
     ax.set_title("Steps versus examples: the Pareto frontier")
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    _legend_outside(ax)
     return _save(fig, path)
 
 
