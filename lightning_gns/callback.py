@@ -19,7 +19,16 @@ from typing_extensions import override
 from lightning_gns import advice
 from lightning_gns.estimator import GNSValues, check_decay
 from lightning_gns.norms.hooks import BatchDimProbe
-from lightning_gns.sources import MODEL, SkipStep, Source, Units, build_source
+from lightning_gns.norms.preconditioner import keeps_second_moment
+from lightning_gns.sources import (
+    MODEL,
+    PRECONDITIONED,
+    PreconditionedSource,
+    SkipStep,
+    Source,
+    Units,
+    build_source,
+)
 from lightning_gns.tracker import GNSTracker
 
 SUPPORTED = "single-device and DDP strategies with one optimizer and automatic optimization"
@@ -88,6 +97,8 @@ class _StepFeed:
         self.probe: BatchDimProbe | None = None
         self.source: Source | None = None
         self.tracker: GNSTracker | None = None
+        self.precond: PreconditionedSource | None = None  # optional second measurement
+        self.precond_tracker: GNSTracker | None = None
 
     @property
     def usual(self) -> float:
@@ -103,6 +114,8 @@ class _StepFeed:
         elif self.source is not None:
             self.recent.append(self.current)
             self.source.start_micro_batch(self.current)
+            if self.precond is not None:
+                self.precond.start_micro_batch(self.current)
 
     def after_backward(self, units: Units) -> None:
         seen = self.close_probe() if self.probe is not None else None
@@ -115,6 +128,8 @@ class _StepFeed:
             )
         if self.current > 0 and self.source is not None:
             self.source.end_micro_batch(self.current, units)
+            if self.precond is not None:
+                self.precond.end_micro_batch(self.current, units)
 
     def before_step(self, units: Units) -> None:
         if self.source is None or self.tracker is None:
@@ -132,6 +147,26 @@ class _StepFeed:
                 self.warn("coverage", f"GradientNoiseScale: {note}")
         except Exception as err:  # noqa: BLE001 - statistics must never stop training
             self.skip(f"{type(err).__name__}: {err}")
+        if self.precond is not None and self.precond_tracker is not None:
+            self.precondition_step(units)
+
+    def precondition_step(self, units: Units) -> None:
+        """The preconditioned measurement of this step (its skips are not the model's)."""
+        assert self.precond is not None and self.precond_tracker is not None
+        try:
+            self.precond_tracker.record(self.precond.end_step(units))
+        except SkipStep as skip:
+            if not skip.silent:
+                self.precond_tracker.record(None)
+            elif keeps_second_moment(self.precond.optimizer) is False:
+                self.warn(
+                    "preconditioner",
+                    "GradientNoiseScale(preconditioned=True): the optimizer keeps no "
+                    "second-moment estimate (exp_avg_sq, square_avg or sum in its state), so "
+                    "there is no preconditioned noise scale to measure",
+                )
+        except Exception:  # noqa: BLE001 - statistics must never stop training
+            self.precond_tracker.record(None)
 
     def skip(self, reason: str) -> None:
         assert self.tracker is not None
@@ -161,6 +196,7 @@ class _StepFeed:
         assert self.tracker is not None
         return {
             "tracker": self.tracker.export(),
+            "preconditioned": self.precond_tracker.export() if self.precond_tracker else None,
             "host_skips": self.host_skips,
             "micro_sizes": list(self.recent),
         }
@@ -168,6 +204,8 @@ class _StepFeed:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         assert self.tracker is not None
         note = self.tracker.restore(sd.get("tracker", {}))
+        if self.precond_tracker is not None:
+            self.precond_tracker.restore(sd.get("preconditioned") or {})
         if note:
             self.warn("decay", f"GradientNoiseScale: {note}")
         self.host_skips = int(sd.get("host_skips", 0))
@@ -212,6 +250,10 @@ class GradientNoiseScale(Callback):
             micro-batch: cost × k/B, still unbiased with shuffled batches, noisier. None: all.
         batch_size_fn: ``batch -> number of examples`` for batches whose size Lightning cannot
             infer (e.g. a first tensor that is not the batch); default: Lightning's inference.
+        preconditioned: also measure the noise scale of the optimizer's preconditioned
+            gradients g/(√v̂ + ε) (Adam family, RMSprop, Adagrad; read from the optimizer's
+            state, never changed), logged as ``gns/preconditioned/*``. Measured between
+            micro-batches: needs ``accumulate_grad_batches >= 2`` or DDP.
     """
 
     def __init__(
@@ -225,6 +267,7 @@ class GradientNoiseScale(Callback):
         batch_size_multiple: int | None = None,
         examples_per_batch: int | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
+        preconditioned: bool = False,
     ) -> None:
         super().__init__()
         _check_arguments(locals())
@@ -232,9 +275,11 @@ class GradientNoiseScale(Callback):
         self.source, self.layers, self.loss_reduction = source, layers, loss_reduction
         self.log_every_n_steps, self.per_layer = log_every_n_steps, per_layer
         self.batch_size_multiple, self.examples_per_batch = batch_size_multiple, examples_per_batch
-        self.batch_size_fn = batch_size_fn
+        self.batch_size_fn, self.preconditioned = batch_size_fn, bool(preconditioned)
 
         self.values = GNSValues.unknown()
+        self.preconditioned_values = GNSValues.unknown()
+        self.reads = 0  # read-outs so far (AdaptiveBatchSize acts on each new one)
         self.layer_values: dict[str, GNSValues] = {}
         self._saved: dict[str, Any] | None = None  # checkpoint state until fit start
         self._warned: set[str] = set()
@@ -320,6 +365,8 @@ class GradientNoiseScale(Callback):
         self._feed.source = source
         # A fresh tracker in every process (ddp_spawn pickles the callback: no shared state).
         self._feed.tracker = GNSTracker(self.ema_decay, source.columns).to(pl_module.device)
+        if self.preconditioned:
+            self._attach_preconditioned(trainer, pl_module)
         if self._saved is not None:
             self._restore(self._saved)
             self._saved = None
@@ -328,11 +375,27 @@ class GradientNoiseScale(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(_tensorboard_layout())
 
+    def _attach_preconditioned(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not _several_gradients_per_step(trainer):
+            raise RuntimeError(
+                "GradientNoiseScale(preconditioned=True) measures between micro-batches: set "
+                "Trainer(accumulate_grad_batches>=2) or train on 2+ devices (DDP)"
+            )
+        optimizer = trainer.optimizers[0]
+        stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        params = [p for p in pl_module.parameters() if p.requires_grad and id(p) in stepped]
+        self._feed.precond = PreconditionedSource(params, optimizer)
+        self._feed.precond.attach()
+        tracker = GNSTracker(self.ema_decay, [PRECONDITIONED]).to(pl_module.device)
+        self._feed.precond_tracker = tracker
+
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._source is not None and self.tracker is not None:
             self._saved = self.state_dict()  # a later fit with this callback continues
             self._source.detach()
+            if self._feed.precond is not None:
+                self._feed.precond.detach()
         self._feed.close_probe()
 
     # -- per micro-batch and step ---------------------------------------------------------
@@ -389,6 +452,10 @@ class GradientNoiseScale(Callback):
         values = self.tracker.read(sync=trainer.world_size > 1)
         self.values = values.pop(MODEL)
         self.layer_values = {k: v for k, v in values.items() if k not in self.left_out}
+        if self._feed.precond_tracker is not None:
+            read = self._feed.precond_tracker.read(sync=trainer.world_size > 1)
+            self.preconditioned_values = read[PRECONDITIONED]
+        self.reads += 1
         self._feed.check_nonfinite(self.values)
         _publish(trainer, self._metrics())
 
@@ -400,6 +467,11 @@ class GradientNoiseScale(Callback):
         out["gns/coverage"] = self.coverage
         for name, lv in self.layer_values.items():
             out[f"gns/layer/{name}/b_simple"] = lv.b_simple
+        if self._feed.precond_tracker is not None:
+            pv = self.preconditioned_values
+            out["gns/preconditioned/b_simple"] = pv.b_simple if pv.known else math.nan
+            out["gns/preconditioned/b_simple_lower"] = pv.b_simple_lower
+            out["gns/preconditioned/b_simple_upper"] = pv.b_simple_upper
         return out
 
     # -- checkpoints ----------------------------------------------------------------------

@@ -25,9 +25,11 @@ from torch import Tensor, nn
 from lightning_gns.estimator import harmonic_batch_size
 from lightning_gns.norms import MicroBatchNorms, PerExampleNorms, squared_norm
 from lightning_gns.norms.hooks import coupled_modules, unrecognised_norm_layers
+from lightning_gns.norms.preconditioner import WeightedMicroBatchNorms, inverse_preconditioner
 
 Reduction = Literal["mean", "sum"]
 MODEL = "model"  # the column of the whole (covered) model; per-layer columns follow
+PRECONDITIONED = "preconditioned"  # the column of the optimizer-preconditioned model
 
 
 class SkipStep(Exception):
@@ -118,8 +120,11 @@ class MicroBatchSource:
         b_small = harmonic_batch_size(sizes)
         k = units.accumulate
         small = total * (k * k / m) * units.inv_loss_scale_sq  # mean over micro-batches
-        big = _big_sq(self.params, units, m, sum(sizes))
+        big = self._big_sq(units, m, sum(sizes))
         return StepNorms(small.reshape(1), big.reshape(1), b_small, units.world_size * m * b_small)
+
+    def _big_sq(self, units: Units, m: int, n: int) -> Tensor:
+        return _big_sq(self.params, units, m, n)
 
 
 class PerExampleSource:
@@ -243,6 +248,40 @@ class PerExampleSource:
             small.append(part * scale)
             big.append(grads * _big_scale(units, m, n))
         return StepNorms(torch.stack(small), torch.stack(big), 1.0, b_big)
+
+
+class PreconditionedSource(MicroBatchSource):
+    """Micro-batch norms of preconditioned gradients P·g, P = 1/(√v̂ + ε) from ``optimizer``
+    (:mod:`lightning_gns.norms.preconditioner`); a step before the optimizer has state is
+    skipped silently. Column ``preconditioned``."""
+
+    name = "preconditioned"
+
+    def __init__(self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(params)
+        self.columns = [PRECONDITIONED]
+        self.norms: WeightedMicroBatchNorms = WeightedMicroBatchNorms(params)
+        self.optimizer = optimizer
+
+    def start_micro_batch(self, batch_size: int) -> None:
+        if self.norms.weights is None:  # once per step: the state changes only when stepping
+            self.norms.weights = inverse_preconditioner(self.optimizer, self.params)
+
+    def end_step(self, units: Units) -> StepNorms:
+        try:
+            if self.norms.weights is None:
+                self.norms.take()
+                self.sizes = []
+                raise SkipStep("the optimizer has no second-moment state yet", silent=True)
+            return super().end_step(units)
+        finally:
+            self.norms.weights = None
+
+    def _big_sq(self, units: Units, m: int, n: int) -> Tensor:
+        big = self.norms.big_sq()
+        if big is None:
+            raise SkipStep("no covered parameter has a gradient this step")
+        return big * _big_scale(units, m, n)
 
 
 Source = MicroBatchSource | PerExampleSource

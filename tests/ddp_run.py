@@ -1,6 +1,7 @@
 """Run GradientNoiseScale under DDP on 2 CPU processes (gloo); rank 0 writes JSON results.
 
 Usage: python tests/ddp_run.py OUT.json SOURCE ACCUMULATE
+       python tests/ddp_run.py OUT.json adaptive 1   (AdaptiveBatchSize; OUT.json.rank<r>)
 (Lightning's strategy="ddp" relaunches this script in new processes, so tests call it in a
 subprocess rather than importing it.)
 """
@@ -18,6 +19,46 @@ import torch  # noqa: E402
 from helpers import Classifier, digits, exact_gns, mlp, trainer_kwargs  # noqa: E402
 
 from lightning_gns import GradientNoiseScale  # noqa: E402
+from lightning_gns.adaptive import AdaptiveBatchSize  # noqa: E402
+
+
+class History(pl.Callback):
+    """Each rank's accumulation at every optimizer step, and its final parameters' sum."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.steps.append((trainer.global_step, trainer.accumulate_grad_batches))
+
+
+def adaptive(out: str) -> None:
+    """Training (lr > 0) with AdaptiveBatchSize on 2 ranks; every rank writes its history."""
+    torch.set_num_threads(1)
+    gns = GradientNoiseScale(log_every_n_steps=5)
+    ada = AdaptiveBatchSize(max_accumulate=8, min_steps_between=10)
+    history = History()
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            os.path.dirname(out),
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp",
+            max_steps=120,
+            callbacks=[gns, ada, history],
+        )
+    )
+    module = Classifier(mlp(), lr=0.05, batch_size=8)
+    trainer.fit(module)
+    result = {
+        "rank": trainer.global_rank,
+        "steps": history.steps,
+        "changes": [c.new for c in ada.changes],
+        "lr_scale": ada.lr_scale,
+        "param_sum": float(sum(p.double().sum() for p in module.parameters())),
+    }
+    with open(f"{out}.rank{trainer.global_rank}", "w") as f:
+        json.dump(result, f)
 
 
 def main(out: str, source: str, accumulate: int) -> None:
@@ -52,4 +93,7 @@ def main(out: str, source: str, accumulate: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    if sys.argv[2] == "adaptive":
+        adaptive(sys.argv[1])
+    else:
+        main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -13,7 +13,7 @@ import pytest
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
-def run_ddp(tmp_path: Path, source: str, accumulate: int) -> dict:
+def run_ddp(tmp_path: Path, source: str, accumulate: int) -> dict | None:
     out = tmp_path / "result.json"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -25,7 +25,7 @@ def run_ddp(tmp_path: Path, source: str, accumulate: int) -> dict:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()) if out.exists() else None
 
 
 @pytest.mark.parametrize(
@@ -34,9 +34,20 @@ def run_ddp(tmp_path: Path, source: str, accumulate: int) -> dict:
 )
 def test_ddp_matches_exact(tmp_path, source, accumulate, batch_size) -> None:
     r = run_ddp(tmp_path, source, accumulate)
+    assert r is not None
     assert r["world_size"] == 2 and r["active_source"] == source
     assert r["batch_size"] == batch_size  # B_big = micro-batch × accumulation × world size
     truth = r["truth"]
     assert r["b_simple"] == pytest.approx(truth["b_simple"], rel=0.2)
     assert r["grad_norm_sq"] == pytest.approx(truth["grad_norm_sq"], rel=0.2)
     assert r["grad_variance"] == pytest.approx(truth["trace_cov"], rel=0.2)
+
+
+def test_adaptive_batch_size_changes_on_every_rank_together(tmp_path) -> None:
+    run_ddp(tmp_path, "adaptive", 1)
+    ranks = [json.loads((tmp_path / f"result.json.rank{r}").read_text()) for r in (0, 1)]
+    assert ranks[0]["changes"], "the batch never grew: nothing to compare"
+    assert ranks[0]["changes"] == ranks[1]["changes"]
+    assert ranks[0]["steps"] == ranks[1]["steps"]  # same accumulation at every optimizer step
+    assert ranks[0]["lr_scale"] == ranks[1]["lr_scale"] > 1
+    assert ranks[0]["param_sum"] == pytest.approx(ranks[1]["param_sum"], rel=1e-12)

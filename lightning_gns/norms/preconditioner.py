@@ -1,0 +1,94 @@
+"""Squared norms of preconditioned gradients: g ⊙ w with w = 1/(√v̂ + ε) from the optimizer.
+
+For Adam-family optimizers the step is the gradient divided elementwise by √v̂ + ε, so the
+noise scale that governs their steps is measured on P·g with P = diag(1/(√v̂ + ε)):
+B_precond = tr(P Σ P)/|P G|² (the same two-batch estimator on weighted norms). The weights are
+read from the optimizer's state as it is (never changed): whichever second-moment estimate it
+keeps, not its class name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gns.norms.hooks import MicroBatchNorms
+
+# State keys of a second-moment estimate: Adam/AdamW/NAdam/RAdam, RMSprop, Adagrad.
+SECOND_MOMENTS = ("exp_avg_sq", "square_avg", "sum")
+
+
+def _denominator(state: dict, group: dict) -> Tensor | None:
+    """√v̂ + ε for one parameter, as its optimizer would divide by; None if it keeps no v."""
+    eps = float(group.get("eps", 1e-8))
+    if "exp_avg_sq" in state:  # Adam family: bias-corrected v̂ = v/(1 − β₂ᵗ)
+        v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state["exp_avg_sq"]
+        beta2 = float(group["betas"][1]) if "betas" in group else 0.999
+        step = float(state.get("step", 1.0))  # a CPU tensor or a number: no device sync
+        return (v / (1.0 - beta2**step)).sqrt().add_(eps) if step > 0 else None
+    if "square_avg" in state:  # RMSprop (centered: minus the squared mean)
+        v = state["square_avg"]
+        if "grad_avg" in state:
+            v = v - state["grad_avg"].square()
+        return v.clamp(min=0).sqrt().add_(eps)
+    if "sum" in state:  # Adagrad
+        return state["sum"].sqrt().add_(eps)
+    return None
+
+
+def inverse_preconditioner(
+    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]
+) -> list[Tensor] | None:
+    """1/(√v̂ + ε) per parameter from ``optimizer``'s state (float32), or None while some
+    parameter has no second-moment state (before the first step, or an optimizer without)."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for p in params:
+        state, group = optimizer.state.get(p), group_of.get(id(p))
+        d = _denominator(state, group) if state and group is not None else None
+        if d is None:
+            return None
+        out.append(d.float().reciprocal_())
+    return out
+
+
+def keeps_second_moment(optimizer: torch.optim.Optimizer) -> bool | None:
+    """True/False once the optimizer has state; None before its first step."""
+    states = [s for s in optimizer.state.values() if s]
+    if not states:
+        return None
+    return any(k in s for s in states for k in SECOND_MOMENTS)
+
+
+class WeightedMicroBatchNorms(MicroBatchNorms):
+    """:class:`MicroBatchNorms` of g ⊙ w: ``weights`` (one tensor per parameter) are set before
+    each optimizer step's first backward; while they are None nothing is recorded."""
+
+    def __init__(self, params: Iterable[nn.Parameter]) -> None:
+        super().__init__(params)
+        self.weights: list[Tensor] | None = None
+
+    def attach(self) -> None:
+        self.detach()
+        self._handles = [
+            p.register_hook(partial(self._weighted, i)) for i, p in enumerate(self.params)
+        ]
+
+    def _weighted(self, i: int, grad: Tensor) -> None:
+        if self.weights is not None:
+            g = grad.detach().float().mul(self.weights[i]).reshape(-1)
+            self._parts.append(torch.dot(g, g))
+
+    def big_sq(self) -> Tensor | None:
+        """Σ_p |grad_p ⊙ w_p|² of the optimizer's ``.grad`` (None without weights or grads)."""
+        if self.weights is None:
+            return None
+        both = zip(self.params, self.weights, strict=True)
+        pairs = [(p.grad, w) for p, w in both if p.grad is not None]
+        if not pairs:
+            return None
+        scaled = torch._foreach_mul([g.float() for g, _ in pairs], [w for _, w in pairs])
+        return torch.stack(torch._foreach_norm(scaled, 2.0)).square().sum()
