@@ -158,7 +158,7 @@ class _StepFeed:
         except SkipStep as skip:
             if not skip.silent:
                 self.precond_tracker.record(None)
-            elif keeps_second_moment(self.precond.optimizer) is False:
+            elif self.precond.steps > 1 and not keeps_second_moment(self.precond.optimizer):
                 self.warn(
                     "preconditioner",
                     "GradientNoiseScale(preconditioned=True): the optimizer keeps no "

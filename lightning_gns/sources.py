@@ -262,12 +262,14 @@ class PreconditionedSource(MicroBatchSource):
         self.columns = [PRECONDITIONED]
         self.norms: WeightedMicroBatchNorms = WeightedMicroBatchNorms(params)
         self.optimizer = optimizer
+        self.steps = 0  # optimizer steps seen
 
     def start_micro_batch(self, batch_size: int) -> None:
         if self.norms.weights is None:  # once per step: the state changes only when stepping
             self.norms.weights = inverse_preconditioner(self.optimizer, self.params)
 
     def end_step(self, units: Units) -> StepNorms:
+        self.steps += 1
         try:
             if self.norms.weights is None:
                 self.norms.take()
