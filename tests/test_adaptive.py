@@ -150,7 +150,8 @@ def test_resume_continues_with_the_same_batch_rate_and_estimate(tmp_path) -> Non
             **trainer_kwargs(root, max_epochs=epochs, enable_checkpointing=True),
             callbacks=[gns, ada, *callbacks],
         )
-        trainer.fit(Classifier(trained_mlp(), lr=0.05, batch_size=16, shuffle=False), ckpt_path=ckpt)
+        module = Classifier(trained_mlp(), lr=0.05, batch_size=16, shuffle=False)
+        trainer.fit(module, ckpt_path=ckpt)
         return trainer, gns, ada
 
     _, full_gns, full = run(3, tmp_path / "full")
