@@ -289,6 +289,13 @@ class GradientNoiseScale(Callback):
         self._trainer: pl.Trainer | None = None
 
     @property
+    @override
+    def state_key(self) -> str:
+        """One checkpoint entry per configuration, so e.g. ``layers="all"`` and ``"norm"`` can
+        run side by side in one Trainer."""
+        return self._generate_state_key(source=self.source, layers=self.layers)
+
+    @property
     def tracker(self) -> GNSTracker | None:
         """The estimators' state (a torchmetrics ``Metric``), once fitting started."""
         return self._feed.tracker

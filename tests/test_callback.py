@@ -12,6 +12,7 @@ from helpers import Classifier, digits, exact_gns, mlp, trainer_kwargs
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gns import GradientNoiseScale
 
@@ -313,3 +314,26 @@ def test_bf16_autocast_with_a_layer_covered_by_the_fallback(tmp_path) -> None:
     assert cb.left_out == {} and cb.coverage == 1.0
     x, y = digits()
     assert_close(cb, exact_gns(model, x, y), tol=0.25)
+
+
+def test_two_callbacks_side_by_side_all_layers_and_norm_layers(tmp_path) -> None:
+    """Each one's structural check re-runs modules: the other's hooks must not count that as
+    a second call; each has its own checkpoint entry."""
+    from examples.digits import DigitsClassifier
+
+    everything = GradientNoiseScale(log_every_n_steps=5)
+    norm = GradientNoiseScale(log_every_n_steps=5, layers="norm", source="per_example")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_steps=40, enable_checkpointing=True),
+        callbacks=[everything, norm, ckpt],
+    )
+    module = DigitsClassifier(hidden=32, lr=0.0)
+    x, y = digits()
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    trainer.fit(module, train_dataloaders=loader)
+    assert everything.coverage == 1.0 and 0 < norm.coverage < 0.1
+    assert everything.values.steps > 30 and norm.values.steps > 30
+    assert not norm.left_out
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["callbacks"]
+    assert {everything.state_key, norm.state_key} <= set(saved)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gns.norms.generic import as_param_dtype, leaves_of
+from lightning_gns.norms.generic import as_param_dtype, leaves_of, replaying
 
 if TYPE_CHECKING:
     from lightning_gns.norms.hooks import PerExampleNorms, _Site
@@ -64,15 +64,13 @@ class StructuralCheck:
         for name, site in list(norms.sites.items()):
             reason = _call_problem(site)
             if reason is None:
-                norms.recomputing = True
                 try:
-                    for attr, gr in _local_grads(site).items():
-                        key = id(site.params[attr])
-                        local[key] = gr if key not in local else local[key] + gr
+                    with replaying():
+                        for attr, gr in _local_grads(site).items():
+                            key = id(site.params[attr])
+                            local[key] = gr if key not in local else local[key] + gr
                 except Exception as err:  # noqa: BLE001 - anything odd means: do not trust it
                     reason = f"could not verify its gradient ({err})"
-                finally:
-                    norms.recomputing = False
             if reason is not None:
                 norms.leave_out(name, reason)
         for name, site in list(norms.sites.items()):

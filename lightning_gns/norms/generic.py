@@ -13,12 +13,32 @@ vmapped forward and backward of the module, on top of the training step's.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+_replays = 0  # > 0 while a check or the fallback re-runs a module
+
+
+@contextmanager
+def replaying() -> Iterator[None]:
+    """Re-running a module (the structural check, the fallback): every per-example hook of
+    every instance stays quiet, so two callbacks on one model do not see a second call."""
+    global _replays
+    _replays += 1
+    try:
+        yield
+    finally:
+        _replays -= 1
+
+
+def is_replaying() -> bool:
+    return _replays > 0
 
 
 def batch_dim(t: Tensor, batch: int, batch_first: bool = True) -> int | None:

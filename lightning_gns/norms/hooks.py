@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gns.norms.check import StructuralCheck, not_a_batch
-from lightning_gns.norms.generic import generic_sq_norms, leaves_of
+from lightning_gns.norms.generic import generic_sq_norms, is_replaying, leaves_of, replaying
 from lightning_gns.norms.rules import grad_sample_rule_for, norm_rule_for
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
@@ -297,7 +297,6 @@ class PerExampleNorms:
         self._shared_acc: dict[int, Tensor] = {}
         self._batch_size: int | None = None
         self._bad: str | None = None
-        self.recomputing = False  # the check re-runs modules: their hooks must stay quiet
         self._check: StructuralCheck | None = None
         self.sites, self.left_out = find_sites(model, layers)
 
@@ -377,7 +376,7 @@ class PerExampleNorms:
 
     def _make_forward_hook(self, site: _Site):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if self.recomputing or not torch.is_grad_enabled():
+            if is_replaying() or not torch.is_grad_enabled():
                 return
             if not isinstance(output, Tensor) or not args:
                 return
@@ -408,7 +407,7 @@ class PerExampleNorms:
 
     def _make_generic_hook(self, site: _Site):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-            if self.recomputing or not torch.is_grad_enabled():
+            if is_replaying() or not torch.is_grad_enabled():
                 return
             leaves = leaves_of(output)
             if not any(isinstance(t, Tensor) and t.requires_grad for t in leaves):
@@ -429,16 +428,14 @@ class PerExampleNorms:
         if site.inputs is None or not site.out_grads or not site.active:
             return
         b = self._batch_size or leaves_of(site.outputs)[0].shape[0]
-        self.recomputing = True  # the functional forward must not re-enter these hooks
         try:
             params, inputs, outs, grads = site.params, site.inputs, site.outputs, site.out_grads
-            sq = generic_sq_norms(site.module, params, inputs, outs, grads, b)
+            with replaying():  # the functional forward must not re-enter any hooks
+                sq = generic_sq_norms(site.module, params, inputs, outs, grads, b)
         except Exception as err:  # noqa: BLE001 - never break the user's step
             kind, why = type(site.module).__name__, f"{type(err).__name__}: {err}"
             self._fail(site, f"{kind} has no rule and torch.func failed ({why})")
             return
-        finally:
-            self.recomputing = False
         k = self.examples_per_batch
         self._add(site, sq[:k] if k is not None else sq)
 

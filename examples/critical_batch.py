@@ -1,0 +1,358 @@
+"""Does B_simple predict the critical batch size, and does growing the batch pay? (CPU)
+
+For each task (scikit-learn's digits with an MLP; a character-level language model on the
+dataset descriptions that ship with scikit-learn), and each batch size B of a sweep, the
+learning rate is tuned on a small grid (Adam) and the optimizer steps S to a fixed training
+loss are recorded (E = B·S examples). The paper's Pareto law S/S_min − 1 = (E/E_min − 1)⁻¹,
+i.e. S(B) = S_min + E_min/B (McCandlish et al. 2018, eq. 2.11), is fitted to the best run
+per B, giving B_crit = E_min/S_min. Every run also carries the callback, which measures the
+plain, Adam-preconditioned and normalization-layer noise scales; their averages over the
+runs are compared with B_crit. Finally :class:`~lightning_gns.adaptive.AdaptiveBatchSize`
+starts at the smallest batch and is compared with every fixed batch: steps, examples and
+wall time to the same loss.
+
+    python examples/critical_batch.py            # the full setting, about 15 minutes on 2 cores
+    python examples/critical_batch.py --quick    # a small setting (the test suite runs it)
+
+Writes ``table.md``, ``results.json``, ``pareto.png`` and ``adaptive.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+from lightning_gns import GradientNoiseScale
+from lightning_gns.adaptive import AdaptiveBatchSize
+
+# -- tasks --------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    name: str
+    data: TensorDataset
+    model: nn.Module  # initial weights (copied for every run)
+    target: float  # training loss to reach
+    base_lr: float  # Adam LR at B = 32; the grid is around base_lr·√(B/32)
+    max_steps: int
+
+
+def digits_task(quick: bool) -> Task:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.LayerNorm(128), nn.Tanh(), nn.Linear(128, 10)
+    )
+    data = TensorDataset(x, torch.tensor(d.target))
+    return Task("digits", data, model, 0.05 if quick else 0.02, 3e-3, 800 if quick else 4000)
+
+
+def charlm_text() -> str:
+    """The dataset descriptions shipped with scikit-learn (~80 kB of English text)."""
+    import sklearn.datasets
+
+    descr = Path(sklearn.datasets.__file__).parent / "descr"
+    return "\n".join(p.read_text() for p in sorted(descr.glob("*.rst")))
+
+
+class CharMLP(nn.Module):
+    """A Bengio-style character model: the last ``context`` characters → the next one."""
+
+    def __init__(self, vocab: int, context: int = 8, dim: int = 24, hidden: int = 256) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.net = nn.Sequential(
+            nn.Linear(context * dim, hidden), nn.LayerNorm(hidden), nn.Tanh(),
+            nn.Linear(hidden, vocab),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.embed(x).flatten(1))
+
+
+def charlm_task(quick: bool, context: int = 8) -> Task:
+    text = charlm_text()
+    chars = sorted(set(text))
+    ids = torch.tensor([chars.index(c) for c in text])
+    windows = ids.unfold(0, context + 1, 1)
+    torch.manual_seed(0)
+    model = CharMLP(len(chars), context)
+    data = TensorDataset(windows[:, :-1].contiguous(), windows[:, -1].contiguous())
+    return Task("charlm", data, model, 2.2 if quick else 1.9, 3e-3, 800 if quick else 4000)
+
+
+# -- one training run ---------------------------------------------------------------------
+
+
+class Net(pl.LightningModule):
+    def __init__(self, task: Task, lr: float, micro: int, seed: int) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(task.model)
+        self.task, self.lr, self.micro, self.seed = task, lr, micro, seed
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        n = self.micro * 100_000  # with replacement: as many batches as any run needs
+        sampler = RandomSampler(self.task.data, replacement=True, num_samples=n, generator=gen)
+        return DataLoader(self.task.data, batch_size=self.micro, sampler=sampler)
+
+
+@dataclass
+class Run:
+    task: str
+    batch: int
+    lr: float
+    steps: float = math.inf  # optimizer steps to the target (inf: not reached)
+    examples: float = math.inf
+    seconds: float = math.inf
+    b_simple: list[float] = field(default_factory=list)  # raw read-outs until the target
+    preconditioned: list[float] = field(default_factory=list)
+    norm: list[float] = field(default_factory=list)
+    curve: list[tuple[int, float, float]] = field(default_factory=list)  # step, examples, loss
+    adaptive: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ToTarget(pl.Callback):
+    """Evaluates the training loss every ``every`` steps on a fixed subset; stops at target;
+    keeps the noise-scale read-outs (the raw ratio, known or not)."""
+
+    def __init__(self, run: Run, task: Task, gns: list[GradientNoiseScale], every: int) -> None:
+        self.run, self.task, self.gns, self.every = run, task, gns, every
+        gen = torch.Generator().manual_seed(1)
+        n = len(task.data)
+        self.idx = torch.randperm(n, generator=gen)[: min(n, 4096)]
+        self.examples = 0
+        self.start = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.examples += len(batch[1])
+        step = trainer.global_step
+        if step % self.every or step == 0 or self.run.curve and self.run.curve[-1][0] == step:
+            return
+        plain, norm = self.gns
+        if plain.values.steps:
+            self.run.b_simple.append(plain.values.b_simple)
+            self.run.norm.append(norm.values.b_simple)
+            if plain.preconditioned:
+                self.run.preconditioned.append(plain.preconditioned_values.b_simple)
+        x, y = self.task.data[self.idx]
+        with torch.no_grad():
+            loss = float(nn.functional.cross_entropy(pl_module.model(x), y))
+        self.run.curve.append((step, self.examples, loss))
+        if loss <= self.task.target:
+            self.run.steps, self.run.examples = step, self.examples
+            self.run.seconds = time.perf_counter() - self.start
+            trainer.should_stop = True
+
+
+def train(
+    task: Task, batch: int, lr: float, seed: int = 0, adaptive: AdaptiveBatchSize | None = None
+) -> Run:
+    """One run at batch B (2 micro-batches of B/2, so the preconditioned scale is measured),
+    or, with ``adaptive``, micro-batches of B growing by accumulation."""
+    run = Run(task.name, batch, lr)
+    micro, acc = (batch, 1) if adaptive else (batch // 2, 2)
+    gns = GradientNoiseScale(log_every_n_steps=10, preconditioned=adaptive is None)
+    norm = GradientNoiseScale(log_every_n_steps=10, layers="norm", source="per_example")
+    cbs: list[pl.Callback] = [gns, norm, ToTarget(run, task, [gns, norm], every=10)]
+    if adaptive is not None:
+        cbs.append(adaptive)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=task.max_steps, accumulate_grad_batches=acc,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=cbs,
+    )  # fmt: skip
+    trainer.fit(Net(task, lr, micro, seed))
+    if adaptive is not None:
+        run.adaptive = [asdict(c) for c in adaptive.changes]
+    return run
+
+
+# -- the sweep, the fit, the comparison ---------------------------------------------------
+
+
+def sweep(task: Task, batches: list[int], grid: list[float], log: Any) -> dict[int, Run]:
+    """The best run (fewest steps to the target) per batch size over the LR grid."""
+    best: dict[int, Run] = {}
+    for b in batches:
+        for g in grid:
+            lr = task.base_lr * g * math.sqrt(b / 32)
+            run = train(task, b, lr)
+            log(f"{task.name} B={b:5d} lr={lr:.2e}: steps {run.steps}")
+            if b not in best or run.steps < best[b].steps:
+                best[b] = run
+    return best
+
+
+def fit_pareto(batches: list[int], steps: list[float]) -> tuple[float, float]:
+    """S(B) = S_min + E_min/B (eq. 2.11), least squares on log S; returns (S_min, E_min)."""
+    from scipy.optimize import least_squares
+
+    b, s = np.asarray(batches, float), np.asarray(steps, float)
+
+    def resid(p: np.ndarray) -> np.ndarray:
+        return np.log(np.exp(p[0]) + np.exp(p[1]) / b) - np.log(s)
+
+    start = np.log([max(s.min() / 2, 1.0), max(s.max() * b.min() / 2, 1.0)])
+    p = least_squares(resid, start).x
+    return float(np.exp(p[0])), float(np.exp(p[1]))
+
+
+def _gmean(xs: list[float]) -> float:
+    xs = [x for x in xs if math.isfinite(x) and x > 0]
+    return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else math.nan
+
+
+def summarise(task: Task, best: dict[int, Run]) -> dict[str, Any]:
+    reached = {b: r for b, r in best.items() if math.isfinite(r.steps)}
+    s_min, e_min = fit_pareto(list(reached), [r.steps for r in reached.values()])
+    return {
+        "task": task.name,
+        "target_loss": task.target,
+        "s_min": s_min,
+        "e_min": e_min,
+        "b_crit": e_min / s_min,
+        # the paper's comparison: B_simple averaged over training (geometric mean of the
+        # read-outs of every best run), and at the target (the last read-out of each)
+        "b_simple": _gmean([x for r in reached.values() for x in r.b_simple]),
+        "b_simple_at_target": _gmean([r.b_simple[-1] for r in reached.values() if r.b_simple]),
+        "preconditioned": _gmean([x for r in reached.values() for x in r.preconditioned]),
+        "norm": _gmean([x for r in reached.values() for x in r.norm]),
+        "runs": {b: asdict(r) for b, r in best.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small setting (a minute)")
+    parser.add_argument("--out", default="results/critical_batch")
+    parser.add_argument("--tasks", default="digits,charlm")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = [8, 32, 128, 512] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1024]
+    grid = [0.5, 2.0] if args.quick else [0.25, 0.5, 1.0, 2.0, 4.0]
+    makers = {"digits": digits_task, "charlm": charlm_task}
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    results = []
+    for name in args.tasks.split(","):
+        task = makers[name](args.quick)
+        best = sweep(task, batches, grid, log)
+        summary = summarise(task, best)
+        # adaptive: from the smallest batch at its best LR (Adam: √ scaling), up to the largest
+        b0 = batches[0]
+        ada = AdaptiveBatchSize(max_accumulate=batches[-1] // b0, min_steps_between=20)
+        run = train(task, b0, best[b0].lr, adaptive=ada)
+        summary["adaptive"] = asdict(run)
+        log(f"{name}: B_crit {summary['b_crit']:.0f}, B_simple {summary['b_simple']:.0f}; "
+            f"adaptive: steps {run.steps}, examples {run.examples}")  # fmt: skip
+        results.append(summary)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "table.md").write_text(table(results))
+    plot(results, out)
+    print(table(results))
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| task | target loss | B_crit (fit) | B_simple (mean over runs) | at target "
+        "| preconditioned | norm layers | B_simple / B_crit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['task']} | {r['target_loss']} | {r['b_crit']:.0f} | {r['b_simple']:.0f} | "
+            f"{r['b_simple_at_target']:.0f} | {r['preconditioned']:.0f} | {r['norm']:.0f} | "
+            f"{r['b_simple'] / r['b_crit']:.2f} |"
+        )
+    lines += ["", "| task | schedule | steps | examples | seconds |", "|---|---|---|---|---|"]
+    for r in results:
+        for b, run in sorted(r["runs"].items(), key=lambda kv: int(kv[0])):
+            lines.append(
+                f"| {r['task']} | fixed B={b} (lr {run['lr']:.1e}) | {run['steps']} | "
+                f"{run['examples']} | {run['seconds']:.1f} |"
+            )
+        a = r["adaptive"]
+        grown = " → ".join(str(int(c["batch_size"])) for c in a["adaptive"])
+        lines.append(
+            f"| {r['task']} | adaptive from B={a['batch']} ({grown or 'no change'}) | "
+            f"{a['steps']} | {a['examples']} | {a['seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        runs = {int(b): v for b, v in r["runs"].items() if math.isfinite(v["steps"])}
+        bs = np.array(sorted(runs))
+        ax.loglog([runs[b]["examples"] for b in bs], [runs[b]["steps"] for b in bs], "o", label="best run per B")
+        grid = np.geomspace(bs.min() / 2, bs.max() * 2, 100)
+        ax.loglog(r["e_min"] * (1 + grid / r["b_crit"]), r["s_min"] * (1 + r["b_crit"] / grid), "-", label=f"fit: B_crit = {r['b_crit']:.0f}")
+        a = r["adaptive"]
+        if math.isfinite(a["steps"]):
+            ax.loglog([a["examples"]], [a["steps"]], "*", ms=14, label="adaptive")
+        ax.set(xlabel="examples to target", ylabel="steps to target", title=f"{r['task']}: B_simple ≈ {r['b_simple']:.0f}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        for b, run in sorted(r["runs"].items(), key=lambda kv: int(kv[0])):
+            c = np.array(run["curve"])
+            if len(c):
+                ax.semilogx(c[:, 1], c[:, 2], lw=1, alpha=0.7, label=f"B={b}")
+        c = np.array(r["adaptive"]["curve"])
+        if len(c):
+            ax.semilogx(c[:, 1], c[:, 2], "k", lw=2.2, label="adaptive")
+        ax.axhline(r["target_loss"], color="grey", ls=":")
+        ax.set(xlabel="examples", ylabel="training loss", title=r["task"])
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "adaptive.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
