@@ -59,9 +59,7 @@ def digits_task(quick: bool) -> Task:
     x = torch.tensor(d.data, dtype=torch.float32)
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(64, 128), nn.LayerNorm(128), nn.Tanh(), nn.Linear(128, 10)
-    )
+    model = nn.Sequential(nn.Linear(64, 128), nn.LayerNorm(128), nn.Tanh(), nn.Linear(128, 10))
     data = TensorDataset(x, torch.tensor(d.target))
     return Task("digits", data, model, 0.05 if quick else 0.02, 3e-3, 800 if quick else 4000)
 
@@ -97,7 +95,7 @@ def charlm_task(quick: bool, context: int = 8) -> Task:
     torch.manual_seed(0)
     model = CharMLP(len(chars), context)
     data = TensorDataset(windows[:, :-1].contiguous(), windows[:, -1].contiguous())
-    return Task("charlm", data, model, 2.2 if quick else 1.9, 3e-3, 800 if quick else 4000)
+    return Task("charlm", data, model, 2.2 if quick else 2.3, 3e-3, 800 if quick else 8000)
 
 
 # -- one training run ---------------------------------------------------------------------
@@ -139,7 +137,8 @@ class Run:
 
 
 class ToTarget(pl.Callback):
-    """Evaluates the training loss every ``every`` steps on a fixed subset; stops at target;
+    """Evaluates the training loss on a fixed subset (every step up to 50, then every
+    ``every``); stops at the target;
     keeps the noise-scale read-outs (the raw ratio, known or not)."""
 
     def __init__(self, run: Run, task: Task, gns: list[GradientNoiseScale], every: int) -> None:
@@ -147,7 +146,7 @@ class ToTarget(pl.Callback):
         gen = torch.Generator().manual_seed(1)
         n = len(task.data)
         self.idx = torch.randperm(n, generator=gen)[: min(n, 4096)]
-        self.examples = 0
+        self.examples = self.reads = 0
         self.start = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -155,15 +154,17 @@ class ToTarget(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.examples += len(batch[1])
-        step = trainer.global_step
-        if step % self.every or step == 0 or self.run.curve and self.run.curve[-1][0] == step:
-            return
         plain, norm = self.gns
-        if plain.values.steps:
+        if plain.reads > self.reads:  # a new read-out of the three noise scales
+            self.reads = plain.reads
             self.run.b_simple.append(plain.values.b_simple)
             self.run.norm.append(norm.values.b_simple)
             if plain.preconditioned:
                 self.run.preconditioned.append(plain.preconditioned_values.b_simple)
+        step = trainer.global_step
+        due = step <= 50 or step % self.every == 0  # every step early: short runs are exact
+        if not due or step == 0 or self.run.curve and self.run.curve[-1][0] == step:
+            return
         x, y = self.task.data[self.idx]
         with torch.no_grad():
             loss = float(nn.functional.cross_entropy(pl_module.model(x), y))
@@ -183,7 +184,7 @@ def train(
     micro, acc = (batch, 1) if adaptive else (batch // 2, 2)
     gns = GradientNoiseScale(log_every_n_steps=10, preconditioned=adaptive is None)
     norm = GradientNoiseScale(log_every_n_steps=10, layers="norm", source="per_example")
-    cbs: list[pl.Callback] = [gns, norm, ToTarget(run, task, [gns, norm], every=10)]
+    cbs: list[pl.Callback] = [gns, norm, ToTarget(run, task, [gns, norm], every=5)]
     if adaptive is not None:
         cbs.append(adaptive)
     trainer = pl.Trainer(
@@ -262,7 +263,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     batches = [8, 32, 128, 512] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1024]
-    grid = [0.5, 2.0] if args.quick else [0.25, 0.5, 1.0, 2.0, 4.0]
+    grid = [0.5, 2.0] if args.quick else [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
     makers = {"digits": digits_task, "charlm": charlm_task}
 
     def log(msg: str) -> None:
@@ -275,11 +276,13 @@ def main() -> None:
         summary = summarise(task, best)
         # adaptive: from the smallest batch at its best LR (Adam: √ scaling), up to the largest
         b0 = batches[0]
-        ada = AdaptiveBatchSize(max_accumulate=batches[-1] // b0, min_steps_between=20)
-        run = train(task, b0, best[b0].lr, adaptive=ada)
-        summary["adaptive"] = asdict(run)
-        log(f"{name}: B_crit {summary['b_crit']:.0f}, B_simple {summary['b_simple']:.0f}; "
-            f"adaptive: steps {run.steps}, examples {run.examples}")  # fmt: skip
+        summary["adaptive"] = {}
+        for rule in ("lower_bound", "sqrt"):
+            ada = AdaptiveBatchSize(batches[-1] // b0, rule=rule, min_steps_between=20)  # type: ignore[arg-type]
+            run = train(task, b0, best[b0].lr, adaptive=ada)
+            summary["adaptive"][rule] = asdict(run)
+            log(f"{name}: adaptive ({rule}): steps {run.steps}, examples {run.examples}")
+        log(f"{name}: B_crit {summary['b_crit']:.0f}, B_simple {summary['b_simple']:.0f}")
         results.append(summary)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "table.md").write_text(table(results))
@@ -306,12 +309,12 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"| {r['task']} | fixed B={b} (lr {run['lr']:.1e}) | {run['steps']} | "
                 f"{run['examples']} | {run['seconds']:.1f} |"
             )
-        a = r["adaptive"]
-        grown = " → ".join(str(int(c["batch_size"])) for c in a["adaptive"])
-        lines.append(
-            f"| {r['task']} | adaptive from B={a['batch']} ({grown or 'no change'}) | "
-            f"{a['steps']} | {a['examples']} | {a['seconds']:.1f} |"
-        )
+        for rule, a in r["adaptive"].items():
+            grown = " → ".join(str(int(c["batch_size"])) for c in a["adaptive"])
+            lines.append(
+                f"| {r['task']} | adaptive ({rule}) from B={a['batch']} "
+                f"({grown or 'no change'}) | {a['steps']} | {a['examples']} | {a['seconds']:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -325,13 +328,27 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
     for ax, r in zip(axes[0], results, strict=True):
         runs = {int(b): v for b, v in r["runs"].items() if math.isfinite(v["steps"])}
         bs = np.array(sorted(runs))
-        ax.loglog([runs[b]["examples"] for b in bs], [runs[b]["steps"] for b in bs], "o", label="best run per B")
+        ax.loglog(
+            [runs[b]["examples"] for b in bs],
+            [runs[b]["steps"] for b in bs],
+            "o",
+            label="best run per B",
+        )
         grid = np.geomspace(bs.min() / 2, bs.max() * 2, 100)
-        ax.loglog(r["e_min"] * (1 + grid / r["b_crit"]), r["s_min"] * (1 + r["b_crit"] / grid), "-", label=f"fit: B_crit = {r['b_crit']:.0f}")
-        a = r["adaptive"]
-        if math.isfinite(a["steps"]):
-            ax.loglog([a["examples"]], [a["steps"]], "*", ms=14, label="adaptive")
-        ax.set(xlabel="examples to target", ylabel="steps to target", title=f"{r['task']}: B_simple ≈ {r['b_simple']:.0f}")
+        ax.loglog(
+            r["e_min"] * (1 + grid / r["b_crit"]),
+            r["s_min"] * (1 + r["b_crit"] / grid),
+            "-",
+            label=f"fit: B_crit = {r['b_crit']:.0f}",
+        )
+        for (rule, a), mark in zip(r["adaptive"].items(), "*P", strict=False):
+            if math.isfinite(a["steps"]):
+                ax.loglog([a["examples"]], [a["steps"]], mark, ms=12, label=f"adaptive ({rule})")
+        ax.set(
+            xlabel="examples to target",
+            ylabel="steps to target",
+            title=f"{r['task']}: B_simple ≈ {r['b_simple']:.0f}",
+        )
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=110)
@@ -343,9 +360,10 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
             c = np.array(run["curve"])
             if len(c):
                 ax.semilogx(c[:, 1], c[:, 2], lw=1, alpha=0.7, label=f"B={b}")
-        c = np.array(r["adaptive"]["curve"])
-        if len(c):
-            ax.semilogx(c[:, 1], c[:, 2], "k", lw=2.2, label="adaptive")
+        for (rule, a), style in zip(r["adaptive"].items(), ("k-", "k--"), strict=False):
+            c = np.array(a["curve"])
+            if len(c):
+                ax.semilogx(c[:, 1], c[:, 2], style, lw=2.2, label=f"adaptive ({rule})")
         ax.axhline(r["target_loss"], color="grey", ls=":")
         ax.set(xlabel="examples", ylabel="training loss", title=r["task"])
         ax.legend(fontsize=7, ncol=2)

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from lightning_gns.adaptive import AdaptiveBatchSize
 from lightning_gns.analyzer import GradientNoiseAnalyzer
 from lightning_gns.callback import GradientNoiseScale
 from lightning_gns.estimator import GNSEstimator, GNSValues
@@ -10,6 +11,7 @@ from lightning_gns.tracker import GNSTracker
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveBatchSize",
     "GNSEstimator",
     "GNSTracker",
     "GNSValues",

@@ -1,0 +1,33 @@
+"""The validation experiment of examples/critical_batch.py in its small setting."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "examples" / "critical_batch.py"
+
+
+def test_quick_experiment_writes_its_table_and_plots(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--tasks", "digits", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("table.md", "results.json", "pareto.png", "adaptive.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    (r,) = json.loads((tmp_path / "results.json").read_text())
+    assert math.isfinite(r["b_crit"]) and r["b_crit"] > 0
+    for key in ("b_simple", "preconditioned", "norm"):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    steps = [run["steps"] for run in r["runs"].values()]
+    assert all(math.isfinite(s) for s in steps)  # every batch size reached the target
+    assert steps == sorted(steps, reverse=True)  # larger batches: fewer steps
+    grown = r["adaptive"]["lower_bound"]["adaptive"]
+    assert grown and grown[-1]["new"] > 1  # the adaptive run changed its batch
+    assert "B_crit (fit)" in (tmp_path / "table.md").read_text()
