@@ -81,6 +81,14 @@ def _units(trainer: pl.Trainer, reduction: str) -> Units:
     return Units(trainer.accumulate_grad_batches, reduction, inv, trainer.world_size)  # type: ignore[arg-type]
 
 
+def _batch_size(batch: Any) -> int:
+    """Lightning's inference (the first tensor's dim 0), with a fast path for the usual
+    ``(x, y, ...)`` of tensors."""
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0].shape[0] if batch[0].dim() else 1
+    return extract_batch_size(batch)
+
+
 class _StepFeed:
     """The per-step path, on the device only: each micro-batch's size (``batch_size_fn`` or
     Lightning's inference, checked once against what the layers see) and norms from the
@@ -106,7 +114,7 @@ class _StepFeed:
 
     def start(self, batch: Any) -> None:
         try:
-            self.current = int(self.fn(batch) if self.fn else extract_batch_size(batch))
+            self.current = int(self.fn(batch) if self.fn else _batch_size(batch))
         except Exception:  # noqa: BLE001 - an odd batch only costs this step
             self.current = 0
         if self.current < 1:
@@ -280,6 +288,7 @@ class GradientNoiseScale(Callback):
         self.values = GNSValues.unknown()
         self.preconditioned_values = GNSValues.unknown()
         self.reads = 0  # read-outs so far (AdaptiveBatchSize acts on each new one)
+        self._state_key: str | None = None
         self.layer_values: dict[str, GNSValues] = {}
         self._saved: dict[str, Any] | None = None  # checkpoint state until fit start
         self._warned: set[str] = set()
@@ -293,7 +302,9 @@ class GradientNoiseScale(Callback):
     def state_key(self) -> str:
         """One checkpoint entry per configuration, so e.g. ``layers="all"`` and ``"norm"`` can
         run side by side in one Trainer."""
-        return self._generate_state_key(source=self.source, layers=self.layers)
+        if self._state_key is None:  # Lightning asks on every hook call: build it once
+            self._state_key = self._generate_state_key(source=self.source, layers=self.layers)
+        return self._state_key
 
     @property
     def tracker(self) -> GNSTracker | None:
