@@ -13,6 +13,7 @@ ratio between repeats.
 
     python benchmarks/overhead.py                     # CPU, defaults (a few minutes)
     python benchmarks/overhead.py --device cuda --precision 16-mixed
+    python benchmarks/overhead.py --compile           # torch.compile'd model, with and without
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ def fit_once(
     """
     torch.manual_seed(seed)
     module = work.make_module()
+    if args.compile:  # dynamo does not guard on hooks: drop graphs of the previous fit
+        torch._dynamo.reset()
+        module.model = torch.compile(module.model)
     per_step = args.accumulate // setting.accumulate
     steps = args.warmup + (work.steps * per_step if timed else 0)
     n = steps * setting.accumulate * work.batch_size
@@ -266,6 +270,11 @@ def main() -> None:
         help="also time per_example with this examples_per_batch (0: skip)",
     )
     p.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model in every fit (with and without the callback)",
+    )
     args = p.parse_args()
     if args.accumulate < 2:
         p.error("--accumulate must be at least 2 (the micro_batch source needs two)")
@@ -278,7 +287,8 @@ def main() -> None:
     headers = ["workload", "setting", "without (ms)", "with (ms)", "ratio", "ratio per repeat"]
     print(
         f"\nGradientNoiseScale overhead on {describe_device(args.device)}, precision "
-        f"{args.precision}, torch {torch.__version__}, median of {args.repeats} interleaved "
+        f"{args.precision}{', compiled' if args.compile else ''}, torch {torch.__version__}, "
+        f"median of {args.repeats} interleaved "
         f"fits per setting ({time.perf_counter() - t0:.0f} s)\n"
     )
     print(markdown_table(headers, rows))

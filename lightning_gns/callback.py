@@ -221,6 +221,13 @@ class _StepFeed:
         self.recent.extend(sd.get("micro_sizes", []))
 
 
+def _compiled(pl_module: pl.LightningModule) -> bool:
+    """Whether ``torch.compile`` wraps the module (Lightning's ``from_compiled``) or a part."""
+    if getattr(pl_module, "_compiler_ctx", None) is not None:
+        return True
+    return any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in pl_module.modules())
+
+
 def _several_gradients_per_step(trainer: pl.Trainer) -> bool:
     """Whether steps combine several micro-batch or rank gradients (now or by a schedule)."""
     if trainer.accumulate_grad_batches > 1 or trainer.world_size > 1:
@@ -244,9 +251,9 @@ class GradientNoiseScale(Callback):
             and 10,000 steps whose 95% interval is precise; a float in (0, 1): a fixed EMA
             window of about 1/(1 − β) steps. A resumed run keeps this choice (warned if the
             checkpoint's differs).
-        source: ``auto`` takes per-example norms when they cover every trainable parameter,
-            with ``layers="norm"``, or when a step has no second micro-batch/rank gradient;
-            micro-batches otherwise.
+        source: ``auto`` takes per-example norms when they cover every trainable parameter
+            of a model that is not compiled, with ``layers="norm"``, or when a step has no
+            second micro-batch/rank gradient; micro-batches otherwise.
         layers: per-example layers: ``all`` or ``norm`` (normalization layers only, a cheap
             proxy in transformers).
         loss_reduction: how the loss combines examples: ``mean`` or ``sum``.
@@ -375,9 +382,18 @@ class GradientNoiseScale(Callback):
                 self.per_layer,
                 self.examples_per_batch,
                 saved.get("left_out"),
+                compiled=_compiled(pl_module),
             )
         except ValueError as err:
             raise RuntimeError(f"GradientNoiseScale: {err}") from None
+        if source.name == "per_example" and _compiled(pl_module):
+            self._warn_once(
+                "compile",
+                "GradientNoiseScale: the model is compiled, and per-example norms need module "
+                "hooks that split its graph (a few graph breaks per layer). The micro-batch "
+                "source compiles whole: set Trainer(accumulate_grad_batches>=2) or use DDP "
+                "(the default source='auto' then takes it)",
+            )
         source.attach()
         self._trainer = trainer
         self._feed.source = source
