@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_gns import GradientNoiseScale
 from lightning_gns.adaptive import AdaptiveBatchSize
+from lightning_gns.estimator import GNSValues
 
 # -- tasks --------------------------------------------------------------------------------
 
@@ -129,9 +130,10 @@ class Run:
     steps: float = math.inf  # optimizer steps to the target (inf: not reached)
     examples: float = math.inf
     seconds: float = math.inf
-    b_simple: list[float] = field(default_factory=list)  # raw read-outs until the target
-    preconditioned: list[float] = field(default_factory=list)
-    norm: list[float] = field(default_factory=list)
+    # (|G|², tr(Σ)) at each read-out until the target: plain, preconditioned, norm layers
+    b_simple: list[tuple[float, float]] = field(default_factory=list)
+    preconditioned: list[tuple[float, float]] = field(default_factory=list)
+    norm: list[tuple[float, float]] = field(default_factory=list)
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # step, examples, loss
     adaptive: list[dict[str, Any]] = field(default_factory=list)
 
@@ -157,10 +159,10 @@ class ToTarget(pl.Callback):
         plain, norm = self.gns
         if plain.reads > self.reads:  # a new read-out of the three noise scales
             self.reads = plain.reads
-            self.run.b_simple.append(plain.values.b_simple)
-            self.run.norm.append(norm.values.b_simple)
+            self.run.b_simple.append(_moments(plain.values))
+            self.run.norm.append(_moments(norm.values))
             if plain.preconditioned:
-                self.run.preconditioned.append(plain.preconditioned_values.b_simple)
+                self.run.preconditioned.append(_moments(plain.preconditioned_values))
         step = trainer.global_step
         due = step <= 50 or step % self.every == 0  # every step early: short runs are exact
         if not due or step == 0 or self.run.curve and self.run.curve[-1][0] == step:
@@ -228,6 +230,19 @@ def fit_pareto(batches: list[int], steps: list[float]) -> tuple[float, float]:
     return float(np.exp(p[0])), float(np.exp(p[1]))
 
 
+def _moments(v: GNSValues) -> tuple[float, float]:
+    return (v.grad_norm_sq, v.grad_variance)
+
+
+def over_run(reads: list[tuple[float, float]]) -> float:
+    """B_simple over a run as the paper averages it: mean tr(Σ) / mean |G|² (App. A)."""
+    reads = [(g, t) for g, t in reads if math.isfinite(g) and math.isfinite(t)]
+    if not reads:
+        return math.nan
+    g = statistics.fmean(x for x, _ in reads)
+    return statistics.fmean(t for _, t in reads) / g if g > 0 else math.nan
+
+
 def _gmean(xs: list[float]) -> float:
     xs = [x for x in xs if math.isfinite(x) and x > 0]
     return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else math.nan
@@ -242,12 +257,12 @@ def summarise(task: Task, best: dict[int, Run]) -> dict[str, Any]:
         "s_min": s_min,
         "e_min": e_min,
         "b_crit": e_min / s_min,
-        # the paper's comparison: B_simple averaged over training (geometric mean of the
-        # read-outs of every best run), and at the target (the last read-out of each)
-        "b_simple": _gmean([x for r in reached.values() for x in r.b_simple]),
-        "b_simple_at_target": _gmean([r.b_simple[-1] for r in reached.values() if r.b_simple]),
-        "preconditioned": _gmean([x for r in reached.values() for x in r.preconditioned]),
-        "norm": _gmean([x for r in reached.values() for x in r.norm]),
+        # the paper's comparison: B_simple averaged over training (mean tr(Σ)/mean |G|² over
+        # each best run's read-outs; geometric mean over the runs), and at the target
+        "b_simple": _gmean([over_run(r.b_simple) for r in reached.values()]),
+        "b_simple_at_target": _gmean([over_run(r.b_simple[-1:]) for r in reached.values()]),
+        "preconditioned": _gmean([over_run(r.preconditioned) for r in reached.values()]),
+        "norm": _gmean([over_run(r.norm) for r in reached.values()]),
         "runs": {b: asdict(r) for b, r in best.items()},
     }
 
@@ -257,7 +272,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small setting (a minute)")
     parser.add_argument("--out", default="results/critical_batch")
     parser.add_argument("--tasks", default="digits,charlm")
+    parser.add_argument("--from-json", action="store_true", help="redraw from results.json")
     args = parser.parse_args()
+    if args.from_json:
+        results = json.loads((Path(args.out) / "results.json").read_text())
+        (Path(args.out) / "table.md").write_text(table(results))
+        plot(results, Path(args.out))
+        print(table(results))
+        return
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -302,18 +324,24 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['b_simple_at_target']:.0f} | {r['preconditioned']:.0f} | {r['norm']:.0f} | "
             f"{r['b_simple'] / r['b_crit']:.2f} |"
         )
-    lines += ["", "| task | schedule | steps | examples | seconds |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| task | schedule | steps | examples | seconds | B_simple (run) | preconditioned (run) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for b, run in sorted(r["runs"].items(), key=lambda kv: int(kv[0])):
             lines.append(
                 f"| {r['task']} | fixed B={b} (lr {run['lr']:.1e}) | {run['steps']} | "
-                f"{run['examples']} | {run['seconds']:.1f} |"
+                f"{run['examples']} | {run['seconds']:.1f} | {over_run(run['b_simple']):.0f} | "
+                f"{over_run(run['preconditioned']):.0f} |"
             )
         for rule, a in r["adaptive"].items():
             grown = " → ".join(str(int(c["batch_size"])) for c in a["adaptive"])
             lines.append(
                 f"| {r['task']} | adaptive ({rule}) from B={a['batch']} "
-                f"({grown or 'no change'}) | {a['steps']} | {a['examples']} | {a['seconds']:.1f} |"
+                f"({grown or 'no change'}) | {a['steps']} | {a['examples']} | {a['seconds']:.1f} "
+                f"| {over_run(a['b_simple']):.0f} | |"
             )
     return "\n".join(lines) + "\n"
 

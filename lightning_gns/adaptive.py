@@ -14,8 +14,8 @@ The rules (pure functions below, one per name):
   ``margin`` × the next batch size; shrink (``shrink=True``) when its upper bound is below
   the next smaller batch / ``margin``. Acts on what is known even in the hard regime.
 * ``sqrt``: B*(t) = B₀·√(B_noise(t)/B_noise(t₀)) from the first known estimate (the paper's
-  adaptive-batch model, App. D: B ∝ √B_noise at constant temperature); a change when B* is
-  more than ``factor**0.75`` away.
+  adaptive-batch model: B ∝ √B_noise); a change when B* is more than ``factor**0.75`` away.
+  It keeps B/√B_noise where it started: a run started far below B_noise stays below it.
 * ``goodput``: the batch with the most progress per second, progress per step
   B/(B + B_noise) (eq. 2.11) over the measured time per step a + c·k (optimizer part a,
   c per micro-batch), as Pollux does; more than 5% better to change.

@@ -140,6 +140,9 @@ def test_batch_and_learning_rate_change_during_a_real_run(tmp_path) -> None:
     assert trainer.callback_metrics["gns/accumulate"] == 8
     assert float(trainer.callback_metrics["gns/lr_scale"]) == 8
     assert gns.batch_size == 64  # the monitor follows the change
+    # one continuous estimate: every optimizer step counted, none reset by a change of batch
+    # (the first step runs the per-example structural check and is not counted)
+    assert gns.values.steps + gns.values.skipped == trainer.global_step - 1
 
 
 def test_resume_continues_with_the_same_batch_rate_and_estimate(tmp_path) -> None:
