@@ -31,11 +31,12 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_gns.callback import GradientNoiseScale
+from lightning_gns.callback import GradientNoiseScale, publish
 from lightning_gns.estimator import GNSValues
 from lightning_gns.norms.preconditioner import keeps_second_moment
 
@@ -156,7 +157,8 @@ class AdaptiveBatchSize(Callback):
     ranks together: rank 0 decides, one broadcast per read-out), and scales the learning rate
     of every parameter group around each optimizer step (the scheduler sees the unscaled rate).
     Logs ``gns/accumulate``, ``gns/lr_scale`` and ``gns/lr``; each change is also written to
-    the log with its reason and kept in :attr:`changes`. Resumes with the same batch and rate.
+    the log with its reason (and to TensorBoard's text tab) and kept in :attr:`changes`.
+    Resumes with the same batch and rate.
 
     Args:
         max_accumulate: the largest accumulation (batch = micro-batch × this × devices).
@@ -323,11 +325,15 @@ class AdaptiveBatchSize(Callback):
         self.lr_scale = self._lr_scale(trainer, new)
         change = Change(self._steps, old, new, batch, self.lr_scale, self._reason)
         self.changes.append(change)
-        rank_zero_info(
+        message = (
             f"AdaptiveBatchSize: step {change.step}: accumulate_grad_batches {old} -> {new} "
             f"(batch {batch:g}), learning rate × {self.lr_scale:.4g} ({self._scaling(trainer)}): "
             f"{change.reason}"
         )
+        rank_zero_info(message)
+        for logger in trainer.loggers:  # the reason, where a logger takes text
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                logger.experiment.add_text("gns/batch_size_change", message, trainer.global_step)
         self._publish(trainer)
 
     def _lr_scale(self, trainer: pl.Trainer, accumulate: int) -> float:
@@ -351,10 +357,7 @@ class AdaptiveBatchSize(Callback):
             "gns/lr_scale": self.lr_scale,
             "gns/lr": float(group["lr"]) * self.lr_scale,
         }
-        for key, value in metrics.items():
-            trainer.callback_metrics[key] = torch.tensor(value)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        publish(trainer, metrics)
 
     # -- checkpoints ----------------------------------------------------------------------
     @override

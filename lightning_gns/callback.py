@@ -491,7 +491,7 @@ class GradientNoiseScale(Callback):
             self.preconditioned_values = read[PRECONDITIONED]
         self.reads += 1
         self._feed.check_nonfinite(self.values)
-        _publish(trainer, self._metrics())
+        publish(trainer, self._metrics())
 
     def _metrics(self) -> dict[str, float]:
         per_example = self.active_source == "per_example"
@@ -529,7 +529,7 @@ class GradientNoiseScale(Callback):
         self.values = self._feed.tracker.read()[MODEL]
 
 
-def _publish(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+def publish(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
     """To ``trainer.callback_metrics`` (EarlyStopping, sweeps) and every logger."""
     for key, value in metrics.items():
         trainer.callback_metrics[key] = torch.tensor(value)

@@ -9,6 +9,8 @@ import pytest
 import torch
 from helpers import Classifier, mlp, trained_mlp, trainer_kwargs
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gns import GradientNoiseScale
 from lightning_gns.adaptive import (
@@ -123,7 +125,10 @@ def test_batch_and_learning_rate_change_during_a_real_run(tmp_path) -> None:
     gns = GradientNoiseScale(log_every_n_steps=10)
     ada = AdaptiveBatchSize(max_accumulate=8, min_steps_between=20, lr_scaling="linear")
     module = Probe(lr=0.05, batch_size=8)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=150, callbacks=[gns, ada]))
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_steps=150, callbacks=[gns, ada], logger=logger)
+    )
     trainer.fit(module)
     assert [c.new for c in ada.changes] == [2, 4, 8]  # one factor at a time up to the maximum
     assert trainer.accumulate_grad_batches == 8
@@ -140,6 +145,9 @@ def test_batch_and_learning_rate_change_during_a_real_run(tmp_path) -> None:
     assert trainer.callback_metrics["gns/accumulate"] == 8
     assert float(trainer.callback_metrics["gns/lr_scale"]) == 8
     assert gns.batch_size == 64  # the monitor follows the change
+    events = EventAccumulator(logger.log_dir).Reload()
+    assert any(t.startswith("gns/batch_size_change") for t in events.Tags()["tensors"])
+    assert [e.value for e in events.Scalars("gns/accumulate")][-1] == 8
     # one continuous estimate: every optimizer step counted, none reset by a change of batch
     # (the first step runs the per-example structural check and is not counted)
     assert gns.values.steps + gns.values.skipped == trainer.global_step - 1
