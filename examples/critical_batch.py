@@ -213,10 +213,10 @@ def sweep(task: Task, batches: list[int], grid: list[float], log: Any) -> dict[i
         for g in grid:
             lr = task.base_lr * g * math.sqrt(b / 32)
             runs = [train(task, b, lr, seed) for seed in range(task.seeds)]
+            log(f"{task.name} B={b:5d} lr={lr:.2e}: steps {[r.steps for r in runs]}")
             run = runs[0]
             for attr in ("steps", "examples", "seconds"):
                 setattr(run, attr, statistics.fmean(getattr(r, attr) for r in runs))
-            log(f"{task.name} B={b:5d} lr={lr:.2e}: steps {[r.steps for r in runs]}")
             if b not in best or run.steps < best[b].steps:
                 best[b] = run
     return best
