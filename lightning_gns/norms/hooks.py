@@ -87,6 +87,7 @@ class BatchDimProbe:
             if any(True for _ in m.parameters(recurse=False))
         ]
 
+    @torch.compiler.disable  # one forward only: not worth a recompile per module call
     def _hook(self, module: nn.Module, args: tuple, output: object) -> None:
         if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
             if not not_a_batch(args[0]):
