@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
+from torch import nn
 from typing_extensions import override
 
 from lightning_gns import advice
@@ -157,6 +158,16 @@ class _StepFeed:
             self.skip(f"{type(err).__name__}: {err}")
         if self.precond is not None and self.precond_tracker is not None:
             self.precondition_step(units)
+
+    def add_preconditioned(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module, ema_decay: float | None
+    ) -> None:
+        """Also measure the optimizer-preconditioned noise scale (its own source, tracker)."""
+        stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        params = [p for p in model.parameters() if p.requires_grad and id(p) in stepped]
+        self.precond = PreconditionedSource(params, optimizer)
+        self.precond.attach()
+        self.precond_tracker = GNSTracker(ema_decay, [PRECONDITIONED]).to(params[0].device)
 
     def precondition_step(self, units: Units) -> None:
         """The preconditioned measurement of this step (its skips are not the model's)."""
@@ -415,13 +426,7 @@ class GradientNoiseScale(Callback):
                 "GradientNoiseScale(preconditioned=True) measures between micro-batches: set "
                 "Trainer(accumulate_grad_batches>=2) or train on 2+ devices (DDP)"
             )
-        optimizer = trainer.optimizers[0]
-        stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        params = [p for p in pl_module.parameters() if p.requires_grad and id(p) in stepped]
-        self._feed.precond = PreconditionedSource(params, optimizer)
-        self._feed.precond.attach()
-        tracker = GNSTracker(self.ema_decay, [PRECONDITIONED]).to(pl_module.device)
-        self._feed.precond_tracker = tracker
+        self._feed.add_preconditioned(trainer.optimizers[0], pl_module, self.ema_decay)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -32,22 +32,22 @@ class History(pl.Callback):
         self.steps.append((trainer.global_step, trainer.accumulate_grad_batches))
 
 
+def ddp_trainer(out: str, **kwargs) -> pl.Trainer:
+    """2 CPU processes (gloo), writing under the folder of ``out``."""
+    torch.set_num_threads(1)
+    return pl.Trainer(
+        **trainer_kwargs(
+            os.path.dirname(out), accelerator="cpu", devices=2, strategy="ddp", **kwargs
+        )
+    )
+
+
 def adaptive(out: str) -> None:
     """Training (lr > 0) with AdaptiveBatchSize on 2 ranks; every rank writes its history."""
-    torch.set_num_threads(1)
     gns = GradientNoiseScale(log_every_n_steps=5)
     ada = AdaptiveBatchSize(max_accumulate=8, min_steps_between=10)
     history = History()
-    trainer = pl.Trainer(
-        **trainer_kwargs(
-            os.path.dirname(out),
-            accelerator="cpu",
-            devices=2,
-            strategy="ddp",
-            max_steps=120,
-            callbacks=[gns, ada, history],
-        )
-    )
+    trainer = ddp_trainer(out, max_steps=120, callbacks=[gns, ada, history])
     module = Classifier(mlp(), lr=0.05, batch_size=8)
     trainer.fit(module)
     result = {
@@ -62,19 +62,8 @@ def adaptive(out: str) -> None:
 
 
 def main(out: str, source: str, accumulate: int) -> None:
-    torch.set_num_threads(1)
     cb = GradientNoiseScale(ema_decay=0.98, source=source, log_every_n_steps=10)
-    trainer = pl.Trainer(
-        **trainer_kwargs(
-            os.path.dirname(out),
-            accelerator="cpu",
-            devices=2,
-            strategy="ddp",
-            max_epochs=8,
-            accumulate_grad_batches=accumulate,
-            callbacks=[cb],
-        )
-    )
+    trainer = ddp_trainer(out, max_epochs=8, accumulate_grad_batches=accumulate, callbacks=[cb])
     trainer.fit(Classifier(mlp(), batch_size=16))
     if trainer.global_rank == 0:
         x, y = digits()
