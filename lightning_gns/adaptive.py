@@ -208,8 +208,10 @@ class AdaptiveBatchSize(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._gns = _refuse(trainer, pl_module)
-        if self.accumulate is None:  # not resumed
-            self.accumulate = self.base_accumulate = trainer.accumulate_grad_batches
+        if self.accumulate is None:  # not resumed: start at the trainer's, within the bounds
+            start = trainer.accumulate_grad_batches
+            start = min(max(start, self.min_accumulate or 1), self.max_accumulate)
+            self.accumulate = self.base_accumulate = start
         if self.min_accumulate is None:
             self.min_accumulate = min(trainer.accumulate_grad_batches, self.accumulate)
         trainer.accumulate_grad_batches = self.accumulate

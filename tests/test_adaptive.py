@@ -193,3 +193,11 @@ def test_refuses_what_it_cannot_drive(tmp_path) -> None:
 
     with pytest.raises(RuntimeError, match="manual optimization"):
         fit([GradientNoiseScale(), AdaptiveBatchSize()], Manual())
+
+
+def test_starts_within_its_bounds(tmp_path) -> None:
+    gns = GradientNoiseScale(log_every_n_steps=50)
+    ada = AdaptiveBatchSize(min_accumulate=2, max_accumulate=4)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[gns, ada]))
+    trainer.fit(Classifier(mlp(), batch_size=32))
+    assert trainer.accumulate_grad_batches == ada.accumulate == 2  # the trainer said 1
