@@ -306,7 +306,7 @@ def main() -> None:
         # adaptive: from the smallest batch at its best LR (Adam: √ scaling), up to the largest
         b0 = batches[0]
         summary["adaptive"] = {}
-        for rule in ("lower_bound", "sqrt"):
+        for rule in ("lower_bound", "sqrt", "goodput"):
             ada = AdaptiveBatchSize(batches[-1] // b0, rule=rule, min_steps_between=20)  # type: ignore[arg-type]
             run = train(task, b0, best[b0].lr, adaptive=ada)
             summary["adaptive"][rule] = asdict(run)
@@ -377,7 +377,7 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
             "-",
             label=f"fit: B_crit = {r['b_crit']:.0f}",
         )
-        for (rule, a), mark in zip(r["adaptive"].items(), "*P", strict=False):
+        for (rule, a), mark in zip(r["adaptive"].items(), "*PX", strict=False):
             if math.isfinite(a["steps"]):
                 ax.loglog([a["examples"]], [a["steps"]], mark, ms=12, label=f"adaptive ({rule})")
         ax.set(
@@ -396,7 +396,7 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
             c = np.array(run["curve"])
             if len(c):
                 ax.semilogx(c[:, 1], c[:, 2], lw=1, alpha=0.7, label=f"B={b}")
-        for (rule, a), style in zip(r["adaptive"].items(), ("k-", "k--"), strict=False):
+        for (rule, a), style in zip(r["adaptive"].items(), ("k-", "k--", "k:"), strict=False):
             c = np.array(a["curve"])
             if len(c):
                 ax.semilogx(c[:, 1], c[:, 2], style, lw=2.2, label=f"adaptive ({rule})")
