@@ -40,3 +40,27 @@ def test_auto_takes_micro_batches_for_a_compiled_model(tmp_path) -> None:
     assert fit(tmp_path, True, 2).active_source == "micro_batch"  # hooks would split the graph
     with pytest.warns(UserWarning, match="the model is compiled"):
         assert fit(tmp_path, True, 1).active_source == "per_example"  # the only way
+
+
+def test_no_recompile_per_step(tmp_path) -> None:
+    """After the first steps (the batch probe leaves after one), no step compiles again."""
+    from torch._dynamo.utils import counters
+
+    seen: list[int] = []
+
+    class Count(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            seen.append(counters["stats"]["unique_graphs"])
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.compile(trained_mlp())
+    gns = GradientNoiseScale(log_every_n_steps=5)
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path, max_steps=20, accumulate_grad_batches=2, callbacks=[gns, Count()]
+        )
+    )
+    trainer.fit(Classifier(model, batch_size=32))
+    assert gns.active_source == "micro_batch" and gns.values.steps > 10
+    assert seen[-1] == seen[6] > 0  # graphs compiled in the first steps only
