@@ -52,6 +52,7 @@ class Task:
     base_lr: float  # Adam LR at B = 32; the grid is around base_lr·√(B/32)
     max_steps: int
     seeds: int = 1  # data orders per (B, LR): steps to the target are averaged
+    branch_loss: float = math.nan  # the branched measurement starts from this loss
 
 
 def digits_task(quick: bool) -> Task:
@@ -64,7 +65,7 @@ def digits_task(quick: bool) -> Task:
     model = nn.Sequential(nn.Linear(64, 128), nn.LayerNorm(128), nn.Tanh(), nn.Linear(128, 10))
     data = TensorDataset(x, torch.tensor(d.target))
     target, steps, seeds = (0.05, 800, 1) if quick else (0.02, 4000, 3)
-    return Task("digits", data, model, target, 3e-3, steps, seeds)
+    return Task("digits", data, model, target, 3e-3, steps, seeds, branch_loss=0.3)
 
 
 def charlm_text() -> str:
@@ -98,7 +99,8 @@ def charlm_task(quick: bool, context: int = 8) -> Task:
     torch.manual_seed(0)
     model = CharMLP(len(chars), context)
     data = TensorDataset(windows[:, :-1].contiguous(), windows[:, -1].contiguous())
-    return Task("charlm", data, model, 2.2 if quick else 2.3, 3e-3, 800 if quick else 8000)
+    target, steps = (2.2, 800) if quick else (2.3, 8000)
+    return Task("charlm", data, model, target, 3e-3, steps, branch_loss=2.8)
 
 
 # -- one training run ---------------------------------------------------------------------
@@ -200,6 +202,55 @@ def train(
     if adaptive is not None:
         run.adaptive = [asdict(c) for c in adaptive.changes]
     return run
+
+
+def branched(
+    task: Task, b0: int, lr0: float, ks: list[int], budget: int, tol: float = 0.01
+) -> dict[str, Any]:
+    """Merrill et al. 2025's branched measurement (plain PyTorch, Adam): train at ``b0`` to
+    ``task.branch_loss``; from that model and optimizer state train at k·b0 with √k·lr0 for
+    ``budget`` examples each; B_crit ≈ b0 × the largest k whose loss stays within ``tol``
+    (relative) of k = 1's."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = task.data.tensors
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:4096]
+
+    def loss(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(model(x[idx]), y[idx]))
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer, b: int) -> None:
+        i = torch.randint(0, len(x), (b,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+
+    model = copy.deepcopy(task.model)
+    opt = torch.optim.Adam(model.parameters(), lr=lr0)
+    steps = 0
+    while loss(model) > task.branch_loss and steps < task.max_steps:
+        for _ in range(5):
+            step(model, opt, b0)
+        steps += 5
+    losses = {}
+    for k in ks:
+        branch = copy.deepcopy(model)
+        o = torch.optim.Adam(branch.parameters(), lr=lr0)
+        o.load_state_dict(opt.state_dict())
+        for g in o.param_groups:
+            g["lr"] = lr0 * math.sqrt(k)
+        for _ in range(max(1, budget // (k * b0))):
+            step(branch, o, k * b0)
+        losses[k] = loss(branch)
+    within = [k for k in ks if losses[k] <= losses[ks[0]] * (1 + tol)]
+    return {
+        "b0": b0,
+        "branch_step": steps,
+        "budget": budget,
+        "tol": tol,
+        "losses": losses,
+        "b_crit": b0 * max(within),
+    }
 
 
 # -- the sweep, the fit, the comparison ---------------------------------------------------
@@ -311,7 +362,11 @@ def main() -> None:
             run = train(task, b0, best[b0].lr, adaptive=ada)
             summary["adaptive"][rule] = asdict(run)
             log(f"{name}: adaptive ({rule}): steps {run.steps}, examples {run.examples}")
-        log(f"{name}: B_crit {summary['b_crit']:.0f}, B_simple {summary['b_simple']:.0f}")
+        ks = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]
+        b0 = 32
+        summary["branched"] = branched(task, b0, best[b0].lr, ks, budget=8 * b0 * ks[-1])
+        log(f"{name}: B_crit {summary['b_crit']:.0f} (branched {summary['branched']['b_crit']}),"
+            f" B_simple {summary['b_simple']:.0f}")  # fmt: skip
         results.append(summary)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "table.md").write_text(table(results))
@@ -322,15 +377,24 @@ def main() -> None:
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| task | target loss | B_crit (fit) | B_simple (over runs) | at target "
-        "| preconditioned | norm layers | B_simple / B_crit |",
-        "|---|---|---|---|---|---|---|---|",
+        "| preconditioned | norm layers | B_simple / B_crit | B_crit (branched) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['task']} | {r['target_loss']} | {r['b_crit']:.0f} | {r['b_simple']:.0f} | "
             f"{r['b_simple_at_target']:.0f} | {r['preconditioned']:.0f} | {r['norm']:.0f} | "
-            f"{r['b_simple'] / r['b_crit']:.2f} |"
+            f"{r['b_simple'] / r['b_crit']:.2f} | {r['branched']['b_crit']} |"
         )
+    lines += [
+        "",
+        "| task | branched: batch (lr × √k) | loss after the same examples |",
+        "|---|---|---|",
+    ]
+    for r in results:
+        br = r["branched"]
+        for k, value in br["losses"].items():
+            lines.append(f"| {r['task']} | {br['b0'] * int(k)} | {value:.4f} |")
     lines += [
         "",
         "| task | schedule | steps | examples | seconds | B_simple (run) | preconditioned (run) |",
