@@ -122,3 +122,13 @@ def test_preconditioned_needs_micro_batches(tmp_path) -> None:
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[gns]))
     with pytest.raises(RuntimeError, match="accumulate_grad_batches>=2"):
         trainer.fit(Classifier(trained_mlp(), batch_size=32))
+
+
+def test_device_step_counter_is_not_read_back() -> None:
+    """Capturable/fused Adam keep ``step`` on the device: the bias correction stays a device op
+    (a meta tensor stands in for a GPU one: reading it back to the host would raise)."""
+    from lightning_gns.norms.preconditioner import _denominator
+
+    state = {"exp_avg_sq": torch.rand(3, device="meta"), "step": torch.tensor(3.0, device="meta")}
+    d = _denominator(state, {"betas": (0.9, 0.99), "eps": 1e-8})
+    assert d is not None and d.device.type == "meta" and d.shape == (3,)

@@ -27,7 +27,10 @@ def _denominator(state: dict, group: dict) -> Tensor | None:
     if "exp_avg_sq" in state:  # Adam family: bias-corrected v̂ = v/(1 − β₂ᵗ)
         v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state["exp_avg_sq"]
         beta2 = float(group["betas"][1]) if "betas" in group else 0.999
-        step = float(state.get("step", 1.0))  # a CPU tensor or a number: no device sync
+        step = state.get("step", 1.0)
+        if isinstance(step, Tensor) and step.device.type != "cpu":  # capturable/fused: no sync
+            return (v / (1.0 - torch.pow(beta2, step.to(v.dtype)))).sqrt().add_(eps)
+        step = float(step)  # a CPU tensor or a number
         return (v / (1.0 - beta2**step)).sqrt().add_(eps) if step > 0 else None
     if "square_avg" in state:  # RMSprop (centered: minus the squared mean)
         v = state["square_avg"]
