@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -406,12 +406,9 @@ def _check(
         raise ValueError(
             f"min_accumulate must be in [1, max_accumulate={max_accumulate}], got {min_accumulate}"
         )
-    if rule not in ("lower_bound", "sqrt", "goodput"):
-        raise ValueError(f"rule must be 'lower_bound', 'sqrt' or 'goodput', got {rule!r}")
-    if lr_scaling not in ("auto", "linear", "sqrt", "adascale", "none"):
-        raise ValueError(
-            f"lr_scaling must be 'auto', 'linear', 'sqrt', 'adascale' or 'none', got {lr_scaling!r}"
-        )
+    for name, value, allowed in (("rule", rule, Rule), ("lr_scaling", lr_scaling, LRScaling)):
+        if value not in get_args(allowed):
+            raise ValueError(f"{name} must be one of {get_args(allowed)}, got {value!r}")
     if not (isinstance(margin, (int, float)) and margin > 0):
         raise ValueError(f"margin must be a positive number, got {margin!r}")
     if isinstance(min_steps_between, bool) or not isinstance(min_steps_between, int):

@@ -384,6 +384,7 @@ class GradientNoiseScale(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _check_setup(trainer, pl_module)
         saved = self._saved or {}
+        compiled = _compiled(pl_module)
         try:
             source = build_source(
                 pl_module,
@@ -393,11 +394,11 @@ class GradientNoiseScale(Callback):
                 self.per_layer,
                 self.examples_per_batch,
                 saved.get("left_out"),
-                compiled=_compiled(pl_module),
+                compiled=compiled,
             )
         except ValueError as err:
             raise RuntimeError(f"GradientNoiseScale: {err}") from None
-        if source.name == "per_example" and _compiled(pl_module):
+        if source.name == "per_example" and compiled:
             self._warn_once(
                 "compile",
                 "GradientNoiseScale: the model is compiled, and per-example norms need module "

@@ -83,10 +83,10 @@ class MicroBatchSource:
     coverage = 1.0  # every trainable parameter
     left_out: dict[str, str] = {}
 
-    def __init__(self, params: list[nn.Parameter]) -> None:
+    def __init__(self, params: list[nn.Parameter], norms: MicroBatchNorms | None = None) -> None:
         self.params = params
         self.columns = [MODEL]
-        self.norms = MicroBatchNorms(params)
+        self.norms = norms if norms is not None else MicroBatchNorms(params)
         self.sizes: list[int] = []
 
     def attach(self) -> None:
@@ -258,9 +258,9 @@ class PreconditionedSource(MicroBatchSource):
     name = "preconditioned"
 
     def __init__(self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-        super().__init__(params)
-        self.columns = [PRECONDITIONED]
         self.norms: WeightedMicroBatchNorms = WeightedMicroBatchNorms(params)
+        super().__init__(params, self.norms)
+        self.columns = [PRECONDITIONED]
         self.optimizer = optimizer
         self.steps = 0  # optimizer steps seen
 
