@@ -16,7 +16,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from helpers import Classifier, digits, exact_gns, mlp, trainer_kwargs  # noqa: E402
+from helpers import (  # noqa: E402
+    Classifier,
+    CloseProcessGroup,
+    digits,
+    exact_gns,
+    mlp,
+    trainer_kwargs,
+)
 
 from lightning_gns import GradientNoiseScale  # noqa: E402
 from lightning_gns.adaptive import AdaptiveBatchSize  # noqa: E402
@@ -32,9 +39,10 @@ class History(pl.Callback):
         self.steps.append((trainer.global_step, trainer.accumulate_grad_batches))
 
 
-def ddp_trainer(out: str, **kwargs) -> pl.Trainer:
+def ddp_trainer(out: str, callbacks: list[pl.Callback], **kwargs) -> pl.Trainer:
     """2 CPU processes (gloo), writing under the folder of ``out``."""
     torch.set_num_threads(1)
+    kwargs["callbacks"] = [*callbacks, CloseProcessGroup()]
     return pl.Trainer(
         **trainer_kwargs(
             os.path.dirname(out), accelerator="cpu", devices=2, strategy="ddp", **kwargs

@@ -82,6 +82,17 @@ class Classifier(pl.LightningModule):
         )
 
 
+class CloseProcessGroup(pl.Callback):
+    """Closes the gloo process group at teardown. A worker that exits with it alive sometimes
+    aborts in C++ ("terminate called without an active exception"), a torch exit race seen
+    with ddp and ddp_spawn on CPU whatever the callbacks."""
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 def trainer_kwargs(tmp_path, **kw) -> dict:
     base = dict(
         accelerator="cpu",

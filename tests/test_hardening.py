@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import Classifier, digits, exact_gns, mlp, trainer_kwargs
+from helpers import Classifier, CloseProcessGroup, digits, exact_gns, mlp, trainer_kwargs
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -92,14 +92,6 @@ class StepReport(pl.Callback):
         )
         trainer.callback_metrics["test/optimizer_steps"] = torch.tensor(float(trainer.global_step))
 
-    def teardown(self, trainer, pl_module, stage) -> None:
-        # A spawned worker that exits with its gloo group alive sometimes aborts in C++
-        # ("terminate called without an active exception"), before this package's code too
-        # (1 run in 8): close the group first.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-
 
 def test_ddp_spawn_keeps_state_per_process_and_returns_the_estimate(tmp_path, truth) -> None:
     cb = GradientNoiseScale(ema_decay=0.98, source="micro_batch", log_every_n_steps=10)
@@ -107,7 +99,7 @@ def test_ddp_spawn_keeps_state_per_process_and_returns_the_estimate(tmp_path, tr
         cb,
         tmp_path,
         epochs=6,
-        callbacks=[cb, StepReport(cb)],
+        callbacks=[cb, StepReport(cb), CloseProcessGroup()],
         devices=2,
         strategy="ddp_spawn",
     )
