@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_gns.norms.check import StructuralCheck, not_a_batch
 from lightning_gns.norms.generic import generic_sq_norms, is_replaying, leaves_of, replaying
 from lightning_gns.norms.rules import grad_sample_rule_for, norm_rule_for
+from lightning_gns.norms.simultaneous import Deliver, can_route, route, unroute
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
@@ -174,6 +175,8 @@ class _Site:
     outputs: list[Any] = field(default_factory=list)  # generic: the output's leaves
     out_grads: dict[int, Tensor] = field(default_factory=dict)  # generic: their gradients
     positions: bool | None = None  # a 1-D input as long as the batch: positions (decided once)
+    routed: bool = False  # its forward goes through norms/simultaneous.py while attached
+    fused: bool = False  # this forward's call was routed: its backward delivers the norms
 
 
 def broadcast_positions(site: _Site, x: object, output: Tensor, b: int | None) -> Tensor | None:
@@ -264,6 +267,9 @@ class PerExampleNorms:
         per_layer: also keep per-example norms per module, for per-layer noise scales.
         examples_per_batch: compute norms for only the first k examples of each micro-batch
             (cost × k/B; still unbiased when batches are shuffled); None: all examples.
+        simultaneous: where per-example gradients of a Linear layer are materialised anyway,
+            derive its weight gradient from them instead of autograd's own product
+            (:mod:`lightning_gns.norms.simultaneous`); False: leave autograd's backward alone.
 
     The first micro-batch after :meth:`start_check` runs a structural check: each module must
     be called once per forward on inputs with batch dimension ``batch_size``, and the gradient
@@ -278,6 +284,7 @@ class PerExampleNorms:
         layers: str = "all",
         per_layer: bool = False,
         examples_per_batch: int | None = None,
+        simultaneous: bool = True,
     ) -> None:
         if layers not in ("all", "norm"):
             raise ValueError(f"layers must be 'all' or 'norm', got {layers!r}")
@@ -292,6 +299,7 @@ class PerExampleNorms:
         self.model = model
         self.per_layer = per_layer
         self.examples_per_batch = examples_per_batch
+        self.simultaneous = simultaneous
         self._params: list[nn.Parameter] | None = None
         self._acc: Tensor | None = None
         self._layer_acc: dict[str, Tensor] = {}
@@ -313,6 +321,7 @@ class PerExampleNorms:
             site.active = False
             if site.handle is not None:
                 site.handle.remove()
+            self._unroute(site)
             self.left_out[name] = reason
 
     def _fail(self, site: _Site, reason: str) -> None:
@@ -347,12 +356,16 @@ class PerExampleNorms:
                 site.handle = site.module.register_forward_hook(hook, with_kwargs=True)
             else:
                 site.handle = site.module.register_forward_hook(self._make_forward_hook(site))
+                if self.simultaneous and not site.shared and can_route(site.module):
+                    route(site.module, self._deliver_for(site))
+                    site.routed = True
 
     def detach(self) -> None:
         for site in self.sites.values():
             if site.handle is not None:
                 site.handle.remove()
                 site.handle = None
+            self._unroute(site)
         if self._check is not None:
             self._check.stop()
             self._check = None
@@ -371,12 +384,39 @@ class PerExampleNorms:
         self._bad = None
         for site in self.sites.values():
             site.calls = 0
+            site.fused = False
             site.activation = None
             site.grad_output = None
             site.inputs, site.outputs, site.out_grads = None, [], {}
 
+    # -- the simultaneous route (norms/simultaneous.py) ---------------------------------------
+    def _unroute(self, site: _Site) -> None:
+        if site.routed:
+            unroute(site.module)
+            site.routed = False
+
+    def _deliver_for(self, site: _Site):  # noqa: ANN202
+        def deliver_for(x: Tensor) -> Deliver | None:
+            """This call's norms come from its backward, or None: the plain forward and hooks
+            (the structural check, examples_per_batch, a broken micro-batch, a wrong batch)."""
+            if self._check is not None or self.examples_per_batch is not None:
+                return None
+            if self._bad is not None or self.sites.get(site.name) is not site:
+                return None
+            if self._batch_size is not None and x.shape[0] != self._batch_size:
+                return None
+            site.fused = True
+            return lambda sq, b: self._fused_backward(site, sq)
+
+        return deliver_for
+
+    def _fused_backward(self, site: _Site, sq: Tensor) -> None:
+        if site.active and self._bad is None:
+            self._add(site, sq)
+
     def _make_forward_hook(self, site: _Site):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, output: object) -> None:
+            fused, site.fused = site.fused, False
             if is_replaying() or not torch.is_grad_enabled():
                 return
             if not isinstance(output, Tensor) or not args:
@@ -386,6 +426,8 @@ class PerExampleNorms:
             site.calls += 1
             if site.calls > 1:
                 self._fail(site, f"called {site.calls} times in one forward")
+                return
+            if fused:  # its backward delivers the norms (and the weight gradient)
                 return
             site.activation = args[0]
             broadcast = broadcast_positions(site, args[0], output, self._batch_size)
