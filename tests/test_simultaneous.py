@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_gns.norms import PerExampleNorms, simultaneous
-from lightning_gns.norms.simultaneous import can_route, route, unroute
+from lightning_gns.norms.simultaneous import RoutedForward, can_route, route, unroute
 
 
 class Conv1D(nn.Module):
@@ -207,18 +208,36 @@ def test_per_example_norms_and_gradients_are_those_of_the_plain_backward() -> No
 
 
 def test_a_deep_copy_of_the_model_runs_its_own_weights_the_plain_way() -> None:
+    """An EMA or SWA copy taken while the hooks are attached."""
     model = _gpt_like()
     norms = PerExampleNorms(model)
     norms.attach()
-    twin = copy.deepcopy(model)  # e.g. an EMA or SWA copy taken during training
+    twin = copy.deepcopy(model)
     with torch.no_grad():
         for p in twin.parameters():
             p.mul_(2)
     idx = torch.randint(0, 20, (3, 30))
-    norms.start_micro_batch(3)
-    out = twin(idx)
+    with torch.no_grad():
+        out = twin(idx)
     norms.detach()
+    assert not [m for m in model if "forward" in m.__dict__]
     plain = copy.deepcopy(twin)
     for m in plain:
         m.__dict__.pop("forward", None)
     torch.testing.assert_close(out, plain(idx))
+    again = PerExampleNorms(twin)  # the copy can be monitored in its turn
+    again.attach()
+    assert [m for m in twin if isinstance(m.__dict__.get("forward"), RoutedForward)]
+    again.detach()
+
+
+def test_a_routed_layer_saved_whole_loads_with_the_plain_forward() -> None:
+    mod = layer("linear")
+    route(mod, lambda x: lambda sq, b: None)
+    buf = io.BytesIO()
+    torch.save(mod, buf)
+    unroute(mod)
+    buf.seek(0)
+    twin = torch.load(buf, weights_only=False)
+    x = torch.randn(2, 12, 16)
+    torch.testing.assert_close(twin(x), mod(x))

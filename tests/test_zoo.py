@@ -16,16 +16,34 @@ from helpers import trainer_kwargs
 from zoo import ZOO, ZooModule, exact, resnet
 
 from lightning_gns import GradientNoiseScale
+from lightning_gns.norms.simultaneous import RoutedForward
 
 pytest.importorskip("transformers")
 STEPS = 1000
 
 
-def fit(cb: GradientNoiseScale, tmp_path, module: pl.LightningModule, **kw) -> pl.Trainer:
+def fit(
+    cb: GradientNoiseScale, tmp_path, module: pl.LightningModule, extra: list | None = None, **kw
+) -> pl.Trainer:
     kw.setdefault("max_steps", STEPS)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, log_every_n_steps=100, **kw), callbacks=[cb])
+    callbacks = [cb, *(extra or [])]
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, log_every_n_steps=100, **kw), callbacks=callbacks
+    )
     trainer.fit(module)
     return trainer
+
+
+class RoutedLayers(pl.Callback):
+    """Class names of the layers whose forward the per-example source routed, seen mid-fit."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *_) -> None:
+        for m in module.modules():
+            if isinstance(m.__dict__.get("forward"), RoutedForward):
+                self.names.add(type(m).__name__)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -36,8 +54,11 @@ def test_whole_model_coverage_and_b_simple_within_10_percent(name, tmp_path) -> 
     batch = 16
     assert batch / truth > 0.2  # not far below B_noise: a point estimate is expected
     cb = GradientNoiseScale()  # default settings
-    trainer = fit(cb, tmp_path, ZooModule(model, data, loss, batch))
+    routed = RoutedLayers()
+    trainer = fit(cb, tmp_path, ZooModule(model, data, loss, batch), extra=[routed])
     assert cb.active_source == "per_example"
+    if name.endswith("long_context"):  # the simultaneous route is what is tested here
+        assert routed.names & {"Conv1D", "Linear"}, routed.names
     assert cb.coverage >= 0.999 and cb.left_out == {}, cb.left_out
     assert float(trainer.callback_metrics["gns/coverage"]) >= 0.999
     assert cb.b_simple == pytest.approx(truth, rel=0.10)

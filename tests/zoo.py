@@ -26,8 +26,8 @@ N = 256  # examples in each data set (the exact reference needs one backward eac
 SEQ = 16
 
 
-def text_data() -> tuple[TensorDataset, int]:
-    data, vocab = char_dataset(seq_len=SEQ, max_chars=(SEQ + 1) * N)
+def text_data(seq: int = SEQ) -> tuple[TensorDataset, int]:
+    data, vocab = char_dataset(seq_len=seq, max_chars=(seq + 1) * N)
     return data, vocab
 
 
@@ -51,12 +51,14 @@ def hf_logits(model: nn.Module, x: Tensor) -> Tensor:
     return out.logits
 
 
-def gpt2() -> tuple[nn.Module, TensorDataset, Callable]:
+def gpt2(seq: int = SEQ, width: int = 32) -> tuple[nn.Module, TensorDataset, Callable]:
+    """GPT-2; with ``seq`` long against ``width`` every Linear/Conv1D has its per-example
+    gradients materialised, and so takes the simultaneous route (norms/simultaneous.py)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    data, vocab = text_data()
+    data, vocab = text_data(seq)
     cfg = GPT2Config(
-        vocab_size=vocab, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
+        vocab_size=vocab, n_positions=seq, n_embd=width, n_layer=2, n_head=2,
         attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
@@ -97,9 +99,9 @@ def resnet() -> tuple[nn.Module, TensorDataset, Callable]:
     return model, image_data(), lambda m, x, y: F.cross_entropy(hf_logits(m, x), y)
 
 
-def nanogpt() -> tuple[nn.Module, TensorDataset, Callable]:
-    data, vocab = text_data()
-    model = TinyGPT(vocab, seq_len=SEQ, width=32, n_layers=2, n_heads=2)
+def nanogpt(seq: int = SEQ, width: int = 32) -> tuple[nn.Module, TensorDataset, Callable]:
+    data, vocab = text_data(seq)
+    model = TinyGPT(vocab, seq_len=seq, width=width, n_layers=2, n_heads=2)
     return model, data, lm_loss(lambda m, x: m(x))
 
 
@@ -126,9 +128,11 @@ def lstm(batch_first: bool = True) -> tuple[nn.Module, TensorDataset, Callable]:
 
 ZOO: dict[str, Callable[[], tuple[nn.Module, TensorDataset, Callable]]] = {
     "gpt2": gpt2,
+    "gpt2_long_context": lambda: gpt2(seq=64, width=16),
     "llama": llama,
     "vit": vit,
     "nanogpt": nanogpt,
+    "nanogpt_long_context": lambda: nanogpt(seq=64, width=16),
     "lstm": lstm,
     "lstm_seq_first": lambda: lstm(batch_first=False),
 }

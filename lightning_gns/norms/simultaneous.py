@@ -12,14 +12,14 @@ Only ``nn.Linear`` (and subclasses that keep its forward) and Hugging Face's GPT
 are routed here, and only when the call qualifies (see :func:`qualifies`); every other call
 runs the module's own forward and the hook path of :mod:`lightning_gns.norms.hooks`. The
 routed forward is the module's own instance attribute while the hooks are attached, found
-through a weak table, so a deep copy of the model (EMA, SWA) runs the plain forward.
+through a weak table, so a deep copy (EMA, SWA) or a pickled copy of the model runs the plain
+forward.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from types import MethodType
 from typing import Any
 
 import torch
@@ -53,8 +53,9 @@ def transposed(module: nn.Module) -> bool:
 
 def can_route(module: nn.Module) -> bool:
     """A layer whose forward is exactly a Linear's, with a trainable weight, not yet rerouted."""
-    if "forward" in module.__dict__:  # someone else (accelerate, a user) replaced forward
-        return False
+    own = module.__dict__.get("forward")
+    if own is not None and not isinstance(own, RoutedForward):
+        return False  # someone else (accelerate, a user) replaced its forward
     w = getattr(module, "weight", None)
     if not isinstance(w, nn.Parameter) or not w.requires_grad or w.dim() != 2:
         return False
@@ -82,13 +83,30 @@ def route(module: nn.Module, deliver_for: Callable[[Tensor], Deliver | None]) ->
     """Give ``module`` the routed forward; ``deliver_for(x)`` is asked at each call for the
     callback that takes this call's per-example norms (None: run the plain forward)."""
     _ROUTED[module] = deliver_for
-    module.forward = MethodType(_routed_forward, module)
+    module.forward = RoutedForward(module)
 
 
 def unroute(module: nn.Module) -> None:
     """Back to the class's own forward."""
-    if _ROUTED.pop(module, None) is not None:
-        module.__dict__.pop("forward", None)
+    _ROUTED.pop(module, None)
+    if isinstance(module.__dict__.get("forward"), RoutedForward):
+        del module.__dict__["forward"]
+
+
+class RoutedForward:
+    """A routed layer's forward. Copies (``copy.deepcopy``, pickle) are bound to the copied
+    module, which is not in the routing table, so they run its plain forward."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = weakref.ref(module)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        module = self._module()
+        assert module is not None
+        return _routed_forward(module, x)
+
+    def __reduce__(self) -> tuple:
+        return (RoutedForward, (self._module(),))
 
 
 def _plain(module: nn.Module, x: Tensor) -> Tensor:
