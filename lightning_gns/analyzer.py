@@ -154,7 +154,7 @@ class GradientNoiseAnalyzer:
         """One forward and backward; the batch's per-example and batch norms (None: check)."""
         source.start_micro_batch(size)
         self._backward(inputs, targets)
-        source.end_micro_batch(size, units)
+        source.end_micro_batch(size, units.reduction)
         try:
             return source.end_step(units)
         except SkipStep as skip:

@@ -25,6 +25,7 @@ from lightning_gns.sources import (
     MODEL,
     PRECONDITIONED,
     PreconditionedSource,
+    Reduction,
     SkipStep,
     Source,
     Units,
@@ -126,7 +127,7 @@ class _StepFeed:
             if self.precond is not None:
                 self.precond.start_micro_batch(self.current)
 
-    def after_backward(self, units: Units) -> None:
+    def after_backward(self, reduction: Reduction) -> None:
         seen = self.close_probe() if self.probe is not None else None
         if seen is not None and seen != self.current:
             self.warn(
@@ -136,9 +137,9 @@ class _StepFeed:
                 "GradientNoiseScale(batch_size_fn=lambda batch: ...) (the estimate depends on it)",
             )
         if self.current > 0 and self.source is not None:
-            self.source.end_micro_batch(self.current, units)
+            self.source.end_micro_batch(self.current, reduction)
             if self.precond is not None:
-                self.precond.end_micro_batch(self.current, units)
+                self.precond.end_micro_batch(self.current, reduction)
 
     def before_step(self, units: Units) -> None:
         if self.source is None or self.tracker is None:
@@ -447,7 +448,7 @@ class GradientNoiseScale(Callback):
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._feed.after_backward(_units(trainer, self.loss_reduction))
+        self._feed.after_backward(self.loss_reduction)
 
     @override
     def on_before_optimizer_step(

@@ -102,9 +102,9 @@ class MicroBatchSource:
     def start_micro_batch(self, batch_size: int) -> None:
         """Nothing to prepare: parameter hooks see each micro-batch gradient."""
 
-    def end_micro_batch(self, batch_size: int, units: Units) -> None:
+    def end_micro_batch(self, batch_size: int, reduction: Reduction) -> None:
         # A sum-reduced micro-batch gradient is b × its mean gradient: weigh |g|² by 1/b².
-        weight = 1.0 / batch_size**2 if units.reduction == "sum" else 1.0
+        weight = 1.0 / batch_size**2 if reduction == "sum" else 1.0
         if self.norms.close_micro_batch(weight):
             self.sizes.append(batch_size)
 
@@ -197,7 +197,7 @@ class PerExampleSource:
             self.needs_check, self._checking = False, True
             self.norms.start_check()
 
-    def end_micro_batch(self, batch_size: int, units: Units) -> None:
+    def end_micro_batch(self, batch_size: int, reduction: Reduction) -> None:
         acc, layers, bad = self.norms.close_micro_batch()
         if self._checking:
             self._checking = False
@@ -207,7 +207,7 @@ class PerExampleSource:
             self.bad = self.bad or bad or "no per-example norm was recorded"
             return
         # A mean-reduced loss gives example j the share g_j/b of the gradient: undo 1/b.
-        w = float(batch_size**2) if units.reduction == "mean" else 1.0
+        w = float(batch_size**2) if reduction == "mean" else 1.0
         part = acc.sum() * w
         self.total = part if self.total is None else self.total + part
         self.count += acc.shape[0]

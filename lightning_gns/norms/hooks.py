@@ -37,8 +37,7 @@ def squared_norm(tensors: Iterable[Tensor | None]) -> Tensor | None:
     ts = [t for t in tensors if t is not None]
     if not ts:
         return None
-    norms = torch._foreach_norm(ts, 2.0)
-    return torch.stack([n.float() for n in norms]).square().sum()
+    return torch.stack(torch._foreach_norm(ts, 2.0, dtype=torch.float32)).square().sum()
 
 
 def coupled_modules(model: nn.Module) -> list[str]:
@@ -119,7 +118,10 @@ class MicroBatchNorms:
 
     def attach(self) -> None:
         self.detach()
-        self._handles = [p.register_hook(self._hook) for p in self.params]
+        self._handles = [
+            p.register_hook(self._hook_fp32 if p.dtype == torch.float32 else self._hook)
+            for p in self.params
+        ]
 
     def detach(self) -> None:
         for h in self._handles:
@@ -128,13 +130,15 @@ class MicroBatchNorms:
         self._parts.clear()
         self._start = 0
 
+    def _hook_fp32(self, grad: Tensor) -> None:
+        """A float32 parameter's gradient: one BLAS dot, the cheapest call on a CPU."""
+        flat = grad.detach().reshape(-1)
+        self._parts.append(torch.dot(flat, flat))
+
     def _hook(self, grad: Tensor) -> None:
+        """Half precision: accumulate in float32 (squares of scaled fp16 grads overflow)."""
         g = grad.detach()
-        if g.dtype == torch.float32 and g.is_contiguous():  # one BLAS call, cheapest on CPU
-            flat = g.view(-1)
-            self._parts.append(torch.dot(flat, flat))
-        else:  # half precision: accumulate in float32 (squares of scaled fp16 grads overflow)
-            self._parts.append(torch.linalg.vector_norm(g, dtype=torch.float32).square())
+        self._parts.append(torch.linalg.vector_norm(g, dtype=torch.float32).square())
 
     def close_micro_batch(self, weight: float = 1.0) -> bool:
         """End a micro-batch; its |g|² counts ``weight`` times. False if it had no gradient."""
