@@ -31,7 +31,7 @@ from lightning_gns.sources import (
     Units,
     build_source,
 )
-from lightning_gns.tracker import GNSTracker
+from lightning_gns.tracker import GNSTracker, read_together
 
 SUPPORTED = "single-device and DDP strategies with one optimizer and automatic optimization"
 CHOICES = {
@@ -490,12 +490,14 @@ class GradientNoiseScale(Callback):
         if self.tracker is None:
             return
         self._logged_at = self._steps
-        values = self.tracker.read(sync=trainer.world_size > 1)
+        trackers = [self.tracker]
+        if self._feed.precond_tracker is not None:
+            trackers.append(self._feed.precond_tracker)
+        values, *precond = read_together(trackers, sync=trainer.world_size > 1)
         self.values = values.pop(MODEL)
         self.layer_values = {k: v for k, v in values.items() if k not in self.left_out}
-        if self._feed.precond_tracker is not None:
-            read = self._feed.precond_tracker.read(sync=trainer.world_size > 1)
-            self.preconditioned_values = read[PRECONDITIONED]
+        if precond:
+            self.preconditioned_values = precond[0][PRECONDITIONED]
         self.reads += 1
         self._feed.check_nonfinite(self.values)
         publish(trainer, self._metrics())

@@ -4,10 +4,11 @@ Per step the tracker only appends the source's device tensors to a pending list 
 no host sync). :meth:`GNSTracker.flush` turns pending steps into unbiased |G|² and tr(Σ)
 estimates (:mod:`lightning_gns.estimator`) and feeds the EMAs in a few vector ops; it runs at
 reading time, or when ``max_pending`` steps have piled up. :meth:`GNSTracker.read` is the one
-host read: an optional cross-process reduction of the small moments tensor, then one copy.
+host read: an optional cross-process reduction of the small moments tensor, then one copy;
+:func:`read_together` reads several trackers with one reduction.
 
 The state is a ``torchmetrics.Metric`` state (``dist_reduce_fx="mean"``): each process keeps
-its own moments and only reading combines them.
+its own moments and only reading combines them (one all-reduce of the mean).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -107,9 +109,10 @@ class GNSTracker(Metric):
     def read(self, sync: bool = False) -> dict[str, GNSValues]:
         """Flush, reduce across processes if ``sync``, and read every column on the host (with
         the adaptive window: the shortest window whose interval is precise)."""
-        self.flush()
-        with self.sync_context(should_sync=sync, distributed_available=lambda: sync):
-            rows = self.moments.tolist()
+        return read_together([self], sync)[0]
+
+    def values(self, rows: list[list[float]]) -> dict[str, GNSValues]:
+        """Every column's read-out from this tracker's moments as host rows."""
         w = len(self.decays)
         return {
             name: choose_window([values_from_moments(*r) for r in rows[i * w : (i + 1) * w]])
@@ -152,3 +155,21 @@ class GNSTracker(Metric):
             f"{saved_decay}; "
             f"the smoothed state is kept and ema_decay={self.ema_decay} applies from here on."
         )
+
+
+def read_together(trackers: Sequence[GNSTracker], sync: bool = False) -> list[dict[str, GNSValues]]:
+    """Read several trackers with one cross-process reduction (the mean the state declares) of
+    their moments side by side, and one copy to the host."""
+    for t in trackers:
+        t.flush()
+    moments = torch.cat([t.moments for t in trackers])
+    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        moments = moments.clone()
+        dist.all_reduce(moments)
+        moments /= dist.get_world_size()
+    rows, out, start = moments.tolist(), [], 0
+    for t in trackers:
+        n = t.moments.shape[0]
+        out.append(t.values(rows[start : start + n]))
+        start += n
+    return out

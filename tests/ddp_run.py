@@ -2,6 +2,7 @@
 
 Usage: python tests/ddp_run.py OUT.json SOURCE ACCUMULATE
        python tests/ddp_run.py OUT.json adaptive 1   (AdaptiveBatchSize; OUT.json.rank<r>)
+       python tests/ddp_run.py OUT.json collectives 2   (Python-level collectives per step)
 (Lightning's strategy="ddp" relaunches this script in new processes, so tests call it in a
 subprocess rather than importing it.)
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -69,6 +71,60 @@ def adaptive(out: str) -> None:
         json.dump(result, f)
 
 
+class CountCollectives(pl.Callback):
+    """Collectives (torch.distributed functions) called from this package or torchmetrics, per
+    optimizer step. DDP's gradient all-reduce (C++) and Lightning's own are not counted."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
+             "broadcast", "reduce", "gather")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.per_step: dict[int, int] = {}
+        self.count = 0
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        dist = torch.distributed
+        for name in self.NAMES:
+            setattr(dist, name, self._counted(getattr(dist, name)))
+
+    def _counted(self, fn):  # noqa: ANN202
+        def wrapper(*args, **kwargs):
+            files = [f.filename for f in traceback.extract_stack()]
+            if any("lightning_gns" in f or "torchmetrics" in f for f in files):
+                self.count += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        self.per_step[step] = self.per_step.get(step, 0) + self.count
+        self.count = 0
+
+
+class AdamClassifier(Classifier):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def collectives(out: str, accumulate: int) -> None:
+    """Micro-batch and preconditioned measurements side by side: collectives per step."""
+    gns = GradientNoiseScale(source="micro_batch", preconditioned=True, log_every_n_steps=5)
+    counter = CountCollectives()
+    trainer = ddp_trainer(
+        out, max_steps=30, accumulate_grad_batches=accumulate, callbacks=[gns, counter]
+    )
+    trainer.fit(AdamClassifier(mlp(), lr=1e-3, batch_size=16))
+    if trainer.global_rank == 0:
+        result = {
+            "per_step": [counter.per_step.get(s, 0) for s in range(1, 31)],
+            "reads": gns.reads,
+            "preconditioned_steps": gns.preconditioned_values.steps,
+        }
+        with open(out, "w") as f:
+            json.dump(result, f)
+
+
 def main(out: str, source: str, accumulate: int) -> None:
     cb = GradientNoiseScale(ema_decay=0.98, source=source, log_every_n_steps=10)
     trainer = ddp_trainer(out, max_epochs=8, accumulate_grad_batches=accumulate, callbacks=[cb])
@@ -92,5 +148,7 @@ def main(out: str, source: str, accumulate: int) -> None:
 if __name__ == "__main__":
     if sys.argv[2] == "adaptive":
         adaptive(sys.argv[1])
+    elif sys.argv[2] == "collectives":
+        collectives(sys.argv[1], int(sys.argv[3]))
     else:
         main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -51,3 +51,12 @@ def test_adaptive_batch_size_changes_on_every_rank_together(tmp_path) -> None:
     assert ranks[0]["steps"] == ranks[1]["steps"]  # same accumulation at every optimizer step
     assert ranks[0]["lr_scale"] == ranks[1]["lr_scale"] > 1
     assert ranks[0]["param_sum"] == pytest.approx(ranks[1]["param_sum"], rel=1e-12)
+
+
+def test_one_all_reduce_per_logging_step_and_none_between(tmp_path) -> None:
+    """The model's and the preconditioned trackers are read with one reduction together."""
+    r = run_ddp(tmp_path, "collectives", 2)
+    assert r is not None
+    per_step = r["per_step"]  # optimizer steps 1..30
+    assert r["reads"] == 6 and r["preconditioned_steps"] > 0
+    assert per_step == [1 if (i + 1) % 5 == 0 else 0 for i in range(30)], per_step
