@@ -7,6 +7,8 @@
 2. torch.cuda.set_sync_debug_mode("error") around every piece of the callback's per-step code
    (its hooks, the parameter hooks and the per-example module hooks) on non-logging steps:
    any host synchronisation raises.
+3. The simultaneous route (norms/simultaneous.py) under 16-mixed: a frozen nanoGPT with a long
+   context (every Linear routed) against its exact B_simple, under the same sync check.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from helpers import Classifier, digits, exact_gns, mlp  # noqa: E402
+from zoo import ZOO, ZooModule, exact  # noqa: E402
 
 from lightning_gns import GradientNoiseScale  # noqa: E402
-from lightning_gns.norms import hooks  # noqa: E402
+from lightning_gns.norms import hooks, simultaneous  # noqa: E402
 
 STRICT = {"on": False}
 
@@ -66,7 +69,10 @@ def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA device"
     # Wrap the hook bodies that run inside backward.
     hooks.MicroBatchNorms._hook = strict(hooks.MicroBatchNorms._hook)
+    hooks.MicroBatchNorms._hook_fp32 = strict(hooks.MicroBatchNorms._hook_fp32)
     hooks.PerExampleNorms._backward = strict(hooks.PerExampleNorms._backward)
+    routed = simultaneous.LinearWithNorms
+    routed.backward = staticmethod(strict(routed.backward))  # the simultaneous route
     x, y = digits()
     truth = exact_gns(mlp(), x, y)
     results = {"device": torch.cuda.get_device_name(), "truth_b_simple": truth["b_simple"]}
@@ -98,6 +104,30 @@ def main() -> None:
             "strict_sync_check": "passed",
         }
         print(key, results[key], flush=True)
+    model, data, loss = ZOO["nanogpt_long_context"]()
+    truth_lm = exact(model, data, loss)
+    cb = Strict(source="per_example", log_every_n_steps=100)
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="16-mixed",
+        max_steps=1000,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(ZooModule(model, data, loss, 16))
+    results["nanogpt_long_context_per_example"] = {
+        "b_simple": cb.b_simple,
+        "truth_b_simple": truth_lm["b_simple"],
+        "rel_error": cb.b_simple / truth_lm["b_simple"] - 1,
+        "coverage": cb.coverage,
+        "steps": cb.values.steps,
+        "skipped": cb.values.skipped,
+        "strict_sync_check": "passed",
+    }
     print(json.dumps(results, indent=2))
 
 

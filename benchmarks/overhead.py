@@ -14,11 +14,16 @@ ratio between repeats.
     python benchmarks/overhead.py                     # CPU, defaults (a few minutes)
     python benchmarks/overhead.py --device cuda --precision 16-mixed
     python benchmarks/overhead.py --compile           # torch.compile'd model, with and without
+    python benchmarks/overhead.py --device cuda --preset realistic   # GPT-2 small, ViT-B/16
+
+On CUDA the table also gives each setting's peak memory (``torch.cuda.max_memory_allocated``
+over a fit, median over repeats) as a ratio to the baseline's.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,7 +88,8 @@ class Classifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        return F.cross_entropy(self.model(x), y)
+        out = self.model(x)
+        return F.cross_entropy(getattr(out, "logits", out), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
@@ -110,12 +116,14 @@ class Setting:
     gns: dict[str, Any] | None
     times: list[float] = field(default_factory=list)
     repeat_medians: list[float] = field(default_factory=list)
+    peaks: list[float] = field(default_factory=list)  # CUDA peak memory per fit (bytes)
 
 
 def fit_once(
     work: Workload, setting: Setting, args: argparse.Namespace, seed: int, timed: bool = True
-) -> list[float]:
-    """One short fit; returns the per-optimizer-step times after warm-up.
+) -> tuple[list[float], float]:
+    """One short fit; returns the per-optimizer-step times after warm-up and, on CUDA, the
+    fit's peak allocated memory (NaN on CPU).
 
     Every fit back-propagates the same number of micro-batches: ``steps × accumulate`` (the
     ``--accumulate`` flag), so an accumulation-1 fit runs ``accumulate`` times more steps.
@@ -151,10 +159,15 @@ def fit_once(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, loader)
+    peak = float(torch.cuda.max_memory_allocated()) if cuda else float("nan")
     if len(timer.times) != steps:
         raise RuntimeError(f"expected {steps} timed steps, got {len(timer.times)}")
-    return timer.times[args.warmup :]
+    return timer.times[args.warmup :], peak
 
 
 def settings_for(work: Workload, accumulate: int, sample: int | None) -> list[list[Setting]]:
@@ -196,9 +209,10 @@ def run_workload(work: Workload, args: argparse.Namespace) -> list[list[str]]:
         for rep in range(args.repeats):
             shift = rep % len(group)  # rotate the order: no setting always runs right after another
             for setting in group[shift:] + group[:shift]:
-                times = fit_once(work, setting, args, seed=rep)
+                times, peak = fit_once(work, setting, args, seed=rep)
                 setting.times += times
                 setting.repeat_medians.append(median(times))
+                setting.peaks.append(peak)
         base = group[0]
         t_base = median(base.times)
         for setting in group[1:]:
@@ -206,6 +220,7 @@ def run_workload(work: Workload, args: argparse.Namespace) -> list[list[str]]:
             per_rep = [
                 s / b for s, b in zip(setting.repeat_medians, base.repeat_medians, strict=True)
             ]
+            mem = median(setting.peaks) / median(base.peaks)
             rows.append(
                 [
                     work.name,
@@ -214,13 +229,47 @@ def run_workload(work: Workload, args: argparse.Namespace) -> list[list[str]]:
                     f"{1e3 * t:.2f}",
                     f"{t / t_base:.3f}",
                     f"{min(per_rep):.3f}–{max(per_rep):.3f}",
+                    "—" if math.isnan(mem) else f"{mem:.3f}",
                 ]
             )
     return rows
 
 
+class ImageClassifier(Classifier):
+    """A vision transformer: AdamW, as such models are trained."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+def vit(args: argparse.Namespace) -> Workload | None:
+    """Hugging Face ViT with random weights on random images (None without transformers)."""
+    try:
+        from transformers import ViTConfig, ViTForImageClassification
+    except ImportError:
+        return None
+    size, patch, width, layers = args.vit_image, args.vit_patch, args.vit_width, args.vit_layers
+    cfg = ViTConfig(
+        image_size=size, patch_size=patch, hidden_size=width, num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 64), intermediate_size=4 * width, num_labels=100,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    n = 4 * args.vit_batch
+    images = torch.randn(n, 3, size, size, generator=gen)
+    labels = torch.randint(0, 100, (n,), generator=gen)
+    tokens = (size // patch) ** 2 + 1
+    return Workload(
+        f"ViT (b={args.vit_batch}, {size}px/{patch}, T={tokens}, d={width}, L={layers})",
+        lambda: ImageClassifier(ViTForImageClassification(cfg)),
+        TensorDataset(images, labels),
+        args.vit_batch,
+        args.gpt_steps,
+        norm_mode=True,
+    )
+
+
 def workloads(args: argparse.Namespace) -> list[Workload]:
-    """The digits MLP and the tiny GPT."""
+    """The digits MLP, the tiny GPT and a ViT."""
     x, y = digits()
     ds, vocab = char_dataset(args.seq_len)
     out = [
@@ -246,7 +295,20 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
             norm_mode=True,
         ),
     ]
-    return [w for w in out if args.only is None or args.only in w.name]
+    if (vision := vit(args)) is not None:
+        out.append(vision)
+    wanted = args.only.split("|") if args.only else None
+    return [w for w in out if wanted is None or any(o in w.name for o in wanted)]
+
+
+# GPT-2 small and ViT-B/16 at batches that keep a large GPU busy, in bf16; for a GPU run
+PRESETS: dict[str, dict[str, Any]] = {
+    "realistic": {
+        "gpt_width": 768, "gpt_layers": 12, "seq_len": 1024, "gpt_batch": 16,
+        "vit_image": 224, "vit_patch": 16, "vit_width": 768, "vit_layers": 12, "vit_batch": 128,
+        "precision": "bf16-mixed", "gpt_steps": 5, "repeats": 3, "warmup": 3, "only": "GPT|ViT",
+    },
+}  # fmt: skip
 
 
 def main() -> None:
@@ -262,7 +324,19 @@ def main() -> None:
     p.add_argument("--gpt-width", type=int, default=128, help="GPT width (heads: width/32)")
     p.add_argument("--gpt-layers", type=int, default=4)
     p.add_argument("--gpt-batch", type=int, default=16)
-    p.add_argument("--only", default=None, help="run only workloads whose name contains this")
+    p.add_argument("--vit-image", type=int, default=32, help="ViT image size (pixels)")
+    p.add_argument("--vit-patch", type=int, default=4)
+    p.add_argument("--vit-width", type=int, default=128, help="ViT width (heads: width/64)")
+    p.add_argument("--vit-layers", type=int, default=4)
+    p.add_argument("--vit-batch", type=int, default=32)
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="realistic: GPT-2 small (768 wide, 12 layers, T=1024) and ViT-B/16 in bf16-mixed, "
+        "for a GPU (flags given explicitly still win)",
+    )
+    p.add_argument("--only", default=None, help="only workloads whose name contains this (or A|B)")
     p.add_argument(
         "--examples-per-batch",
         type=int,
@@ -276,6 +350,9 @@ def main() -> None:
         help="torch.compile the model in every fit (with and without the callback)",
     )
     args = p.parse_args()
+    if args.preset:
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args()
     if args.accumulate < 2:
         p.error("--accumulate must be at least 2 (the micro_batch source needs two)")
     quiet()
@@ -284,7 +361,15 @@ def main() -> None:
     t0 = time.perf_counter()
     for work in workloads(args):
         rows += run_workload(work, args)
-    headers = ["workload", "setting", "without (ms)", "with (ms)", "ratio", "ratio per repeat"]
+    headers = [
+        "workload",
+        "setting",
+        "without (ms)",
+        "with (ms)",
+        "ratio",
+        "ratio per repeat",
+        "peak memory ratio",
+    ]
     print(
         f"\nGradientNoiseScale overhead on {describe_device(args.device)}, precision "
         f"{args.precision}{', compiled' if args.compile else ''}, torch {torch.__version__}, "
