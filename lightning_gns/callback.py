@@ -24,6 +24,7 @@ from lightning_gns.norms.preconditioner import keeps_second_moment
 from lightning_gns.sources import (
     MODEL,
     PRECONDITIONED,
+    PerExampleSource,
     PreconditionedSource,
     Reduction,
     SkipStep,
@@ -263,9 +264,9 @@ class GradientNoiseScale(Callback):
             and 10,000 steps whose 95% interval is precise; a float in (0, 1): a fixed EMA
             window of about 1/(1 − β) steps. A resumed run keeps this choice (warned if the
             checkpoint's differs).
-        source: ``auto`` takes per-example norms when they cover every trainable parameter
-            of a model that is not compiled, with ``layers="norm"``, or when a step has no
-            second micro-batch/rank gradient; micro-batches otherwise.
+        source: ``auto`` takes per-example norms when layer rules cover every trainable
+            parameter (compiled or not), with ``layers="norm"``, or when a step has no second
+            micro-batch/rank gradient; micro-batches otherwise.
         layers: per-example layers: ``all`` or ``norm`` (normalization layers only, a cheap
             proxy in transformers).
         loss_reduction: how the loss combines examples: ``mean`` or ``sum``.
@@ -385,7 +386,6 @@ class GradientNoiseScale(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _check_setup(trainer, pl_module)
         saved = self._saved or {}
-        compiled = _compiled(pl_module)
         try:
             source = build_source(
                 pl_module,
@@ -395,17 +395,19 @@ class GradientNoiseScale(Callback):
                 self.per_layer,
                 self.examples_per_batch,
                 saved.get("left_out"),
-                compiled=compiled,
             )
         except ValueError as err:
             raise RuntimeError(f"GradientNoiseScale: {err}") from None
-        if source.name == "per_example" and compiled:
+        sites = source.norms.sites if isinstance(source, PerExampleSource) else {}
+        fallback = [name for name, site in sites.items() if site.generic]
+        if _compiled(pl_module) and fallback:
             self._warn_once(
                 "compile",
-                "GradientNoiseScale: the model is compiled, and per-example norms need module "
-                "hooks that split its graph (a few graph breaks per layer). The micro-batch "
-                "source compiles whole: set Trainer(accumulate_grad_batches>=2) or use DDP "
-                "(the default source='auto' then takes it)",
+                "GradientNoiseScale: the model is compiled, and these layers have no per-example "
+                f"rule: {', '.join(fallback[:5])}; their torch.func fallback splits the graph. "
+                "The micro-batch source compiles whole: set Trainer(accumulate_grad_batches>=2) "
+                "or use DDP (the default source='auto' then takes it), or register a rule "
+                "(lightning_gns.norms.register_norm)",
             )
         source.attach()
         self._trainer = trainer

@@ -297,16 +297,15 @@ def build_source(
     per_layer: bool = False,
     examples_per_batch: int | None = None,
     left_out: dict[str, str] | None = None,
-    compiled: bool = False,
 ) -> Source:
     """The source for this model and set-up, or a ``ValueError`` that says what to do.
 
     ``auto`` takes per-example norms when dedicated rules cover every trainable parameter, when
     ``layers="norm"``, or when a step has no second gradient (``several_gradients`` False:
-    one device, no accumulation), and the model is not compiled (``compiled``: module hooks
-    split a compiled graph, parameter hooks do not); micro-batches otherwise. Per-example
-    norms are refused
-    where they are undefined (BatchNorm in train mode mixes the examples of a batch).
+    one device, no accumulation); micro-batches otherwise. The rules also run inside a
+    ``torch.compile`` graph (:mod:`lightning_gns.norms.compiled`); the torch.func fallback for
+    layers without one does not. Per-example norms are refused where they are undefined
+    (BatchNorm in train mode mixes the examples of a batch).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -325,7 +324,7 @@ def build_source(
     # (the torch.func fallback costs 2-4x its layer, 50x an LSTM); micro-batches otherwise.
     fast = not any(site.generic for site in norms.sites.values())
     full = norms.coverage() >= 1.0 and not norms.left_out and fast
-    slow = layers == "all" and (compiled or not full)
+    slow = layers == "all" and not full  # (compiled or not: the fallback is slow either way)
     if source == "auto" and several_gradients and (coupled or slow):
         return MicroBatchSource(params)
     if coupled:

@@ -1,4 +1,4 @@
-"""torch.compile: the same estimate as eager; auto avoids the hooks that split the graph."""
+"""torch.compile: the same estimate as eager, in one graph (micro-batch and per-example norms)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,18 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import Classifier, trained_mlp, trainer_kwargs
+from torch import nn
+from zoo import TinyGPT, ZooModule, text_data
 
 from lightning_gns import GradientNoiseScale
 
 
-def fit(tmp_path, compiled: bool, accumulate: int, **gns_kwargs) -> GradientNoiseScale:
+def fit(
+    tmp_path, compiled: bool, accumulate: int, model_fn=trained_mlp, **gns_kwargs
+) -> GradientNoiseScale:
     torch._dynamo.reset()  # no graph cached from an earlier model (dynamo does not guard hooks)
     torch.manual_seed(0)
-    model = trained_mlp()
+    model = model_fn()
     if compiled:
         model = torch.compile(model)
     gns = GradientNoiseScale(log_every_n_steps=50, **gns_kwargs)
@@ -35,15 +39,32 @@ def test_compiled_model_gives_the_eager_estimate(tmp_path, source, accumulate) -
     assert compiled.values.grad_norm_sq == pytest.approx(eager.values.grad_norm_sq, rel=1e-4)
 
 
-def test_auto_takes_micro_batches_for_a_compiled_model(tmp_path) -> None:
+class Gain(nn.Module):
+    """A layer without a per-example rule: covered by the torch.func fallback."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def test_auto_for_a_compiled_model(tmp_path) -> None:
+    """Rules compile whole, so a compiled model is measured as an eager one; only the torch.func
+    fallback splits the graph, so with it auto takes micro-batches, or warns."""
     assert fit(tmp_path, False, 2).active_source == "per_example"  # rules cover the MLP
-    assert fit(tmp_path, True, 2).active_source == "micro_batch"  # hooks would split the graph
-    with pytest.warns(UserWarning, match="the model is compiled"):
-        assert fit(tmp_path, True, 1).active_source == "per_example"  # the only way
+    assert fit(tmp_path, True, 2).active_source == "per_example"  # compiled alike
+    with_gain = lambda: nn.Sequential(trained_mlp(), Gain(10))  # noqa: E731
+    assert fit(tmp_path, True, 2, model_fn=with_gain).active_source == "micro_batch"
+    with pytest.warns(UserWarning, match="the model is compiled, and these layers have no"):
+        assert fit(tmp_path, True, 1, model_fn=with_gain).active_source == "per_example"
 
 
-def test_no_recompile_per_step(tmp_path) -> None:
-    """After the first steps (the batch probe leaves after one), no step compiles again."""
+@pytest.mark.parametrize("source", ["micro_batch", "per_example"])
+def test_no_recompile_per_step(tmp_path, source) -> None:
+    """After the first steps (the batch probe leaves after one, the structural check runs
+    eagerly), no step compiles again."""
     from torch._dynamo.utils import counters
 
     seen: list[int] = []
@@ -55,12 +76,60 @@ def test_no_recompile_per_step(tmp_path) -> None:
     torch._dynamo.reset()
     counters.clear()
     model = torch.compile(trained_mlp())
-    gns = GradientNoiseScale(log_every_n_steps=5)
+    gns = GradientNoiseScale(log_every_n_steps=5, source=source)
     trainer = pl.Trainer(
         **trainer_kwargs(
             tmp_path, max_steps=20, accumulate_grad_batches=2, callbacks=[gns, Count()]
         )
     )
     trainer.fit(Classifier(model, batch_size=32))
-    assert gns.active_source == "micro_batch" and gns.values.steps > 10
+    assert gns.active_source == source and gns.values.steps > 10
     assert seen[-1] == seen[6] > 0  # graphs compiled in the first steps only
+
+
+@pytest.mark.parametrize("tie_weights", [False, True])
+def test_compiled_transformer_per_example_equals_eager_in_one_graph(tmp_path, tie_weights) -> None:
+    """A GPT with positions on arange(T), LayerNorms, Linears on the simultaneous route and,
+    tied or not, its embedding: per-example norms inside the compiled graph give the eager
+    estimate; after the structural check no step compiles again or breaks the graph."""
+    from torch._dynamo.utils import counters
+
+    from lightning_gns.norms.simultaneous import RoutedForward
+
+    data, vocab = text_data(64)
+
+    class Count(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, int]] = []
+            self.routed = False
+
+        def on_train_batch_end(self, trainer, module, *args) -> None:
+            breaks = sum(counters["graph_break"].values())
+            self.seen.append((counters["stats"]["unique_graphs"], breaks))
+            forwards = [m.__dict__.get("forward") for m in module.modules()]
+            self.routed |= any(isinstance(f, RoutedForward) for f in forwards)
+
+    results = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = TinyGPT(vocab, seq_len=64, width=16, n_layers=2, n_heads=2, tie_weights=tie_weights)
+        module = ZooModule(model, data, lambda m, x, y: lm_loss(m, x, y), batch=8)
+        if compiled:
+            module.model = torch.compile(model)
+        gns, count = GradientNoiseScale(source="per_example", log_every_n_steps=10), Count()
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=30, callbacks=[gns, count]))
+        trainer.fit(module)
+        assert gns.coverage == 1.0 and count.routed, (compiled, gns.left_out)
+        results[compiled] = (gns.values, count.seen)
+    eager, (compiled, seen) = results[False][0], results[True]
+    assert eager.steps == compiled.steps == 29  # the first step is the structural check
+    assert compiled.b_simple == pytest.approx(eager.b_simple, rel=1e-4)
+    assert compiled.grad_norm_sq == pytest.approx(eager.grad_norm_sq, rel=1e-4)
+    assert seen[-1] == seen[1], seen  # compiled once, after the (eager) check step
+    assert seen[-1][1] == 0, seen  # and whole: no graph break
+
+
+def lm_loss(model, x, y):
+    return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())

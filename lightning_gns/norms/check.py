@@ -9,7 +9,7 @@ from its saved input and output gradient, and leaves out the modules where the t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from lightning_gns.norms.hooks import PerExampleNorms, _Site
 
 TOLERANCE = 1e-2  # relative difference between a module's own and the whole gradient
+SCALE_FLOOR = 1e-3  # ... relative to at least this fraction of the module's whole gradient
 
 
 def not_a_batch(x: object) -> bool:
@@ -43,6 +44,9 @@ class StructuralCheck:
         self.handles: list[RemovableHandle] = [
             p.register_hook(self._recorder(id(p))) for p in norms.params
         ]
+        # A compiled model runs this one micro-batch eagerly: the check's hooks record Python
+        # state, which would split the graph (and leave dynamo a recompile per layer).
+        self._stance: Any = torch.compiler.set_stance("force_eager")
 
     def _recorder(self, key: int):  # noqa: ANN202
         def rec(grad: Tensor) -> None:
@@ -54,6 +58,9 @@ class StructuralCheck:
         for h in self.handles:
             h.remove()
         self.handles = []
+        if self._stance is not None:  # back to the stance before the check
+            self._stance.__exit__(None, None, None)
+            self._stance = None
 
     def finish(self) -> None:
         """Leave out every site whose own gradient is not its parameters' whole gradient."""
@@ -74,13 +81,19 @@ class StructuralCheck:
             if reason is not None:
                 norms.leave_out(name, reason)
         for name, site in list(norms.sites.items()):
+            totals = [self.grads.get(id(p)) for p in site.params.values()]
+            # a parameter whose gradient is ~0 against its module's (a key bias under softmax)
+            # is compared at the module's scale: rounding noise is not a second use
+            seen = [t.float().norm() for t in totals if t is not None]
+            scale = float(torch.stack(seen).norm()) if seen else 0.0
             for attr, p in site.params.items():
                 total, mine = self.grads.get(id(p)), local.get(id(p))
                 if total is None or mine is None:
                     norms.leave_out(name, f"no gradient seen for '{attr}'")
                     break
-                err = (mine - total.float()).norm() / total.float().norm().clamp_min(1e-30)
-                if float(err) > TOLERANCE:
+                size = max(float(total.float().norm()), SCALE_FLOOR * scale, 1e-30)
+                err = float((mine - total.float()).norm()) / size
+                if err > TOLERANCE:
                     reason = f"'{attr}' also gets gradient from outside this module (tied/reused?)"
                     norms.leave_out(name, reason)
                     break

@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gns.norms.check import StructuralCheck, not_a_batch
+from lightning_gns.norms.compiled import Tap
 from lightning_gns.norms.generic import generic_sq_norms, is_replaying, leaves_of, replaying
-from lightning_gns.norms.rules import grad_sample_rule_for, norm_rule_for
-from lightning_gns.norms.simultaneous import Deliver, can_route, route, unroute
+from lightning_gns.norms.rules import grad_sample_rule_for, module_norms, norm_rule_for
+from lightning_gns.norms.simultaneous import can_route, qualifies, route, unroute
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
@@ -180,27 +181,46 @@ class _Site:
     out_grads: dict[int, Tensor] = field(default_factory=dict)  # generic: their gradients
     positions: bool | None = None  # a 1-D input as long as the batch: positions (decided once)
     routed: bool = False  # its forward goes through norms/simultaneous.py while attached
-    fused: bool = False  # this forward's call was routed: its backward delivers the norms
 
 
-def broadcast_positions(site: _Site, x: object, output: Tensor, b: int | None) -> Tensor | None:
+def expand_positions(site: _Site, x: object, output: Tensor, b: int | None) -> tuple | None:
     """An embedding called on positions shared by the batch ((T,) or (1, T), as nanoGPT and
-    Hugging Face do): its output expanded to the batch (None: not such a call), so each
-    example's output gradient (before the broadcast sum) reaches the rule; the model computes
-    the same values. The site's activation becomes the positions expanded alike."""
+    Hugging Face do): (positions, output) expanded to the batch (None: not such a call), so
+    each example's output gradient (before the broadcast sum) reaches the rule; the model
+    computes the same values. A (T,) input with T = B counts as positions only once
+    ``site.positions`` says so (decided on the first such call, see :func:`broadcast_positions`)."""
     if b is None or b < 2 or not isinstance(site.module, nn.Embedding):
         return None
     if not isinstance(x, Tensor) or x.is_floating_point() or x.dim() not in (1, 2):
         return None
-    if x.dim() == 1 and x.shape[0] == b and site.positions is None:
-        site.positions = not_a_batch(x)  # decided once (a host read): positions, or a batch
     if x.dim() == 1 and (x.shape[0] != b or site.positions):
-        site.activation = x.unsqueeze(0).expand(b, -1)
-        return output.unsqueeze(0).expand(b, *output.shape)
+        return x.unsqueeze(0).expand(b, -1), output.unsqueeze(0).expand(b, *output.shape)
     if x.dim() == 2 and x.shape[0] == 1:
-        site.activation = x.expand(b, -1)
-        return output.expand(b, *output.shape[1:])
+        return x.expand(b, -1), output.expand(b, *output.shape[1:])
     return None
+
+
+def undecided_positions(site: _Site, x: object, b: int | None) -> bool:
+    """A (B,) integer input to an embedding: positions or a batch, not decided yet."""
+    return (
+        isinstance(site.module, nn.Embedding)
+        and isinstance(x, Tensor)
+        and x.dim() == 1
+        and x.shape[0] == b
+        and site.positions is None
+    )
+
+
+def broadcast_positions(site: _Site, x: object, output: Tensor, b: int | None) -> Tensor | None:
+    """:func:`expand_positions` in eager mode: decides ``site.positions`` once (a host read)
+    and makes the expanded positions the site's activation; the expanded output, or None."""
+    if undecided_positions(site, x, b):
+        site.positions = not_a_batch(x)
+    expanded = expand_positions(site, x, output, b)
+    if expanded is None:
+        return None
+    site.activation = expanded[0]
+    return expanded[1]
 
 
 def _grad_saver(site: _Site, i: int):  # noqa: ANN202
@@ -213,19 +233,10 @@ def _grad_saver(site: _Site, i: int):  # noqa: ANN202
 def rule_norms(site: _Site, a: Tensor, g: Tensor, shared: dict[int, Tensor]) -> Tensor | None:
     """Per-example squared norms of a site's own (untied) parameters by its rule; a weight tied
     to another site adds its per-example gradient to ``shared`` (summed over the sites)."""
-    rule = norm_rule_for(site.module)
-    assert rule is not None
-    total: Tensor | None = None
-    for attr, n in rule(site.module, a, g).items():
-        if attr not in site.shared:
-            total = n if total is None else total + n
-    if site.shared:
-        gs_rule = grad_sample_rule_for(site.module)
-        assert gs_rule is not None
-        samples = gs_rule(site.module, a, g)
-        for attr in site.shared:
-            key = id(site.params[attr])
-            shared[key] = samples[attr] if key not in shared else shared[key] + samples[attr]
+    total, samples = module_norms(site.module, frozenset(site.shared), a, g)
+    for attr, sample in samples.items():
+        key = id(site.params[attr])
+        shared[key] = sample if key not in shared else shared[key] + sample
     return total
 
 
@@ -309,6 +320,8 @@ class PerExampleNorms:
         self._layer_acc: dict[str, Tensor] = {}
         self._shared_acc: dict[int, Tensor] = {}
         self._batch_size: int | None = None
+        self._sinks: dict[str, Tensor] = {}  # per micro-batch: see _make_sinks
+        self._tied_sinks: dict[int, Tensor] = {}
         self._bad: str | None = None
         self._check: StructuralCheck | None = None
         self.sites, self.left_out = find_sites(model, layers)
@@ -361,7 +374,7 @@ class PerExampleNorms:
             else:
                 site.handle = site.module.register_forward_hook(self._make_forward_hook(site))
                 if self.simultaneous and not site.shared and can_route(site.module):
-                    route(site.module, self._deliver_for(site))
+                    route(site.module, self._sink_for_route(site))
                     site.routed = True
 
     def detach(self) -> None:
@@ -380,15 +393,36 @@ class PerExampleNorms:
         """Called before the forward of each micro-batch with its number of examples."""
         self._reset()
         self._batch_size = batch_size
+        self._make_sinks(batch_size)
+
+    def _make_sinks(self, b: int | None) -> None:
+        """Leaves whose gradients receive the norms computed inside autograd (the simultaneous
+        route, the compiled taps): one (n,) sink for the model, or one per site with
+        ``per_layer``, and one (n, *shape) per tied weight; n examples are measured."""
+        if b is None or not self.sites:
+            return
+        n = min(b, self.examples_per_batch or b)
+        dev = self.params[0].device
+        names = list(self.sites) if self.per_layer else [""]
+        self._sinks = {k: torch.zeros(n, device=dev, requires_grad=True) for k in names}
+        for site in self.sites.values():
+            for attr in site.shared:
+                p = site.params[attr]
+                if id(p) not in self._tied_sinks:  # zeros that take no memory
+                    zero = torch.zeros((), device=dev).expand(n, *p.shape)
+                    self._tied_sinks[id(p)] = zero.requires_grad_()
+
+    def _sink_for(self, site: _Site) -> Tensor | None:
+        return self._sinks.get(site.name if self.per_layer else "")
 
     def _reset(self) -> None:
         self._acc = None
         self._layer_acc = {}
         self._shared_acc = {}
+        self._sinks, self._tied_sinks = {}, {}
         self._bad = None
         for site in self.sites.values():
             site.calls = 0
-            site.fused = False
             site.activation = None
             site.grad_output = None
             site.inputs, site.outputs, site.out_grads = None, [], {}
@@ -399,28 +433,56 @@ class PerExampleNorms:
             unroute(site.module)
             site.routed = False
 
-    def _deliver_for(self, site: _Site):  # noqa: ANN202
-        def deliver_for(x: Tensor) -> Deliver | None:
-            """This call's norms come from its backward, or None: the plain forward and hooks
-            (the structural check, examples_per_batch, a broken micro-batch, a wrong batch)."""
-            if self._check is not None or self.examples_per_batch is not None:
-                return None
-            if self._bad is not None or self.sites.get(site.name) is not site:
-                return None
-            if self._batch_size is not None and x.shape[0] != self._batch_size:
-                return None
-            site.fused = True
-            return lambda sq, b: self._fused_backward(site, sq)
+    def _sink_for_route(self, site: _Site):  # noqa: ANN202
+        def sink_for(x: Tensor) -> Tensor | None:
+            return self._route_sink(site, x)
 
-        return deliver_for
+        return sink_for
 
-    def _fused_backward(self, site: _Site, sq: Tensor) -> None:
-        if site.active and self._bad is None:
-            self._add(site, sq)
+    def _route_sink(self, site: _Site, x: Tensor) -> Tensor | None:
+        """The sink of this call's norms if it takes the simultaneous route; None: the plain
+        forward and the hooks (the structural check, examples_per_batch, a broken micro-batch,
+        a wrong batch, a call the route does not pay for)."""
+        if not site.routed or self._check is not None or self.examples_per_batch is not None:
+            return None
+        if self._bad is not None or self.sites.get(site.name) is not site:
+            return None
+        if self._batch_size is None or x.shape[0] != self._batch_size:
+            return None
+        if not qualifies(site.module, x):
+            return None
+        return self._sink_for(site)
 
     def _make_forward_hook(self, site: _Site):  # noqa: ANN202
+        eager = self._make_eager_hook(site)
+
+        def hook(module: nn.Module, args: tuple, output: object) -> object:
+            if torch.compiler.is_compiling():  # (the structural check runs eagerly)
+                return self._tap(site, args, output)
+            return eager(module, args, output)
+
+        return hook
+
+    def _tap(self, site: _Site, args: tuple, output: object) -> Tensor | None:
+        """Under torch.compile: the output through :class:`~lightning_gns.norms.compiled.Tap`
+        (no Python state is touched, so the graph stays whole)."""
+        if is_replaying() or not torch.is_grad_enabled() or not args:
+            return None
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return None
+        x, b = args[0], self._batch_size
+        sink = self._sink_for(site)
+        if sink is None or (isinstance(x, Tensor) and self._route_sink(site, x) is not None):
+            return None  # no batch size given, or the simultaneous route delivers
+        expanded = expand_positions(site, x, output, b)
+        a, out = expanded if expanded is not None else (x, output)
+        tied = tuple(sorted(site.shared))
+        tied_sinks = [self._tied_sinks[id(site.params[attr])] for attr in tied]
+        poison = undecided_positions(site, x, b)
+        return Tap.apply(out, a, sink, site.module, tied, poison, *tied_sinks)
+
+    def _make_eager_hook(self, site: _Site):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            fused, site.fused = site.fused, False
             if is_replaying() or not torch.is_grad_enabled():
                 return
             if not isinstance(output, Tensor) or not args:
@@ -431,7 +493,7 @@ class PerExampleNorms:
             if site.calls > 1:
                 self._fail(site, f"called {site.calls} times in one forward")
                 return
-            if fused:  # its backward delivers the norms (and the weight gradient)
+            if self._route_sink(site, args[0]) is not None:  # the route's backward has it
                 return
             site.activation = args[0]
             broadcast = broadcast_positions(site, args[0], output, self._batch_size)
@@ -521,15 +583,24 @@ class PerExampleNorms:
         for site in list(self.sites.values()):
             if site.generic and self._bad is None:
                 self._generic(site)
-        acc = self._acc
-        for shared in self._shared_acc.values():
-            sq = shared.flatten(1).square().sum(1)
+        acc, layers = self._acc, dict(self._layer_acc)
+        for name, sink in self._sinks.items():  # norms computed inside autograd
+            if sink.grad is None:
+                continue
+            acc = sink.grad if acc is None else acc + sink.grad
+            if name:
+                layers[name] = sink.grad if name not in layers else layers[name] + sink.grad
+        shared = dict(self._shared_acc)
+        for key, sink in self._tied_sinks.items():
+            if sink.grad is not None:
+                shared[key] = sink.grad if key not in shared else shared[key] + sink.grad
+        for sample in shared.values():
+            sq = sample.flatten(1).square().sum(1)
             acc = sq if acc is None else acc + sq
         if self._check is not None:
             self._check.finish()
             self._check = None
         bad = self._bad
-        layers = self._layer_acc
         self._reset()
         return (None if bad else acc), layers, bad
 

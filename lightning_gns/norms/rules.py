@@ -79,6 +79,27 @@ def grad_sample_rule_for(module: nn.Module) -> GradSampleRule | None:
     return _lookup(GRAD_SAMPLE_RULES, GRAD_SAMPLE_RULES_BY_NAME, module)
 
 
+def module_norms(
+    module: nn.Module, tied: frozenset[str], a: Tensor, g: Tensor
+) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """A module's per-example squared norms over its own parameters (None: it has none but
+    ``tied`` ones), and the per-example gradients of its ``tied`` parameters (weights shared
+    with other modules, whose per-example gradients are summed over those before squaring)."""
+    rule = norm_rule_for(module)
+    assert rule is not None
+    total: Tensor | None = None
+    for attr, n in rule(module, a, g).items():
+        if attr not in tied:
+            total = n if total is None else total + n
+    samples: dict[str, Tensor] = {}
+    if tied:
+        gs_rule = grad_sample_rule_for(module)
+        assert gs_rule is not None
+        every = gs_rule(module, a, g)
+        samples = {attr: every[attr] for attr in tied if attr in every}
+    return total, samples
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 

@@ -11,14 +11,13 @@ memory of the G_n of ``chunk`` examples at a time (at most :data:`CHUNK_BYTES`).
 Only ``nn.Linear`` (and subclasses that keep its forward) and Hugging Face's GPT-2 ``Conv1D``
 are routed here, and only when the call qualifies (see :func:`qualifies`); every other call
 runs the module's own forward and the hook path of :mod:`lightning_gns.norms.hooks`. The
-routed forward is the module's own instance attribute while the hooks are attached, found
-through a weak table, so a deep copy (EMA, SWA) or a pickled copy of the model runs the plain
-forward.
+routed forward is the module's own instance attribute while the hooks are attached; a deep
+copy (EMA, SWA) or a pickled copy of the model runs the plain forward. The norms leave the
+backward as the gradient of a "sink" tensor, not through Python, so the route compiles whole.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -32,13 +31,9 @@ from lightning_gns.norms.rules import _use_gram
 CHUNK_BYTES = 64 * 2**20  # per-example gradients held at once, per layer
 CONV1D = "transformers.pytorch_utils.Conv1D"  # y = x W + b with W (d_in, d_out)
 
-Deliver = Callable[[Tensor, int], None]  # (per-example squared norms (B,), B)
-
-# module -> the callback that receives its per-example norms; only modules routed while hooks
-# are attached are here (a deep copy is not, so it runs the plain forward)
-_ROUTED: weakref.WeakKeyDictionary[nn.Module, Callable[[Tensor], Deliver | None]] = (
-    weakref.WeakKeyDictionary()
-)
+# x -> the sink (a (B,) leaf) whose gradient receives this call's per-example squared norms,
+# or None: run the plain forward
+SinkFor = Callable[[Tensor], "Tensor | None"]
 
 
 def _qualname(module: nn.Module) -> str:
@@ -63,66 +58,61 @@ def can_route(module: nn.Module) -> bool:
 
 
 def qualifies(module: nn.Module, x: Tensor) -> bool:
-    """This call is worth routing: a float sequence input in the materialised-norm regime,
-    a plain autograd forward (no replay, no torch.compile trace, no torch.func transform)."""
+    """This call is worth routing: a float sequence input in the materialised-norm regime, in
+    a plain autograd forward (eager or traced by torch.compile; no replay, no torch.func)."""
     if x.dim() < 3 or not x.is_floating_point() or not torch.is_grad_enabled():
         return False
-    if is_replaying() or torch.compiler.is_compiling():
+    if is_replaying():
         return False
     w = module.weight
     if not w.requires_grad or (not torch.is_autocast_enabled(x.device.type) and x.dtype != w.dtype):
         return False  # a frozen weight gains nothing; mixed dtypes: the plain forward's error
-    if torch._C._are_functorch_transforms_active():
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return False
     t = x[0].numel() // x.shape[-1]
     d_in, d_out = x.shape[-1], module.weight.numel() // x.shape[-1]
     return t > 1 and not _use_gram(t, d_in, d_out)
 
 
-def route(module: nn.Module, deliver_for: Callable[[Tensor], Deliver | None]) -> None:
-    """Give ``module`` the routed forward; ``deliver_for(x)`` is asked at each call for the
-    callback that takes this call's per-example norms (None: run the plain forward)."""
-    _ROUTED[module] = deliver_for
-    module.forward = RoutedForward(module)
+def route(module: nn.Module, sink_for: SinkFor) -> None:
+    """Give ``module`` the routed forward; ``sink_for(x)`` is asked at each call for the sink
+    that takes this call's per-example norms (None: run the plain forward)."""
+    module.forward = RoutedForward(module, sink_for)
 
 
 def unroute(module: nn.Module) -> None:
     """Back to the class's own forward."""
-    _ROUTED.pop(module, None)
     if isinstance(module.__dict__.get("forward"), RoutedForward):
         del module.__dict__["forward"]
 
 
 class RoutedForward:
-    """A routed layer's forward. Copies (``copy.deepcopy``, pickle) are bound to the copied
-    module, which is not in the routing table, so they run its plain forward."""
+    """A routed layer's forward. A copy (``copy.deepcopy``, pickle) is bound to the copied
+    module and has no sink: it runs the plain forward."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self._module = weakref.ref(module)
+    def __init__(self, module: nn.Module, sink_for: SinkFor | None = None) -> None:
+        self.module, self.sink_for = module, sink_for
 
     def __call__(self, x: Tensor) -> Tensor:
-        module = self._module()
-        assert module is not None
-        return _routed_forward(module, x)
+        return _routed_forward(self.module, x, self.sink_for)
 
     def __reduce__(self) -> tuple:
-        return (RoutedForward, (self._module(),))
+        return (RoutedForward, (self.module, None))
 
 
 def _plain(module: nn.Module, x: Tensor) -> Tensor:
     return type(module).forward(module, x)
 
 
-def _routed_forward(self: nn.Module, x: Tensor) -> Tensor:
-    deliver_for = _ROUTED.get(self)
-    if deliver_for is None or not isinstance(x, Tensor) or not qualifies(self, x):
+def _routed_forward(self: nn.Module, x: Tensor, sink_for: SinkFor | None) -> Tensor:
+    if sink_for is None or not isinstance(x, Tensor) or not qualifies(self, x):
         return _plain(self, x)
-    deliver = deliver_for(x)
-    if deliver is None:
+    sink = sink_for(x)
+    if sink is None:
         return _plain(self, x)
     bias = self.bias if isinstance(self.bias, Tensor) else None
     flat = x.reshape(-1, x.shape[-1])  # a view outside the Function: in-place ops stay legal
-    y = LinearWithNorms.apply(flat, self.weight, bias, transposed(self), deliver, x.shape[0])
+    y = LinearWithNorms.apply(flat, self.weight, bias, sink, transposed(self), x.shape[0])
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -133,8 +123,9 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 class LinearWithNorms(torch.autograd.Function):
-    """y = x Wᵀ + b (x W + b when transposed). Backward hands the per-example squared norms
-    |∂ℓ_n/∂W|² + |∂ℓ_n/∂b|² to ``deliver`` and returns Σ_n G_n as the weight gradient."""
+    """y = x Wᵀ + b (x W + b when transposed). Backward returns Σ_n G_n as the weight gradient
+    and the per-example squared norms |∂ℓ_n/∂W|² + |∂ℓ_n/∂b|² as the gradient of ``sink``, a
+    (B,) leaf on which autograd sums them over layers."""
 
     @staticmethod
     def forward(
@@ -142,8 +133,8 @@ class LinearWithNorms(torch.autograd.Function):
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
+        sink: Tensor,
         is_transposed: bool,
-        deliver: Deliver,
         examples: int,
     ) -> Tensor:
         """x: (B·T, d_in), the B examples' rows in order."""
@@ -156,7 +147,7 @@ class LinearWithNorms(torch.autograd.Function):
             else:
                 y = F.linear(xc, wc, bc)
         ctx.save_for_backward(xc, wc)
-        ctx.is_transposed, ctx.deliver, ctx.examples = is_transposed, deliver, examples
+        ctx.is_transposed, ctx.examples = is_transposed, examples
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
@@ -177,8 +168,7 @@ class LinearWithNorms(torch.autograd.Function):
             per_b = g.sum(1, dtype=torch.float32)  # (B, d_out)
             sq = sq + per_b.detach().square().sum(1)
             grad_b = per_b.sum(0).to(ctx.bias_dtype)
-        ctx.deliver(sq, b)
-        return grad_x, grad_w.to(ctx.weight_dtype), grad_b, None, None, None
+        return grad_x, grad_w.to(ctx.weight_dtype), grad_b, sq, None, None
 
 
 def per_example_weight_grads(a: Tensor, g: Tensor, is_transposed: bool) -> tuple[Tensor, Tensor]:
