@@ -35,6 +35,25 @@ def not_a_batch(x: object) -> bool:
     return False
 
 
+# A compiled model runs the check's micro-batch eagerly: the check's hooks record Python state,
+# which would split the graph (and leave dynamo a recompile per layer). Checks may overlap (two
+# callbacks on one model): the first to start turns compilation off, the last to stop restores.
+_EAGER: dict[str, Any] = {"depth": 0, "restore": None}
+
+
+def _eager_enter() -> None:
+    if _EAGER["depth"] == 0:
+        _EAGER["restore"] = torch.compiler.set_stance("force_eager")
+    _EAGER["depth"] += 1
+
+
+def _eager_exit() -> None:
+    _EAGER["depth"] -= 1
+    if _EAGER["depth"] == 0:
+        _EAGER["restore"].__exit__(None, None, None)
+        _EAGER["restore"] = None
+
+
 class StructuralCheck:
     """Records whole gradients during one backward, then verifies each site against them."""
 
@@ -44,9 +63,8 @@ class StructuralCheck:
         self.handles: list[RemovableHandle] = [
             p.register_hook(self._recorder(id(p))) for p in norms.params
         ]
-        # A compiled model runs this one micro-batch eagerly: the check's hooks record Python
-        # state, which would split the graph (and leave dynamo a recompile per layer).
-        self._stance: Any = torch.compiler.set_stance("force_eager")
+        self._eager = True
+        _eager_enter()
 
     def _recorder(self, key: int):  # noqa: ANN202
         def rec(grad: Tensor) -> None:
@@ -58,9 +76,9 @@ class StructuralCheck:
         for h in self.handles:
             h.remove()
         self.handles = []
-        if self._stance is not None:  # back to the stance before the check
-            self._stance.__exit__(None, None, None)
-            self._stance = None
+        if self._eager:
+            self._eager = False
+            _eager_exit()
 
     def finish(self) -> None:
         """Leave out every site whose own gradient is not its parameters' whole gradient."""
