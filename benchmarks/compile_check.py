@@ -1,8 +1,9 @@
 """What torch.compile meets: graph breaks caused by this package's hooks (CPU is enough).
 
-``torch._dynamo.explain`` on the tiny GPT of ``examples/tiny_gpt.py`` (2 layers, width 32),
-with no hooks, with the per-example source's module hooks, and with the micro-batch source's
-parameter hooks; prints the graph count, the breaks and their first reasons.
+``torch._dynamo.explain`` on the tiny GPT of ``examples/tiny_gpt.py`` (2 layers), with no
+hooks, with the per-example source's module hooks (short context: every Linear in the Gram
+form; long context: every Linear on the simultaneous route; tied embeddings) and with the
+micro-batch source's parameter hooks; prints the graph count, the breaks and their reasons.
 
     python benchmarks/compile_check.py
 """
@@ -31,19 +32,21 @@ def explain(model: torch.nn.Module, x: torch.Tensor, label: str) -> None:
 def main() -> None:
     quiet()
     warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
-    model = TinyGPT(50, seq_len=16, width=32, n_layers=2, n_heads=2)
-    x = torch.randint(0, 50, (8, 16))
-    explain(model, x, "no hooks")
-    per_example = PerExampleNorms(model)
-    per_example.attach()
-    per_example.start_micro_batch(8)
-    explain(model, x, "per-example source (module hooks)")
-    per_example.detach()
-    micro = MicroBatchNorms([p for p in model.parameters() if p.requires_grad])
-    micro.attach()
-    explain(model, x, "micro-batch source (parameter hooks)")
-    micro.detach()
+    for t, width, tie in ((16, 32, False), (64, 16, True)):
+        torch.manual_seed(0)
+        model = TinyGPT(50, seq_len=t, width=width, n_layers=2, n_heads=2, tie_weights=tie)
+        x = torch.randint(0, 50, (8, t))
+        print(f"TinyGPT T={t}, width {width}{', tied embeddings' if tie else ''}:")
+        explain(model, x, "  no hooks")
+        per_example = PerExampleNorms(model)
+        per_example.attach()
+        per_example.start_micro_batch(8)
+        explain(model, x, "  per-example source (module hooks)")
+        per_example.detach()
+        micro = MicroBatchNorms([p for p in model.parameters() if p.requires_grad])
+        micro.attach()
+        explain(model, x, "  micro-batch source (parameter hooks)")
+        micro.detach()
 
 
 if __name__ == "__main__":

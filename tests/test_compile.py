@@ -133,3 +133,27 @@ def test_compiled_transformer_per_example_equals_eager_in_one_graph(tmp_path, ti
 
 def lm_loss(model, x, y):
     return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def test_compiled_per_example_norms_of_a_wrong_batch_size_are_nan_not_wrong() -> None:
+    """Compiled, the hooks cannot fail a micro-batch from Python: a batch other than the one
+    announced makes its norms NaN (a skipped step), never plausible wrong numbers."""
+    from lightning_gns.norms import PerExampleNorms
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4))
+    compiled = torch.compile(model)
+    norms = PerExampleNorms(model)
+    norms.attach()
+    x = torch.randn(8, 16)
+    for announced, check in ((8, True), (8, False), (4, False)):
+        norms.start_micro_batch(announced)
+        if check:
+            norms.start_check()
+        compiled(x).square().mean().backward()
+        acc, _, bad = norms.close_micro_batch()
+        if announced == 8 and not check:
+            assert acc is not None and torch.isfinite(acc).all()
+    norms.detach()
+    assert bad is None and acc is not None and acc.shape == (4,) and torch.isnan(acc).all()

@@ -132,9 +132,14 @@ class MicroBatchNorms:
         self._start = 0
 
     def _hook_fp32(self, grad: Tensor) -> None:
-        """A float32 parameter's gradient: one BLAS dot, the cheapest call on a CPU."""
-        flat = grad.detach().reshape(-1)
-        self._parts.append(torch.dot(flat, flat))
+        """A float32 parameter's gradient: one BLAS dot, the cheapest call on a CPU (a
+        non-contiguous one, as a compiled backward may give, without a copy)."""
+        g = grad.detach()
+        if g.is_contiguous():
+            flat = g.view(-1)
+            self._parts.append(torch.dot(flat, flat))
+        else:
+            self._parts.append(torch.linalg.vector_norm(g).square())
 
     def _hook(self, grad: Tensor) -> None:
         """Half precision: accumulate in float32 (squares of scaled fp16 grads overflow)."""
@@ -478,7 +483,9 @@ class PerExampleNorms:
         a, out = expanded if expanded is not None else (x, output)
         tied = tuple(sorted(site.shared))
         tied_sinks = [self._tied_sinks[id(site.params[attr])] for attr in tied]
-        poison = undecided_positions(site, x, b)
+        # a batch other than the one announced poisons the step (NaN), never a silent error
+        mismatch = not isinstance(a, Tensor) or a.dim() == 0 or a.shape[0] != b
+        poison = mismatch or out.dim() == 0 or out.shape[0] != b or undecided_positions(site, x, b)
         return Tap.apply(out, a, sink, site.module, tied, poison, *tied_sinks)
 
     def _make_eager_hook(self, site: _Site):  # noqa: ANN202
