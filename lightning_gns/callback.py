@@ -106,6 +106,7 @@ class _StepFeed:
         self.current = self.host_skips = 0
         self.bad: str | None = None
         self.probe: BatchDimProbe | None = None
+        self.probe_model: nn.Module | None = None  # probe this model's next training forward
         self.source: Source | None = None
         self.tracker: GNSTracker | None = None
         self.precond: PreconditionedSource | None = None  # optional second measurement
@@ -123,6 +124,8 @@ class _StepFeed:
         if self.current < 1:
             self.bad = "could not tell the batch size of a micro-batch; pass batch_size_fn"
         elif self.source is not None:
+            if self.probe_model is not None:
+                self.probe, self.probe_model = BatchDimProbe(self.probe_model), None
             self.recent.append(self.current)
             self.source.start_micro_batch(self.current)
             if self.precond is not None:
@@ -200,6 +203,7 @@ class _StepFeed:
         )
 
     def close_probe(self) -> int | None:
+        self.probe_model = None
         seen, self.probe = (self.probe.close() if self.probe else None), None
         return seen
 
@@ -419,7 +423,7 @@ class GradientNoiseScale(Callback):
         if self._saved is not None:
             self._restore(self._saved)
             self._saved = None
-        self._feed.probe = BatchDimProbe(pl_module)
+        self._feed.probe_model = pl_module  # probed during the first training micro-batch
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(_tensorboard_layout())

@@ -63,8 +63,8 @@ def test_auto_for_a_compiled_model(tmp_path) -> None:
 
 @pytest.mark.parametrize("source", ["micro_batch", "per_example"])
 def test_no_recompile_per_step(tmp_path, source) -> None:
-    """After the first steps (the batch probe leaves after one, the structural check runs
-    eagerly), no step compiles again."""
+    """The first step runs eagerly (the batch probe, the structural check), so their hooks
+    leave no graph break behind, and no later step compiles again."""
     from torch._dynamo.utils import counters
 
     seen: list[int] = []
@@ -85,6 +85,7 @@ def test_no_recompile_per_step(tmp_path, source) -> None:
     trainer.fit(Classifier(model, batch_size=32))
     assert gns.active_source == source and gns.values.steps > 10
     assert seen[-1] == seen[6] > 0  # graphs compiled in the first steps only
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
 
 @pytest.mark.parametrize("tie_weights", [False, True])

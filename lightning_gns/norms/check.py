@@ -35,19 +35,21 @@ def not_a_batch(x: object) -> bool:
     return False
 
 
-# A compiled model runs the check's micro-batch eagerly: the check's hooks record Python state,
-# which would split the graph (and leave dynamo a recompile per layer). Checks may overlap (two
-# callbacks on one model): the first to start turns compilation off, the last to stop restores.
+# A compiled model runs the steps that record Python state in hooks (the structural check, the
+# batch probe) eagerly: traced, such hooks split the graph, and dynamo keeps the split code after
+# they are gone (hooks are not guarded). Windows may overlap (two callbacks on one model): the
+# first to start turns compilation off, the last to stop restores it.
 _EAGER: dict[str, Any] = {"depth": 0, "restore": None}
 
 
-def _eager_enter() -> None:
+def eager_enter() -> None:
+    """Run compiled code eagerly until the matching :func:`eager_exit`."""
     if _EAGER["depth"] == 0:
         _EAGER["restore"] = torch.compiler.set_stance("force_eager")
     _EAGER["depth"] += 1
 
 
-def _eager_exit() -> None:
+def eager_exit() -> None:
     _EAGER["depth"] -= 1
     if _EAGER["depth"] == 0:
         _EAGER["restore"].__exit__(None, None, None)
@@ -64,7 +66,7 @@ class StructuralCheck:
             p.register_hook(self._recorder(id(p))) for p in norms.params
         ]
         self._eager = True
-        _eager_enter()
+        eager_enter()
 
     def _recorder(self, key: int):  # noqa: ANN202
         def rec(grad: Tensor) -> None:
@@ -78,7 +80,7 @@ class StructuralCheck:
         self.handles = []
         if self._eager:
             self._eager = False
-            _eager_exit()
+            eager_exit()
 
     def finish(self) -> None:
         """Leave out every site whose own gradient is not its parameters' whole gradient."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gns.norms.check import StructuralCheck, not_a_batch
+from lightning_gns.norms.check import StructuralCheck, eager_enter, eager_exit, not_a_batch
 from lightning_gns.norms.compiled import Tap
 from lightning_gns.norms.generic import generic_sq_norms, is_replaying, leaves_of, replaying
 from lightning_gns.norms.rules import grad_sample_rule_for, module_norms, norm_rule_for
@@ -78,7 +78,9 @@ def unrecognised_norm_layers(model: nn.Module) -> list[str]:
 
 class BatchDimProbe:
     """Sees dim 0 of the first input of every module with parameters during one forward: the
-    model's own idea of how many examples a micro-batch holds (the most common value)."""
+    model's own idea of how many examples a micro-batch holds (the most common value).
+
+    A compiled model runs that forward eagerly (traced, the hooks would split its graph)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.sizes: list[int] = []
@@ -87,8 +89,9 @@ class BatchDimProbe:
             for m in model.modules()
             if any(True for _ in m.parameters(recurse=False))
         ]
+        self._eager = True
+        eager_enter()
 
-    @torch.compiler.disable  # one forward only: not worth a recompile per module call
     def _hook(self, module: nn.Module, args: tuple, output: object) -> None:
         if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
             if not not_a_batch(args[0]):
@@ -96,6 +99,9 @@ class BatchDimProbe:
 
     def close(self) -> int | None:
         """Remove the hooks; the most common batch dimension seen, if any."""
+        if self._eager:
+            self._eager = False
+            eager_exit()
         for h in self._handles:
             h.remove()
         self._handles = []
