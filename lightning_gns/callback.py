@@ -445,6 +445,14 @@ class GradientNoiseScale(Callback):
                 self._feed.precond.detach()
         self._feed.close_probe()
 
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning skips teardown then: remove the hooks and end an eager window (batch
+        # probe, structural check), or torch.compile would stay off in this process.
+        self.teardown(trainer, pl_module, "fit")
+
     # -- per micro-batch and step ---------------------------------------------------------
     @override
     def on_train_batch_start(

@@ -79,6 +79,52 @@ def test_batch_size_fn_and_a_warning_when_the_inferred_size_is_wrong(tmp_path, t
         assert cb.b_simple == pytest.approx(truth["b_simple"], rel=0.2)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_wrong_batch_size_never_breaks_a_forward_with_shared_positions(
+    tmp_path, compiled
+) -> None:
+    """Positions (T,) are expanded to the batch size announced; expanded to a wrong one, the
+    model's `tok_emb(ids) + pos_emb(arange(T))` broke. Now training runs, the embedding is left
+    out with advice (the other layers too: none sees 7 examples), and the steps are skipped."""
+    from zoo import ZooModule, nanogpt
+
+    torch.manual_seed(0)
+    model, data, loss = nanogpt()
+    model = torch.compile(model) if compiled else model
+    cb = GradientNoiseScale(source="per_example", batch_size_fn=lambda batch: 7)
+    said = caught_warnings(
+        lambda: pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4), callbacks=[cb]).fit(
+            ZooModule(model, data, loss, 16)
+        )
+    )
+    why = [v for k, v in cb.left_out.items() if k.endswith("pos_emb")]
+    assert len(why) == 1 and "taken as 7" in why[0] and "sees 16" in why[0], cb.left_out
+    assert any("taken as 7" in m and "see 16" in m and "batch_size_fn" in m for m in said)
+    assert cb.values.steps == 0 and cb.values.skipped == 3  # (the first step is the check's)
+
+
+def test_an_error_in_the_users_step_leaves_no_hook_and_compilation_on(tmp_path) -> None:
+    """Lightning skips teardown when the user's step raises: on_exception cleans up, so no hook
+    stays on the model and torch.compile is not left off (force_eager) in the process."""
+    from zoo import ZooModule, nanogpt
+
+    from lightning_gns.norms.check import _EAGER
+
+    class Broken(ZooModule):
+        def training_step(self, batch, batch_idx):
+            self.loss(self.model, *batch)  # the forward ran, hooks and all
+            raise ValueError("the user's bug")
+
+    model, data, loss = nanogpt()
+    cb = GradientNoiseScale(source="per_example")
+    with pytest.raises(ValueError, match="the user's bug"):
+        pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[cb]).fit(
+            Broken(model, data, loss, 16)
+        )
+    assert _EAGER["depth"] == 0
+    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in model.modules())
+
+
 # 2 ----------------------------------------------------------------------------------------
 class StepReport(pl.Callback):
     """Puts the worker's own estimator step count where the parent process can read it."""

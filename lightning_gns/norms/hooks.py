@@ -331,6 +331,7 @@ class PerExampleNorms:
         self._layer_acc: dict[str, Tensor] = {}
         self._shared_acc: dict[int, Tensor] = {}
         self._batch_size: int | None = None
+        self._token_batch: int | None = None  # dim 0 of this forward's first 2-D token ids
         self._sinks: dict[str, Tensor] = {}  # per micro-batch: see _make_sinks
         self._tied_sinks: dict[int, Tensor] = {}
         self._bad: str | None = None
@@ -432,6 +433,7 @@ class PerExampleNorms:
         self._shared_acc = {}
         self._sinks, self._tied_sinks = {}, {}
         self._bad = None
+        self._token_batch = None
         for site in self.sites.values():
             site.calls = 0
             site.activation = None
@@ -509,6 +511,9 @@ class PerExampleNorms:
             if self._route_sink(site, args[0]) is not None:  # the route's backward has it
                 return
             site.activation = args[0]
+            if problem := self._positions_problem(site, args[0]):
+                self._fail(site, problem)  # expanded to the wrong batch, the model would crash
+                return
             broadcast = broadcast_positions(site, args[0], output, self._batch_size)
             if broadcast is not None:  # positions without a batch dim: per example from here
                 output = broadcast
@@ -526,6 +531,27 @@ class PerExampleNorms:
             return broadcast
 
         return hook
+
+    def _positions_problem(self, site: _Site, x: object) -> str | None:
+        """Eager mode: positions are expanded to the batch size announced, which the model then
+        adds to its token embeddings; if an earlier embedding saw token ids (B', T) with another
+        B', the expansion would break the user's forward: say so instead (shapes only)."""
+        if not isinstance(site.module, nn.Embedding) or not isinstance(x, Tensor):
+            return None
+        if x.dim() == 2 and x.shape[0] > 1 and not x.is_floating_point():
+            if self._token_batch is None:
+                self._token_batch = int(x.shape[0])
+            return None
+        b, seen = self._batch_size, self._token_batch
+        if seen is None or b is None or seen == b or x.is_floating_point() or x.dim() not in (1, 2):
+            return None
+        if x.dim() == 1 and x.shape[0] == b and site.positions is False:
+            return None  # a batch of single tokens, decided before
+        return (
+            f"is called on positions shared by the batch, but the batch size was taken as {b} "
+            f"and an earlier embedding sees {seen} examples; if {seen} is right, pass "
+            "GradientNoiseScale(batch_size_fn=...)"
+        )
 
     def _make_generic_hook(self, site: _Site):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
