@@ -77,8 +77,9 @@ def unrecognised_norm_layers(model: nn.Module) -> list[str]:
 
 
 class BatchDimProbe:
-    """Sees dim 0 of the first input of every module with parameters during one forward: the
-    model's own idea of how many examples a micro-batch holds (the most common value).
+    """Sees the batch dimension (0, or 1 where ``batch_first=False``) of the first input of every
+    module with parameters during one forward: the model's own idea of how many examples a
+    micro-batch holds (the most common value).
 
     A compiled model runs that forward eagerly (traced, the hooks would split its graph)."""
 
@@ -93,9 +94,10 @@ class BatchDimProbe:
         eager_enter()
 
     def _hook(self, module: nn.Module, args: tuple, output: object) -> None:
-        if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
+        dim = 1 if getattr(module, "batch_first", True) is False else 0  # (T, B, ...) layers
+        if args and isinstance(args[0], Tensor) and args[0].dim() > dim:
             if not not_a_batch(args[0]):
-                self.sizes.append(int(args[0].shape[0]))
+                self.sizes.append(int(args[0].shape[dim]))
 
     def close(self) -> int | None:
         """Remove the hooks; the most common batch dimension seen, if any."""
