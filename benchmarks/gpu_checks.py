@@ -1,18 +1,21 @@
 """Checks that only a GPU shows: CUDA AMP (fp16 GradScaler) and "no host sync per step".
 
     python benchmarks/gpu_checks.py            # needs a CUDA device
+    python benchmarks/gpu_checks.py --cpu      # dry run of the same code on a CPU (bf16-mixed,
+                                               # no sync check, fewer steps): catches script bugs
 
 1. A frozen MLP (learning rate 0) on the digits under precision="16-mixed": the callback's
    B_simple against the exact value from per-example gradients (fp32, torch.func).
 2. torch.cuda.set_sync_debug_mode("error") around every piece of the callback's per-step code
-   (its hooks, the parameter hooks and the per-example module hooks) on non-logging steps:
-   any host synchronisation raises.
+   (its hooks, the parameter hooks, the per-example module hooks forward and backward, the
+   routed forward) on non-logging steps: any host synchronisation raises.
 3. The simultaneous route (norms/simultaneous.py) under 16-mixed: a frozen nanoGPT with a long
    context (every Linear routed) against its exact B_simple, under the same sync check.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -28,7 +31,7 @@ from zoo import ZOO, ZooModule, exact  # noqa: E402
 from lightning_gns import GradientNoiseScale  # noqa: E402
 from lightning_gns.norms import hooks, simultaneous  # noqa: E402
 
-STRICT = {"on": False}
+STRICT = {"on": False, "cuda": True}
 
 
 def strict(fn):
@@ -36,7 +39,7 @@ def strict(fn):
 
     @functools.wraps(fn)
     def wrapped(*a, **k):
-        if not STRICT["on"]:
+        if not (STRICT["on"] and STRICT["cuda"]):
             return fn(*a, **k)
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -66,23 +69,33 @@ class Strict(GradientNoiseScale):
 
 
 def main() -> None:
-    assert torch.cuda.is_available(), "needs a CUDA device"
-    # Wrap the hook bodies that run inside backward.
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cpu", action="store_true", help="dry run on a CPU (no sync check)")
+    cpu = p.parse_args().cpu
+    assert cpu or torch.cuda.is_available(), "needs a CUDA device (or --cpu for a dry run)"
+    STRICT["cuda"] = not cpu
+    device = "cpu" if cpu else "gpu"
+    precision = "bf16-mixed" if cpu else "16-mixed"  # (fp16 autocast is CUDA's)
+    # Wrap the hook bodies that run in the forward and inside backward.
     hooks.MicroBatchNorms._hook = strict(hooks.MicroBatchNorms._hook)
     hooks.MicroBatchNorms._hook_fp32 = strict(hooks.MicroBatchNorms._hook_fp32)
     hooks.PerExampleNorms._backward = strict(hooks.PerExampleNorms._backward)
+    make_hook = hooks.PerExampleNorms._make_eager_hook
+    hooks.PerExampleNorms._make_eager_hook = lambda self, site: strict(make_hook(self, site))
+    simultaneous.RoutedForward.__call__ = strict(simultaneous.RoutedForward.__call__)
     routed = simultaneous.LinearWithNorms
     routed.backward = staticmethod(strict(routed.backward))  # the simultaneous route
     x, y = digits()
     truth = exact_gns(mlp(), x, y)
-    results = {"device": torch.cuda.get_device_name(), "truth_b_simple": truth["b_simple"]}
+    name = "CPU dry run" if cpu else torch.cuda.get_device_name()
+    results = {"device": name, "truth_b_simple": truth["b_simple"]}
     for source, acc in (("micro_batch", 4), ("per_example", 1), ("per_example", 4)):
         cb = Strict(ema_decay=0.98, source=source, log_every_n_steps=50)
         trainer = pl.Trainer(
-            accelerator="gpu",
+            accelerator=device,
             devices=1,
-            precision="16-mixed",
-            max_epochs=8,
+            precision=precision,
+            max_epochs=2 if cpu else 8,
             accumulate_grad_batches=acc,
             callbacks=[cb],
             logger=False,
@@ -91,7 +104,7 @@ def main() -> None:
             enable_model_summary=False,
         )
         trainer.fit(Classifier(mlp(), batch_size=16 if acc > 1 else 64))
-        scaler = trainer.precision_plugin.scaler
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # (none with bf16)
         key = f"{source}_acc{acc}"
         results[key] = {
             "b_simple": cb.b_simple,
@@ -100,18 +113,18 @@ def main() -> None:
             "grad_norm_sq_rel_error": cb.grad_norm_sq / truth["grad_norm_sq"] - 1,
             "steps": cb.values.steps,
             "skipped": cb.values.skipped,
-            "loss_scale": float(scaler.get_scale()),
-            "strict_sync_check": "passed",
+            "loss_scale": float(scaler.get_scale()) if scaler is not None else None,
+            "strict_sync_check": "not run (CPU)" if cpu else "passed",
         }
         print(key, results[key], flush=True)
     model, data, loss = ZOO["nanogpt_long_context"]()
     truth_lm = exact(model, data, loss)
     cb = Strict(source="per_example", log_every_n_steps=100)
     trainer = pl.Trainer(
-        accelerator="gpu",
+        accelerator=device,
         devices=1,
-        precision="16-mixed",
-        max_steps=1000,
+        precision=precision,
+        max_steps=60 if cpu else 1000,
         callbacks=[cb],
         logger=False,
         enable_checkpointing=False,
@@ -126,7 +139,7 @@ def main() -> None:
         "coverage": cb.coverage,
         "steps": cb.values.steps,
         "skipped": cb.values.skipped,
-        "strict_sync_check": "passed",
+        "strict_sync_check": "not run (CPU)" if cpu else "passed",
     }
     print(json.dumps(results, indent=2))
 
