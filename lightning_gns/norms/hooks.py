@@ -196,6 +196,15 @@ class _Site:
     routed: bool = False  # its forward goes through norms/simultaneous.py while attached
 
 
+def recomputing() -> bool:
+    """A forward inside a backward pass: activation checkpointing recomputing a segment.
+    Non-reentrant checkpointing backpropagates through the first forward's graph (its hooks
+    stand; the recomputation only restores saved tensors); reentrant checkpointing ran the first
+    forward without grad, so the recomputation is the site's first call and is hooked."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() >= 0
+
+
 def expand_positions(site: _Site, x: object, output: Tensor, b: int | None) -> tuple | None:
     """An embedding called on positions shared by the batch ((T,) or (1, T), as nanoGPT and
     Hugging Face do): (positions, output) expanded to the batch (None: not such a call), so
@@ -506,6 +515,9 @@ class PerExampleNorms:
                 return
             if not output.requires_grad:
                 return
+            if site.calls and recomputing():  # the first call's hooks stand; same output shape
+                expanded = expand_positions(site, args[0], output, self._batch_size)
+                return expanded[1] if expanded is not None else None
             site.calls += 1
             if site.calls > 1:
                 self._fail(site, f"called {site.calls} times in one forward")
@@ -561,6 +573,8 @@ class PerExampleNorms:
                 return
             leaves = leaves_of(output)
             if not any(isinstance(t, Tensor) and t.requires_grad for t in leaves):
+                return
+            if site.calls and recomputing():
                 return
             site.calls += 1
             if site.calls > 1:
