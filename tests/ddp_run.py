@@ -3,6 +3,7 @@
 Usage: python tests/ddp_run.py OUT.json SOURCE ACCUMULATE
        python tests/ddp_run.py OUT.json adaptive 1   (AdaptiveBatchSize; OUT.json.rank<r>)
        python tests/ddp_run.py OUT.json collectives 2   (Python-level collectives per step)
+       python tests/ddp_run.py OUT.json routed 1   (long-context nanoGPT, simultaneous route)
 (Lightning's strategy="ddp" relaunches this script in new processes, so tests call it in a
 subprocess rather than importing it.)
 """
@@ -125,6 +126,40 @@ def collectives(out: str, accumulate: int) -> None:
             json.dump(result, f)
 
 
+def routed(out: str) -> None:
+    """Per-example norms of a nanoGPT whose Linears all take the simultaneous route."""
+    from zoo import ZOO, ZooModule, exact
+
+    from lightning_gns.norms.simultaneous import RoutedForward
+
+    torch.manual_seed(0)
+    model, data, loss = ZOO["nanogpt_long_context"]()
+    truth = exact(model, data, loss)
+    seen: set[str] = set()
+
+    class Routed(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args) -> None:
+            for m in module.modules():
+                if isinstance(m.__dict__.get("forward"), RoutedForward):
+                    seen.add(type(m).__name__)
+
+    cb = GradientNoiseScale(source="per_example", log_every_n_steps=50)
+    trainer = ddp_trainer(out, max_steps=400, callbacks=[cb, Routed()])
+    trainer.fit(ZooModule(model, data, loss, 16))
+    if trainer.global_rank == 0:
+        result = {
+            "world_size": trainer.world_size,
+            "routed": sorted(seen),
+            "coverage": cb.coverage,
+            "b_simple": cb.b_simple,
+            "batch_size": cb.batch_size,
+            "steps": cb.values.steps,
+            "truth": truth,
+        }
+        with open(out, "w") as f:
+            json.dump(result, f)
+
+
 def main(out: str, source: str, accumulate: int) -> None:
     cb = GradientNoiseScale(ema_decay=0.98, source=source, log_every_n_steps=10)
     trainer = ddp_trainer(out, max_epochs=8, accumulate_grad_batches=accumulate, callbacks=[cb])
@@ -148,6 +183,8 @@ def main(out: str, source: str, accumulate: int) -> None:
 if __name__ == "__main__":
     if sys.argv[2] == "adaptive":
         adaptive(sys.argv[1])
+    elif sys.argv[2] == "routed":
+        routed(sys.argv[1])
     elif sys.argv[2] == "collectives":
         collectives(sys.argv[1], int(sys.argv[3]))
     else:

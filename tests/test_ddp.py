@@ -60,3 +60,13 @@ def test_one_all_reduce_per_logging_step_and_none_between(tmp_path) -> None:
     per_step = r["per_step"]  # optimizer steps 1..30
     assert r["reads"] == 6 and r["preconditioned_steps"] > 0
     assert per_step == [1 if (i + 1) % 5 == 0 else 0 for i in range(30)], per_step
+
+
+def test_simultaneous_route_under_ddp_matches_exact(tmp_path) -> None:
+    """The routed Linears' weight gradients go through DDP's buckets like autograd's, and each
+    rank's per-example norms give the exact B_simple (frozen nanoGPT, long context)."""
+    r = run_ddp(tmp_path, "routed", 1)
+    assert r is not None
+    assert r["world_size"] == 2 and r["routed"] == ["Linear"] and r["coverage"] == 1.0
+    assert r["batch_size"] == 32 and r["steps"] > 300
+    assert r["b_simple"] == pytest.approx(r["truth"]["b_simple"], rel=0.1)
