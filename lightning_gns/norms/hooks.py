@@ -205,6 +205,12 @@ def recomputing() -> bool:
     return task_id is not None and task_id() >= 0
 
 
+def saving_through_hooks() -> bool:
+    """Saved tensors go through hooks (non-reentrant activation checkpointing, CPU offload)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
 def expand_positions(site: _Site, x: object, output: Tensor, b: int | None) -> tuple | None:
     """An embedding called on positions shared by the batch ((T,) or (1, T), as nanoGPT and
     Hugging Face do): (positions, output) expanded to the batch (None: not such a call), so
@@ -483,13 +489,18 @@ class PerExampleNorms:
         def hook(module: nn.Module, args: tuple, output: object) -> object:
             if torch.compiler.is_compiling():  # (the structural check runs eagerly)
                 return self._tap(site, args, output)
+            if self._check is None and saving_through_hooks():
+                # activation checkpointing (or offloading) decides where saved tensors live:
+                # the input is saved through autograd, not held here
+                return self._tap(site, args, output)
             return eager(module, args, output)
 
         return hook
 
     def _tap(self, site: _Site, args: tuple, output: object) -> Tensor | None:
         """Under torch.compile: the output through :class:`~lightning_gns.norms.compiled.Tap`
-        (no Python state is touched, so the graph stays whole)."""
+        (no Python state is touched, so the graph stays whole). Eagerly under saved-tensor
+        hooks too: Tap saves the input through autograd, so checkpointing frees it."""
         if is_replaying() or not torch.is_grad_enabled() or not args:
             return None
         if not isinstance(output, Tensor) or not output.requires_grad:
