@@ -158,3 +158,26 @@ def test_compiled_per_example_norms_of_a_wrong_batch_size_are_nan_not_wrong() ->
             assert acc is not None and torch.isfinite(acc).all()
     norms.detach()
     assert bad is None and acc is not None and acc.shape == (4,) and torch.isnan(acc).all()
+
+
+def test_compiled_with_activation_checkpointing_gives_the_eager_estimate(tmp_path) -> None:
+    """Hugging Face GPT-2 (Gram-form Linears: the taps) with non-reentrant gradient
+    checkpointing, compiled: the estimate of the eager model without checkpointing."""
+    pytest.importorskip("transformers")
+    from zoo import ZOO
+
+    found = {}
+    for mode in ("eager", "compiled+checkpointing"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model, data, loss = ZOO["gpt2"]()
+        if mode != "eager":
+            kwargs = {"use_reentrant": False}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            model = torch.compile(model)
+        gns = GradientNoiseScale(source="per_example", log_every_n_steps=20)
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=40), callbacks=[gns])
+        trainer.fit(ZooModule(model, data, loss, 16))
+        assert gns.coverage == 1.0 and gns.values.skipped == 0, mode
+        found[mode] = (gns.grad_norm_sq, gns.values.grad_variance)
+    assert found["compiled+checkpointing"] == pytest.approx(found["eager"], rel=1e-4)
