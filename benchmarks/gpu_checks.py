@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from helpers import Classifier, digits, exact_gns, mlp  # noqa: E402
+from helpers import Classifier, digits, exact_gns, mlp, trainer_kwargs  # noqa: E402
 from zoo import ZOO, ZooModule, exact  # noqa: E402
 
 from lightning_gns import GradientNoiseScale  # noqa: E402
@@ -76,6 +76,9 @@ def main() -> None:
     STRICT["cuda"] = not cpu
     device = "cpu" if cpu else "gpu"
     precision = "bf16-mixed" if cpu else "16-mixed"  # (fp16 autocast is CUDA's)
+    run = functools.partial(
+        trainer_kwargs, os.getcwd(), accelerator=device, precision=precision
+    )  # the tests' quiet Trainer settings on this device
     # Wrap the hook bodies that run in the forward and inside backward.
     hooks.MicroBatchNorms._hook = strict(hooks.MicroBatchNorms._hook)
     hooks.MicroBatchNorms._hook_fp32 = strict(hooks.MicroBatchNorms._hook_fp32)
@@ -91,18 +94,8 @@ def main() -> None:
     results = {"device": name, "truth_b_simple": truth["b_simple"]}
     for source, acc in (("micro_batch", 4), ("per_example", 1), ("per_example", 4)):
         cb = Strict(ema_decay=0.98, source=source, log_every_n_steps=50)
-        trainer = pl.Trainer(
-            accelerator=device,
-            devices=1,
-            precision=precision,
-            max_epochs=2 if cpu else 8,
-            accumulate_grad_batches=acc,
-            callbacks=[cb],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        epochs = 2 if cpu else 8
+        trainer = pl.Trainer(**run(max_epochs=epochs, accumulate_grad_batches=acc, callbacks=[cb]))
         trainer.fit(Classifier(mlp(), batch_size=16 if acc > 1 else 64))
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # (none with bf16)
         key = f"{source}_acc{acc}"
@@ -120,17 +113,7 @@ def main() -> None:
     model, data, loss = ZOO["nanogpt_long_context"]()
     truth_lm = exact(model, data, loss)
     cb = Strict(source="per_example", log_every_n_steps=100)
-    trainer = pl.Trainer(
-        accelerator=device,
-        devices=1,
-        precision=precision,
-        max_steps=60 if cpu else 1000,
-        callbacks=[cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = pl.Trainer(**run(max_steps=60 if cpu else 1000, callbacks=[cb]))
     trainer.fit(ZooModule(model, data, loss, 16))
     results["nanogpt_long_context_per_example"] = {
         "b_simple": cb.b_simple,

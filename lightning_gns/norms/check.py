@@ -42,18 +42,23 @@ def not_a_batch(x: object) -> bool:
 _EAGER: dict[str, Any] = {"depth": 0, "restore": None}
 
 
-def eager_enter() -> None:
-    """Run compiled code eagerly until the matching :func:`eager_exit`."""
-    if _EAGER["depth"] == 0:
-        _EAGER["restore"] = torch.compiler.set_stance("force_eager")
-    _EAGER["depth"] += 1
+class EagerWindow:
+    """Compiled code runs eagerly from construction until :meth:`close` (idempotent)."""
 
+    def __init__(self) -> None:
+        if _EAGER["depth"] == 0:
+            _EAGER["restore"] = torch.compiler.set_stance("force_eager")
+        _EAGER["depth"] += 1
+        self.open = True
 
-def eager_exit() -> None:
-    _EAGER["depth"] -= 1
-    if _EAGER["depth"] == 0:
-        _EAGER["restore"].__exit__(None, None, None)
-        _EAGER["restore"] = None
+    def close(self) -> None:
+        if not self.open:
+            return
+        self.open = False
+        _EAGER["depth"] -= 1
+        if _EAGER["depth"] == 0:
+            _EAGER["restore"].__exit__(None, None, None)
+            _EAGER["restore"] = None
 
 
 class StructuralCheck:
@@ -65,8 +70,7 @@ class StructuralCheck:
         self.handles: list[RemovableHandle] = [
             p.register_hook(self._recorder(id(p))) for p in norms.params
         ]
-        self._eager = True
-        eager_enter()
+        self._eager = EagerWindow()
 
     def _recorder(self, key: int):  # noqa: ANN202
         def rec(grad: Tensor) -> None:
@@ -78,9 +82,7 @@ class StructuralCheck:
         for h in self.handles:
             h.remove()
         self.handles = []
-        if self._eager:
-            self._eager = False
-            eager_exit()
+        self._eager.close()
 
     def finish(self) -> None:
         """Leave out every site whose own gradient is not its parameters' whole gradient."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gns.norms.check import StructuralCheck, eager_enter, eager_exit, not_a_batch
+from lightning_gns.norms.check import EagerWindow, StructuralCheck, not_a_batch
 from lightning_gns.norms.compiled import Tap
 from lightning_gns.norms.generic import generic_sq_norms, is_replaying, leaves_of, replaying
 from lightning_gns.norms.rules import grad_sample_rule_for, module_norms, norm_rule_for
@@ -90,8 +90,7 @@ class BatchDimProbe:
             for m in model.modules()
             if any(True for _ in m.parameters(recurse=False))
         ]
-        self._eager = True
-        eager_enter()
+        self._eager = EagerWindow()
 
     def _hook(self, module: nn.Module, args: tuple, output: object) -> None:
         dim = 1 if getattr(module, "batch_first", True) is False else 0  # (T, B, ...) layers
@@ -101,9 +100,7 @@ class BatchDimProbe:
 
     def close(self) -> int | None:
         """Remove the hooks; the most common batch dimension seen, if any."""
-        if self._eager:
-            self._eager = False
-            eager_exit()
+        self._eager.close()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -147,7 +144,7 @@ class MicroBatchNorms:
             flat = g.view(-1)
             self._parts.append(torch.dot(flat, flat))
         else:
-            self._parts.append(torch.linalg.vector_norm(g).square())
+            self._hook(g)
 
     def _hook(self, grad: Tensor) -> None:
         """Half precision: accumulate in float32 (squares of scaled fp16 grads overflow)."""
@@ -196,19 +193,22 @@ class _Site:
     routed: bool = False  # its forward goes through norms/simultaneous.py while attached
 
 
+# torch internals read in every forward hook (looked up once; absent in older torch)
+_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
+_TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 def recomputing() -> bool:
     """A forward inside a backward pass: activation checkpointing recomputing a segment.
     Non-reentrant checkpointing backpropagates through the first forward's graph (its hooks
     stand; the recomputation only restores saved tensors); reentrant checkpointing ran the first
     forward without grad, so the recomputation is the site's first call and is hooked."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() >= 0
+    return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() >= 0
 
 
 def saving_through_hooks() -> bool:
     """Saved tensors go through hooks (non-reentrant activation checkpointing, CPU offload)."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is not None and top(False) is not None
+    return _TOP_SAVED_TENSOR_HOOKS is not None and _TOP_SAVED_TENSOR_HOOKS(False) is not None
 
 
 def expand_positions(site: _Site, x: object, output: Tensor, b: int | None) -> tuple | None:
