@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # On these machines torch 2.13.0 is a local CPU wheel; a looser pin downloads a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo report test lint format clean
+.PHONY: demo report test test-fast lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,14 @@ chromium:
 test: $(VENV)/.installed chromium
 	$(PY) -m pytest -q
 
+# The inner loop: everything but the tests marked slow (about a minute on 2 cores).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .

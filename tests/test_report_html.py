@@ -20,6 +20,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gns.report import write_explore, write_report
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
+
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [
     "--headless",
