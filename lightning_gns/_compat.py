@@ -230,3 +230,44 @@ def set_callback_metrics(trainer: Any, metrics: dict[str, float]) -> None:
 @contextmanager
 def nothing() -> Iterator[None]:
     yield
+
+
+# -- torch.distributed.fsdp: sharded parameters --------------------------------------------------
+
+
+def fsdp1_flat_param(unit: Any) -> Any:
+    """The ``FlatParameter`` of an FSDP1 unit (``unit._handle.flat_param``; FSDP1 has no public
+    accessor), or None. Fallback: None (the unit is then not measured; the set-up is refused)."""
+    handle = getattr(unit, "_handle", None)
+    return getattr(handle, "flat_param", None)
+
+
+def fsdp1_sharded(unit: Any) -> bool:
+    """Whether an FSDP1 unit shards its flat parameter (False for ``NO_SHARD``)."""
+    handle = getattr(unit, "_handle", None)
+    return bool(getattr(handle, "uses_sharded_strategy", True))
+
+
+def shard_padding(flat_param: Any) -> int:
+    """Zero elements FSDP1 appends to a flat parameter's local shard (``_shard_numel_padded``)."""
+    return int(getattr(flat_param, "_shard_numel_padded", 0) or 0)
+
+
+def fsdp2_param_group(unit: Any) -> Any:
+    """An FSDP2 unit's parameter group (``unit._get_fsdp_state()._fsdp_param_group``), or None
+    (a unit without parameters, or a torch whose internals changed)."""
+    try:
+        return unit._get_fsdp_state()._fsdp_param_group
+    except AttributeError:
+        return None
+
+
+def fsdp2_unsharded(unit: Any) -> list[Tensor] | None:
+    """The unsharded parameters an FSDP2 unit's forward uses (``FSDPParam._unsharded_param``,
+    created at the first all-gather and reused). None when the internals are not there: then
+    the caller falls back to the unit's non-DTensor parameters during its forward."""
+    group = fsdp2_param_group(unit)
+    params = getattr(group, "fsdp_params", None)
+    if params is None:
+        return None
+    return [fp._unsharded_param for fp in params if hasattr(fp, "_unsharded_param")]

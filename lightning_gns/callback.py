@@ -19,25 +19,125 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_gns import keys, sync
-from lightning_gns.choice import choose_source
 from lightning_gns.driver import StepDriver
 from lightning_gns.estimator import GNSValues
-from lightning_gns.norms.preconditioner import keeps_second_moment
 from lightning_gns.norms.sites import Site
 from lightning_gns.publish import point_estimate, publish, read_out, summary, tensorboard_layout
 from lightning_gns.records import MODEL, PRECONDITIONED
 from lightning_gns.tracker import GNSTracker, read_together
 from lightning_gns.trainer_setup import (
+    build_driver,
     check_arguments,
     check_setup,
-    preconditioned_driver,
-    several_gradients_per_step,
     units,
-    warn_if_compiled_fallback,
+    warn_if_no_second_moment,
 )
 
 
-class GradientNoiseScale(Callback):
+class Readings:
+    """What a fitted :class:`GradientNoiseScale` tells you (its latest read-out)."""
+
+    values: GNSValues
+    layer_values: dict[str, GNSValues]
+    preconditioned_values: GNSValues
+    batch_size_multiple: int | None
+    _driver: StepDriver | None
+    _trainer: pl.Trainer | None
+
+    @property
+    def tracker(self) -> GNSTracker | None:
+        """The estimators' state, once fitting started."""
+        return self._driver.tracker if self._driver is not None else None
+
+    @property
+    def chosen_source(self) -> str | None:
+        """``per_example`` or ``micro_batch`` once fitting started (:attr:`source_reason`)."""
+        return self._driver.source.name if self._driver is not None else None
+
+    @property
+    def b_simple(self) -> float:
+        """Latest B_simple = tr(Σ)/|G|²; NaN while not yet known (|G|² not significantly above
+        zero: then :attr:`b_simple_lower` bounds it)."""
+        return point_estimate(self.values)
+
+    @property
+    def b_simple_lower(self) -> float:
+        """Lower end of the 95% interval of B_simple (NaN before two effective steps)."""
+        return self.values.b_simple_lower
+
+    @property
+    def b_simple_upper(self) -> float:
+        """Upper end of the 95% interval (inf while only the lower bound is known)."""
+        return self.values.b_simple_upper
+
+    @property
+    def grad_norm_sq(self) -> float:
+        """The smoothed unbiased |G|²."""
+        return self.values.grad_norm_sq
+
+    @property
+    def grad_variance(self) -> float:
+        """The smoothed unbiased tr(Σ)."""
+        return self.values.grad_variance
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of trainable parameters the estimate covers."""
+        return self._driver.source.coverage if self._driver is not None else math.nan
+
+    @property
+    def sites(self) -> dict[str, Site]:
+        """The modules measured per example, by name (empty under micro-batches)."""
+        norms = getattr(self._driver.source, "norms", None) if self._driver is not None else None
+        return dict(getattr(norms, "sites", {}))
+
+    @property
+    def covered_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the estimate is over (all trainable ones unless some are left out)."""
+        return list(self._driver.source.params) if self._driver is not None else []
+
+    @property
+    def left_out(self) -> dict[str, str]:
+        """Modules left out of the per-example estimate, with the reason."""
+        return dict(self._driver.source.left_out) if self._driver is not None else {}
+
+    @property
+    def batch_size(self) -> float:
+        """Examples per optimizer step now: usual micro-batch × accumulation × world size."""
+        t, d = self._trainer, self._driver
+        if t is None or d is None:
+            return math.nan
+        return d.usual * t.accumulate_grad_batches * t.world_size
+
+    def summary_text(self) -> str:
+        """The end-of-fit summary (:func:`lightning_gns.publish.summary`)."""
+        if self._driver is None:
+            return "GradientNoiseScale: not fitted"
+        src = self._driver.source
+        reason = getattr(self, "source_reason", "")
+        multiple = self.batch_size_multiple
+        return summary(self.values, self.batch_size, src.name, reason, src.coverage, multiple)
+
+    def metrics(self) -> dict[str, float]:
+        """The logged ``gns/*`` values of the latest read-out (README: "What is logged")."""
+        t = self._trainer
+        per_example = self.chosen_source == "per_example"
+        small = 1.0 if per_example or t is None else self.batch_size / t.accumulate_grad_batches
+        if not per_example and t is not None:
+            small /= t.world_size  # one micro-batch of one process
+        out = read_out(self.values, self.batch_size, small, self.batch_size_multiple)
+        out[keys.COVERAGE] = self.coverage
+        for name, lv in self.layer_values.items():
+            out[keys.layer_b_simple(name)] = point_estimate(lv)
+        if self._driver is not None and self._driver.followers:
+            pv = self.preconditioned_values
+            out[keys.PRECONDITIONED_B_SIMPLE] = point_estimate(pv)
+            out[keys.PRECONDITIONED_LOWER] = pv.b_simple_lower
+            out[keys.PRECONDITIONED_UPPER] = pv.b_simple_upper
+        return out
+
+
+class GradientNoiseScale(Readings, Callback):
     r"""Measure the gradient noise scale B_simple = tr(Σ)/|G|² during training and log it.
 
     Small-batch squared norms come from per-example norms or from each micro-batch/rank
@@ -119,104 +219,16 @@ class GradientNoiseScale(Callback):
             self._state_key = self._generate_state_key(source=self.source, layers=self.layers)
         return self._state_key
 
-    # -- public read-out ------------------------------------------------------------------
-    @property
-    def tracker(self) -> GNSTracker | None:
-        """The estimators' state, once fitting started."""
-        return self._driver.tracker if self._driver is not None else None
-
-    @property
-    def chosen_source(self) -> str | None:
-        """``per_example`` or ``micro_batch`` once fitting started (:attr:`source_reason`)."""
-        return self._driver.source.name if self._driver is not None else None
-
-    @property
-    def b_simple(self) -> float:
-        """Latest B_simple = tr(Σ)/|G|²; NaN while not yet known (|G|² not significantly above
-        zero: then :attr:`b_simple_lower` bounds it)."""
-        return point_estimate(self.values)
-
-    @property
-    def b_simple_lower(self) -> float:
-        """Lower end of the 95% interval of B_simple (NaN before two effective steps)."""
-        return self.values.b_simple_lower
-
-    @property
-    def b_simple_upper(self) -> float:
-        """Upper end of the 95% interval (inf while only the lower bound is known)."""
-        return self.values.b_simple_upper
-
-    @property
-    def grad_norm_sq(self) -> float:
-        """The smoothed unbiased |G|²."""
-        return self.values.grad_norm_sq
-
-    @property
-    def grad_variance(self) -> float:
-        """The smoothed unbiased tr(Σ)."""
-        return self.values.grad_variance
-
-    @property
-    def coverage(self) -> float:
-        """Fraction of trainable parameters the estimate covers."""
-        return self._driver.source.coverage if self._driver is not None else math.nan
-
-    @property
-    def sites(self) -> dict[str, Site]:
-        """The modules measured per example, by name (empty under micro-batches)."""
-        norms = getattr(self._driver.source, "norms", None) if self._driver is not None else None
-        return dict(getattr(norms, "sites", {}))
-
-    @property
-    def covered_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters the estimate is over (all trainable ones unless some are left out)."""
-        return list(self._driver.source.params) if self._driver is not None else []
-
-    @property
-    def left_out(self) -> dict[str, str]:
-        """Modules left out of the per-example estimate, with the reason."""
-        return dict(self._driver.source.left_out) if self._driver is not None else {}
-
-    @property
-    def batch_size(self) -> float:
-        """Examples per optimizer step now: usual micro-batch × accumulation × world size."""
-        t, d = self._trainer, self._driver
-        if t is None or d is None:
-            return math.nan
-        return d.usual * t.accumulate_grad_batches * t.world_size
-
     # -- set-up ---------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_setup(trainer, pl_module)
-        saved = self._saved or {}
-        try:
-            choice = choose_source(
-                pl_module,
-                self.source,
-                self.layers,
-                several_gradients_per_step(trainer),
-                self.per_layer,
-                self.examples_per_batch,
-                saved.get("left_out"),
-            )
-        except ValueError as err:
-            raise RuntimeError(f"GradientNoiseScale: {err}") from None
-        warn_if_compiled_fallback(pl_module, choice.source, self._warn_once)
-        if self.per_layer and choice.source.name != "per_example":
-            self._warn_once(
-                "per_layer",
-                "GradientNoiseScale(per_layer=True) needs per-example norms, and micro-batches "
-                f"measure this run ({choice.why}): no per-layer values will be logged. Use "
-                "source='per_example' for them.",
-            )
-        choice.source.attach()
-        self._trainer, self.source_reason = trainer, choice.why
-        # A fresh tracker in every process (ddp_spawn pickles the callback: no shared state).
-        tracker = GNSTracker(self.ema_decay, choice.source.columns, device=pl_module.device)
-        self._driver = StepDriver(choice.source, tracker, self._warn_once, self.batch_size_fn)
-        if self.preconditioned:
-            self._driver.followers.append(preconditioned_driver(trainer, pl_module, self))
+        # A fresh driver in every process (ddp_spawn pickles the callback: no shared state).
+        left_out = (self._saved or {}).get("left_out")
+        self._driver, self.source_reason = build_driver(
+            trainer, pl_module, self, left_out, self._warn_once
+        )
+        self._trainer = trainer
         if self._saved is not None:
             self._restore(self._saved)
             self._saved = None
@@ -295,16 +307,7 @@ class GradientNoiseScale(Callback):
             with sync.allowed():
                 self._log(trainer, None)
         if self.summary and self._driver is not None:
-            source = self._driver.source
-            text = summary(
-                self.values,
-                self.batch_size,
-                source.name,
-                self.source_reason,
-                source.coverage,
-                self.batch_size_multiple,
-            )
-            rank_zero_info(text)
+            rank_zero_info(self.summary_text())
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None) -> None:
         """The only host sync: one reduction of the pending steps, then read-out."""
@@ -318,35 +321,12 @@ class GradientNoiseScale(Callback):
         self.layer_values = {k: v for k, v in values.items() if k not in self.left_out}
         if precond:
             self.preconditioned_values = precond[0][PRECONDITIONED]
-            if not keeps_second_moment(trainer.optimizers[0]) and driver.steps > 1:
-                self._warn_once(
-                    "preconditioner",
-                    "GradientNoiseScale(preconditioned=True): the optimizer keeps no "
-                    "second-moment estimate (exp_avg_sq, square_avg or sum in its state), so "
-                    "there is no preconditioned noise scale to measure",
-                )
+            warn_if_no_second_moment(trainer, driver, self._warn_once)
         self.reads += 1
         driver.check_nonfinite(self.values)
-        publish(trainer, pl_module, self._metrics())
+        publish(trainer, pl_module, self.metrics())
         for listener in self.listeners:
             listener(trainer)
-
-    def _metrics(self) -> dict[str, float]:
-        t = self._trainer
-        per_example = self.chosen_source == "per_example"
-        small = 1.0 if per_example or t is None else self.batch_size / t.accumulate_grad_batches
-        if not per_example and t is not None:
-            small /= t.world_size  # one micro-batch of one process
-        out = read_out(self.values, self.batch_size, small, self.batch_size_multiple)
-        out[keys.COVERAGE] = self.coverage
-        for name, lv in self.layer_values.items():
-            out[keys.layer_b_simple(name)] = point_estimate(lv)
-        if self._driver is not None and self._driver.followers:
-            pv = self.preconditioned_values
-            out[keys.PRECONDITIONED_B_SIMPLE] = point_estimate(pv)
-            out[keys.PRECONDITIONED_LOWER] = pv.b_simple_lower
-            out[keys.PRECONDITIONED_UPPER] = pv.b_simple_upper
-        return out
 
     # -- checkpoints ----------------------------------------------------------------------
     @override

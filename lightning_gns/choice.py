@@ -9,10 +9,18 @@ from torch import nn
 
 from lightning_gns.norms import PerExampleNorms
 from lightning_gns.norms.sites import coupled_modules, unrecognised_norm_layers
+from lightning_gns.sharded import (
+    Sharding,
+    UnshardedGradNorms,
+    big_part_for,
+    flat_params,
+    sharding_of,
+)
 from lightning_gns.sources import MicroBatchSource, PerExampleSource, Source
 
 SourceName = Literal["auto", "micro_batch", "per_example"]
 
+FSDP1_WHY = "FSDP1 flattens each unit's parameters, so micro-batches measure it"
 MICRO_BATCH_HINT = (
     "set Trainer(accumulate_grad_batches>=2) or train on 2+ devices (DDP); the default "
     "source='auto' then measures between micro-batches"
@@ -35,6 +43,7 @@ def choose_source(
     per_layer: bool = False,
     examples_per_batch: int | None = None,
     left_out: dict[str, str] | None = None,
+    wrapped: nn.Module | None = None,
 ) -> Choice:
     """The source for this model and set-up, or a ``ValueError`` that says what to do.
 
@@ -43,20 +52,32 @@ def choose_source(
     one device, no accumulation); micro-batches otherwise. The rules also run inside a
     ``torch.compile`` graph (:mod:`lightning_gns.norms.compiled`); the torch.func fallback for
     layers without one does not. Per-example norms are refused where they are undefined
-    (BatchNorm in train mode mixes the examples of a batch).
+    (BatchNorm in train mode mixes the examples of a batch). Under FSDP1 only micro-batches
+    are measured (its flat parameters hide the layers' own); under FSDP2 both. ``wrapped``:
+    the model as the strategy wraps it (an FSDP1 root unit wraps the LightningModule itself).
     """
+    wrapped = wrapped if wrapped is not None else model
+    sharding = sharding_of(wrapped)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    if source == "micro_batch":
+    if source == "micro_batch" or (sharding == "fsdp1" and source == "auto"):
         if not several_gradients:
             raise ValueError(
                 "source='micro_batch' needs two gradients per step to compare: set "
                 "Trainer(accumulate_grad_batches>1) or train on several devices (DDP), or use "
                 "source='per_example' (the default 'auto' picks it)"
             )
-        return Choice(MicroBatchSource(params), "source='micro_batch' was asked for")
-    norms = PerExampleNorms(model, layers, per_layer, examples_per_batch)
+        why = "source='micro_batch' was asked for" if source == "micro_batch" else FSDP1_WHY
+        return Choice(micro_batch_source(wrapped, params, sharding), why)
+    if sharding == "fsdp1":
+        raise ValueError(
+            f"per-example norms are not measured under FSDP1 ({FSDP1_WHY}): use "
+            "source='micro_batch' (the default 'auto' does), or FSDP2 (ModelParallelStrategy "
+            "with fully_shard in configure_model) for per-example norms"
+        )
+    sharded = sharding != "none"
+    norms = PerExampleNorms(model, layers, per_layer, examples_per_batch, sharded=sharded)
     coupled = coupled_modules(model)
     generic = [site.label for site in norms.sites.values() if site.generic]
     # auto prefers the fast path: per-example norms when dedicated rules cover every parameter
@@ -68,7 +89,8 @@ def choose_source(
             if coupled
             else f"no per-example rule for {', '.join(generic[:3]) or 'some layers'}"
         )
-        return Choice(MicroBatchSource(params), f"auto: {why}; measured between micro-batches")
+        source_ = micro_batch_source(wrapped, params, sharding)
+        return Choice(source_, f"auto: {why}; measured between micro-batches")
     _refuse_per_example(model, norms, coupled, layers)
     if source == "per_example":
         why = "source='per_example' was asked for"
@@ -78,9 +100,20 @@ def choose_source(
         why = "auto: per-example rules cover every trainable parameter"
     else:
         why = "auto: one gradient per step (one device, no accumulation), so per example"
-    chosen = PerExampleSource(norms, per_layer, left_out)
+    chosen = PerExampleSource(norms, per_layer, left_out, big_part_for(wrapped, sharding))
     chosen.several_gradients = several_gradients
     return Choice(chosen, why)
+
+
+def micro_batch_source(
+    model: nn.Module, params: list[nn.Parameter], sharding: Sharding
+) -> MicroBatchSource:
+    """Micro-batch norms where each micro-batch's gradient is whole on this process."""
+    if sharding == "none":
+        return MicroBatchSource(params)
+    covered = flat_params(model) if sharding == "fsdp1" else params
+    norms = UnshardedGradNorms(model, sharding)
+    return MicroBatchSource(covered, norms, big_part_for(model, sharding))
 
 
 def _refuse_per_example(

@@ -90,7 +90,7 @@ class StepDriver:
         if self.probe_model is not None:
             self.probe, self.probe_model = BatchDimProbe(self.probe_model), None
         self.recent.append(self.current)
-        self.source.start_micro_batch(self.current)
+        self.source.start_micro_batch(self.current, batch)
         for f in self.followers:
             f.source.start_micro_batch(self.current)
         return self.current

@@ -19,13 +19,16 @@ Small and big norms always cover exactly the same parameters (the source's ``par
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from lightning_gns.norms import MicroBatchNorms, PerExampleNorms, squared_norm
+from lightning_gns.norms import MicroBatchNorms, PerExampleNorms
 from lightning_gns.norms.micro_batch import WeightedMicroBatchNorms
 from lightning_gns.norms.preconditioner import inverse_preconditioner
 from lightning_gns.records import MODEL, PRECONDITIONED, Reduction, SkipStep, StepNorms, Units
+from lightning_gns.sharded import BigPart, replicated_big
 
 
 def big_scale(units: Units, m: int, n: int) -> float:
@@ -44,12 +47,13 @@ def big_parts(units: Units, sizes: list[int]) -> tuple[float, float]:
     return float(len(sizes)), sum(1.0 / b for b in sizes)
 
 
-def big_sq(params: list[nn.Parameter], units: Units, m: int, n: int) -> Tensor:
-    """This process's share of |G_big|² of the optimizer's ``.grad`` over ``params``."""
-    big = squared_norm(p.grad for p in params)
-    if big is None:
+def big_sq(params: list[nn.Parameter], units: Units, m: int, n: int, big: BigPart) -> Tensor:
+    """This process's share of |G_big|² of the optimizer's ``.grad`` over ``params``, in
+    mean-per-example units (``big``: how the shares are taken, :mod:`lightning_gns.sharded`)."""
+    part = big(params, units.world_size)
+    if part is None:
         raise SkipStep("no covered parameter has a gradient this step")
-    return big * (big_scale(units, m, n) / units.world_size)
+    return part * big_scale(units, m, n)
 
 
 class MicroBatchSource:
@@ -58,8 +62,13 @@ class MicroBatchSource:
     name = "micro_batch"
     coverage = 1.0  # every trainable parameter
 
-    def __init__(self, params: list[nn.Parameter], norms: MicroBatchNorms | None = None) -> None:
-        self.params = params
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        norms: MicroBatchNorms | None = None,
+        big: BigPart = replicated_big,
+    ) -> None:
+        self.params, self.big = params, big
         self.columns = [MODEL]
         self.norms = norms if norms is not None else MicroBatchNorms(params)
         self.sizes: list[int] = []
@@ -76,7 +85,7 @@ class MicroBatchSource:
         """Micro-batch norms cover every trainable parameter: nothing to say."""
         return None
 
-    def start_micro_batch(self, batch_size: int) -> None:
+    def start_micro_batch(self, batch_size: int, batch: Any = None) -> None:
         """Nothing to prepare: parameter hooks see each micro-batch gradient."""
 
     def end_micro_batch(self, batch_size: int, reduction: Reduction) -> None:
@@ -102,7 +111,7 @@ class MicroBatchSource:
         return StepNorms(small.reshape(1), big.reshape(1), float(m), inv, big_m, big_inv)
 
     def _big_sq(self, units: Units, m: int, n: int) -> Tensor:
-        return big_sq(self.params, units, m, n)
+        return big_sq(self.params, units, m, n, self.big)
 
 
 class PerExampleSource:
@@ -115,9 +124,13 @@ class PerExampleSource:
     name = "per_example"
 
     def __init__(
-        self, norms: PerExampleNorms, per_layer: bool = False, left_out: dict | None = None
+        self,
+        norms: PerExampleNorms,
+        per_layer: bool = False,
+        left_out: dict | None = None,
+        big: BigPart = replicated_big,
     ) -> None:
-        self.norms = norms
+        self.norms, self.big = norms, big
         for name, reason in (left_out or {}).items():
             norms.drop(name, reason)
         self.layer_names = list(norms.sites) if per_layer else []
@@ -158,11 +171,13 @@ class PerExampleSource:
         self.norms.detach()
         self._reset()
 
-    def start_micro_batch(self, batch_size: int) -> None:
+    def start_micro_batch(self, batch_size: int, batch: Any = None) -> None:
+        """Open a micro-batch of ``batch_size`` examples (``batch``: its tensors, for the
+        structural check of the first one)."""
         self.norms.start_micro_batch(batch_size)
         if self.needs_check:
             self.needs_check, self._checking = False, True
-            self.norms.start_check()
+            self.norms.start_check(batch)
 
     def end_micro_batch(self, batch_size: int, reduction: Reduction) -> None:
         acc, layers, bad = self.norms.close_micro_batch()
@@ -202,17 +217,17 @@ class PerExampleSource:
             )
         scale = units.accumulate**2 * units.inv_loss_scale_sq  # Σ over examples
         small = [self.total * scale]
-        big = [big_sq(self.params, units, m, n)]
+        big = [big_sq(self.params, units, m, n, self.big)]
         for name in self.layer_names:
             site = self.norms.sites.get(name)
             part = self.layers.get(name)
-            grads = squared_norm(p.grad for p in site.params.values()) if site else None
+            grads = self.big(site.params.values(), units.world_size) if site else None
             if part is None or grads is None:
                 small.append(torch.full_like(small[0], float("nan")))
                 big.append(torch.full_like(big[0], float("nan")))
                 continue
             small.append(part * scale)
-            big.append(grads * (big_scale(units, m, n) / units.world_size))
+            big.append(grads * big_scale(units, m, n))
         big_m, big_inv = big_parts(units, self.sizes)
         count = float(self.count)
         return StepNorms(torch.stack(small), torch.stack(big), count, count, big_m, big_inv)
@@ -271,7 +286,7 @@ class PreconditionedSource(MicroBatchSource):
         self.optimizer = optimizer
         self.steps = 0  # optimizer steps seen
 
-    def start_micro_batch(self, batch_size: int) -> None:
+    def start_micro_batch(self, batch_size: int, batch: Any = None) -> None:
         if self.weighted.weights is None:  # once per step: the state changes only when stepping
             self.weighted.weights = inverse_preconditioner(self.optimizer, self.params)
 
@@ -290,7 +305,7 @@ class PreconditionedSource(MicroBatchSource):
         big = self.weighted.big_sq()
         if big is None:
             raise SkipStep("no covered parameter has a gradient this step")
-        return big * (big_scale(units, m, n) / units.world_size)
+        return big * (big_scale(units, m, n) / units.world_size)  # replicated (DDP) only
 
 
 Source = MicroBatchSource | PerExampleSource

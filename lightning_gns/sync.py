@@ -3,11 +3,13 @@
 Every function the package runs during a training step (the callback's per-step hooks, the
 parameter and module hooks, the routed Linear, the compiled taps' backward) runs through
 :func:`on_step_path` or :func:`watched`. Outside a check these cost nothing (hooks are
-registered unwrapped; :func:`watched` is one flag test). Inside :func:`forbid_host_sync` every
-host read in those functions is recorded (``.item()``, ``.tolist()``, ``bool()``, ``float()``,
-``.cpu()``, ``torch.equal``, ``nonzero``, ...; on CUDA also what
-``torch.cuda.set_sync_debug_mode("error")`` catches), except where the package is allowed to
-read: the first optimizer step (the structural check and batch probe) and logging steps.
+registered unwrapped; :func:`watched` is one flag test). Inside :func:`forbid_host_sync`
+torch's host reads are wrapped (not through a TorchFunctionMode: the structural check pushes
+one of its own), and every read made inside those functions is recorded (``.item()``,
+``.tolist()``, ``bool()``, ``float()``, ``.cpu()``, ``torch.equal``, ``nonzero``, ...; on CUDA
+also what ``torch.cuda.set_sync_debug_mode("error")`` catches), except where the package
+reads on purpose: the first optimizer step (the structural check, the batch probe) and
+logging steps.
 
 Example::
 
@@ -25,29 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Functions that read a tensor's value back to the host (names of torch functions/methods).
-HOST_READS = frozenset(
-    {
-        "item",
-        "tolist",
-        "__bool__",
-        "__float__",
-        "__int__",
-        "__index__",
-        "cpu",
-        "numpy",
-        "equal",
-        "nonzero",
-        "unique",
-        "unique_consecutive",
-        "masked_select",
-        "_local_scalar_dense",
-    }
-)
+# What reads a tensor's value back to the host: Tensor methods and torch functions.
+TENSOR_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+TORCH_READS = ("equal", "nonzero", "unique", "unique_consecutive", "masked_select")
 
 
 class HostSyncError(RuntimeError):
@@ -65,22 +50,39 @@ class _Check:
 CHECK = _Check()
 
 
-class _Watch(TorchFunctionMode):
-    def __torch_function__(
-        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        reads = name in HOST_READS or (name == "to" and _to_cpu(args, kwargs))
-        if reads and CHECK.allowed == 0:
-            where = "".join(traceback.format_stack(limit=6)[:-1])
-            CHECK.found.append(f"{name}() on the per-step path:\n{where}")
-        return func(*args, **kwargs)
+def _recording(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` that records its call while a watched region runs (and reads are not allowed)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if CHECK.depth > 0 and CHECK.allowed == 0:
+            if name != "to" or _to_cpu(args, kwargs):
+                where = "".join(traceback.format_stack(limit=6)[:-1])
+                CHECK.found.append(f"{name}() on the per-step path:\n{where}")
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _to_cpu(args: tuple, kwargs: dict) -> bool:
     target = [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, (str, torch.device))]
     return bool(target) and torch.device(target[0]).type == "cpu" and args[0].device.type != "cpu"
+
+
+def _install() -> list[tuple[Any, str, Any]]:
+    """Wrap every host read (undone by :func:`_uninstall`)."""
+    saved = []
+    for owner, names in ((torch.Tensor, (*TENSOR_READS, "to")), (torch, TORCH_READS)):
+        for name in names:
+            fn = getattr(owner, name)
+            saved.append((owner, name, fn))
+            setattr(owner, name, _recording(name, fn))
+    return saved
+
+
+def _uninstall(saved: list[tuple[Any, str, Any]]) -> None:
+    for owner, name, fn in reversed(saved):
+        setattr(owner, name, fn)
 
 
 @contextmanager
@@ -95,8 +97,7 @@ def watched() -> Iterator[None]:
     try:
         if cuda:
             torch.cuda.set_sync_debug_mode("error")
-        with _Watch():
-            yield
+        yield
     finally:
         if cuda:
             torch.cuda.set_sync_debug_mode(old)
@@ -140,10 +141,12 @@ def forbid_host_sync(raise_at_exit: bool = True) -> Iterator[list[str]]:
     at exit if it is not empty. Enter it before ``trainer.fit`` (hooks are wrapped when they
     are registered)."""
     CHECK.enabled, CHECK.found = True, []
+    saved = _install()
     try:
         yield CHECK.found
     finally:
         CHECK.enabled = False
+        _uninstall(saved)
     if raise_at_exit and CHECK.found:
         raise HostSyncError(f"{len(CHECK.found)} host read(s):\n" + "\n".join(CHECK.found[:5]))
 

@@ -9,19 +9,31 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 
 from lightning_gns._compat import compiled_by_lightning, is_compiled_module, loss_scale
+from lightning_gns.choice import choose_source
 from lightning_gns.driver import StepDriver, Warn
 from lightning_gns.estimator import check_decay
+from lightning_gns.norms.preconditioner import keeps_second_moment
 from lightning_gns.records import PRECONDITIONED, Units
+from lightning_gns.sharded import refusal, sharding_of
 from lightning_gns.sources import PreconditionedSource, Source
 from lightning_gns.tracker import GNSTracker
 
 if TYPE_CHECKING:
     from lightning_gns.callback import GradientNoiseScale
 
-SUPPORTED = "single-device and DDP strategies with one optimizer and automatic optimization"
+SUPPORTED = (
+    "single-device, DDP, FSDP (FSDPStrategy) and FSDP2 (ModelParallelStrategy with "
+    "tensor_parallel_size=1) strategies with one optimizer and automatic optimization"
+)
 CHOICES = {
     "source": ("auto", "micro_batch", "per_example"),
     "layers": ("all", "norm"),
@@ -55,9 +67,10 @@ def check_arguments(args: dict[str, Any]) -> None:
 def check_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """A clear error at fit start for what the callback cannot measure."""
     strategy = trainer.strategy
-    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
-        strategy, (SingleDeviceStrategy, DDPStrategy)
-    ):
+    supported = (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, ModelParallelStrategy)
+    if (why := refusal(strategy, trainer.model or pl_module)) is not None:
+        raise RuntimeError(f"GradientNoiseScale: {why}")
+    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, supported):
         got = f"strategy {type(strategy).__name__}"
     elif not pl_module.automatic_optimization:
         got = "manual optimization"
@@ -122,6 +135,12 @@ def preconditioned_driver(
             "GradientNoiseScale(preconditioned=True) measures between micro-batches: set "
             "Trainer(accumulate_grad_batches>=2) or train on 2+ devices (DDP)"
         )
+    if sharding_of(trainer.model or pl_module) != "none":
+        raise RuntimeError(
+            "GradientNoiseScale(preconditioned=True) is not supported under FSDP (the "
+            "optimizer's state is sharded like the parameters): measure it with DDP, or drop "
+            "preconditioned=True"
+        )
     optimizer = trainer.optimizers[0]
     stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
     params = [p for p in pl_module.parameters() if p.requires_grad and id(p) in stepped]
@@ -130,3 +149,52 @@ def preconditioned_driver(
     tracker = GNSTracker(cb.ema_decay, [PRECONDITIONED], device=params[0].device)
     quiet: Callable[[str, str], None] = lambda key, message: None  # noqa: E731
     return StepDriver(source, tracker, quiet)
+
+
+def build_driver(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    cb: GradientNoiseScale,
+    left_out: dict[str, str] | None,
+    warn: Warn,
+) -> tuple[StepDriver, str]:
+    """The callback's driver (source chosen and attached, tracker on the module's device, the
+    preconditioned follower) and why that source; a clear error for what cannot be measured."""
+    try:
+        choice = choose_source(
+            pl_module,
+            cb.source,
+            cb.layers,
+            several_gradients_per_step(trainer),
+            cb.per_layer,
+            cb.examples_per_batch,
+            left_out,
+            trainer.model,
+        )
+    except ValueError as err:
+        raise RuntimeError(f"GradientNoiseScale: {err}") from None
+    warn_if_compiled_fallback(pl_module, choice.source, warn)
+    if cb.per_layer and choice.source.name != "per_example":
+        warn(
+            "per_layer",
+            "GradientNoiseScale(per_layer=True) needs per-example norms, and micro-batches "
+            f"measure this run ({choice.why}): no per-layer values will be logged. Use "
+            "source='per_example' for them.",
+        )
+    choice.source.attach()
+    tracker = GNSTracker(cb.ema_decay, choice.source.columns, device=pl_module.device)
+    driver = StepDriver(choice.source, tracker, warn, cb.batch_size_fn)
+    if cb.preconditioned:
+        driver.followers.append(preconditioned_driver(trainer, pl_module, cb))
+    return driver, choice.why
+
+
+def warn_if_no_second_moment(trainer: pl.Trainer, driver: StepDriver, warn: Warn) -> None:
+    """``preconditioned=True`` with an optimizer that keeps no second moment (e.g. SGD)."""
+    if not keeps_second_moment(trainer.optimizers[0]) and driver.steps > 1:
+        warn(
+            "preconditioner",
+            "GradientNoiseScale(preconditioned=True): the optimizer keeps no second-moment "
+            "estimate (exp_avg_sq, square_avg or sum in its state), so there is no "
+            "preconditioned noise scale to measure",
+        )

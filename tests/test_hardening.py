@@ -322,3 +322,13 @@ def test_analyzer_takes_dropout_but_refuses_batchnorm_in_train_mode() -> None:
     assert math.isfinite(result["gradient_noise_scale"]) and result["num_batches"] == 8
     with pytest.raises(ValueError, match="examples interact"):
         GradientNoiseAnalyzer(batchnorm_mlp(), nn.CrossEntropyLoss(), loader).analyze(2)
+
+
+def test_per_layer_under_micro_batches_says_why_nothing_per_layer_is_logged(tmp_path) -> None:
+    cb = GradientNoiseScale(per_layer=True)
+    said = caught_warnings(
+        lambda: fit(cb, tmp_path, Classifier(batchnorm_mlp(), batch_size=16), epochs=1,
+                    accumulate_grad_batches=2)
+    )  # fmt: skip
+    assert cb.chosen_source == "micro_batch" and cb.layer_values == {}
+    assert any("per_layer=True" in m and "BatchNorm" in m for m in said), said

@@ -44,11 +44,11 @@ def per_example_sq_norms(model: nn.Module, idx: Tensor, params: list[str]) -> Te
     return sum(g[k].flatten(1).square().sum(1) for k in params)
 
 
-def run(model: nn.Module, idx: Tensor, norms: PerExampleNorms, check: bool = True):
+def run(model: nn.Module, idx: Tensor, norms: PerExampleNorms, check: bool = True, batch=None):
     norms.attach()
     if check:
         norms.start_micro_batch(idx.shape[0])
-        norms.start_check()
+        norms.start_check(batch)
         out = model(idx)
         (out * torch.linspace(-1, 1, out[0].numel()).view_as(out[0])).sum().backward()
         norms.close_micro_batch()

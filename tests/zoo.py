@@ -105,6 +105,21 @@ def nanogpt(seq: int = SEQ, width: int = 32) -> tuple[nn.Module, TensorDataset, 
     return model, data, lm_loss(lambda m, x: m(x))
 
 
+def t5() -> tuple[nn.Module, TensorDataset, Callable]:
+    """T5: its relative attention bias is an Embedding on a (T, T) bucket matrix with no batch
+    dim; at T = 16 = the tests' batch, dim 0 has the batch's size by coincidence."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    data, vocab = text_data()
+    cfg = T5Config(
+        vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    logits = lambda m, x: m(input_ids=x, decoder_input_ids=x).logits  # noqa: E731
+    return T5ForConditionalGeneration(cfg), data, lm_loss(logits)
+
+
 class LSTMClassifier(nn.Module):
     """Digits read row by row (8 steps of 8 pixels) by an LSTM, batch first or not."""
 

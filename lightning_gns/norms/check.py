@@ -5,11 +5,14 @@ dim 0 is the batch, and that its parameters get gradient only through that call.
 records each parameter's whole micro-batch gradient, recomputes every module's own gradient
 from its saved input and output gradient, and leaves out the modules where the two differ
 (weights also used through ``F.linear``, modules reused, positional embeddings on ``arange``).
+During its forward it also follows which tensors were computed from the batch
+(:mod:`lightning_gns.norms.provenance`): a layer whose input was not cannot be measured per
+example through dim 0, even where that dim equals the batch size by coincidence.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -17,9 +20,12 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_gns._compat import EagerWindow
 from lightning_gns.norms.generic import as_param_dtype, leaves_of, replaying
+from lightning_gns.norms.live_check import LiveGradCheck
+from lightning_gns.norms.provenance import BatchProvenance
 from lightning_gns.norms.sites import Site
 
 TOLERANCE = 1e-2  # relative difference between a module's own and the whole gradient
+OUTSIDE = "also gets gradient from outside this module (tied/reused?)"
 SCALE_FLOOR = 1e-3  # ... relative to at least this fraction of the module's whole gradient
 
 
@@ -39,13 +45,26 @@ class Checked(Protocol):
 class StructuralCheck:
     """Records whole gradients during one backward, then verifies each site against them."""
 
-    def __init__(self, norms: Checked) -> None:
+    def __init__(self, norms: Checked, batch: Any = None, live: bool = False) -> None:
         self.norms = norms
         self.grads: dict[int, Tensor] = {}
+        # sharded parameters (FSDP2): the tensors the forward uses, compared during backward
+        self.live = LiveGradCheck(norms.sites) if live else None
         self.handles: list[RemovableHandle] = [
-            p.register_hook(self._recorder(id(p))) for p in norms.params
+            p.register_hook(self._recorder(id(p))) for p in (norms.params if not live else [])
         ]
         self._eager = EagerWindow()
+        # which inputs were computed from the batch (None: not known, shapes decide)
+        self.provenance = BatchProvenance(batch).__enter__() if batch is not None else None
+
+    def end_forward(self) -> None:
+        """Stop following provenance (it is needed in the forward only)."""
+        if self.provenance is not None and self.provenance.active:
+            self.provenance.__exit__(None, None, None)
+
+    def from_batch(self, x: object) -> bool | None:
+        """Whether ``x`` was computed from the batch (None: no batch was given)."""
+        return self.provenance.from_batch(x) if self.provenance is not None else None
 
     def _recorder(self, key: int):  # noqa: ANN202
         def rec(grad: Tensor) -> None:
@@ -57,7 +76,10 @@ class StructuralCheck:
         for h in self.handles:
             h.remove()
         self.handles = []
+        if self.live is not None:
+            self.live.stop()
         self._eager.close()
+        self.end_forward()
 
     def finish(self) -> None:
         """Leave out every site whose own gradient is not its parameters' whole gradient."""
@@ -67,7 +89,14 @@ class StructuralCheck:
         local: dict[int, Tensor] = {}
         for name, site in list(norms.sites.items()):
             reason = _call_problem(site)
-            if reason is None:
+            if reason is None and self.live is not None:
+                if self.live.error(name, SCALE_FLOOR) > TOLERANCE:
+                    reason = (
+                        OUTSIDE
+                        if self.live.error(name, SCALE_FLOOR) < float("inf")
+                        else ("its gradient could not be verified under sharding")
+                    )
+            elif reason is None:
                 try:
                     with replaying():
                         for attr, gr in _local_grads(site).items():
@@ -77,6 +106,9 @@ class StructuralCheck:
                     reason = f"could not verify its gradient ({err})"
             if reason is not None:
                 norms.drop(name, reason)
+        if self.live is not None:
+            self.grads = {}
+            return
         for name, site in list(norms.sites.items()):
             totals = [self.grads.get(id(p)) for p in site.params.values()]
             # a parameter whose gradient is ~0 against its module's (a key bias under softmax)
@@ -91,8 +123,7 @@ class StructuralCheck:
                 size = max(float(total.float().norm()), SCALE_FLOOR * scale, 1e-30)
                 rel = float((mine - total.float()).norm()) / size
                 if rel > TOLERANCE:
-                    reason = f"'{attr}' also gets gradient from outside this module (tied/reused?)"
-                    norms.drop(name, reason)
+                    norms.drop(name, f"'{attr}' {OUTSIDE}")
                     break
         self.grads = {}
 

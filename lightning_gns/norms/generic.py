@@ -58,17 +58,22 @@ def generic_sq_norms(
     outputs: list[Tensor],
     grads: dict[int, Tensor],
     batch: int,
+    shared: frozenset[int] = frozenset(),
 ) -> Tensor:
     """Per-example |∂ℓ_j/∂θ|² over the module's own ``params``, shape (batch,), float32.
 
     ``outputs`` are the tensor leaves of the module's output and ``grads`` the gradients that
-    reached them (by leaf index); leaves without a gradient do not contribute.
+    reached them (by leaf index); leaves without a gradient do not contribute. ``shared``: the
+    input leaves (by index) not computed from the batch, given to every example whole.
     """
     batch_first = bool(getattr(module, "batch_first", True))
     leaves, spec = tree_flatten(as_param_dtype(inputs, params))
     where = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
     tensors = [leaves[i].detach() for i in where]
-    in_dims = [batch_dim(t, batch, batch_first) for t in tensors]
+    in_dims = [
+        None if i in shared else batch_dim(t, batch, batch_first)
+        for i, t in zip(where, tensors, strict=True)
+    ]
     if all(d is None for d in in_dims):
         raise ValueError(f"no input has a batch dimension of size {batch}")
     used = sorted(grads)

@@ -61,7 +61,7 @@ class MicroBatchNorms:
         """A float32 parameter's gradient: one BLAS dot, the cheapest call on a CPU (a
         non-contiguous one, as a compiled backward may give, without a copy)."""
         g = grad.detach()
-        if g.is_contiguous():
+        if g.is_contiguous() and g.dtype == torch.float32:  # (FSDP1: bf16 grads, fp32 param)
             flat = g.view(-1)
             self._parts.append(torch.dot(flat, flat))
         else:

@@ -8,6 +8,8 @@ All results stay on the device: nothing on the per-step path reads a value back 
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from lightning_gns.norms import site_hooks
@@ -30,6 +32,8 @@ class PerExampleNorms:
         simultaneous: where per-example gradients of a Linear layer are materialised anyway,
             derive its weight gradient from them instead of autograd's own product
             (:mod:`lightning_gns.norms.simultaneous`); False: leave autograd's backward alone.
+        sharded: parameters are sharded between forwards (FSDP2): the structural check reads
+            the live tensors (:mod:`lightning_gns.norms.live_check`); no simultaneous route.
 
     The first micro-batch after :meth:`start_check` runs the structural check
     (:mod:`lightning_gns.norms.check`), which leaves out, through :meth:`drop`, the modules
@@ -43,6 +47,7 @@ class PerExampleNorms:
         per_layer: bool = False,
         examples_per_batch: int | None = None,
         simultaneous: bool = True,
+        sharded: bool = False,
     ) -> None:
         if layers not in ("all", "norm"):
             raise ValueError(f"layers must be 'all' or 'norm', got {layers!r}")
@@ -52,7 +57,8 @@ class PerExampleNorms:
         self.model = model
         self.per_layer = per_layer
         self.examples_per_batch = examples_per_batch
-        self.simultaneous = simultaneous
+        self.simultaneous = simultaneous and not sharded
+        self.sharded = sharded
         self.record = MicroBatchRecord(per_layer)
         self._params: list[nn.Parameter] | None = None
         self._check: StructuralCheck | None = None
@@ -133,9 +139,14 @@ class PerExampleNorms:
     def checking(self) -> bool:
         return self._check is not None
 
-    def start_check(self) -> None:
-        """Run the structural check on the next micro-batch."""
-        self._check = StructuralCheck(self)
+    def start_check(self, batch: Any = None) -> None:
+        """Run the structural check on the next micro-batch (``batch``: its tensors as the model
+        gets them, so the check can tell inputs computed from the batch from others)."""
+        self._check = StructuralCheck(self, batch, live=self.sharded)
+
+    def from_batch(self, x: object) -> bool | None:
+        """During the check: whether ``x`` was computed from the batch (None: unknown)."""
+        return self._check.from_batch(x) if self._check is not None else None
 
     def start_micro_batch(self, batch_size: int | None) -> None:
         """Called before the forward of each micro-batch with its number of examples."""
@@ -152,6 +163,8 @@ class PerExampleNorms:
     def close_micro_batch(self) -> tuple[Tensor | None, dict[str, Tensor], str | None]:
         """Per-example |g_j|² (B,) over covered parameters, per-layer ones, and a reason if the
         micro-batch cannot be used (a module reused within one forward, a missing batch dim)."""
+        if self._check is not None:
+            self._check.end_forward()
         for site in list(self.sites.values()):
             if site.generic and self.record.bad is None:
                 site_hooks.close_generic(self, site)

@@ -54,11 +54,14 @@ def undecided_positions(site: Site, x: object, b: int | None) -> bool:
     )
 
 
-def broadcast_positions(site: Site, x: object, output: Tensor, b: int | None) -> Tensor | None:
-    """:func:`expand_positions` in eager mode: decides ``site.positions`` once (a host read)
-    and makes the expanded positions the site's activation; the expanded output, or None."""
+def broadcast_positions(
+    site: Site, x: object, output: Tensor, b: int | None, from_batch: bool | None = None
+) -> Tensor | None:
+    """:func:`expand_positions` in eager mode: decides ``site.positions`` once (from the
+    structural check's provenance, else from the values: a host read) and makes the expanded
+    positions the site's activation; the expanded output, or None."""
     if undecided_positions(site, x, b):
-        site.positions = not_a_batch(x)
+        site.positions = not from_batch if from_batch is not None else not_a_batch(x)
     expanded = expand_positions(site, x, output, b)
     if expanded is None:
         return None

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from lightning_gns._compat import in_backward_pass, saving_through_hooks, view_base
+from lightning_gns._compat import in_backward_pass, saving_through_hooks, tree_flatten, view_base
 from lightning_gns.norms.compiled import Tap
 from lightning_gns.norms.generic import generic_sq_norms, is_replaying, leaves_of, replaying
 from lightning_gns.norms.positions import (
@@ -45,10 +45,16 @@ class Norms(Protocol):
 
     def route_sink(self, site: Site, x: Tensor) -> Tensor | None: ...
 
+    def from_batch(self, x: object) -> bool | None: ...
+
     def fail(self, site: Site, reason: str) -> None: ...
 
 
 Hook = Callable[..., Any]
+NOT_FROM_BATCH = (
+    "has inputs not computed from the batch (positions, buckets or parameters shared by all "
+    "examples): its dim 0 does not hold examples"
+)
 
 
 def forward_hook(norms: Norms, site: Site) -> Hook:
@@ -111,11 +117,12 @@ def eager(norms: Norms, site: Site, args: tuple, output: object) -> Tensor | Non
     if problem := positions_problem(site, x, record.batch_size, record.token_batch):
         norms.fail(site, problem)  # expanded to the wrong batch, the model would crash
         return None
-    broadcast = broadcast_positions(site, x, output, record.batch_size)
+    origin = norms.from_batch(x) if norms.checking else None
+    broadcast = broadcast_positions(site, x, output, record.batch_size, origin)
     if broadcast is not None:  # positions without a batch dim: per example from here
         output = broadcast
-    elif norms.checking and not_a_batch(x):
-        norms.fail(site, "has inputs that are positions or parameters, not a batch")
+    elif origin is False or (norms.checking and origin is None and not_a_batch(x)):
+        norms.fail(site, NOT_FROM_BATCH)
         return None
     base = view_base(output)
     if base is not None and base.numel() == output.numel() and output.is_contiguous():
@@ -168,11 +175,42 @@ def generic_hook(norms: Norms, site: Site) -> Hook:
             norms.fail(site, f"called {site.seen.calls} times in one forward")
             return
         site.seen.inputs, site.seen.outputs = (args, kwargs), leaves
+        site.seen.live = _live_copies(module, site)
+        if norms.checking:
+            shared = _not_from_batch(norms, (args, kwargs))
+            if shared is True:
+                norms.fail(site, NOT_FROM_BATCH)
+                return
+            if isinstance(shared, frozenset):
+                site.shared_inputs = shared
         for i, t in enumerate(leaves):
             if isinstance(t, Tensor) and t.requires_grad:
                 t.register_hook(on_step_path(_grad_saver(site, i)))
 
     return on_step_path(hook)
+
+
+def _live_copies(module: nn.Module, site: Site) -> dict[str, Tensor]:
+    """Copies of the tensors the forward used where they are not the registered parameters
+    (FSDP2 unshards for the forward and frees them after: torch.func runs after backward)."""
+    live = {}
+    for attr, p in site.params.items():
+        t = getattr(module, attr, None) if "." not in attr else None
+        if isinstance(t, Tensor) and t is not p:
+            live[attr] = t.detach().clone()
+    return live
+
+
+def _not_from_batch(norms: Norms, inputs: tuple) -> frozenset[int] | bool | None:
+    """The check's verdict on a rule-less site's inputs: the leaf indices not computed from
+    the batch (shared by all examples), True when no input is, None when unknown."""
+    leaves, _ = tree_flatten(inputs)
+    origins = {i: norms.from_batch(t) for i, t in enumerate(leaves) if isinstance(t, Tensor)}
+    if not origins or any(o is None for o in origins.values()):
+        return None
+    if not any(origins.values()):
+        return True
+    return frozenset(i for i, o in origins.items() if o is False)
 
 
 def _grad_saver(site: Site, i: int) -> Callable[[Tensor], None]:
@@ -191,7 +229,13 @@ def close_generic(norms: Norms, site: Site) -> None:
     try:
         with replaying():  # the functional forward must not re-enter any hooks
             sq = generic_sq_norms(
-                site.module, site.params, seen.inputs, seen.outputs, seen.out_grads, b
+                site.module,
+                {**site.params, **seen.live},  # type: ignore[dict-item]
+                seen.inputs,
+                seen.outputs,
+                seen.out_grads,
+                b,
+                site.shared_inputs,
             )
     except Exception as err:  # noqa: BLE001 - never break the user's step
         kind, why = type(site.module).__name__, f"{type(err).__name__}: {err}"

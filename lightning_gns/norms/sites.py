@@ -81,6 +81,8 @@ class Seen:
     inputs: tuple[tuple, dict] | None = None  # generic: the forward's args and kwargs
     outputs: list[Any] = field(default_factory=list)  # generic: the output's leaves
     out_grads: dict[int, Tensor] = field(default_factory=dict)  # generic: their gradients
+    live: dict[str, Tensor] = field(default_factory=dict)  # generic: the tensors the forward
+    # used (FSDP2 unshards parameters for the forward only; elsewhere the parameters)
 
 
 @dataclass
@@ -98,6 +100,7 @@ class Site:
     handle: RemovableHandle | None = None
     active: bool = True
     positions: bool | None = None  # a 1-D input as long as the batch: positions (decided once)
+    shared_inputs: frozenset[int] = frozenset()  # generic: input leaves not from the batch
     routed: bool = False  # its forward goes through norms/simultaneous.py while attached
 
     @property

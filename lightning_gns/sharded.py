@@ -1,0 +1,227 @@
+"""Sharded data parallelism (FSDP1 and FSDP2): where the micro-batch and big-batch norms live.
+
+* :func:`sharding_of` / :func:`refusal`: the layout of a wrapped model, and what is not
+  supported (tensor parallel, hybrid sharding or 2-D meshes, CPU offload, DeepSpeed), with
+  what to do instead.
+* :class:`UnshardedGradNorms`: each micro-batch's rank-local gradient where it is still whole:
+  FSDP1's ``FlatParameter`` s (a hook fires before FSDP's reduce-scatter; Lightning
+  accumulates FSDP1 under ``no_sync``), FSDP2's unsharded parameters (created at the first
+  all-gather and reused; hooked from a forward pre-hook that runs after FSDP's own).
+* :func:`big_part`: this process's share of |G_big|² from the sharded ``.grad`` (FSDP1
+  padding excluded, DTensor replicas counted once), summed over processes by the logging
+  step's one reduction (:mod:`lightning_gns.tracker`).
+
+Units are DDP's: ``.grad`` is the mean over processes of each process's mean over
+micro-batches (FSDP1's pre/post divide factors multiply to the world size; FSDP2 reduces with
+AVG). Findings and their tests: ``docs/sharded.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gns._compat import (
+    fsdp1_flat_param,
+    fsdp1_sharded,
+    fsdp2_param_group,
+    fsdp2_unsharded,
+    shard_padding,
+)
+from lightning_gns.norms.micro_batch import MicroBatchNorms, squared_norm
+
+Sharding = Literal["none", "fsdp1", "fsdp2"]
+
+
+def fsdp1_units(model: nn.Module) -> list[nn.Module]:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return []
+    return [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+
+
+def fsdp2_units(model: nn.Module) -> list[nn.Module]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def sharding_of(model: nn.Module) -> Sharding:
+    """``fsdp1`` (``FullyShardedDataParallel`` inside), ``fsdp2`` (``fully_shard`` applied),
+    or ``none`` (one device, DDP)."""
+    if fsdp1_units(model):
+        return "fsdp1"
+    if fsdp2_units(model):
+        return "fsdp2"
+    return "none"
+
+
+def flat_params(model: nn.Module) -> list[nn.Parameter]:
+    """FSDP1: every unit's trainable ``FlatParameter`` (the tensors FSDP unshards in place)."""
+    out: dict[int, nn.Parameter] = {}
+    for unit in fsdp1_units(model):
+        flat = fsdp1_flat_param(unit)
+        if flat is not None and flat.requires_grad:
+            out.setdefault(id(flat), flat)
+    return list(out.values())
+
+
+def refusal(strategy: object, model: nn.Module) -> str | None:
+    """Why the callback cannot measure this set-up, with what to do instead; None if it can."""
+    if "DeepSpeed" in type(strategy).__name__:
+        return (
+            "DeepSpeed is not supported (its ZeRO stages keep gradients in their own buffers, "
+            "and a 2-process CPU run hung): for sharded training use FSDPStrategy, or "
+            "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)"
+        )
+    tp = getattr(strategy, "_tensor_parallel_size", 1)
+    if isinstance(tp, int) and tp > 1:
+        return (
+            f"tensor parallelism (tensor_parallel_size={tp}) splits each example's gradient "
+            "across processes: use ModelParallelStrategy(data_parallel_size=N, "
+            "tensor_parallel_size=1) with fully_shard in configure_model"
+        )
+    kind = sharding_of(model)
+    if kind == "fsdp1":
+        from torch.distributed.fsdp import ShardingStrategy
+
+        hybrid = {ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2}
+        for unit in fsdp1_units(model):
+            if getattr(unit, "sharding_strategy", None) in hybrid:
+                return HYBRID
+            if getattr(getattr(unit, "cpu_offload", None), "offload_params", False):
+                return OFFLOAD
+    elif kind == "fsdp2":
+        for unit in fsdp2_units(model):
+            group = fsdp2_param_group(unit)
+            policy = getattr(group, "offload_policy", None)
+            if policy is not None and type(policy).__name__ == "CPUOffloadPolicy":
+                return OFFLOAD
+            if getattr(group, "gradient_divide_factor", None) is not None:
+                return (
+                    "a custom gradient divide factor (set_gradient_divide_factor) changes the "
+                    "units of .grad: keep FSDP's default (the mean over processes)"
+                )
+        for p in model.parameters():
+            mesh = getattr(p, "device_mesh", None)
+            if mesh is not None and mesh.ndim > 1:
+                return HYBRID
+    return None
+
+
+HYBRID = (
+    "hybrid sharding (HYBRID_SHARD, or a 2-D device mesh) is not supported: shard over all "
+    "processes (FULL_SHARD, or fully_shard on a 1-D data-parallel mesh)"
+)
+OFFLOAD = (
+    "CPU offload is not supported (the sharded gradients would live on the host, untested): "
+    "train without offloading parameters"
+)
+
+
+class UnshardedGradNorms(MicroBatchNorms):
+    """:class:`~lightning_gns.norms.micro_batch.MicroBatchNorms` on the tensors where each
+    micro-batch's gradient is still whole on this process (see the module docstring); the
+    squares accumulate in float32 whatever the gradient's dtype."""
+
+    def __init__(self, model: nn.Module, kind: Sharding) -> None:
+        super().__init__(flat_params(model) if kind == "fsdp1" else [])
+        self.model, self.kind = model, kind
+        self._hooked: dict[int, Tensor] = {}  # id -> tensor (kept alive: ids stay unique)
+
+    def attach(self) -> None:
+        self.detach()
+        if self.kind == "fsdp2":
+            for unit in fsdp2_units(self.model):
+                self._handles.append(unit.register_forward_pre_hook(self._find_unsharded))
+        else:
+            for p in self.params:
+                self._hook_tensor(p)
+
+    def detach(self) -> None:
+        super().detach()
+        self._hooked = {}
+
+    def _hook_tensor(self, t: Tensor) -> None:
+        if t.requires_grad and id(t) not in self._hooked:
+            self._hooked[id(t)] = t
+            self._handles.append(t.register_hook(self._hook))
+
+    def _find_unsharded(self, unit: nn.Module, args: tuple) -> None:
+        """Inside an FSDP2 unit's forward its parameters are the unsharded tensors (checked on
+        every forward: a tensor FSDP were to create anew is hooked too)."""
+        live = fsdp2_unsharded(unit)
+        if live is None:  # internals changed: the unit's parameters, unsharded by now
+            live = [p for p in unit.parameters(recurse=False) if not _is_dtensor(p)]
+        for t in live:
+            self._hook_tensor(t)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" or hasattr(t, "device_mesh")
+
+
+def local_sq(grad: Tensor | None, replicas: int = 1) -> Tensor | None:
+    """This process's share of |grad|² (at least float32), such that the sum over processes
+    is |grad|²: a DTensor's local shard divided by the processes holding each element (its
+    ``Replicate`` mesh dims); a plain tensor held whole by ``replicas`` processes, / replicas.
+    Never DTensor math on ``.grad``: that would be an all-reduce per parameter."""
+    if grad is None:
+        return None
+    if _is_dtensor(grad):
+        from torch.distributed.tensor import Replicate
+
+        dt: Any = grad
+        copies = 1
+        for size, placement in zip(dt.device_mesh.shape, dt.placements, strict=True):
+            if isinstance(placement, Replicate):
+                copies *= size
+        return _sq(dt.to_local()) / copies
+    return _sq(grad) / replicas
+
+
+def _sq(t: Tensor) -> Tensor:
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    return torch.linalg.vector_norm(t, dtype=dtype).square()
+
+
+def _shard_grad(flat: nn.Parameter) -> Tensor | None:
+    grad, pad = flat.grad, shard_padding(flat)
+    if grad is None:
+        return None
+    return grad[: grad.numel() - pad] if pad else grad
+
+
+BigPart = Callable[[Iterable[nn.Parameter], int], "Tensor | None"]
+
+
+def big_part_for(model: nn.Module, kind: Sharding) -> BigPart:
+    """``big(params, world_size)``: this process's share of Σ_p |p.grad|² over ``params``."""
+    if kind == "none":
+        return replicated_big
+    sharded = all(fsdp1_sharded(u) for u in fsdp1_units(model)) if kind == "fsdp1" else True
+    flats = {id(p) for p in flat_params(model)} if kind == "fsdp1" else set()
+
+    def big(params: Iterable[nn.Parameter], world_size: int) -> Tensor | None:
+        replicas = 1 if sharded else world_size  # FSDP1 NO_SHARD holds whole gradients
+        parts = [
+            local_sq(_shard_grad(p) if id(p) in flats else p.grad, replicas)
+            for p in params
+            if p.requires_grad
+        ]
+        found = [t for t in parts if t is not None]
+        return torch.stack(found).sum() if found else None
+
+    return big
+
+
+def replicated_big(params: Iterable[nn.Parameter], world_size: int) -> Tensor | None:
+    """One device or DDP: every process holds all of ``.grad``; its share is 1/world."""
+    total = squared_norm(p.grad for p in params)
+    return None if total is None else total / world_size

@@ -1,0 +1,133 @@
+"""GradientNoiseScale under DDP, FSDP1 and FSDP2 on 2 CPU processes (gloo): one rank of it.
+
+Usage (both ranks launched by tests/test_sharded.py with LOCAL_RANK, WORLD_SIZE, MASTER_*):
+    python tests/sharded_run.py OUT.json CONFIG ...
+  CONFIG  fit:KIND:ACCUMULATE:SOURCE   12 frozen steps; values, data order, collectives, reads
+          resume:KIND                  2 epochs at once, and 1 epoch + resume for the second
+          nan:KIND                     rank 1's loss is NaN at step 5
+  KIND    ddp | fsdp1 (use_orig_params=True) | fsdp1_flat (False) | fsdp2
+Each rank writes OUT.json.rank<r>.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from sharded_setup import Module, run  # noqa: E402
+
+from lightning_gns import GradientNoiseScale, forbid_host_sync  # noqa: E402
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
+               "broadcast", "reduce", "gather", "reduce_scatter_tensor")  # fmt: skip
+
+
+class CountCollectives(pl.Callback):
+    """torch.distributed calls made from this package, per optimizer step (FSDP's and DDP's
+    own collectives, and Lightning's, are not counted)."""
+
+    def __init__(self) -> None:
+        self.per_step: dict[int, int] = {}
+        self.count = 0
+        self.saved: dict[str, object] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        dist = torch.distributed
+        for name in COLLECTIVES:
+            self.saved[name] = getattr(dist, name)
+            setattr(dist, name, self._counted(getattr(dist, name)))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for name, fn in self.saved.items():
+            setattr(torch.distributed, name, fn)
+
+    def _counted(self, fn):  # noqa: ANN001, ANN202
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if any("lightning_gns" in f.filename for f in traceback.extract_stack()):
+                self.count += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        step = trainer.global_step
+        self.per_step[step] = self.per_step.get(step, 0) + self.count
+        self.count = 0
+
+
+def values(cb: GradientNoiseScale) -> dict:
+    v = cb.values
+    return {
+        "grad_norm_sq": v.grad_norm_sq,
+        "grad_variance": v.grad_variance,
+        "b_simple": v.b_simple,
+        "lower": v.b_simple_lower,
+        "upper": v.b_simple_upper,
+        "steps": v.steps,
+        "skipped": v.skipped,
+        "chosen_source": cb.chosen_source,
+        "coverage": cb.coverage,
+        "left_out": cb.left_out,
+    }
+
+
+def fit(root: str, kind: str, accumulate: int, source: str) -> dict:
+    cb = GradientNoiseScale(ema_decay=0.9, source=source, log_every_n_steps=4)
+    counter = CountCollectives()
+    with forbid_host_sync(raise_at_exit=False) as found:
+        trainer, module = run(root, kind, [cb, counter], accumulate_grad_batches=accumulate)
+    return {
+        **values(cb),
+        "seen": module.seen,
+        "collectives": [counter.per_step.get(s, 0) for s in range(1, 13)],
+        "host_reads": len(found),
+        "logged_b_simple": float(trainer.callback_metrics["gns/b_simple"]),
+    }
+
+
+def resume(root: str, kind: str) -> dict:
+    """The same two epochs, at once and with a checkpoint after the first."""
+    cb = GradientNoiseScale(ema_decay=0.9, log_every_n_steps=5)
+    run(f"{root}/whole", kind, [cb], max_epochs=2, max_steps=-1)
+    whole = values(cb)
+    ck = ModelCheckpoint(dirpath=f"{root}/ck", save_last=True)
+    first = GradientNoiseScale(ema_decay=0.9, log_every_n_steps=5)
+    run(f"{root}/first", kind, [first, ck], max_epochs=1, max_steps=-1, enable_checkpointing=True)
+    second = GradientNoiseScale(ema_decay=0.9, log_every_n_steps=5)
+    last = f"{root}/ck/last.ckpt"
+    run(f"{root}/second", kind, [second], ckpt_path=last, max_epochs=2, max_steps=-1)
+    return {"whole": whole, "first": values(first), "resumed": values(second)}
+
+
+def nan(root: str, kind: str) -> dict:
+    cb = GradientNoiseScale(ema_decay=0.9, log_every_n_steps=4)
+    run(root, kind, [cb], module=Module(kind, nan_at=5))
+    return values(cb)
+
+
+def main(out: str, configs: list[str]) -> None:
+    rank = int(os.environ["LOCAL_RANK"])
+    root = os.path.dirname(os.path.abspath(out))
+    results = {}
+    for config in configs:
+        mode, kind, *rest = config.split(":")
+        where = f"{root}/{config.replace(':', '_')}"
+        if mode == "fit":
+            results[config] = fit(where, kind, int(rest[0]), rest[1])
+        elif mode == "resume":
+            results[config] = resume(where, kind)
+        elif mode == "nan":
+            results[config] = nan(where, kind)
+    with open(f"{out}.rank{rank}", "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
