@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lightning_gns import advice
 from lightning_gns.estimator import GNSValues, check_decay
+from lightning_gns.failure import record_failure
 from lightning_gns.norms.hooks import BatchDimProbe
 from lightning_gns.norms.preconditioner import keeps_second_moment
 from lightning_gns.sources import (
@@ -452,6 +453,7 @@ class GradientNoiseScale(Callback):
         # Lightning skips teardown then: remove the hooks and end an eager window (batch
         # probe, structural check), or torch.compile would stay off in this process.
         self.teardown(trainer, pl_module, "fit")
+        record_failure(trainer, exception)  # `lightning-gns report` lists the run with it
 
     # -- per micro-batch and step ---------------------------------------------------------
     @override
