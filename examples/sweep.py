@@ -85,7 +85,15 @@ def make_sweep(root: str | os.PathLike[str], steps: int = 150) -> dict[str, str]
     pl.seed_everything(0, verbose=False)
     _fit(out, "b16", DigitsClassifier(), 16, steps)
     _fit(out, "b128", DigitsClassifier(), 128, steps)
-    _fit(out, "b8x4", DigitsClassifier(), 8, steps, accumulate_grad_batches=4)
+    _fit(
+        out,
+        "b8x4",
+        DigitsClassifier(),
+        8,
+        steps,
+        accumulate_grad_batches=4,
+        gns={"source": "micro_batch"},
+    )
     _fit(out, "frozen_b4", _trained(), 4, max(40, steps // 3))
     try:
         _fit(out, "batchnorm", BatchNormClassifier(), 16, steps, gns={"source": "per_example"})

@@ -11,11 +11,13 @@ import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.text import Text
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gns import advice
-from lightning_gns.logs import Logs, read_metrics
-from lightning_gns.report.plots import noise_scale_figure, pick_runs
+from lightning_gns.logs import Logs, read_logs, read_metrics
 from lightning_gns.report import (
     SUMMARY_COLUMNS,
     advise,
@@ -27,6 +29,14 @@ from lightning_gns.report import (
     summarize,
     write_explore,
     write_report,
+)
+from lightning_gns.report.plots import (
+    Curve,
+    _curves_from_summary,
+    efficiency_figure,
+    noise_scale_figure,
+    pareto_figure,
+    pick_runs,
 )
 
 
@@ -364,3 +374,88 @@ def test_a_sweep_of_many_runs_stays_readable_and_advises_only_what_is_supported(
     assert "(8 of 30 runs" in fig.axes[0].get_title()
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "all_nan (bound)" in labels
+
+
+def _overlaps(fig: Figure) -> list[tuple[str, str]]:
+    """Pairs of visible, non-empty texts of a figure whose drawn boxes intersect."""
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    return [
+        (a, b)
+        for i, (a, box_a) in enumerate(boxes)
+        for b, box_b in boxes[i + 1 :]
+        if box_a.overlaps(box_b)
+    ]
+
+
+def test_labels_of_two_runs_at_one_batch_size_never_overlap() -> None:
+    df = frame(
+        {
+            name: {
+                "gns/b_simple": [b] * 5,
+                "gns/b_simple_lower": [0.9 * b] * 5,
+                "gns/b_simple_upper": [1.1 * b] * 5,
+                "gns/batch_size": [16.0] * 5,
+            }
+            for name, b in (("first", 50.0), ("second", 52.0))
+        }
+    )
+    curves = _curves_from_summary(summarize(df))
+    eff = efficiency_figure(curves)
+    assert _overlaps(eff) == []
+    labels = [t.get_text() for t in eff.axes[0].get_legend().get_texts()]
+    # 4·16·50/66² = 3200/4356 = 73.5%, 4·16·52/68² = 3328/4624 = 72.0%
+    assert "first: B=16, 73%" in labels and "second: B=16, 72%" in labels
+    assert _overlaps(pareto_figure(curves)) == []
+    single = Curve("B_noise = 300", 300.0, "C0", current=[2.0**k for k in range(3, 15)])
+    assert _overlaps(efficiency_figure([single], "batch sizes in the table")) == []
+    assert _overlaps(pareto_figure([single], "batch sizes in the table")) == []
+
+
+@pytest.mark.slow
+def test_the_report_of_a_real_sweep_agrees_with_its_logs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Short real fits, each logged to TensorBoard and CSV at once, a run with only a lower
+    bound and a run refused at fit start: one row per run, each row as the run's CSV says at
+    its last read-out, the crash listed with its error, no sentence said twice."""
+    from examples.sweep import make_sweep
+    from lightning_gns.cli import main
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, steps=40)
+    assert main(["report", str(sweep), "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert "reading 9 log folder(s)" in err  # 4 twins and the crashed run's TensorBoard folder
+    assert "found 5 run(s), 4 of them logged to TensorBoard and CSV at once" in err
+    assert "summarized 5 run(s)" in err
+
+    logs = read_logs(sweep)
+    assert not logs.frame.duplicated(["run", "step", "metric"]).any()  # no doubled rows
+    summary = summarize(logs).set_index("run")
+    assert len(summary) == 5
+    for run, folders in logs.merged.items():
+        csv = pd.read_csv(sweep / folders[1] / "metrics.csv")  # Lightning's own file, by pandas
+        last = csv.dropna(subset=["gns/batch_size"]).iloc[-1]
+        row = summary.loc[run]
+        assert row["last_step"] == last["step"] and row["batch_size"] == last["gns/batch_size"]
+        for col, key in [
+            ("b_simple", "gns/b_simple"),
+            ("b_simple_lower", "gns/b_simple_lower"),
+            ("recommended_batch_size", "gns/optimal_batch_size"),
+        ]:
+            assert row[col] == pytest.approx(last[key], nan_ok=True), (run, col)
+        upper = last["gns/b_simple_upper"]
+        assert row["b_simple_upper"] == (upper if math.isfinite(upper) else math.inf)
+        assert sum(line.startswith(f"{run}:") for line in out.splitlines()) == 2  # advice, merge
+    frozen = summary.loc["frozen_b4/version_0+version_1"]
+    assert frozen["known_points"] == 0 and math.isinf(frozen["b_simple_upper"])
+    assert "frozen_b4/version_0+version_1" in pick_runs(summary.reset_index())  # drawn
+    crashed = summary.loc["batchnorm/version_0"]
+    assert crashed["note"].startswith("it logged no scalar; it stopped with RuntimeError: ")
+    assert "BatchNorm" in crashed["note"]
+    for line in out.splitlines():
+        sentences = [x.strip() for x in re.split(r"[.;] ", line) if x.strip()]
+        assert len(sentences) == len(set(sentences)), line
