@@ -589,13 +589,20 @@ def read_out(
 
 
 def _tensorboard_layout() -> dict[str, dict[str, list[Any]]]:
-    """Custom-scalars charts: anchored tags, one scale per chart, the interval as a margin."""
+    """Custom-scalars charts: anchored tags, one scale per chart, the interval as a margin.
+
+    TensorBoard draws a category's multiline charts before its margin charts whatever the
+    layout's order, so the B_simple margin chart has a category of its own, listed first: it
+    is the first chart on the Custom Scalars tab (categories keep the layout's order).
+    """
     return {
-        "gradient noise scale": {
+        "gradient noise scale B_simple": {
             "B_simple with its 95% interval": [
                 "Margin",
                 ["gns/b_simple", "gns/b_simple_lower", "gns/b_simple_upper"],
             ],
+        },
+        "gradient noise scale: details": {
             "batch size: used and recommended": [
                 "Multiline",
                 ["^gns/batch_size$", "^gns/optimal_batch_size$"],
@@ -609,5 +616,5 @@ def _tensorboard_layout() -> dict[str, dict[str, list[Any]]]:
                 "Multiline",
                 ["^gns/skipped_steps$", "^gns/stale_steps$"],
             ],
-        }
+        },
     }
