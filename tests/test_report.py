@@ -449,7 +449,8 @@ def test_the_report_of_a_real_sweep_agrees_with_its_logs(
             assert row[col] == pytest.approx(last[key], nan_ok=True), (run, col)
         upper = last["gns/b_simple_upper"]
         assert row["b_simple_upper"] == (upper if math.isfinite(upper) else math.inf)
-        assert sum(line.startswith(f"{run}:") for line in out.splitlines()) == 2  # advice, merge
+        assert sum(line.startswith(f"{run}:") for line in out.splitlines()) == 1
+        assert f"{run} from {folders[0]} and {folders[1]}" in out
     frozen = summary.loc["frozen_b4/version_0+version_1"]
     assert frozen["known_points"] == 0 and math.isinf(frozen["b_simple_upper"])
     assert "frozen_b4/version_0+version_1" in pick_runs(summary.reset_index())  # drawn

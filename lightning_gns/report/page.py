@@ -100,11 +100,12 @@ def _read(
 
 
 def runs_note(logs: Logs) -> list[str]:
-    """One line per run read from two folders (logged to TensorBoard and CSV at once)."""
-    return [
-        f"{run}: one run logged to TensorBoard and CSV ({' and '.join(where)}), read once"
-        for run, where in logs.merged.items()
-    ]
+    """One line naming the runs read from two folders (logged to TensorBoard and CSV at once),
+    or none."""
+    if not logs.merged:
+        return []
+    pairs = "; ".join(f"{run} from {' and '.join(f)}" for run, f in logs.merged.items())
+    return [f"Logged to TensorBoard and CSV at once, so each read as one run: {pairs}."]
 
 
 def write_report(
