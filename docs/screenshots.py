@@ -7,8 +7,7 @@ page, starts TensorBoard on localhost and takes headless-Chromium screenshots (D
 
     .venv/bin/python docs/screenshots.py            # about 5 minutes on 2 CPU cores
 
-writes ``docs/img/tensorboard_custom_scalars.png``, ``docs/img/report.png`` and the report's
-own plots ``docs/img/sweep_noise_scale.png`` and ``docs/img/sweep_efficiency.png``.
+writes ``docs/img/tensorboard_custom_scalars.png`` and ``docs/img/report.png``.
 """
 
 from __future__ import annotations
@@ -115,8 +114,6 @@ def main() -> None:
         if not logs.exists():
             make_sweep(logs, args.steps)
         page = write_report(logs, Path(tmp) / "report", progress=print, source="sweep")
-        shutil.copy(page.parent / "noise_scale.png", out / "sweep_noise_scale.png")
-        shutil.copy(page.parent / "efficiency.png", out / "sweep_efficiency.png")
         print(screenshot(page.as_uri(), out / "report.png", 1400, 1800, wait_ms=5000))
         proc, url = tensorboard(logs)
         try:
