@@ -79,12 +79,13 @@ def tensorboard(logdir: Path) -> tuple[subprocess.Popen[bytes], str]:
             "-m",
             "tensorboard.main",
             "--logdir",
-            str(logdir),
+            logdir.name,  # the runs' names in TensorBoard's sidebar start there
             "--host",
             "127.0.0.1",
             "--port",
             str(port),
         ],
+        cwd=logdir.parent,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
