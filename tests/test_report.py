@@ -146,6 +146,11 @@ def test_the_report_recommends_what_the_callback_logged_near_two_to_the_six_and_
     rec = dict(zip(summary["run"], summary["recommended_batch_size"], strict=True))
     assert rec == {"logged": 128, "old_logs": 128, "multiple": 96}
     assert advice.supported(91.0, 91.0 / 1.1, 91.0 * 1.1).recommended == 128  # same function
+    # a callback that advises on the interval alone: the report follows it, with no made-up value
+    gated = {**logged, "gns/b_simple": values[:-1] + [math.nan]}
+    (line,) = advise(summarize(frame({"gated": gated})))
+    assert line.startswith("gated: B_simple not yet known at step 190 (95% interval 82.73–100.1)")
+    assert "recommended batch size 128" in line
 
 
 def test_reasons_are_true_and_said_once() -> None:

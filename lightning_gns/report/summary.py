@@ -126,15 +126,10 @@ def summarize(data: pd.DataFrame | Logs) -> pd.DataFrame:
         ValueError: no run logged ``gns/*`` metrics (or recorded an error), or ``data`` lacks
             the columns run, step, metric, value.
     """
-    df, runs, errors = (
-        (data.frame, data.runs, data.errors)
-        if isinstance(data, Logs)
-        else (
-            data,
-            [],
-            {},
-        )
-    )
+    if isinstance(data, Logs):
+        df, runs, errors = data.frame, data.runs, data.errors
+    else:
+        df, runs, errors = data, [], {}
     check_frame(df)
     has_gns = df["metric"].astype(str).str.startswith("gns/")
     if not has_gns.any() and not errors:
@@ -313,23 +308,17 @@ def advise(summary: pd.DataFrame) -> list[str]:
 
 
 def _advice_text(row: Any) -> str:
-    b, batch, rec, step = (
-        row.b_simple,
-        row.batch_size,
-        int(row.recommended_batch_size),
-        row.last_step,
-    )
+    b, batch, rec = row.b_simple, row.batch_size, int(row.recommended_batch_size)
     interval = fmt_interval(row.b_simple_lower, row.b_simple_upper)
-    text = (
-        f"B_simple ≈ {fmt_num(b)} at step {fmt_num(step)} (95% interval {interval}), "
-        f"recommended batch size {rec}. "
-    )
+    value = f"B_simple ≈ {fmt_num(b)}" if math.isfinite(b) else "B_simple not yet known"
+    text = f"{value} at step {fmt_num(row.last_step)} (95% interval {interval}), "
+    text += f"recommended batch size {rec}. "
     steps, examples = row.steps_change_pct, row.examples_change_pct
     if not math.isfinite(batch):
         text += "The batch size was not logged (gns/batch_size)."
     elif not math.isfinite(steps):
         text += f"Batch size {fmt_num(batch)}."
-    elif fmt_change(steps, examples) == "already there" or batch == rec:
+    elif batch == rec:
         text += "The batch size already matches it."
     elif batch < rec:
         text += (
