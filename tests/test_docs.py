@@ -21,12 +21,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["lightning_gns.advice", "lightning_gns.adaptive", "lightning_gns.logs"]
-SLOW = ["lightning_gns.callback", "lightning_gns.analyzer"]  # a fit, an analysis
+DOCUMENTED = [  # modules whose public docstrings carry examples
+    "lightning_gns.advice",
+    "lightning_gns.adaptive",
+    "lightning_gns.analyzer",
+    "lightning_gns.callback",
+    "lightning_gns.logs",
+]
 API = ["GradientNoiseScale", "AdaptiveBatchSize", "GradientNoiseAnalyzer", "read_metrics"]
 
 
-@pytest.mark.parametrize("name", FAST + [pytest.param(m, marks=pytest.mark.slow) for m in SLOW])
+@pytest.mark.parametrize("name", DOCUMENTED)
 def test_docstring_examples_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # whatever an example writes stays in tmp_path
     module = importlib.import_module(name)

@@ -97,6 +97,7 @@ def test_explore_page_renders_its_plots(chromium: Path, tmp_path: Path) -> None:
     assert _decoded_images(chromium, page) == "2/2"
 
 
+@pytest.mark.slow
 def test_report_on_the_demos_logs_end_to_end(chromium: Path, tmp_path: Path) -> None:
     """`make demo` then `lightning-gns report runs/`: table, PNGs and an HTML page that renders."""
     import sys
