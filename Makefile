@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # On these machines torch 2.13.0 is a local CPU wheel; a looser pin downloads a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo report test lint format clean docs chromium
+.PHONY: demo report test test-fast lint format clean docs chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,12 +36,17 @@ chromium:
 test: $(VENV)/.docs chromium
 	$(PY) -m pytest -q
 
+# The inner loop: everything but the tests marked slow (about a minute on 2 cores).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
 docs: $(VENV)/.docs
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .

@@ -2,13 +2,15 @@
 
     python benchmarks/gpu_checks.py            # needs a CUDA device
     python benchmarks/gpu_checks.py --cpu      # dry run of the same code on a CPU (bf16-mixed,
-                                               # no sync check, fewer steps): catches script bugs
+                                               # recorder only, fewer steps): catches script bugs
 
 1. A frozen MLP (learning rate 0) on the digits under precision="16-mixed": the callback's
    B_simple against the exact value from per-example gradients (fp32, torch.func).
-2. torch.cuda.set_sync_debug_mode("error") around every piece of the callback's per-step code
-   (its hooks, the parameter hooks, the per-example module hooks forward and backward, the
-   routed forward) on non-logging steps: any host synchronisation raises.
+2. ``lightning_gns.forbid_host_sync()`` around every fit: on non-logging steps every piece of
+   the package's per-step code (the callback's hooks, the parameter hooks, the per-example
+   module hooks forward and backward, the routed Linear, the taps) runs under
+   torch.cuda.set_sync_debug_mode("error") and a host-read recorder; the check fails if
+   anything was found (on a CPU only the recorder runs).
 3. The simultaneous route (norms/simultaneous.py) under 16-mixed: a frozen nanoGPT with a long
    context (every Linear routed) against its exact B_simple, under the same sync check.
 """
@@ -28,75 +30,29 @@ import torch  # noqa: E402
 from helpers import Classifier, digits, exact_gns, mlp, trainer_kwargs  # noqa: E402
 from zoo import ZOO, ZooModule, exact  # noqa: E402
 
-from lightning_gns import GradientNoiseScale  # noqa: E402
-from lightning_gns.norms import hooks, simultaneous  # noqa: E402
-
-STRICT = {"on": False, "cuda": True}
-
-
-def strict(fn):
-    """Run fn with sync debug mode 'error' while STRICT is on (non-logging steps)."""
-
-    @functools.wraps(fn)
-    def wrapped(*a, **k):
-        if not (STRICT["on"] and STRICT["cuda"]):
-            return fn(*a, **k)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return fn(*a, **k)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    return wrapped
-
-
-class Strict(GradientNoiseScale):
-    """Turns STRICT on from the second optimizer step (after the one-off structural check)."""
-
-    def on_train_batch_start(self, trainer, *a, **k):
-        STRICT["on"] = trainer.global_step >= 1
-        return strict(super().on_train_batch_start)(trainer, *a, **k)
-
-    def on_after_backward(self, *a, **k):
-        return strict(super().on_after_backward)(*a, **k)
-
-    def on_before_optimizer_step(self, *a, **k):
-        return strict(super().on_before_optimizer_step)(*a, **k)
-
-    def on_train_batch_end(self, trainer, *a, **k):
-        STRICT["on"] = False  # the logging read-out may sync, by design
-        return super().on_train_batch_end(trainer, *a, **k)
+from lightning_gns import GradientNoiseScale, forbid_host_sync  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cpu", action="store_true", help="dry run on a CPU (no sync check)")
+    p.add_argument("--cpu", action="store_true", help="dry run on a CPU (host-read recorder only)")
     cpu = p.parse_args().cpu
     assert cpu or torch.cuda.is_available(), "needs a CUDA device (or --cpu for a dry run)"
-    STRICT["cuda"] = not cpu
     device = "cpu" if cpu else "gpu"
     precision = "bf16-mixed" if cpu else "16-mixed"  # (fp16 autocast is CUDA's)
     run = functools.partial(
         trainer_kwargs, os.getcwd(), accelerator=device, precision=precision
     )  # the tests' quiet Trainer settings on this device
-    # Wrap the hook bodies that run in the forward and inside backward.
-    hooks.MicroBatchNorms._hook = strict(hooks.MicroBatchNorms._hook)
-    hooks.MicroBatchNorms._hook_fp32 = strict(hooks.MicroBatchNorms._hook_fp32)
-    hooks.PerExampleNorms._backward = strict(hooks.PerExampleNorms._backward)
-    make_hook = hooks.PerExampleNorms._make_eager_hook
-    hooks.PerExampleNorms._make_eager_hook = lambda self, site: strict(make_hook(self, site))
-    simultaneous.RoutedForward.__call__ = strict(simultaneous.RoutedForward.__call__)
-    routed = simultaneous.LinearWithNorms
-    routed.backward = staticmethod(strict(routed.backward))  # the simultaneous route
     x, y = digits()
     truth = exact_gns(mlp(), x, y)
     name = "CPU dry run" if cpu else torch.cuda.get_device_name()
     results = {"device": name, "truth_b_simple": truth["b_simple"]}
     for source, acc in (("micro_batch", 4), ("per_example", 1), ("per_example", 4)):
-        cb = Strict(ema_decay=0.98, source=source, log_every_n_steps=50)
+        cb = GradientNoiseScale(ema_decay=0.98, source=source, log_every_n_steps=50)
         epochs = 2 if cpu else 8
         trainer = pl.Trainer(**run(max_epochs=epochs, accumulate_grad_batches=acc, callbacks=[cb]))
-        trainer.fit(Classifier(mlp(), batch_size=16 if acc > 1 else 64))
+        with forbid_host_sync() as found:
+            trainer.fit(Classifier(mlp(), batch_size=16 if acc > 1 else 64))
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # (none with bf16)
         key = f"{source}_acc{acc}"
         results[key] = {
@@ -107,14 +63,16 @@ def main() -> None:
             "steps": cb.values.steps,
             "skipped": cb.values.skipped,
             "loss_scale": float(scaler.get_scale()) if scaler is not None else None,
-            "strict_sync_check": "not run (CPU)" if cpu else "passed",
+            "host_reads_found": len(found),
+            "sync_check": "recorder only (CPU)" if cpu else "set_sync_debug_mode('error')",
         }
         print(key, results[key], flush=True)
     model, data, loss = ZOO["nanogpt_long_context"]()
     truth_lm = exact(model, data, loss)
-    cb = Strict(source="per_example", log_every_n_steps=100)
+    cb = GradientNoiseScale(source="per_example", log_every_n_steps=100)
     trainer = pl.Trainer(**run(max_steps=60 if cpu else 1000, callbacks=[cb]))
-    trainer.fit(ZooModule(model, data, loss, 16))
+    with forbid_host_sync() as found:
+        trainer.fit(ZooModule(model, data, loss, 16))
     results["nanogpt_long_context_per_example"] = {
         "b_simple": cb.b_simple,
         "truth_b_simple": truth_lm["b_simple"],
@@ -122,7 +80,7 @@ def main() -> None:
         "coverage": cb.coverage,
         "steps": cb.values.steps,
         "skipped": cb.values.skipped,
-        "strict_sync_check": "not run (CPU)" if cpu else "passed",
+        "host_reads_found": len(found),
     }
     print(json.dumps(results, indent=2))
 

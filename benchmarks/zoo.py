@@ -42,7 +42,7 @@ def main(steps: int = 1000, batch: int = 16) -> None:
         cb = GradientNoiseScale()
         kw = trainer_kwargs(tempfile.mkdtemp(), max_steps=steps, log_every_n_steps=100)
         pl.Trainer(**kw, callbacks=[cb]).fit(ZooModule(model, data, loss, batch))
-        sites = cb._source.norms.sites.values() if cb.active_source == "per_example" else []
+        sites = cb.sites.values()
         generic = sorted({type(s.module).__name__ for s in sites if s.generic})
         v = cb.values
         print(

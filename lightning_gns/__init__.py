@@ -5,19 +5,20 @@ from typing import Any
 from lightning_gns.adaptive import AdaptiveBatchSize
 from lightning_gns.analyzer import GradientNoiseAnalyzer
 from lightning_gns.callback import GradientNoiseScale
-from lightning_gns.estimator import GNSEstimator, GNSValues
+from lightning_gns.estimator import GNSValues
+from lightning_gns.sync import forbid_host_sync
 from lightning_gns.tracker import GNSTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveBatchSize",
-    "GNSEstimator",
     "GNSTracker",
     "GNSValues",
     "GradientNoiseAnalyzer",
     "GradientNoiseScale",
     "__version__",
+    "forbid_host_sync",
     "read_metrics",
 ]
 

@@ -36,9 +36,11 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_gns.callback import GradientNoiseScale, publish
+from lightning_gns import keys
+from lightning_gns.callback import GradientNoiseScale
 from lightning_gns.estimator import GNSValues
 from lightning_gns.norms.preconditioner import keeps_second_moment
+from lightning_gns.publish import publish
 
 Rule = Literal["lower_bound", "sqrt", "goodput"]
 LRScaling = Literal["auto", "linear", "sqrt", "adascale", "none"]
@@ -354,7 +356,7 @@ class AdaptiveBatchSize(Callback):
         rank_zero_info(message)
         for logger in trainer.loggers:  # the reason, where a logger takes text
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-                logger.experiment.add_text("gns/batch_size_change", message, trainer.global_step)
+                logger.experiment.add_text(keys.BATCH_SIZE_CHANGE, message, trainer.global_step)
         self._publish(trainer)
 
     def _lr_scale(self, trainer: pl.Trainer, accumulate: int) -> float:
@@ -374,11 +376,11 @@ class AdaptiveBatchSize(Callback):
         assert self.accumulate is not None
         group = trainer.optimizers[0].param_groups[0]
         metrics = {
-            "gns/accumulate": float(self.accumulate),
-            "gns/lr_scale": self.lr_scale,
-            "gns/lr": float(group["lr"]) * self.lr_scale,
+            keys.ACCUMULATE: float(self.accumulate),
+            keys.LR_SCALE: self.lr_scale,
+            keys.LR: float(group["lr"]) * self.lr_scale,
         }
-        publish(trainer, metrics)
+        publish(trainer, None, metrics)
 
     # -- checkpoints ----------------------------------------------------------------------
     @override

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from lightning_gns.estimator import PRECISION
+from lightning_gns.estimator import PRECISION, precise
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -29,6 +29,7 @@ __all__ = [
     "MAX_SPREAD",
     "Supported",
     "supported",
+    "supported_batch_size",
     "compute_efficiency",
     "critical_batch_size",
     "efficiency",
@@ -223,10 +224,11 @@ class Supported:
 def supported(
     b_simple: float, lower: float, upper: float, multiple_of: int | None = None
 ) -> Supported:
-    """Advice from an estimate and its interval: a recommendation only when upper/lower is at
-    most :data:`MAX_SPREAD`, and never above twice the lower bound (so efficiency stays ≥ 89%
-    even if B_noise is at the low end of the interval); a lower bound alone when that is all
-    the data show. The callback's ``gns/optimal_batch_size`` and the report both come from it.
+    """Advice from an estimate and its interval: a recommendation only when the interval is
+    precise (:func:`lightning_gns.estimator.precise`: upper/lower at most :data:`MAX_SPREAD`),
+    and never above twice the lower bound (so efficiency stays ≥ 89% even if B_noise is at the
+    low end of the interval); a lower bound alone when that is all the data show. The
+    callback's advice and the report's recommendation both come from it.
 
     Example:
         >>> supported(52.15, 44.85, 61.81)
@@ -234,9 +236,8 @@ def supported(
         >>> supported(float("nan"), 43.76, float("inf"))  # only a lower bound
         Supported(kind='at_least', b_noise=nan, lower=43.76, recommended=None)
     """
-    known = math.isfinite(b_simple) and b_simple > 0
     has_lower = math.isfinite(lower) and lower > 0
-    if known and has_lower and math.isfinite(upper) and upper <= MAX_SPREAD * lower:
+    if math.isfinite(b_simple) and b_simple > 0 and precise(lower, upper):
         rec = optimal_batch_size(b_simple, multiple_of)
         if rec > 2 * lower:
             rec = optimal_batch_size(lower, multiple_of)
@@ -244,6 +245,24 @@ def supported(
     if has_lower:
         return Supported("at_least", math.nan, lower)
     return Supported("unknown")
+
+
+def supported_batch_size(
+    verdict: Supported, batch_size: float, multiple_of: int | None = None
+) -> float:
+    """The batch size the data support now, always a number: the recommendation when the
+    estimate is precise; with only a lower bound L, the current batch grown to L rounded down
+    (to a power of two or ``multiple_of``: never past what is known) if it is below L; the
+    current batch otherwise (the data do not say to change it)."""
+    if verdict.recommended is not None:
+        return float(verdict.recommended)
+    if verdict.kind == "at_least" and batch_size < verdict.lower:
+        if multiple_of is not None:
+            floor = max(1, math.floor(verdict.lower / multiple_of)) * multiple_of
+        else:
+            floor = 2 ** max(0, math.floor(math.log2(verdict.lower)))
+        return float(max(batch_size, floor))
+    return float(batch_size)
 
 
 def wasted(batch_size: ArrayLike, b_noise: float, recommended: int | None = None) -> dict[str, Any]:

@@ -8,20 +8,23 @@ model exactly as it found it.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from lightning_gns import advice
-from lightning_gns.norms.hooks import coupled_modules
-from lightning_gns.sources import MODEL, PerExampleSource, SkipStep, Units, build_source
+from lightning_gns._compat import DROPOUT
+from lightning_gns.choice import choose_source
+from lightning_gns.driver import StepDriver
+from lightning_gns.norms.sites import coupled_modules
+from lightning_gns.publish import point_estimate
+from lightning_gns.records import MODEL, SkipStep, Units
+from lightning_gns.sources import PerExampleSource
 from lightning_gns.tracker import GNSTracker
 
 _REDUCTIONS = ("mean", "sum", "batchmean")
@@ -76,7 +79,7 @@ class GradientNoiseAnalyzer:
         model: nn.Module,
         criterion: Callable[[Any, Any], Tensor],
         data_loader: Iterable[Any],
-        layers: str = "all",
+        layers: Literal["all", "norm"] = "all",
         train_mode: bool | None = True,
         verbose: bool = True,
     ) -> None:
@@ -105,10 +108,11 @@ class GradientNoiseAnalyzer:
     def analyze(self, num_batches: int = 30) -> dict[str, Any]:
         """Run ``num_batches`` batches (forward and backward, no optimizer step).
 
-        Returns a dict with ``gradient_noise_scale`` (B_simple), ``gradient_noise_scale_se``,
-        ``confidence_interval`` (95%, Fieller), ``known`` (whether the interval spans at most
-        1.5×; otherwise ``gradient_noise_scale`` is NaN and the interval's lower end bounds
-        it), ``optimal_batch_size`` (None unless known), ``current_batch_size``,
+        Returns a dict with ``gradient_noise_scale`` (B_simple; NaN while |G|² is not
+        significantly above zero, when the interval's lower end bounds it),
+        ``gradient_noise_scale_se``, ``confidence_interval`` (95%, Fieller), ``known`` (whether
+        the interval spans at most 1.5×: precise enough for advice), ``optimal_batch_size``
+        (None unless known), ``current_batch_size``,
         ``efficiency`` (fraction; 1.0 = optimal), ``mean_gradient_norm`` (|G|),
         ``grad_norm_sq`` (|G|²), ``gradient_variance`` (tr(Σ)), ``num_batches``,
         ``num_examples``, ``coverage`` and ``left_out``.
@@ -127,39 +131,30 @@ class GradientNoiseAnalyzer:
         if self.train_mode is not None:
             model.train(self.train_mode)
         self._zero(model)
-        units = Units(1, self.reduction)  # one backward per batch: only the reduction to undo
-        tracker = GNSTracker(running_mean=True).to(device)  # every batch weighs the same
-        source: PerExampleSource | None = None
+        units = Units(1, "sum" if self.reduction == "sum" else "mean")  # only the reduction
+        driver: StepDriver | None = None
         self._say("📊 Analyzing Gradient Noise Scale...")
         sizes: list[int] = []
-        bar = tqdm(
-            total=num_batches,
-            desc="   Collecting gradients",
-            bar_format="{desc}: {n_fmt}/{total_fmt}",
-            file=sys.stdout,
-            mininterval=0,
-            disable=not self.verbose,
-        )
         try:
-            for batch in _first(self.data_loader, num_batches):
+            for i, batch in enumerate(_first(self.data_loader, num_batches)):
                 inputs, targets = move_data_to_device(_split(batch), device)
                 size = _batch_size(inputs)
-                if source is None:  # first batch: can examples be told apart? then the check
+                if driver is None:  # first batch: can examples be told apart? then the check
                     _check_independent(self._loss, self.reduction, model, inputs, targets, size)
-                    source = self._source()
-                    self._step(source, inputs, targets, size, units)
-                tracker.record(self._step(source, inputs, targets, size, units))
+                    driver = self._driver(device)
+                    self._step(driver, inputs, targets, units)  # the structural check
+                self._step(driver, inputs, targets, units)
                 sizes.append(size)
-                bar.update(1)
+                self._progress(i + 1, num_batches)
         finally:
-            bar.close()
-            if source is not None:
-                source.detach()
-        if source is None:
+            if driver is not None:
+                driver.detach()
+        if driver is None:
             raise ValueError("the data loader is empty: it yielded no batch")
-        return self._results(tracker, sizes, source)
+        assert isinstance(driver.source, PerExampleSource)
+        return self._results(driver.tracker, sizes, driver.source)
 
-    def _source(self) -> PerExampleSource:
+    def _driver(self, device: torch.device) -> StepDriver:
         coupled = coupled_modules(self.model)
         if coupled:
             raise ValueError(
@@ -168,33 +163,36 @@ class GradientNoiseAnalyzer:
                 "the running statistics)"
             )
         try:
-            source = build_source(self.model, "per_example", self.layers, several_gradients=False)
+            choice = choose_source(self.model, "per_example", self.layers, several_gradients=False)
         except ValueError as err:
             raise ValueError(f"cannot analyze this model: {err}") from None
-        assert isinstance(source, PerExampleSource)
-        source.attach()
-        return source
+        choice.source.attach()
+        tracker = GNSTracker(running_mean=True, device=device)  # every batch weighs the same
+        return StepDriver(choice.source, tracker, lambda key, msg: None, _batch_size, strict=True)
 
-    def _step(self, source: PerExampleSource, inputs: Any, targets: Any, size: int, units: Units):
-        """One forward and backward; the batch's per-example and batch norms (None: check)."""
-        source.start_micro_batch(size)
+    def _step(self, driver: StepDriver, inputs: Any, targets: Any, units: Units) -> None:
+        """One forward and backward, recorded by the driver (the first: the structural check)."""
+        driver.start_micro_batch(inputs)
         self._backward(inputs, targets)
-        source.end_micro_batch(size, units.reduction)
+        driver.end_micro_batch(units.reduction)
         try:
-            return source.end_step(units)
+            driver.end_step(units)
         except SkipStep as skip:
-            if skip.silent:  # the structural check
-                return None
             raise ValueError(f"cannot use per-example norms on this model: {skip.reason}") from None
         finally:
             self._zero(self.model)
+
+    def _progress(self, done: int, total: int) -> None:
+        """One line per tenth of the batches (a log file gets lines, not carriage returns)."""
+        if self.verbose and (done in (1, total) or done % max(1, total // 10) == 0):
+            print(f"   Collecting gradients: {done}/{total}", flush=True)
 
     def _results(self, tracker: GNSTracker, sizes: list[int], source: PerExampleSource) -> dict:
         v = tracker.read()[MODEL]
         current = getattr(self.data_loader, "batch_size", None) or max(sizes)
         verdict = advice.supported(v.b_simple, v.b_simple_lower, v.b_simple_upper)
         known = verdict.kind == "estimate"
-        b = v.b_simple if known else math.nan
+        b = point_estimate(v)
         out = {
             "gradient_noise_scale": b,
             "gradient_noise_scale_se": v.b_simple_se,
@@ -211,11 +209,16 @@ class GradientNoiseAnalyzer:
             "coverage": source.norms.coverage(),
             "left_out": dict(source.norms.left_out),
         }
-        lo, hi = out["confidence_interval"]
+        lo, hi = v.b_simple_lower, v.b_simple_upper
         if known:
             self._say(f"\nGradient Noise Scale: {b:.2f} (95% interval {lo:.4g} to {hi:.4g})")
             self._say(f"Optimal batch size: {out['optimal_batch_size']}")
             self._say(f"Efficiency: {out['efficiency']:.1%}")
+        elif math.isfinite(b):
+            self._say(
+                f"\nGradient Noise Scale: {b:.2f} (95% interval {lo:.4g} to {hi:.4g}: wider than "
+                "1.5x, so no advice yet; analyze more batches)"
+            )
         elif verdict.kind == "at_least":
             self._say(
                 f"\nGradient Noise Scale: not yet known; at least {lo:.4g} (95%). Analyze more "
@@ -308,7 +311,7 @@ def _first(loader: Iterable[Any], n: int) -> Iterator[Any]:
 def _dropout_off(model: nn.Module) -> Iterator[None]:
     """Dropout draws a new mask per call (it does not couple examples): switch it off while
     comparing a batch's loss with its halves', so only real coupling is reported."""
-    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    dropouts = [m for m in model.modules() if isinstance(m, DROPOUT)]
     modes = [m.training for m in dropouts]
     for m in dropouts:
         m.eval()

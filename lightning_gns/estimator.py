@@ -6,16 +6,20 @@ sizes b_small < b_big give two equations and so unbiased estimates of |G|² and 
 B_simple = tr(Σ)/|G|² (eq. 2.9) is then the ratio of the smoothed estimates.
 
 Everything here is plain ``torch`` on whatever device the inputs live on: no Lightning, no
-``torch.distributed``, no host synchronisation in :func:`ema_update`.
+``torch.distributed``, no host synchronisation in :func:`ema_update` or
+:func:`pooled_estimates`; :func:`values_from_moments` works on host floats.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T", Tensor, float)  # the formulas work on floats and on tensors alike
 
 # Layout of a state row: smoothed moments that average linearly across processes, then counts.
 FIELDS = ("g", "s", "gg", "ss", "gs", "w", "w2", "steps", "skipped", "stale")
@@ -30,18 +34,31 @@ ADAPTIVE_DECAYS = (0.99, 0.999, 0.9999)
 TARGET = 1.25
 
 
-def grad_norm_sq(
-    small_sq: Tensor | float, big_sq: Tensor | float, b_small: Tensor | float, b_big: Tensor | float
-) -> Tensor | float:
+def grad_norm_sq(small_sq: T, big_sq: T, b_small: T | float, b_big: T | float) -> T:
     """Unbiased |G|²: (B_big|G_big|² − B_small|G_small|²)/(B_big − B_small) (App. A, eq. A.2)."""
     return (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
 
 
-def trace_cov(
-    small_sq: Tensor | float, big_sq: Tensor | float, b_small: Tensor | float, b_big: Tensor | float
-) -> Tensor | float:
+def trace_cov(small_sq: T, big_sq: T, b_small: T | float, b_big: T | float) -> T:
     """Unbiased tr(Σ): (|G_small|² − |G_big|²)/(1/B_small − 1/B_big) (App. A, eq. A.3)."""
     return (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
+
+
+def pooled_estimates(
+    small_sum: Tensor,
+    big_sq: Tensor,
+    small_count: Tensor,
+    small_inv: Tensor,
+    big_count: Tensor,
+    big_inv: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Per-step unbiased |G|² and tr(Σ) from step records summed over processes
+    (:mod:`lightning_gns.records`): the mean small-batch |g|² over all small batches, with
+    B_small = count/Σ(1/b) and B_big = M²/Σ(1/b_j). Non-finite where a step is not usable."""
+    b_small = small_count / small_inv
+    b_big = big_count * big_count / big_inv
+    small = small_sum / small_count
+    return grad_norm_sq(small, big_sq, b_small, b_big), trace_cov(small, big_sq, b_small, b_big)
 
 
 def harmonic_batch_size(sizes: list[int]) -> float:
@@ -141,9 +158,14 @@ class GNSValues:
 
     @property
     def known(self) -> bool:
-        """Whether the 95% interval is precise enough to report B_simple (:data:`PRECISION`)."""
-        lo, hi = self.b_simple_lower, self.b_simple_upper
-        return math.isfinite(hi) and lo > 0 and hi <= PRECISION * lo
+        """Whether the 95% interval is precise enough to act on (:func:`precise`)."""
+        return precise(self.b_simple_lower, self.b_simple_upper)
+
+
+def precise(lower: float, upper: float) -> bool:
+    """The one test of "precise enough to act on": a 95% interval of B_simple that spans at
+    most :data:`PRECISION` (upper ≤ 1.5 × lower)."""
+    return math.isfinite(upper) and lower > 0 and upper <= PRECISION * lower
 
 
 def _bounds(v: GNSValues) -> tuple[float, float]:
@@ -160,7 +182,7 @@ def choose_window(candidates: list[GNSValues]) -> GNSValues:
     shortest admissible window whose interval spans at most :data:`TARGET`; when none does,
     the longest admissible one (the most data: the tightest interval, the best lower bound).
     """
-    chosen, seen = candidates[0], []
+    chosen, seen = candidates[0], list[tuple[float, float]]()
     for values in candidates:
         lo, hi = _bounds(values)
         if any(lo > s_hi or s_lo > hi for s_lo, s_hi in seen):
@@ -239,35 +261,3 @@ def values_from_moments(
         rel = var_s / ms**2 + var_g / mg**2 - 2 * cov / (ms * mg) if ms != 0 else math.nan
         se = abs(ratio) * math.sqrt(max(rel, 0.0))
     return GNSValues(ratio, se, lower, upper, mg, ms, *counts, window)
-
-
-class GNSEstimator:
-    """One bias-corrected EMA of per-step |G|² and tr(Σ) estimates in a device tensor.
-
-    Per-step estimates are never clamped; non-finite steps are skipped and counted without a
-    host sync; only :meth:`read` handles |G|² ≤ 0.
-
-    Args:
-        ema_decay: decay β per update, in (0, 1); the effective window is about 1/(1 − β).
-            ``None`` weighs all updates equally (a plain running mean).
-        device: where the state lives.
-    """
-
-    def __init__(
-        self, ema_decay: float | None = 0.99, device: torch.device | str | None = None
-    ) -> None:
-        self.ema_decay = check_decay(ema_decay)
-        self.state = new_state(1, device)[0]
-
-    def update(self, grad_norm_sq: Tensor, trace_cov: Tensor) -> None:
-        """Add one step's unbiased estimates; non-finite ones are skipped and counted."""
-        self.update_many(grad_norm_sq.reshape(1), trace_cov.reshape(1))
-
-    def update_many(self, grad_norm_sq: Tensor, trace_cov: Tensor) -> None:
-        """One EMA update per element of two 1-D tensors, in order."""
-        g, s = grad_norm_sq.reshape(-1, 1), trace_cov.reshape(-1, 1)
-        self.state = ema_update(self.state.unsqueeze(0), g, s, self.ema_decay)[0]
-
-    def read(self) -> GNSValues:
-        """Host read-out (one device-to-host copy)."""
-        return values_from_moments(*self.state.tolist())

@@ -1,79 +1,55 @@
 """Where each optimizer step's small- and big-batch squared norms come from.
 
 A source sees every micro-batch (``start_micro_batch`` before its forward, ``end_micro_batch``
-after its backward) and hands over one :class:`StepNorms` per optimizer step (``end_step``,
-before the optimizer changes ``.grad``), in the units of the mean per-example gradient. Every
-scale factor of the backward is undone here and only here (:class:`Units`):
+after its backward) and hands over one :class:`~lightning_gns.records.StepNorms` per optimizer
+step (``end_step``, before the optimizer changes ``.grad``), in the units of the mean
+per-example gradient. Every scale factor of the backward is undone here and only here
+(:class:`~lightning_gns.records.Units`):
 
 * Lightning divides the loss by ``accumulate`` before each backward (×k on gradients);
 * a mean-reduced loss gives example j the share g_j/b of its micro-batch's gradient (×b);
 * a sum-reduced loss makes a micro-batch's gradient b × its mean gradient (×1/b);
 * the AMP loss scale s multiplies every backward-time gradient (×1/s², on squared norms);
-* DDP averages rank gradients into ``.grad`` (counted in ``b_big``).
+* DDP averages rank gradients into ``.grad``: each process holds all of |G_big|² and records
+  the share 1/world (the tracker sums the shares of all processes).
 
 Small and big norms always cover exactly the same parameters (the source's ``params``).
+:func:`~lightning_gns.choice.choose_source` picks a source for a model and set-up.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
-from lightning_gns.estimator import harmonic_batch_size
 from lightning_gns.norms import MicroBatchNorms, PerExampleNorms, squared_norm
-from lightning_gns.norms.hooks import coupled_modules, unrecognised_norm_layers
-from lightning_gns.norms.preconditioner import WeightedMicroBatchNorms, inverse_preconditioner
-
-Reduction = Literal["mean", "sum"]
-MODEL = "model"  # the column of the whole (covered) model; per-layer columns follow
-PRECONDITIONED = "preconditioned"  # the column of the optimizer-preconditioned model
+from lightning_gns.norms.micro_batch import WeightedMicroBatchNorms
+from lightning_gns.norms.preconditioner import inverse_preconditioner
+from lightning_gns.records import MODEL, PRECONDITIONED, Reduction, SkipStep, StepNorms, Units
 
 
-class SkipStep(Exception):
-    """This step gives no usable sample. ``silent``: expected (e.g. the structural check)."""
-
-    def __init__(self, reason: str, silent: bool = False) -> None:
-        super().__init__(reason)
-        self.reason, self.silent = reason, silent
-
-
-@dataclass(frozen=True)
-class Units:
-    """How the backward's gradients are scaled this step (see the module docstring)."""
-
-    accumulate: int = 1
-    reduction: Reduction = "mean"
-    inv_loss_scale_sq: Tensor | float = 1.0
-    world_size: int = 1
-
-
-@dataclass(frozen=True)
-class StepNorms:
-    """One optimizer step: per column (model, then layers), the mean of |g_small|² over the
-    small batches and |G_big|², as device tensors, with the two batch sizes."""
-
-    small_sq: Tensor
-    big_sq: Tensor
-    b_small: float
-    b_big: float
-
-
-def _big_scale(units: Units, m: int, n: int) -> float:
+def big_scale(units: Units, m: int, n: int) -> float:
     """``.grad`` is the mean of m micro-batch gradients times m/k (sum-reduced: the sum over n
     examples times 1/k); DDP has already averaged the ranks. Squared: this factor."""
     k = units.accumulate
     return (k / n) ** 2 if units.reduction == "sum" else (k / m) ** 2
 
 
-def _big_sq(params: list[nn.Parameter], units: Units, m: int, n: int) -> Tensor:
-    """|G_big|² of the optimizer's ``.grad`` over ``params``, in mean-per-example units."""
+def big_parts(units: Units, sizes: list[int]) -> tuple[float, float]:
+    """(M, Σ 1/b_j) of the big gradient's equally weighted parts on this process: micro-batch
+    means (mean reduction) or examples (sum reduction); B_big = M²/Σ(1/b_j) once pooled."""
+    if units.reduction == "sum":
+        n = float(sum(sizes))
+        return n, n
+    return float(len(sizes)), sum(1.0 / b for b in sizes)
+
+
+def big_sq(params: list[nn.Parameter], units: Units, m: int, n: int) -> Tensor:
+    """This process's share of |G_big|² of the optimizer's ``.grad`` over ``params``."""
     big = squared_norm(p.grad for p in params)
     if big is None:
         raise SkipStep("no covered parameter has a gradient this step")
-    return big * _big_scale(units, m, n)
+    return big * (big_scale(units, m, n) / units.world_size)
 
 
 class MicroBatchSource:
@@ -81,13 +57,13 @@ class MicroBatchSource:
 
     name = "micro_batch"
     coverage = 1.0  # every trainable parameter
-    left_out: dict[str, str] = {}
 
     def __init__(self, params: list[nn.Parameter], norms: MicroBatchNorms | None = None) -> None:
         self.params = params
         self.columns = [MODEL]
         self.norms = norms if norms is not None else MicroBatchNorms(params)
         self.sizes: list[int] = []
+        self.left_out: dict[str, str] = {}
 
     def attach(self) -> None:
         self.norms.attach()
@@ -96,8 +72,9 @@ class MicroBatchSource:
         self.norms.detach()
         self.sizes = []
 
-    def coverage_note(self) -> None:
+    def coverage_note(self, size_note: str | None = None) -> str | None:
         """Micro-batch norms cover every trainable parameter: nothing to say."""
+        return None
 
     def start_micro_batch(self, batch_size: int) -> None:
         """Nothing to prepare: parameter hooks see each micro-batch gradient."""
@@ -117,14 +94,15 @@ class MicroBatchSource:
             raise SkipStep(
                 "only one micro-batch gradient in this step (a short last accumulation window)"
             )
-        b_small = harmonic_batch_size(sizes)
         k = units.accumulate
-        small = total * (k * k / m) * units.inv_loss_scale_sq  # mean over micro-batches
+        small = total * (k * k) * units.inv_loss_scale_sq  # Σ over micro-batches
         big = self._big_sq(units, m, sum(sizes))
-        return StepNorms(small.reshape(1), big.reshape(1), b_small, units.world_size * m * b_small)
+        big_m, big_inv = big_parts(units, sizes)
+        inv = sum(1.0 / b for b in sizes)
+        return StepNorms(small.reshape(1), big.reshape(1), float(m), inv, big_m, big_inv)
 
     def _big_sq(self, units: Units, m: int, n: int) -> Tensor:
-        return _big_sq(self.params, units, m, n)
+        return big_sq(self.params, units, m, n)
 
 
 class PerExampleSource:
@@ -141,10 +119,11 @@ class PerExampleSource:
     ) -> None:
         self.norms = norms
         for name, reason in (left_out or {}).items():
-            norms.leave_out(name, reason)
+            norms.drop(name, reason)
         self.layer_names = list(norms.sites) if per_layer else []
         self.columns = [MODEL, *self.layer_names]
         self.needs_check = left_out is None
+        self.several_gradients = False  # steps have several gradients (set by the chooser)
         self._checking = False
         self._reset()
 
@@ -160,27 +139,15 @@ class PerExampleSource:
     def left_out(self) -> dict[str, str]:
         return dict(self.norms.left_out)
 
-    def coverage_note(self) -> str | None:
-        """One line naming what the per-example norms leave out (None: everything covered)."""
-        if not self.norms.left_out:
-            return None
-        names = ", ".join(f"{k} ({v})" for k, v in sorted(self.norms.left_out.items()))
-        if not self.norms.sites:
-            return (
-                f"per-example norms cover none of the trainable parameters (left out: {names}), "
-                "so no step can be measured. Set Trainer(accumulate_grad_batches>=2) or train on "
-                "2+ devices (DDP) to measure between micro-batches, or register a rule with "
-                "lightning_gns.norms.register_norm"
-            )
-        return (
-            f"per-example norms cover {self.coverage:.1%} of the trainable parameters; left "
-            f"out: {names}. The estimate is over the covered ones."
-        )
+    def coverage_note(self, size_note: str | None = None) -> str | None:
+        """One line naming what the per-example norms leave out (None: everything covered);
+        ``size_note``: what the batch probe found wrong with the batch size, if anything."""
+        return coverage_note(self.norms, self.several_gradients, size_note)
 
     def _reset(self) -> None:
         self.total: Tensor | None = None  # Σ_j |g_j|² in backward units × b² (mean loss)
         self.layers: dict[str, Tensor] = {}
-        self.count = 0  # examples in total
+        self.count = 0  # examples measured
         self.sizes: list[int] = []
         self.bad: str | None = None
 
@@ -228,15 +195,14 @@ class PerExampleSource:
         if self.total is None or not self.sizes:
             raise SkipStep("no per-example norm was recorded this step")
         m, n = len(self.sizes), sum(self.sizes)
-        b_big = float(units.world_size * n)
-        if b_big < 2:
+        if units.world_size * n < 2:
             raise SkipStep(
                 "this step has one example: per-example norms need at least 2 examples per "
                 "optimizer step (raise the batch size or accumulate gradients)"
             )
-        scale = units.accumulate**2 / self.count * units.inv_loss_scale_sq  # mean over examples
+        scale = units.accumulate**2 * units.inv_loss_scale_sq  # Σ over examples
         small = [self.total * scale]
-        big = [_big_sq(self.params, units, m, n)]
+        big = [big_sq(self.params, units, m, n)]
         for name in self.layer_names:
             site = self.norms.sites.get(name)
             part = self.layers.get(name)
@@ -246,8 +212,49 @@ class PerExampleSource:
                 big.append(torch.full_like(big[0], float("nan")))
                 continue
             small.append(part * scale)
-            big.append(grads * _big_scale(units, m, n))
-        return StepNorms(torch.stack(small), torch.stack(big), 1.0, b_big)
+            big.append(grads * (big_scale(units, m, n) / units.world_size))
+        big_m, big_inv = big_parts(units, self.sizes)
+        count = float(self.count)
+        return StepNorms(torch.stack(small), torch.stack(big), count, count, big_m, big_inv)
+
+
+def coverage_note(
+    norms: PerExampleNorms, several_gradients: bool = False, size_note: str | None = None
+) -> str | None:
+    """What the per-example norms leave out, in one line (None: everything covered), with the
+    fix that fits: the batch size (when the probe found it wrong), micro-batches the run
+    already has, or accumulation."""
+    if not norms.left_out:
+        return None
+    names = ", ".join(f"{k or 'the model'} ({v})" for k, v in sorted(norms.left_out.items()))
+    if not norms.sites:
+        if size_note is not None:
+            fix = f"{size_note}: pass GradientNoiseScale(batch_size_fn=lambda batch: ...)"
+        elif several_gradients:
+            fix = (
+                "GradientNoiseScale(source='micro_batch') measures between the micro-batches "
+                "(or devices) this run already has"
+            )
+        else:
+            fix = (
+                "set Trainer(accumulate_grad_batches>=2) or train on 2+ devices (DDP) to "
+                "measure between micro-batches, or register a rule with "
+                "lightning_gns.norms.register_norm"
+            )
+        return (
+            f"per-example norms cover none of the trainable parameters (left out: {names}), "
+            f"so no step can be measured. To fix: {fix}"
+        )
+    coverage = norms.coverage()
+    if coverage >= 1.0:  # every parameter is still covered through another module
+        return (
+            f"per-example norms cover all trainable parameters; these modules are not hooked "
+            f"themselves, their weights are covered through the modules they are tied to: {names}"
+        )
+    return (
+        f"per-example norms cover {coverage:.1%} of the trainable parameters; left out: "
+        f"{names}. The estimate is over the covered ones."
+    )
 
 
 class PreconditionedSource(MicroBatchSource):
@@ -258,95 +265,32 @@ class PreconditionedSource(MicroBatchSource):
     name = "preconditioned"
 
     def __init__(self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-        self.norms: WeightedMicroBatchNorms = WeightedMicroBatchNorms(params)
-        super().__init__(params, self.norms)
+        self.weighted = WeightedMicroBatchNorms(params)
+        super().__init__(params, self.weighted)
         self.columns = [PRECONDITIONED]
         self.optimizer = optimizer
         self.steps = 0  # optimizer steps seen
 
     def start_micro_batch(self, batch_size: int) -> None:
-        if self.norms.weights is None:  # once per step: the state changes only when stepping
-            self.norms.weights = inverse_preconditioner(self.optimizer, self.params)
+        if self.weighted.weights is None:  # once per step: the state changes only when stepping
+            self.weighted.weights = inverse_preconditioner(self.optimizer, self.params)
 
     def end_step(self, units: Units) -> StepNorms:
         self.steps += 1
         try:
-            if self.norms.weights is None:
-                self.norms.take()
+            if self.weighted.weights is None:
+                self.weighted.take()
                 self.sizes = []
                 raise SkipStep("the optimizer has no second-moment state yet", silent=True)
             return super().end_step(units)
         finally:
-            self.norms.weights = None
+            self.weighted.weights = None
 
     def _big_sq(self, units: Units, m: int, n: int) -> Tensor:
-        big = self.norms.big_sq()
+        big = self.weighted.big_sq()
         if big is None:
             raise SkipStep("no covered parameter has a gradient this step")
-        return big * _big_scale(units, m, n)
+        return big * (big_scale(units, m, n) / units.world_size)
 
 
 Source = MicroBatchSource | PerExampleSource
-
-
-def build_source(
-    model: nn.Module,
-    source: Literal["auto", "micro_batch", "per_example"] = "auto",
-    layers: Literal["all", "norm"] = "all",
-    several_gradients: bool = True,
-    per_layer: bool = False,
-    examples_per_batch: int | None = None,
-    left_out: dict[str, str] | None = None,
-) -> Source:
-    """The source for this model and set-up, or a ``ValueError`` that says what to do.
-
-    ``auto`` takes per-example norms when dedicated rules cover every trainable parameter, when
-    ``layers="norm"``, or when a step has no second gradient (``several_gradients`` False:
-    one device, no accumulation); micro-batches otherwise. The rules also run inside a
-    ``torch.compile`` graph (:mod:`lightning_gns.norms.compiled`); the torch.func fallback for
-    layers without one does not. Per-example norms are refused where they are undefined
-    (BatchNorm in train mode mixes the examples of a batch).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    if source == "micro_batch":
-        if not several_gradients:
-            raise ValueError(
-                "source='micro_batch' needs two gradients per step to compare: set "
-                "Trainer(accumulate_grad_batches>1) or train on several devices (DDP), or use "
-                "source='per_example' (the default 'auto' picks it)"
-            )
-        return MicroBatchSource(params)
-    norms = PerExampleNorms(model, layers, per_layer, examples_per_batch)
-    coupled = coupled_modules(model)
-    # auto prefers the fast path: per-example norms when dedicated rules cover every parameter
-    # (the torch.func fallback costs 2-4x its layer, 50x an LSTM); micro-batches otherwise.
-    fast = not any(site.generic for site in norms.sites.values())
-    full = norms.coverage() >= 1.0 and not norms.left_out and fast
-    slow = layers == "all" and not full  # (compiled or not: the fallback is slow either way)
-    if source == "auto" and several_gradients and (coupled or slow):
-        return MicroBatchSource(params)
-    if coupled:
-        raise ValueError(
-            f"per-example gradients are not defined for this model: {', '.join(coupled[:3])} "
-            "(BatchNorm in train mode) mixes the examples of a batch. Measure between "
-            "micro-batches instead: set Trainer(accumulate_grad_batches>=2) or train on 2+ "
-            "devices (DDP); the default source='auto' then uses them"
-        )
-    if not norms.sites and layers == "all":  # every parameter shared where no rule can sum it
-        left = ", ".join(f"{k} ({v})" for k, v in sorted(norms.left_out.items())[:5])
-        raise ValueError(
-            f"per-example norms can cover none of the parameters (left out: {left}), and each "
-            "step has only one gradient. Set Trainer(accumulate_grad_batches>=2) or train on "
-            "2+ devices (DDP) to measure between micro-batches"
-        )
-    if not norms.sites:
-        odd = unrecognised_norm_layers(model)
-        raise ValueError(
-            "layers='norm' found no normalization layer with a per-example rule "
-            "(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm and their subclasses)"
-            + (f"; not recognised: {', '.join(odd[:5])}" if odd else "")
-            + ". Use layers='all', or register a rule with lightning_gns.norms.register_norm"
-        )
-    return PerExampleSource(norms, per_layer, left_out)

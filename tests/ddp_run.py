@@ -168,11 +168,12 @@ def main(out: str, source: str, accumulate: int) -> None:
         x, y = digits()
         result = {
             "world_size": trainer.world_size,
-            "active_source": cb.active_source,
+            "chosen_source": cb.chosen_source,
             "b_simple": cb.b_simple,
             "grad_norm_sq": cb.grad_norm_sq,
             "grad_variance": cb.grad_variance,
             "batch_size": cb.batch_size,
+            "small_batch_size": float(trainer.callback_metrics["gns/small_batch_size"]),
             "steps": cb.values.steps,
             "truth": exact_gns(mlp(), x, y),
         }

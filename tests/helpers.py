@@ -107,6 +107,25 @@ def trainer_kwargs(tmp_path, **kw) -> dict:
     return base
 
 
+def fit(
+    cb: pl.Callback | None,
+    tmp_path,
+    module: pl.LightningModule | None = None,
+    batch_size: int = 16,
+    epochs: int | None = 6,
+    callbacks: list | None = None,
+    **kw,
+) -> pl.Trainer:
+    """One short CPU fit of ``module`` (default: the frozen digits classifier) with ``cb`` (or
+    ``callbacks``); ``kw`` go to the Trainer (``max_steps`` replaces ``epochs``)."""
+    if "max_steps" in kw:
+        epochs = None
+    callbacks = callbacks if callbacks is not None else [cb]
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=epochs, **kw), callbacks=callbacks)
+    trainer.fit(module or Classifier(mlp(), batch_size=batch_size))
+    return trainer
+
+
 def per_example_grads(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Every example's gradient over all trainable parameters, (n, d) float64 (``torch.func``)."""
     named = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}

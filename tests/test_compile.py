@@ -11,8 +11,10 @@ from zoo import TinyGPT, ZooModule, text_data
 
 from lightning_gns import GradientNoiseScale
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
 
-def fit(
+
+def fit_gns(
     tmp_path, compiled: bool, accumulate: int, model_fn=trained_mlp, **gns_kwargs
 ) -> GradientNoiseScale:
     torch._dynamo.reset()  # no graph cached from an earlier model (dynamo does not guard hooks)
@@ -32,8 +34,8 @@ def fit(
 
 @pytest.mark.parametrize("source,accumulate", [("micro_batch", 4), ("per_example", 1)])
 def test_compiled_model_gives_the_eager_estimate(tmp_path, source, accumulate) -> None:
-    eager = fit(tmp_path, False, accumulate, source=source)
-    compiled = fit(tmp_path, True, accumulate, source=source)
+    eager = fit_gns(tmp_path, False, accumulate, source=source)
+    compiled = fit_gns(tmp_path, True, accumulate, source=source)
     assert eager.values.steps == compiled.values.steps > 40
     assert compiled.values.b_simple == pytest.approx(eager.values.b_simple, rel=1e-4)
     assert compiled.values.grad_norm_sq == pytest.approx(eager.values.grad_norm_sq, rel=1e-4)
@@ -53,12 +55,12 @@ class Gain(nn.Module):
 def test_auto_for_a_compiled_model(tmp_path) -> None:
     """Rules compile whole, so a compiled model is measured as an eager one; only the torch.func
     fallback splits the graph, so with it auto takes micro-batches, or warns."""
-    assert fit(tmp_path, False, 2).active_source == "per_example"  # rules cover the MLP
-    assert fit(tmp_path, True, 2).active_source == "per_example"  # compiled alike
+    assert fit_gns(tmp_path, False, 2).chosen_source == "per_example"  # rules cover the MLP
+    assert fit_gns(tmp_path, True, 2).chosen_source == "per_example"  # compiled alike
     with_gain = lambda: nn.Sequential(trained_mlp(), Gain(10))  # noqa: E731
-    assert fit(tmp_path, True, 2, model_fn=with_gain).active_source == "micro_batch"
+    assert fit_gns(tmp_path, True, 2, model_fn=with_gain).chosen_source == "micro_batch"
     with pytest.warns(UserWarning, match="the model is compiled, and these layers have no"):
-        assert fit(tmp_path, True, 1, model_fn=with_gain).active_source == "per_example"
+        assert fit_gns(tmp_path, True, 1, model_fn=with_gain).chosen_source == "per_example"
 
 
 @pytest.mark.parametrize("source", ["micro_batch", "per_example"])
@@ -83,7 +85,7 @@ def test_no_recompile_per_step(tmp_path, source) -> None:
         )
     )
     trainer.fit(Classifier(model, batch_size=32))
-    assert gns.active_source == source and gns.values.steps > 10
+    assert gns.chosen_source == source and gns.values.steps > 10
     assert seen[-1] == seen[6] > 0  # graphs compiled in the first steps only
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 

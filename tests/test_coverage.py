@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_gns import GradientNoiseScale
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
+
 RUNS = 150
 
 

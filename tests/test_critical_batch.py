@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
 SCRIPT = Path(__file__).parents[1] / "examples" / "critical_batch.py"
 
 

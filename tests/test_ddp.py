@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
+
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
@@ -35,8 +37,9 @@ def run_ddp(tmp_path: Path, source: str, accumulate: int) -> dict | None:
 def test_ddp_matches_exact(tmp_path, source, accumulate, batch_size) -> None:
     r = run_ddp(tmp_path, source, accumulate)
     assert r is not None
-    assert r["world_size"] == 2 and r["active_source"] == source
+    assert r["world_size"] == 2 and r["chosen_source"] == source
     assert r["batch_size"] == batch_size  # B_big = micro-batch × accumulation × world size
+    assert r["small_batch_size"] == (16 if source == "micro_batch" else 1)  # one rank's
     truth = r["truth"]
     assert r["b_simple"] == pytest.approx(truth["b_simple"], rel=0.2)
     assert r["grad_norm_sq"] == pytest.approx(truth["grad_norm_sq"], rel=0.2)

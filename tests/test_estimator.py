@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from lightning_gns.estimator import (
-    GNSEstimator,
     GNSValues,
     grad_norm_sq,
     harmonic_batch_size,
+    pooled_estimates,
+    precise,
     trace_cov,
 )
 from lightning_gns.tracker import GNSTracker
@@ -25,6 +26,23 @@ def synthetic(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.randn(D, generator=gen, dtype=torch.float64) * 0.3
     var = torch.rand(D, generator=gen, dtype=torch.float64) * 2.0
     return g, var
+
+
+class Ema:
+    """One column of the tracker: a bias-corrected EMA (``decay``) or a running mean (None)."""
+
+    def __init__(self, decay: float | None = 0.99) -> None:
+        self.tracker = GNSTracker(decay, running_mean=decay is None)
+
+    def update(self, g2: torch.Tensor, tr: torch.Tensor) -> None:
+        self.tracker.update(g2.reshape(-1, 1), tr.reshape(-1, 1))
+
+    @property
+    def state(self) -> torch.Tensor:
+        return self.tracker.moments[0]
+
+    def read(self) -> GNSValues:
+        return self.tracker.read()["model"]
 
 
 def sample_batch_means(g, var, b: int, n: int, gen) -> torch.Tensor:
@@ -72,7 +90,7 @@ def test_harmonic_batch_size_makes_uneven_batches_unbiased() -> None:
 
 
 def test_ema_bias_correction_and_ratio_after_smoothing() -> None:
-    est = GNSEstimator(ema_decay=0.9)
+    est = Ema(0.9)
     est.update(torch.tensor(2.0), torch.tensor(10.0))
     v = est.read()
     # One update: the bias-corrected EMA equals the value itself (no shrink towards 0).
@@ -88,16 +106,16 @@ def test_ema_bias_correction_and_ratio_after_smoothing() -> None:
 
 
 def test_non_positive_grad_norm_reads_as_unknown_and_never_raises() -> None:
-    est = GNSEstimator(ema_decay=0.5)
+    est = Ema(0.5)
     est.update(torch.tensor(-3.0), torch.tensor(5.0))
     v = est.read()
     assert v.grad_norm_sq == pytest.approx(-3.0)
     assert math.isnan(v.b_simple) and math.isnan(v.b_simple_se)
-    assert math.isnan(GNSEstimator().read().b_simple)  # before any step
+    assert math.isnan(Ema().read().b_simple)  # before any step
 
 
 def test_non_finite_steps_are_skipped_and_counted() -> None:
-    est = GNSEstimator(ema_decay=0.9)
+    est = Ema(0.9)
     est.update(torch.tensor(1.0), torch.tensor(4.0))
     before = est.state.clone()
     est.update(torch.tensor(float("inf")), torch.tensor(4.0))
@@ -110,7 +128,7 @@ def test_non_finite_steps_are_skipped_and_counted() -> None:
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.5, 1.5, "0.9"])
 def test_invalid_decay_is_rejected(bad) -> None:
     with pytest.raises(ValueError, match="ema_decay"):
-        GNSEstimator(ema_decay=bad)
+        GNSTracker(ema_decay=bad)
 
 
 def test_standard_error_matches_spread_across_runs() -> None:
@@ -126,7 +144,7 @@ def test_standard_error_matches_spread_across_runs() -> None:
     g2 = grad_norm_sq(small_sq, big_sq, b_small, k * b_small)
     tr = trace_cov(small_sq, big_sq, b_small, k * b_small)
     for r in range(runs):
-        est = GNSEstimator(ema_decay=0.98)
+        est = Ema(0.98)
         for t in range(steps):
             est.update(g2[r, t], tr[r, t])
         v = est.read()
@@ -142,7 +160,7 @@ def test_tracker_state_round_trip() -> None:
     gen = torch.Generator().manual_seed(0)
     tracker.update(torch.rand(5, 2, generator=gen, dtype=torch.float64) + 1, torch.rand(5, 2) * 3)
     other = GNSTracker(ema_decay=0.5, columns=["layer", "model", "new"])
-    other.restore(tracker.export())
+    other.load_state_dict(tracker.state_dict())
     assert other.ema_decay == 0.5  # the decay is the new tracker's own
     assert torch.equal(other.moments[0], tracker.moments[1])
     assert torch.equal(other.moments[1], tracker.moments[0])
@@ -151,19 +169,19 @@ def test_tracker_state_round_trip() -> None:
 
 
 @pytest.mark.parametrize("decay", [0.9, None])
-def test_update_many_equals_sequential_updates(decay) -> None:
+def test_batched_updates_equal_sequential_updates(decay) -> None:
     gen = torch.Generator().manual_seed(7)
     g = torch.randn(37, generator=gen, dtype=torch.float64)
     s = torch.randn(37, generator=gen, dtype=torch.float64) + 3
     g[5] = float("inf")
     s[11] = float("nan")
-    one, many = GNSEstimator(decay), GNSEstimator(decay)
+    one, many = Ema(decay), Ema(decay)
     one.update(torch.tensor(0.5), torch.tensor(2.0))
     many.update(torch.tensor(0.5), torch.tensor(2.0))
     for gi, si in zip(g, s, strict=True):
         one.update(gi, si)
-    many.update_many(g[:20], s[:20])
-    many.update_many(g[20:], s[20:])
+    many.update(g[:20], s[:20])
+    many.update(g[20:], s[20:])
     torch.testing.assert_close(many.state, one.state, rtol=1e-12, atol=1e-12)
     assert many.read().skipped == 2
 
@@ -186,3 +204,33 @@ def test_adaptive_window_does_not_lag_behind_a_moving_noise_scale() -> None:
     long.update(g.unsqueeze(1), s.unsqueeze(1))
     lagging = long.read()["model"]
     assert lagging.known and lagging.b_simple < 100
+
+
+def test_precise_is_the_one_bar_for_acting() -> None:
+    assert precise(10.0, 15.0) and not precise(10.0, 15.01)
+    assert not precise(0.0, 1.0) and not precise(10.0, math.inf) and not precise(math.nan, 3.0)
+    assert GNSValues(12, 1, 10.0, 14.0, 1, 12, 5, 0).known
+    assert not GNSValues(12, 1, 10.0, 16.0, 1, 12, 5, 0).known
+
+
+def test_pooled_records_give_the_estimates_of_all_small_batches_together() -> None:
+    """Two processes' sums of squared small-batch norms pooled = one process holding all."""
+    g, var = synthetic(6)
+    gen = torch.Generator().manual_seed(7)
+    sizes = [[8, 8, 3], [8, 5, 8]]  # micro-batches on two processes
+    means = [[sample_batch_means(g, var, b, 1, gen)[0] for b in ranks] for ranks in sizes]
+    flat = [m for ranks in means for m in ranks]
+    big = torch.stack(flat).mean(0).square().sum()  # DDP: the mean of all micro-batch means
+    rows = []
+    for ranks, ms in zip(sizes, means, strict=True):
+        small_sum = sum(float(m.square().sum()) for m in ms)
+        inv = sum(1.0 / b for b in ranks)
+        rows.append([small_sum, float(big) / 2, len(ranks), inv, len(ranks), inv])
+    pooled = torch.tensor(rows, dtype=torch.float64).sum(0, keepdim=True)
+    g2, tr = pooled_estimates(*(pooled[:, i : i + 1] for i in range(6)))
+    all_sizes = [b for ranks in sizes for b in ranks]
+    small_sq = sum(float(m.square().sum()) for m in flat) / len(flat)
+    b_small = harmonic_batch_size(all_sizes)
+    b_big = len(all_sizes) * b_small
+    assert float(g2) == pytest.approx(grad_norm_sq(small_sq, float(big), b_small, b_big))
+    assert float(tr) == pytest.approx(trace_cov(small_sq, float(big), b_small, b_big))

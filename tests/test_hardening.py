@@ -7,10 +7,11 @@ import math
 import warnings
 from pathlib import Path
 
+import helpers
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import Classifier, CloseProcessGroup, digits, exact_gns, mlp, trainer_kwargs
+from helpers import Classifier, CloseProcessGroup, digits, mlp, trainer_kwargs
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -19,25 +20,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gns import GradientNoiseAnalyzer, GradientNoiseScale
 
 
-@pytest.fixture(scope="module")
-def truth() -> dict[str, float]:
-    x, y = digits()
-    return exact_gns(mlp(), x, y)
-
-
-def fit(cb, tmp_path, module=None, batch_size=16, epochs=4, callbacks=None, **kw):
-    trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path, max_epochs=epochs, **kw), callbacks=callbacks or [cb]
-    )
-    trainer.fit(module or Classifier(mlp(), batch_size=batch_size))
-    return trainer
-
-
 def caught_warnings(run) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run()
     return [str(w.message) for w in caught]
+
+
+def fit(cb, tmp_path, *args, **kw) -> pl.Trainer:
+    kw.setdefault("epochs", 4)
+    return helpers.fit(cb, tmp_path, *args, **kw)
 
 
 class IndexFirst(Classifier):
@@ -79,6 +71,18 @@ def test_batch_size_fn_and_a_warning_when_the_inferred_size_is_wrong(tmp_path, t
         assert cb.b_simple == pytest.approx(truth["b_simple"], rel=0.2)
 
 
+def test_the_follow_up_advice_fits_a_run_that_already_accumulates(tmp_path) -> None:
+    """With accumulation already on, a wrong batch size leaves every layer out: the advice is
+    batch_size_fn, not "set accumulate_grad_batches>=2" (which the user did)."""
+    cb = GradientNoiseScale()
+    said = caught_warnings(
+        lambda: fit(cb, tmp_path, IndexFirst(mlp(), batch_size=16), accumulate_grad_batches=2)
+    )
+    note = [m for m in said if "cover none" in m]
+    assert note and "batch_size_fn" in note[0] and "taken as 7" in note[0], said
+    assert "accumulate_grad_batches>=2" not in note[0]
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_a_wrong_batch_size_never_breaks_a_forward_with_shared_positions(
     tmp_path, compiled
@@ -108,7 +112,7 @@ def test_an_error_in_the_users_step_leaves_no_hook_and_compilation_on(tmp_path) 
     stays on the model and torch.compile is not left off (force_eager) in the process."""
     from zoo import ZooModule, nanogpt
 
-    from lightning_gns.norms.check import _EAGER
+    from lightning_gns._compat import eager_depth
 
     class Broken(ZooModule):
         def training_step(self, batch, batch_idx):
@@ -121,7 +125,7 @@ def test_an_error_in_the_users_step_leaves_no_hook_and_compilation_on(tmp_path) 
         pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[cb]).fit(
             Broken(model, data, loss, 16)
         )
-    assert _EAGER["depth"] == 0
+    assert eager_depth() == 0
     assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in model.modules())
 
 
@@ -186,7 +190,7 @@ def test_batchnorm_in_train_mode_is_refused_per_example_and_measured_by_micro_ba
         fit(GradientNoiseScale(), tmp_path, Classifier(batchnorm_mlp(), batch_size=32))
     cb = GradientNoiseScale(ema_decay=0.95)
     fit(cb, tmp_path, Classifier(batchnorm_mlp(), batch_size=16), accumulate_grad_batches=2)
-    assert cb.active_source == "micro_batch" and cb.coverage == 1.0
+    assert cb.chosen_source == "micro_batch" and cb.coverage == 1.0
     assert math.isfinite(cb.b_simple) and cb.b_simple > 0
 
 
@@ -291,7 +295,7 @@ def test_pending_steps_are_flushed_when_logging_never_comes(tmp_path) -> None:
 
     class Spy(pl.Callback):
         def on_train_batch_end(self, trainer, *args) -> None:
-            seen.append(len(gns.tracker.pending))
+            seen.append(gns.tracker.pending)
 
     gns = GradientNoiseScale(log_every_n_steps=10_000)
     fit(gns, tmp_path, batch_size=8, epochs=2, callbacks=[gns, Spy()])
@@ -305,7 +309,7 @@ def test_the_last_step_is_logged_once(tmp_path) -> None:
     fit(cb, tmp_path, max_steps=20, logger=logger, log_every_n_steps=5)
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         steps = [r["step"] for r in csv.DictReader(f) if r.get("gns/b_simple")]
-    assert steps == ["5", "10", "15", "20"]
+    assert steps == ["4", "9", "14", "19"]  # the steps Lightning logs self.log values at
 
 
 # 12 ---------------------------------------------------------------------------------------

@@ -268,16 +268,17 @@ def test_multihead_attention_is_covered_by_the_fallback_exactly(batch_first) -> 
 def test_positions_as_long_as_the_batch_are_recognised_once_not_every_step(monkeypatch) -> None:
     """Telling positions arange(T) from a batch of T token ids reads values back to the host:
     that may happen once per module, never on every step."""
-    import lightning_gns.norms.hooks as hooks
+    from lightning_gns.norms import positions, site_hooks
 
     calls = {"n": 0}
-    real = hooks.not_a_batch
+    real = positions.not_a_batch
 
     def counted(x):
         calls["n"] += 1
         return real(x)
 
-    monkeypatch.setattr(hooks, "not_a_batch", counted)
+    monkeypatch.setattr(positions, "not_a_batch", counted)
+    monkeypatch.setattr(site_hooks, "not_a_batch", counted)
     torch.manual_seed(7)
     model = TinyLM(t=6)
     x = torch.randint(1, 11, (6, 6))  # batch 6 = sequence 6

@@ -52,7 +52,7 @@ def test_tensorboard_and_csv_loggers_get_the_gns_keys(tmp_path) -> None:
     assert KEYS <= tags
     assert {"gns/layer/model.0/b_simple", "gns/layer/model.2/b_simple"} <= tags
     steps = [e.step for e in acc.Scalars("gns/b_simple")]
-    assert steps[:3] == [5, 10, 15]  # optimizer steps, every log_every_n_steps
+    assert steps[:3] == [4, 9, 14]  # where Lightning logs self.log values (every 5 steps)
     assert acc.Scalars("gns/batch_size")[-1].value == 64
     # The custom-scalars layout groups the curves in TensorBoard's "Custom Scalars" tab.
     from tensorboard.plugins.custom_scalar import layout_pb2, metadata
@@ -78,6 +78,33 @@ def test_tensorboard_and_csv_loggers_get_the_gns_keys(tmp_path) -> None:
     assert KEYS <= set(rows[0])
     values = [float(r["gns/b_simple"]) for r in rows if r["gns/b_simple"]]
     assert values and values[-1] == cb.b_simple
+
+
+class LogsLoss(Classifier):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_gns_values_share_the_rows_of_the_users_own_values(tmp_path) -> None:
+    """metrics.csv: the gns/* values sit in the row of the user's self.log values (same step,
+    epoch filled), so curves line up in CSV and TensorBoard."""
+    cs = CSVLogger(tmp_path, name="csv")
+    cb = GradientNoiseScale()
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, logger=cs, log_every_n_steps=5), callbacks=[cb]
+    )
+    trainer.fit(LogsLoss(mlp(), batch_size=64))  # 29 steps per epoch
+    with open(Path(cs.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    gns_rows = [r for r in rows if r["gns/batch_size"]]
+    loss_steps = {r["step"] for r in rows if r["train_loss"]}
+    assert len(gns_rows) >= 10
+    for r in gns_rows[:-1]:  # the last read-out comes at the end of training, on its own
+        assert r["train_loss"] and r["epoch"] != "", r
+    assert {r["step"] for r in gns_rows[:-1]} <= loss_steps
+    assert gns_rows[-1]["epoch"] != ""
 
 
 def test_lightning_cli_configures_the_callback_from_yaml(tmp_path) -> None:

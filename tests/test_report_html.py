@@ -19,6 +19,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gns.report import write_explore, write_report
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
+
 
 @pytest.fixture(scope="module")
 def chromium() -> Path:
@@ -97,7 +99,6 @@ def test_explore_page_renders_its_plots(chromium: Path, tmp_path: Path) -> None:
     assert _decoded_images(chromium, page) == "2/2"
 
 
-@pytest.mark.slow
 def test_report_on_the_demos_logs_end_to_end(chromium: Path, tmp_path: Path) -> None:
     """`make demo` then `lightning-gns report runs/`: table, PNGs and an HTML page that renders."""
     import sys

@@ -14,26 +14,17 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import trainer_kwargs
+from helpers import fit
 from zoo import ZOO, ZooModule, exact, resnet
 
 from lightning_gns import GradientNoiseScale
 from lightning_gns.norms.simultaneous import RoutedForward
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
+
 pytest.importorskip("transformers")
 STEPS = 1000
-
-
-def fit(
-    cb: GradientNoiseScale, tmp_path, module: pl.LightningModule, extra: list | None = None, **kw
-) -> pl.Trainer:
-    kw.setdefault("max_steps", STEPS)
-    callbacks = [cb, *(extra or [])]
-    trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path, log_every_n_steps=100, **kw), callbacks=callbacks
-    )
-    trainer.fit(module)
-    return trainer
+RUN = {"max_steps": STEPS, "log_every_n_steps": 100}
 
 
 class RoutedLayers(pl.Callback):
@@ -59,10 +50,12 @@ def test_whole_model_coverage_and_b_simple_within_10_percent(name, tmp_path) -> 
     routed = RoutedLayers()
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        trainer = fit(cb, tmp_path, ZooModule(model, data, loss, batch), extra=[routed])
+        trainer = fit(
+            cb, tmp_path, ZooModule(model, data, loss, batch), callbacks=[cb, routed], **RUN
+        )
     # the batch probe reads dim 1 of batch_first=False layers: no false "taken as" warning
     assert not [w for w in said if "the batch size was taken as" in str(w.message)]
-    assert cb.active_source == "per_example"
+    assert cb.chosen_source == "per_example"
     if name.endswith("long_context"):  # the simultaneous route is what is tested here
         assert routed.names & {"Conv1D", "Linear"}, routed.names
     assert cb.coverage >= 0.999 and cb.left_out == {}, cb.left_out
@@ -75,7 +68,7 @@ def test_norm_layer_mode_finds_the_normalization_layers(name, tmp_path) -> None:
     torch.manual_seed(0)
     model, data, loss = ZOO[name]()
     cb = GradientNoiseScale(layers="norm")
-    fit(cb, tmp_path, ZooModule(model, data, loss, 16), max_steps=20)
+    fit(cb, tmp_path, ZooModule(model, data, loss, 16), **{**RUN, "max_steps": 20})
     norms = {id(m.weight) for m in model.modules() if type(m).__name__.endswith("Norm")}
     assert norms and norms <= {id(p) for p in cb.covered_parameters}
     assert 0 < cb.coverage < 0.05 and cb.left_out == {}
@@ -87,10 +80,21 @@ def test_resnet_batchnorm_is_refused_per_example_and_measured_between_micro_batc
     torch.manual_seed(0)
     model, data, loss = resnet()
     with pytest.raises(RuntimeError, match="BatchNorm"):
-        fit(GradientNoiseScale(), tmp_path, ZooModule(model, data, loss, 16), max_steps=2)
+        fit(
+            GradientNoiseScale(),
+            tmp_path,
+            ZooModule(model, data, loss, 16),
+            **{**RUN, "max_steps": 2},
+        )
     cb = GradientNoiseScale()
-    fit(cb, tmp_path, ZooModule(model, data, loss, 16), max_steps=40, accumulate_grad_batches=2)
-    assert cb.active_source == "micro_batch" and cb.coverage == 1.0
+    fit(
+        cb,
+        tmp_path,
+        ZooModule(model, data, loss, 16),
+        **{**RUN, "max_steps": 40},
+        accumulate_grad_batches=2,
+    )
+    assert cb.chosen_source == "micro_batch" and cb.coverage == 1.0
     assert cb.values.steps == 40
 
 
@@ -110,9 +114,9 @@ def test_activation_checkpointing_gives_the_same_estimate(name, tmp_path) -> Non
 
         def on_before_backward(self, trainer, module, loss) -> None:
             if trainer.global_step >= 1:  # (the structural check's step runs eagerly)
-                sites = self.cb._source.norms.sites
+                sites = self.cb.sites
                 inside = [s for n, s in sites.items() if ".h." in n or ".layers." in n]
-                self.names |= {s.name for s in inside if s.activation is not None}
+                self.names |= {s.name for s in inside if s.seen.activation is not None}
 
     results = {}
     for mode in ("off", "non-reentrant", "reentrant"):
@@ -123,7 +127,13 @@ def test_activation_checkpointing_gives_the_same_estimate(name, tmp_path) -> Non
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         cb = GradientNoiseScale()
         held = Held(cb)
-        fit(cb, tmp_path, ZooModule(model, data, loss, 16), max_steps=200, extra=[held])
+        fit(
+            cb,
+            tmp_path,
+            ZooModule(model, data, loss, 16),
+            callbacks=[cb, held],
+            **{**RUN, "max_steps": 200},
+        )
         assert cb.coverage == 1.0 and cb.left_out == {}, (mode, cb.left_out)
         assert (held.names == set()) == (mode != "off"), (mode, held.names)  # off: all held
         assert cb.values.skipped == 0, mode

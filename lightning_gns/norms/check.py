@@ -9,62 +9,37 @@ from its saved input and output gradient, and leaves out the modules where the t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gns._compat import EagerWindow
 from lightning_gns.norms.generic import as_param_dtype, leaves_of, replaying
-
-if TYPE_CHECKING:
-    from lightning_gns.norms.hooks import PerExampleNorms, _Site
+from lightning_gns.norms.sites import Site
 
 TOLERANCE = 1e-2  # relative difference between a module's own and the whole gradient
 SCALE_FLOOR = 1e-3  # ... relative to at least this fraction of the module's whole gradient
 
 
-def not_a_batch(x: object) -> bool:
-    """Inputs whose dim 0 cannot be examples: a parameter, or positions arange(s, s + n) (a
-    positional embedding), which would pass the batch-size check when n equals the batch."""
-    if isinstance(x, nn.Parameter):
-        return True
-    if isinstance(x, Tensor) and x.dim() == 1 and x.numel() > 1 and not x.is_floating_point():
-        steps = torch.arange(x.numel(), device=x.device, dtype=x.dtype)
-        return bool(torch.equal(x - x[0], steps))
-    return False
+class Checked(Protocol):
+    """What the check reads and changes (:class:`~.per_example.PerExampleNorms`)."""
 
+    sites: dict[str, Site]
 
-# A compiled model runs the steps that record Python state in hooks (the structural check, the
-# batch probe) eagerly: traced, such hooks split the graph, and dynamo keeps the split code after
-# they are gone (hooks are not guarded). Windows may overlap (two callbacks on one model): the
-# first to start turns compilation off, the last to stop restores it.
-_EAGER: dict[str, Any] = {"depth": 0, "restore": None}
+    @property
+    def params(self) -> list[nn.Parameter]: ...
 
+    def drop(self, name: str, reason: str) -> None: ...
 
-class EagerWindow:
-    """Compiled code runs eagerly from construction until :meth:`close` (idempotent)."""
-
-    def __init__(self) -> None:
-        if _EAGER["depth"] == 0:
-            _EAGER["restore"] = torch.compiler.set_stance("force_eager")
-        _EAGER["depth"] += 1
-        self.open = True
-
-    def close(self) -> None:
-        if not self.open:
-            return
-        self.open = False
-        _EAGER["depth"] -= 1
-        if _EAGER["depth"] == 0:
-            _EAGER["restore"].__exit__(None, None, None)
-            _EAGER["restore"] = None
+    def adopt(self, name: str, parent: str) -> None: ...
 
 
 class StructuralCheck:
     """Records whole gradients during one backward, then verifies each site against them."""
 
-    def __init__(self, norms: PerExampleNorms) -> None:
+    def __init__(self, norms: Checked) -> None:
         self.norms = norms
         self.grads: dict[int, Tensor] = {}
         self.handles: list[RemovableHandle] = [
@@ -101,7 +76,7 @@ class StructuralCheck:
                 except Exception as err:  # noqa: BLE001 - anything odd means: do not trust it
                     reason = f"could not verify its gradient ({err})"
             if reason is not None:
-                norms.leave_out(name, reason)
+                norms.drop(name, reason)
         for name, site in list(norms.sites.items()):
             totals = [self.grads.get(id(p)) for p in site.params.values()]
             # a parameter whose gradient is ~0 against its module's (a key bias under softmax)
@@ -111,55 +86,53 @@ class StructuralCheck:
             for attr, p in site.params.items():
                 total, mine = self.grads.get(id(p)), local.get(id(p))
                 if total is None or mine is None:
-                    norms.leave_out(name, f"no gradient seen for '{attr}'")
+                    norms.drop(name, f"no gradient seen for '{attr}'")
                     break
                 size = max(float(total.float().norm()), SCALE_FLOOR * scale, 1e-30)
-                err = float((mine - total.float()).norm()) / size
-                if err > TOLERANCE:
+                rel = float((mine - total.float()).norm()) / size
+                if rel > TOLERANCE:
                     reason = f"'{attr}' also gets gradient from outside this module (tied/reused?)"
-                    norms.leave_out(name, reason)
+                    norms.drop(name, reason)
                     break
         self.grads = {}
 
 
-def _adopt_uncalled(norms: PerExampleNorms) -> None:
+def _adopt_uncalled(norms: Checked) -> None:
     """A module whose parameters its parent uses directly (``nn.MultiheadAttention`` reads
     ``out_proj.weight`` without calling ``out_proj``) is never called: when the nearest called
     ancestor is covered by the torch.func fallback, that ancestor takes its parameters."""
     for name, site in list(norms.sites.items()):
-        if site.calls != 0 or not name:
+        if site.seen.calls != 0 or not name:
             continue
         parts = name.split(".")
         for cut in range(len(parts) - 1, 0, -1):
-            parent = norms.sites.get(".".join(parts[:cut]))
-            if parent is not None and parent.generic and parent.calls == 1:
-                rel = ".".join(parts[cut:])
-                for attr, p in site.params.items():
-                    parent.params[f"{rel}.{attr}"] = p
-                del norms.sites[name]
-                norms.invalidate()
+            parent_name = ".".join(parts[:cut])
+            parent = norms.sites.get(parent_name)
+            if parent is not None and parent.generic and parent.seen.calls == 1:
+                norms.adopt(name, parent_name)
                 break
 
 
-def _call_problem(site: _Site) -> str | None:
-    if site.calls == 0:
+def _call_problem(site: Site) -> str | None:
+    seen = site.seen
+    if seen.calls == 0:
         return "not called through its forward (parameters used directly)"
-    if site.calls > 1:
-        return f"called {site.calls} times in one forward"
+    if seen.calls > 1:
+        return f"called {seen.calls} times in one forward"
     if site.generic:
-        return None if site.out_grads else "its output got no gradient in backward"
-    if site.grad_output is None or site.activation is None:
+        return None if seen.out_grads else "its output got no gradient in backward"
+    if seen.grad_output is None or seen.activation is None:
         return "its output got no gradient in backward"
     return None
 
 
-def _local_grads(site: _Site) -> dict[str, Tensor]:
+def _local_grads(site: Site) -> dict[str, Tensor]:
     """The gradient of the site's parameters through this module alone (float32)."""
     params = list(site.params.values())
     if site.generic:
         grads = _generic_local_grads(site, params)
     else:
-        mod, a, g = site.module, site.activation, site.grad_output
+        mod, a, g = site.module, site.seen.activation, site.seen.grad_output
         assert a is not None and g is not None
         x = a.detach().to(params[0].dtype) if a.is_floating_point() else a.detach()
         with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
@@ -172,16 +145,17 @@ def _local_grads(site: _Site) -> dict[str, Tensor]:
     }
 
 
-def _generic_local_grads(site: _Site, params: list[nn.Parameter]) -> tuple:
+def _generic_local_grads(site: Site, params: list[nn.Parameter]) -> tuple:
     """Re-run a rule-less module on its saved inputs; gradients from its saved output grads."""
-    assert site.inputs is not None
-    args, kwargs = as_param_dtype(site.inputs, site.params)
+    seen = site.seen
+    assert seen.inputs is not None
+    args, kwargs = as_param_dtype(seen.inputs, site.params)
     with torch.enable_grad(), torch.autocast(device_type=params[0].device.type, enabled=False):
         out = leaves_of(site.module(*args, **kwargs))
-        used = sorted(site.out_grads)
+        used = sorted(seen.out_grads)
         return torch.autograd.grad(
             [out[i] for i in used],
             params,
-            [site.out_grads[i].to(out[i].dtype) for i in used],
+            [seen.out_grads[i].to(out[i].dtype) for i in used],
             allow_unused=True,
         )

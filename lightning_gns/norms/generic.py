@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from lightning_gns._compat import tree_flatten, tree_map, tree_unflatten
 
 _replays = 0  # > 0 while a check or the fallback re-runs a module
 

@@ -1,21 +1,19 @@
-"""Squared norms of preconditioned gradients: g ⊙ w with w = 1/(√v̂ + ε) from the optimizer.
+"""The optimizer's preconditioner P = diag(1/(√v̂ + ε)), read from its state (never changed).
 
 For Adam-family optimizers the step is the gradient divided elementwise by √v̂ + ε, so the
 noise scale that governs their steps is measured on P·g with P = diag(1/(√v̂ + ε)):
 B_precond = tr(P Σ P)/|P G|² (the same two-batch estimator on weighted norms). The weights are
 read from the optimizer's state as it is (never changed): whichever second-moment estimate it
-keeps, not its class name.
+keeps, not its class name. The norms of P·g come from
+:class:`~lightning_gns.norms.micro_batch.WeightedMicroBatchNorms`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import partial
 
 import torch
 from torch import Tensor, nn
-
-from lightning_gns.norms.hooks import MicroBatchNorms
 
 # State keys of a second-moment estimate: Adam/AdamW/NAdam/RAdam, RMSprop, Adagrad.
 SECOND_MOMENTS = ("exp_avg_sq", "square_avg", "sum")
@@ -26,6 +24,8 @@ def _denominator(state: dict, group: dict) -> Tensor | None:
     eps = float(group.get("eps", 1e-8))
     if "exp_avg_sq" in state:  # Adam family: bias-corrected v̂ = v/(1 − β₂ᵗ)
         v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state["exp_avg_sq"]
+        if v is None:
+            return None
         beta2 = float(group["betas"][1]) if "betas" in group else 0.999
         step = state.get("step", 1.0)
         if isinstance(step, Tensor) and step.device.type != "cpu":  # capturable/fused: no sync
@@ -64,34 +64,3 @@ def keeps_second_moment(optimizer: torch.optim.Optimizer) -> bool | None:
     if not states:
         return None
     return any(k in s for s in states for k in SECOND_MOMENTS)
-
-
-class WeightedMicroBatchNorms(MicroBatchNorms):
-    """:class:`MicroBatchNorms` of g ⊙ w: ``weights`` (one tensor per parameter) are set before
-    each optimizer step's first backward; while they are None nothing is recorded."""
-
-    def __init__(self, params: Iterable[nn.Parameter]) -> None:
-        super().__init__(params)
-        self.weights: list[Tensor] | None = None
-
-    def attach(self) -> None:
-        self.detach()
-        self._handles = [
-            p.register_hook(partial(self._weighted, i)) for i, p in enumerate(self.params)
-        ]
-
-    def _weighted(self, i: int, grad: Tensor) -> None:
-        if self.weights is not None:
-            g = grad.detach().float().mul(self.weights[i]).reshape(-1)
-            self._parts.append(torch.dot(g, g))
-
-    def big_sq(self) -> Tensor | None:
-        """Σ_p |grad_p ⊙ w_p|² of the optimizer's ``.grad`` (None without weights or grads)."""
-        if self.weights is None:
-            return None
-        both = zip(self.params, self.weights, strict=True)
-        pairs = [(p.grad, w) for p, w in both if p.grad is not None]
-        if not pairs:
-            return None
-        scaled = torch._foreach_mul([g.float() for g, _ in pairs], [w for _, w in pairs])
-        return torch.stack(torch._foreach_norm(scaled, 2.0)).square().sum()

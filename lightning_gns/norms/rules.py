@@ -13,13 +13,17 @@ containing only parameters that exist and require grad.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-NormRule = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
-GradSampleRule = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+from lightning_gns._compat import RMS_NORM, conv_padding
+
+# rule(module, a, g): the module is typed Any here so each rule can name its own layer class
+NormRule = Callable[[Any, Tensor, Tensor], dict[str, Tensor]]
+GradSampleRule = Callable[[Any, Tensor, Tensor], dict[str, Tensor]]
 
 NORM_RULES: dict[type[nn.Module], NormRule] = {}
 GRAD_SAMPLE_RULES: dict[type[nn.Module], GradSampleRule] = {}
@@ -79,23 +83,26 @@ def grad_sample_rule_for(module: nn.Module) -> GradSampleRule | None:
     return _lookup(GRAD_SAMPLE_RULES, GRAD_SAMPLE_RULES_BY_NAME, module)
 
 
-def module_norms(
-    module: nn.Module, tied: frozenset[str], a: Tensor, g: Tensor
+def apply_rules(
+    rule: NormRule,
+    grad_sample_rule: GradSampleRule | None,
+    module: nn.Module,
+    tied: frozenset[str],
+    a: Tensor,
+    g: Tensor,
 ) -> tuple[Tensor | None, dict[str, Tensor]]:
-    """A module's per-example squared norms over its own parameters (None: it has none but
-    ``tied`` ones), and the per-example gradients of its ``tied`` parameters (weights shared
-    with other modules, whose per-example gradients are summed over those before squaring)."""
-    rule = norm_rule_for(module)
-    assert rule is not None
+    """A module's per-example squared norms over its own parameters by its (resolved) ``rule``
+    (None: it has none but ``tied`` ones), and the per-example gradients of its ``tied``
+    parameters (weights shared with other modules, whose per-example gradients are summed over
+    those before squaring) by its ``grad_sample_rule``."""
     total: Tensor | None = None
     for attr, n in rule(module, a, g).items():
         if attr not in tied:
             total = n if total is None else total + n
     samples: dict[str, Tensor] = {}
     if tied:
-        gs_rule = grad_sample_rule_for(module)
-        assert gs_rule is not None
-        every = gs_rule(module, a, g)
+        assert grad_sample_rule is not None
+        every = grad_sample_rule(module, a, g)
         samples = {attr: every[attr] for attr in tied if attr in every}
     return total, samples
 
@@ -139,7 +146,7 @@ def _as_seq(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1]).float()
 
 
-def _unfold_nd(x: Tensor, conv: nn.Module) -> Tensor:
+def _unfold_nd(x: Tensor, conv: Any) -> Tensor:
     """im2col for padded x (B, C, *S) -> (B, C, *L, *K) using the conv's kernel/stride/dilation."""
     nd = x.dim() - 2
     for i in range(nd):
@@ -156,14 +163,15 @@ def _unfold_nd(x: Tensor, conv: nn.Module) -> Tensor:
 @register_norm(nn.Linear)
 def linear_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     """weight: |sum_t g_t a_t^T|_F^2 (Gram or materialized, cheaper); bias: |sum_t g_t|^2."""
+    out: dict[str, Tensor] = {}
     if a.dim() == 2:  # one position per example: |g|²|a|² and |g|²
         g_sq = g.float().pow(2).sum(1)
-        out = {"weight": a.float().pow(2).sum(1) * g_sq} if _wants(module, "weight") else {}
+        if _wants(module, "weight"):
+            out["weight"] = a.float().pow(2).sum(1) * g_sq
         if _wants(module, "bias"):
             out["bias"] = g_sq
         return out
     a, g = _as_seq(a), _as_seq(g)
-    out: dict[str, Tensor] = {}
     if _wants(module, "weight"):
         out["weight"] = _seq_weight_sq_norm(a, g)
     if _wants(module, "bias"):
@@ -172,7 +180,7 @@ def linear_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
 
 
 @register_norm(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def conv_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+def conv_norm(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     """weight: per group, Linear rule on im2col patches (B, L, C_in/G*K); bias: |sum_l g_l|^2."""
     g = g.float()
     b, c_out = g.shape[0], g.shape[1]
@@ -180,7 +188,7 @@ def conv_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     if _wants(module, "weight"):
         # explicit pre-padding covers int/tuple/'same'/'valid' padding and every padding_mode
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(a.float(), module._reversed_padding_repeated_twice, mode=mode)
+        x = F.pad(a.float(), conv_padding(module), mode=mode)
         x = _unfold_nd(x, module)  # (B, C_in, *L, *K)
         nd, grp = g.dim() - 2, module.groups
         x = x.reshape(b, grp, -1, *x.shape[2:])  # (B, G, Cg, *L, *K)
@@ -194,7 +202,7 @@ def conv_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
 
 
 @register_norm(nn.Embedding)
-def embedding_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+def embedding_norm(module: nn.Embedding, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     """weight: sum_{t,t'} [x_t == x_t' != padding_idx] (g_t . g_t'), via per-row segment sums.
 
     Rows are grouped by sorting (example, token id) keys and summing each run into a buffer of
@@ -215,7 +223,7 @@ def embedding_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]
     return {"weight": sq.index_add_(0, seg_example, sums.pow(2).sum(1))}
 
 
-def _embedding_keys(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+def _embedding_keys(module: nn.Embedding, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """Flat keys b·V + id (B·T,) and output grads (B·T, d), padding rows zeroed."""
     b, v = a.shape[0], module.num_embeddings
     x = a.long().reshape(b, -1)
@@ -240,7 +248,7 @@ def _affine_norm(
 
 
 @register_norm(nn.LayerNorm)
-def layer_norm_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+def layer_norm_norm(module: nn.LayerNorm, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     """weight: |sum_t g_t * xhat_t|^2 with xhat = LN(a) un-affine; bias: |sum_t g_t|^2."""
     a, g = a.float(), g.float()
     xhat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
@@ -248,7 +256,7 @@ def layer_norm_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor
 
 
 @register_norm(nn.GroupNorm)
-def group_norm_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+def group_norm_norm(module: nn.GroupNorm, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     """weight: sum_c (sum_s g_cs xhat_cs)^2, xhat = GN(a) un-affine; bias: sum_c (sum_s g_cs)^2."""
     a, g = a.float(), g.float()
     xhat = F.group_norm(a, module.num_groups, eps=module.eps)
@@ -257,16 +265,14 @@ def group_norm_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor
     return _affine_norm(module, xhat.reshape(b, c, -1).mT, g.reshape(b, c, -1).mT, 1)
 
 
-if hasattr(nn, "RMSNorm"):
-
-    @register_norm(nn.RMSNorm)
-    def rms_norm_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
-        """weight: |sum_t g_t * a_t / sqrt(mean(a_t^2) + eps)|^2 (eps None -> float32 eps)."""
-        a, g = a.float(), g.float()
-        eps = torch.finfo(torch.float32).eps if module.eps is None else module.eps
-        dims = tuple(range(-len(module.normalized_shape), 0))
-        xhat = a * torch.rsqrt(a.pow(2).mean(dims, keepdim=True) + eps)
-        return _affine_norm(module, xhat, g, len(dims))
+@register_norm(*RMS_NORM)
+def rms_norm_norm(module: Any, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """weight: |sum_t g_t * a_t / sqrt(mean(a_t^2) + eps)|^2 (eps None -> float32 eps)."""
+    a, g = a.float(), g.float()
+    eps = torch.finfo(torch.float32).eps if module.eps is None else module.eps
+    dims = tuple(range(-len(module.normalized_shape), 0))
+    xhat = a * torch.rsqrt(a.pow(2).mean(dims, keepdim=True) + eps)
+    return _affine_norm(module, xhat, g, len(dims))
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,7 +292,7 @@ def linear_grad_sample(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Ten
 
 
 @register_grad_sample(nn.Embedding)
-def embedding_grad_sample(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+def embedding_grad_sample(module: nn.Embedding, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     """weight: G_b[v] = sum_t [x_t == v != padding_idx] g_t, shape (B, V, d)."""
     if not _wants(module, "weight"):
         return {}

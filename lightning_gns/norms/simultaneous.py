@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_gns import sync
+from lightning_gns._compat import functorch_transforms_active
 from lightning_gns.norms.generic import is_replaying
 from lightning_gns.norms.rules import _use_gram
 
@@ -57,7 +59,7 @@ def can_route(module: nn.Module) -> bool:
     return type(module).forward is nn.Linear.forward or transposed(module)
 
 
-def qualifies(module: nn.Module, x: Tensor) -> bool:
+def qualifies(module: Any, x: Tensor) -> bool:
     """This call is worth routing: a float sequence input in the materialised-norm regime, in
     a plain autograd forward (eager or traced by torch.compile; no replay, no torch.func)."""
     if x.dim() < 3 or not x.is_floating_point() or not torch.is_grad_enabled():
@@ -67,7 +69,7 @@ def qualifies(module: nn.Module, x: Tensor) -> bool:
     w = module.weight
     if not w.requires_grad or (not torch.is_autocast_enabled(x.device.type) and x.dtype != w.dtype):
         return False  # a frozen weight gains nothing; mixed dtypes: the plain forward's error
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+    if not torch.compiler.is_compiling() and functorch_transforms_active():
         return False
     t = x[0].numel() // x.shape[-1]
     d_in, d_out = x.shape[-1], module.weight.numel() // x.shape[-1]
@@ -92,9 +94,13 @@ class RoutedForward:
 
     def __init__(self, module: nn.Module, sink_for: SinkFor | None = None) -> None:
         self.module, self.sink_for = module, sink_for
+        self.is_transposed = transposed(module)  # decided once, not per call
 
     def __call__(self, x: Tensor) -> Tensor:
-        return _routed_forward(self.module, x, self.sink_for)
+        if sync.CHECK.enabled:
+            with sync.watched():
+                return _routed_forward(self.module, x, self.sink_for, self.is_transposed)
+        return _routed_forward(self.module, x, self.sink_for, self.is_transposed)
 
     def __reduce__(self) -> tuple:
         return (RoutedForward, (self.module, None))
@@ -104,7 +110,9 @@ def _plain(module: nn.Module, x: Tensor) -> Tensor:
     return type(module).forward(module, x)
 
 
-def _routed_forward(self: nn.Module, x: Tensor, sink_for: SinkFor | None) -> Tensor:
+def _routed_forward(
+    self: nn.Module, x: Tensor, sink_for: SinkFor | None, is_transposed: bool
+) -> Tensor:
     if sink_for is None or not isinstance(x, Tensor) or not qualifies(self, x):
         return _plain(self, x)
     sink = sink_for(x)
@@ -112,7 +120,7 @@ def _routed_forward(self: nn.Module, x: Tensor, sink_for: SinkFor | None) -> Ten
         return _plain(self, x)
     bias = self.bias if isinstance(self.bias, Tensor) else None
     flat = x.reshape(-1, x.shape[-1])  # a view outside the Function: in-place ops stay legal
-    y = LinearWithNorms.apply(flat, self.weight, bias, sink, transposed(self), x.shape[0])
+    y = LinearWithNorms.apply(flat, self.weight, bias, sink, is_transposed, x.shape[0])
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -154,21 +162,28 @@ class LinearWithNorms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
-        xc, wc = ctx.saved_tensors
-        gy = gy.to(xc.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = gy @ (wc.T if ctx.is_transposed else wc)
-        b = ctx.examples
-        a = xc.reshape(b, -1, xc.shape[-1])
-        g = gy.reshape(b, -1, gy.shape[-1])
-        grad_w, sq = per_example_weight_grads(a, g, ctx.is_transposed)
-        grad_b = None
-        if ctx.needs_input_grad[2]:
-            per_b = g.sum(1, dtype=torch.float32)  # (B, d_out)
-            sq = sq + per_b.detach().square().sum(1)
-            grad_b = per_b.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w.to(ctx.weight_dtype), grad_b, sq, None, None
+        if sync.CHECK.enabled:
+            with sync.watched():
+                return _linear_backward(ctx, gy)
+        return _linear_backward(ctx, gy)
+
+
+def _linear_backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+    xc, wc = ctx.saved_tensors
+    gy = gy.to(xc.dtype)
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = gy @ (wc.T if ctx.is_transposed else wc)
+    b = ctx.examples
+    a = xc.reshape(b, -1, xc.shape[-1])
+    g = gy.reshape(b, -1, gy.shape[-1])
+    grad_w, sq = per_example_weight_grads(a, g, ctx.is_transposed)
+    grad_b = None
+    if ctx.needs_input_grad[2]:
+        per_b = g.sum(1, dtype=torch.float32)  # (B, d_out)
+        sq = sq + per_b.detach().square().sum(1)
+        grad_b = per_b.sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_w.to(ctx.weight_dtype), grad_b, sq, None, None
 
 
 def per_example_weight_grads(a: Tensor, g: Tensor, is_transposed: bool) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,198 @@
+"""The per-step driver shared by the Lightning callback and the plain-PyTorch analyzer.
+
+Per micro-batch: :meth:`StepDriver.start_micro_batch` (its number of examples, before the
+forward) and :meth:`StepDriver.end_micro_batch` (after its backward); per optimizer step:
+:meth:`StepDriver.end_step` (before the optimizer changes ``.grad``) records the source's
+:class:`~lightning_gns.records.StepNorms` in the tracker. Device tensors only: no host read on
+this path (:mod:`lightning_gns.sync` checks it), except on the first step (the batch probe and
+the structural check).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor, nn
+
+from lightning_gns import sync
+from lightning_gns.estimator import GNSValues
+from lightning_gns.norms.probe import BatchDimProbe
+from lightning_gns.records import Reduction, SkipStep, StepNorms, Units
+from lightning_gns.sources import Source
+from lightning_gns.tracker import GNSTracker
+
+Warn = Callable[[str, str], None]  # (key, message): warned once per key
+
+
+def infer_batch_size(batch: Any) -> int:
+    """Lightning's inference (the first tensor's dim 0), with a fast path for the usual
+    ``(x, y, ...)`` of tensors."""
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0].shape[0] if batch[0].dim() else 1
+    return int(extract_batch_size(batch))
+
+
+class StepDriver:
+    """Feeds one source's records into one tracker.
+
+    Args:
+        source: where the norms come from (attached by the caller).
+        tracker: where the records go.
+        warn: ``warn(key, message)``, called at most once per key by the caller's policy.
+        batch_size_fn: ``batch -> examples`` for batches Lightning cannot size.
+        strict: raise on a step that cannot be used (the analyzer) instead of skipping it.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        tracker: GNSTracker,
+        warn: Warn,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        strict: bool = False,
+    ) -> None:
+        self.source, self.tracker, self.warn = source, tracker, warn
+        self.batch_size_fn, self.strict = batch_size_fn, strict
+        self.recent: deque[int] = deque(maxlen=64)  # recent micro-batch sizes
+        self.current = 0  # this micro-batch's size (0: unknown)
+        self.host_skips = 0
+        self.steps = 0  # optimizer steps recorded or skipped
+        self.bad: str | None = None
+        self.size_note: str | None = None  # the batch probe found the batch size wrong
+        self.probe: BatchDimProbe | None = None
+        self.probe_model: nn.Module | None = None  # probe this model's next forward
+        self.allowance: sync.Allowance | None = None  # reads allowed (first step)
+        self.followers: list[StepDriver] = []  # second measurements (preconditioned)
+
+    @property
+    def usual(self) -> float:
+        """The most common recent micro-batch size (NaN before the first)."""
+        return float(max(set(self.recent), key=self.recent.count)) if self.recent else math.nan
+
+    # -- per micro-batch ------------------------------------------------------------------
+    def start_micro_batch(self, batch: Any) -> int:
+        """Size the micro-batch and open it; returns its size (0: unknown)."""
+        if self.steps == 0 and self.allowance is None:
+            self.allowance = sync.Allowance()  # the probe and the structural check read
+        with sync.watched():
+            try:
+                fn = self.batch_size_fn
+                self.current = int(fn(batch) if fn is not None else infer_batch_size(batch))
+            except Exception:  # noqa: BLE001 - an odd batch only costs this step
+                self.current = 0
+        if self.current < 1:
+            self.bad = "could not tell the batch size of a micro-batch; pass batch_size_fn"
+            return 0
+        if self.probe_model is not None:
+            self.probe, self.probe_model = BatchDimProbe(self.probe_model), None
+        self.recent.append(self.current)
+        self.source.start_micro_batch(self.current)
+        for f in self.followers:
+            f.source.start_micro_batch(self.current)
+        return self.current
+
+    def end_micro_batch(self, reduction: Reduction) -> None:
+        seen = self.close_probe() if self.probe is not None else None
+        if seen is not None and seen != self.current:
+            self.size_note = f"the batch size was taken as {self.current}, the layers see {seen}"
+            self.warn(
+                "batch size",
+                f"GradientNoiseScale: the batch size was taken as {self.current}, but the "
+                f"model's layers see {seen} examples per micro-batch; if {seen} is right, pass "
+                "GradientNoiseScale(batch_size_fn=lambda batch: ...) (the estimate depends on it)",
+            )
+        if self.current > 0:
+            with sync.watched():
+                self.source.end_micro_batch(self.current, reduction)
+                for f in self.followers:
+                    f.source.end_micro_batch(self.current, reduction)
+
+    def close_probe(self) -> int | None:
+        self.probe_model = None
+        seen, self.probe = (self.probe.close() if self.probe else None), None
+        return seen
+
+    # -- per optimizer step ---------------------------------------------------------------
+    def end_step(self, units: Units) -> StepNorms | None:
+        """Record this step (skipped: warned once, counted); the record, or None."""
+        bad, self.bad = self.bad, None
+        with sync.watched():
+            step = self._step(units, bad)
+            for f in self.followers:
+                f.end_step(units)
+        self.steps += 1
+        if self.allowance is not None and self.steps >= 1:
+            self.allowance.close()
+        return step
+
+    def _step(self, units: Units, bad: str | None) -> StepNorms | None:
+        try:
+            step = self.source.end_step(units)
+            if bad is not None:
+                raise SkipStep(bad)
+        except SkipStep as skip:
+            if self.strict and not skip.silent:
+                raise
+            if not skip.silent:
+                self.skip(skip.reason)
+            elif note := self.source.coverage_note(self.size_note):  # what the check left out
+                self.warn("coverage", f"GradientNoiseScale: {note}")
+            return None
+        except Exception as err:  # noqa: BLE001 - statistics must never stop training
+            if self.strict:
+                raise
+            self.skip(f"{type(err).__name__}: {err}")
+            return None
+        self.tracker.record(step)
+        return step
+
+    def skip(self, reason: str) -> None:
+        """Record this step as skipped, count it, warn once per kind of reason."""
+        self.tracker.record(None)
+        self.host_skips += 1
+        self.warn(
+            "skip:" + reason.split("'")[0],
+            f"GradientNoiseScale skipped a step ({reason}); skipped steps are counted in "
+            "gns/skipped_steps. Training is not affected.",
+        )
+
+    def check_nonfinite(self, values: GNSValues) -> None:
+        """Warn once when steps were dropped for non-finite gradients (not host skips)."""
+        if values.skipped > self.tracker.last_host_skipped:
+            self.warn(
+                "non-finite",
+                "GradientNoiseScale: steps with non-finite gradients (an AMP overflow, or NaN/inf "
+                "in the model) were left out; gns/stale_steps counts the steps since the last "
+                "usable one, and gns/b_simple is that old.",
+            )
+
+    def detach(self) -> None:
+        """Remove every hook (source, followers, probe) and end an open allowance."""
+        self.source.detach()
+        for f in self.followers:
+            f.source.detach()
+        self.close_probe()
+        if self.allowance is not None:
+            self.allowance.close()
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self, sync_processes: bool = False) -> dict[str, Any]:
+        trackers = {"tracker": self.tracker.state_dict(sync_processes)}
+        for i, f in enumerate(self.followers):
+            trackers[f"follower{i}"] = f.tracker.state_dict(sync_processes)
+        return {**trackers, "host_skips": self.host_skips, "micro_sizes": list(self.recent)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        note = self.tracker.load_state_dict(sd.get("tracker", {}))
+        for i, f in enumerate(self.followers):
+            f.tracker.load_state_dict(sd.get(f"follower{i}") or sd.get("preconditioned") or {})
+        if note:
+            self.warn("decay", f"GradientNoiseScale: {note}")
+        self.host_skips = int(sd.get("host_skips", 0))
+        self.recent.clear()
+        self.recent.extend(sd.get("micro_sizes", []))
+        self.steps = max(self.steps, 1)  # resumed: not a first step

@@ -1,0 +1,73 @@
+"""What the per-example hooks gather during one micro-batch, kept and reset as one record."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_gns.norms.sites import Site
+
+
+class MicroBatchRecord:
+    """Per-example squared norms of one micro-batch: summed over sites (and per site with
+    ``per_layer``), per-example gradients of tied weights (summed over their sites, squared at
+    the end), and the "sinks": leaves whose gradients receive the norms computed inside
+    autograd (the simultaneous route, the compiled taps)."""
+
+    def __init__(self, per_layer: bool = False) -> None:
+        self.per_layer = per_layer
+        self.reset(None)
+
+    def reset(self, batch_size: int | None) -> None:
+        self.batch_size = batch_size
+        self.total: Tensor | None = None
+        self.layers: dict[str, Tensor] = {}
+        self.shared: dict[int, Tensor] = {}  # id(weight) -> per-example gradients (n, *shape)
+        self.sinks: dict[str, Tensor] = {}
+        self.tied_sinks: dict[int, Tensor] = {}
+        self.bad: str | None = None  # why this micro-batch cannot be used
+        self.token_batch: int | None = None  # dim 0 of this forward's first 2-D token ids
+
+    def add(self, site: Site, total: Tensor) -> None:
+        self.total = total if self.total is None else self.total + total
+        if self.per_layer:
+            prev = self.layers.get(site.name)
+            self.layers[site.name] = total if prev is None else prev + total
+
+    def add_tied(self, site: Site, samples: dict[str, Tensor]) -> None:
+        for attr, sample in samples.items():
+            key = id(site.params[attr])
+            self.shared[key] = sample if key not in self.shared else self.shared[key] + sample
+
+    def make_sinks(self, sites: dict[str, Site], n: int, device: torch.device) -> None:
+        """One (n,) sink for the model, or one per site with ``per_layer``, and one
+        (n, *shape) per tied weight; n examples are measured."""
+        names = list(sites) if self.per_layer else [""]
+        self.sinks = {k: torch.zeros(n, device=device, requires_grad=True) for k in names}
+        for site in sites.values():
+            for attr in site.shared:
+                p = site.params[attr]
+                if id(p) not in self.tied_sinks:  # zeros that take no memory
+                    zero = torch.zeros((), device=device).expand(n, *p.shape)
+                    self.tied_sinks[id(p)] = zero.requires_grad_()
+
+    def sink_for(self, site: Site) -> Tensor | None:
+        return self.sinks.get(site.name if self.per_layer else "")
+
+    def close(self) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Per-example |g_j|² over the covered parameters and per-layer ones."""
+        acc, layers = self.total, dict(self.layers)
+        for name, sink in self.sinks.items():  # norms computed inside autograd
+            if sink.grad is None:
+                continue
+            acc = sink.grad if acc is None else acc + sink.grad
+            if name:
+                layers[name] = sink.grad if name not in layers else layers[name] + sink.grad
+        shared = dict(self.shared)
+        for key, sink in self.tied_sinks.items():
+            if sink.grad is not None:
+                shared[key] = sink.grad if key not in shared else shared[key] + sink.grad
+        for sample in shared.values():
+            sq = sample.flatten(1).square().sum(1)
+            acc = sq if acc is None else acc + sq
+        return acc, layers

@@ -1,0 +1,201 @@
+"""The hooks of one site: its forward hook keeps what the rule needs, its output's gradient
+hook applies the rule (eagerly), or its output goes through a compiled tap.
+
+* eager (the default): the forward hook saves the layer's input and registers a hook on its
+  output; the output's gradient and the saved input go through the site's rule in backward.
+* tapped (under ``torch.compile``, or eagerly under saved-tensor hooks such as non-reentrant
+  checkpointing): the output goes through :class:`~lightning_gns.norms.compiled.Tap`, which
+  saves the input through autograd and sends the norms to a sink; no Python state is touched.
+* generic (no rule): the forward's args and kwargs and its outputs' gradients are kept, and
+  torch.func computes the norms after backward (:mod:`lightning_gns.norms.generic`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gns._compat import in_backward_pass, saving_through_hooks, view_base
+from lightning_gns.norms.compiled import Tap
+from lightning_gns.norms.generic import generic_sq_norms, is_replaying, leaves_of, replaying
+from lightning_gns.norms.positions import (
+    broadcast_positions,
+    expand_positions,
+    not_a_batch,
+    positions_problem,
+    token_batch_of,
+    undecided_positions,
+)
+from lightning_gns.norms.record import MicroBatchRecord
+from lightning_gns.norms.sites import Site
+from lightning_gns.sync import on_step_path
+
+
+class Norms(Protocol):
+    """What the hooks need from :class:`~lightning_gns.norms.per_example.PerExampleNorms`."""
+
+    record: MicroBatchRecord
+    examples_per_batch: int | None
+
+    @property
+    def checking(self) -> bool: ...
+
+    def route_sink(self, site: Site, x: Tensor) -> Tensor | None: ...
+
+    def fail(self, site: Site, reason: str) -> None: ...
+
+
+Hook = Callable[..., Any]
+
+
+def forward_hook(norms: Norms, site: Site) -> Hook:
+    """The forward hook of a site with a rule."""
+
+    def hook(module: nn.Module, args: tuple, output: object) -> object:
+        if torch.compiler.is_compiling():  # (the structural check runs eagerly)
+            return tap(norms, site, args, output)
+        if not norms.checking and saving_through_hooks():
+            # activation checkpointing (or offloading) decides where saved tensors live:
+            # the input is saved through autograd, not held here
+            return tap(norms, site, args, output)
+        return eager(norms, site, args, output)
+
+    return on_step_path(hook)
+
+
+def tap(norms: Norms, site: Site, args: tuple, output: object) -> Tensor | None:
+    """The output through :class:`~lightning_gns.norms.compiled.Tap` (no Python state is
+    touched, so a compiled graph stays whole; the input is saved through autograd)."""
+    if is_replaying() or not torch.is_grad_enabled() or not args:
+        return None
+    if not isinstance(output, Tensor) or not output.requires_grad:
+        return None
+    record = norms.record
+    x, b = args[0], record.batch_size
+    sink = record.sink_for(site)
+    if sink is None or (isinstance(x, Tensor) and norms.route_sink(site, x) is not None):
+        return None  # no batch size given, or the simultaneous route delivers
+    expanded = expand_positions(site, x, output, b)
+    a, out = expanded if expanded is not None else (x, output)
+    tied = tuple(sorted(site.shared))
+    tied_sinks = [record.tied_sinks[id(site.params[attr])] for attr in tied]
+    # a batch other than the one announced poisons the step (NaN), never a silent error
+    mismatch = not isinstance(a, Tensor) or a.dim() == 0 or a.shape[0] != b
+    poison = mismatch or out.dim() == 0 or out.shape[0] != b or undecided_positions(site, x, b)
+    rules = (site.rule, site.grad_sample_rule)
+    return Tap.apply(out, a, sink, site.module, rules, tied, poison, *tied_sinks)
+
+
+def eager(norms: Norms, site: Site, args: tuple, output: object) -> Tensor | None:
+    """Save the input, hook the output's gradient (or its base's, see below)."""
+    if is_replaying() or not torch.is_grad_enabled():
+        return None
+    if not isinstance(output, Tensor) or not args or not output.requires_grad:
+        return None
+    record, x = norms.record, args[0]
+    if site.seen.calls and in_backward_pass():  # a recomputation: the first call's hooks stand
+        expanded = expand_positions(site, x, output, record.batch_size)
+        return expanded[1] if expanded is not None else None
+    site.seen.calls += 1
+    if site.seen.calls > 1:
+        norms.fail(site, f"called {site.seen.calls} times in one forward")
+        return None
+    if norms.route_sink(site, x) is not None:  # the route's backward has it
+        return None
+    site.seen.activation = x
+    if record.token_batch is None:
+        record.token_batch = token_batch_of(site, x)
+    if problem := positions_problem(site, x, record.batch_size, record.token_batch):
+        norms.fail(site, problem)  # expanded to the wrong batch, the model would crash
+        return None
+    broadcast = broadcast_positions(site, x, output, record.batch_size)
+    if broadcast is not None:  # positions without a batch dim: per example from here
+        output = broadcast
+    elif norms.checking and not_a_batch(x):
+        norms.fail(site, "has inputs that are positions or parameters, not a batch")
+        return None
+    base = view_base(output)
+    if base is not None and base.numel() == output.numel() and output.is_contiguous():
+        # Linear on (B, T, d) returns a view of a 2-D product; an in-place op on that view
+        # (e.g. relu_) reroutes autograd around its hooks, but not its base's.
+        shape = output.shape
+        base.register_hook(on_step_path(lambda g: on_output_grad(norms, site, g.reshape(shape))))
+    else:
+        output.register_hook(on_step_path(lambda g: on_output_grad(norms, site, g)))
+    return broadcast
+
+
+def on_output_grad(norms: Norms, site: Site, g: Tensor) -> None:
+    """Backward: the site's rule on its saved input and this output gradient."""
+    record, a = norms.record, site.seen.activation
+    if a is None or not site.active or record.bad is not None:
+        return
+    b = record.batch_size
+    if b is not None and (g.dim() == 0 or g.shape[0] != b or a.shape[:1] != g.shape[:1]):
+        norms.fail(site, f"has inputs without a batch dimension of size {b}")
+        return
+    if norms.checking:
+        site.seen.grad_output = g.detach()
+    k = norms.examples_per_batch
+    if k is not None and g.shape[0] > k:
+        a, g = a[:k], g[:k]
+    try:
+        total, samples = site.norms(a, g)
+    except Exception as err:  # noqa: BLE001 - never break the user's backward
+        norms.fail(site, f"its per-example rule failed ({type(err).__name__}: {err})")
+        return
+    record.add_tied(site, samples)
+    if total is not None:
+        record.add(site, total)
+
+
+def generic_hook(norms: Norms, site: Site) -> Hook:
+    """The forward hook of a site without a rule: keep its inputs and its outputs' gradients."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        if is_replaying() or not torch.is_grad_enabled():
+            return
+        leaves = leaves_of(output)
+        if not any(isinstance(t, Tensor) and t.requires_grad for t in leaves):
+            return
+        if site.seen.calls and in_backward_pass():
+            return
+        site.seen.calls += 1
+        if site.seen.calls > 1:
+            norms.fail(site, f"called {site.seen.calls} times in one forward")
+            return
+        site.seen.inputs, site.seen.outputs = (args, kwargs), leaves
+        for i, t in enumerate(leaves):
+            if isinstance(t, Tensor) and t.requires_grad:
+                t.register_hook(on_step_path(_grad_saver(site, i)))
+
+    return on_step_path(hook)
+
+
+def _grad_saver(site: Site, i: int) -> Callable[[Tensor], None]:
+    def save(g: Tensor) -> None:
+        site.seen.out_grads[i] = g.detach()
+
+    return save
+
+
+def close_generic(norms: Norms, site: Site) -> None:
+    """After backward: torch.func over a rule-less site's saved inputs."""
+    seen = site.seen
+    if seen.inputs is None or not seen.out_grads or not site.active:
+        return
+    b = norms.record.batch_size or leaves_of(seen.outputs)[0].shape[0]
+    try:
+        with replaying():  # the functional forward must not re-enter any hooks
+            sq = generic_sq_norms(
+                site.module, site.params, seen.inputs, seen.outputs, seen.out_grads, b
+            )
+    except Exception as err:  # noqa: BLE001 - never break the user's step
+        kind, why = type(site.module).__name__, f"{type(err).__name__}: {err}"
+        norms.fail(site, f"{kind} has no rule and torch.func failed ({why})")
+        return
+    k = norms.examples_per_batch
+    norms.record.add(site, sq[:k] if k is not None else sq)

@@ -1,0 +1,152 @@
+"""From a read-out to what users see: the logged ``gns/*`` values, the TensorBoard layout, and
+the end-of-fit summary. Keys: :mod:`lightning_gns.keys`.
+
+How a value reads (README, "What is logged"): ``gns/b_simple`` is the point estimate whenever
+|G|² is significantly above zero (its 95% interval is bounded), always with that interval;
+NaN ("not yet known") only while the interval is unbounded, when ``gns/b_simple_lower`` bounds
+B_noise from below. Advice is gated on precision instead: ``gns/efficiency`` needs an interval
+of at most 1.5×, and ``gns/optimal_batch_size`` is the batch size the data support now
+(:func:`lightning_gns.advice.supported_batch_size`), finite from the first read-out on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_gns import advice, keys
+from lightning_gns._compat import set_callback_metrics
+from lightning_gns.estimator import GNSValues
+
+
+def point_estimate(v: GNSValues) -> float:
+    """B_simple where |G|² is significantly above zero (a bounded interval), else NaN."""
+    return v.b_simple if math.isfinite(v.b_simple_upper) and v.b_simple_lower >= 0 else math.nan
+
+
+def read_out(
+    v: GNSValues, batch_size: float, small_batch_size: float, multiple: int | None = None
+) -> dict[str, float]:
+    """The logged ``gns/*`` values of one read-out (see README for each key)."""
+    out = {
+        keys.B_SIMPLE: point_estimate(v),
+        keys.B_SIMPLE_SE: v.b_simple_se,
+        keys.B_SIMPLE_LOWER: v.b_simple_lower,
+        keys.B_SIMPLE_UPPER: v.b_simple_upper if math.isfinite(v.b_simple_upper) else math.nan,
+        keys.GRAD_NORM_SQ: v.grad_norm_sq,
+        keys.GRAD_VARIANCE: v.grad_variance,
+        keys.BATCH_SIZE: batch_size,
+        keys.SMALL_BATCH_SIZE: small_batch_size,
+        keys.SKIPPED_STEPS: float(v.skipped),
+        keys.STALE_STEPS: float(v.stale),
+        keys.WINDOW_STEPS: v.window,
+        keys.OPTIMAL_BATCH_SIZE: math.nan,
+        keys.EFFICIENCY: math.nan,
+    }
+    verdict = advice.supported(v.b_simple, v.b_simple_lower, v.b_simple_upper, multiple)
+    if math.isfinite(batch_size):
+        out[keys.OPTIMAL_BATCH_SIZE] = advice.supported_batch_size(verdict, batch_size, multiple)
+        if verdict.kind == "estimate":
+            out[keys.EFFICIENCY] = float(advice.efficiency(batch_size, v.b_simple))
+    return out
+
+
+def logging_now(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes ``self.log`` values to the loggers after this batch (its own
+    ``log_every_n_steps``, counted in optimizer steps as :meth:`on_train_batch_end` sees them)."""
+    n = int(getattr(trainer, "log_every_n_steps", 0) or 0)
+    return n > 0 and trainer.global_step % n == 0
+
+
+def publish(
+    trainer: pl.Trainer, pl_module: pl.LightningModule | None, metrics: dict[str, float]
+) -> None:
+    """To every logger and ``trainer.callback_metrics`` (EarlyStopping, sweeps).
+
+    Inside a training batch where Lightning itself logs (``pl_module`` given), through
+    ``pl_module.log_dict``: the values share the step, the row and the ``epoch`` of the user's
+    own ``self.log`` values. Elsewhere (another interval, the end of training) straight to the
+    loggers at the step Lightning would use, with the epoch."""
+    if pl_module is not None and logging_now(trainer):
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=bool(trainer.loggers))
+        return
+    set_callback_metrics(trainer, metrics)
+    step = trainer.global_step - 1 if pl_module is not None else trainer.global_step
+    row = {**metrics, "epoch": float(trainer.current_epoch)}
+    for logger in trainer.loggers:
+        logger.log_metrics(row, step=max(step, 0))
+
+
+def tensorboard_layout() -> dict[str, dict[str, list[Any]]]:
+    """Custom-scalars charts: anchored tags, one scale per chart, the interval as a margin.
+
+    TensorBoard draws a category's multiline charts before its margin charts whatever the
+    layout's order, so the B_simple margin chart has a category of its own, listed first: it
+    is the first chart on the Custom Scalars tab (categories keep the layout's order).
+    """
+    return {
+        "gradient noise scale B_simple": {
+            "B_simple with its 95% interval": [
+                "Margin",
+                [keys.B_SIMPLE, keys.B_SIMPLE_LOWER, keys.B_SIMPLE_UPPER],
+            ],
+        },
+        "gradient noise scale: details": {
+            "batch size: used and recommended": [
+                "Multiline",
+                [f"^{keys.BATCH_SIZE}$", f"^{keys.OPTIMAL_BATCH_SIZE}$"],
+            ],
+            "efficiency at the batch size used": ["Multiline", [f"^{keys.EFFICIENCY}$"]],
+            "|G|² (smoothed)": ["Multiline", [f"^{keys.GRAD_NORM_SQ}$"]],
+            "tr(Σ) (smoothed)": ["Multiline", [f"^{keys.GRAD_VARIANCE}$"]],
+            "coverage": ["Multiline", [f"^{keys.COVERAGE}$"]],
+            "averaging window (effective steps)": ["Multiline", [f"^{keys.WINDOW_STEPS}$"]],
+            "skipped and stale steps": [
+                "Multiline",
+                [f"^{keys.SKIPPED_STEPS}$", f"^{keys.STALE_STEPS}$"],
+            ],
+        },
+    }
+
+
+def summary(
+    v: GNSValues,
+    batch_size: float,
+    source: str,
+    why: str,
+    coverage: float,
+    multiple: int | None = None,
+) -> str:
+    """The end-of-fit block: B_simple or its bound with the interval, the advice, the source
+    and why, coverage."""
+    lo, hi = v.b_simple_lower, v.b_simple_upper
+    point = point_estimate(v)
+    if math.isfinite(point):
+        line = f"B_simple {point:.4g} (95% interval {lo:.4g} to {hi:.4g})"
+    elif math.isfinite(lo) and lo > 0:
+        line = f"B_simple not yet known: at least {lo:.4g} (95%); |G|² is not yet above its noise"
+    else:
+        line = "B_simple not yet known: too few steps, or the gradient is all noise so far"
+    verdict = advice.supported(v.b_simple, lo, hi, multiple)
+    if not math.isfinite(batch_size):
+        tip = "batch size unknown"
+    elif verdict.kind == "estimate":
+        eff = advice.efficiency(batch_size, v.b_simple)
+        rec = verdict.recommended
+        tip = f"batch size {batch_size:g} is at {eff:.0%} efficiency; recommended {rec}"
+    elif verdict.kind == "at_least" and batch_size < verdict.lower:
+        size = advice.supported_batch_size(verdict, batch_size, multiple)
+        tip = f"batch size {batch_size:g} is below B_noise: grow it to at least {size:g}"
+    else:
+        tip = f"batch size {batch_size:g}: no advice until the interval is within 1.5x"
+    return "\n".join(
+        [
+            "GradientNoiseScale summary",
+            f"  {line}",
+            f"  {tip}",
+            f"  source: {source} ({why}); {v.steps} steps measured, {v.skipped} skipped; "
+            f"coverage {coverage:.1%}",
+        ]
+    )

@@ -1,0 +1,132 @@
+"""What the callback reads from the Trainer: arguments checked up front, supported strategies,
+this step's scale factors, and whether a step has a second gradient to compare with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+from lightning_gns._compat import compiled_by_lightning, is_compiled_module, loss_scale
+from lightning_gns.driver import StepDriver, Warn
+from lightning_gns.estimator import check_decay
+from lightning_gns.records import PRECONDITIONED, Units
+from lightning_gns.sources import PreconditionedSource, Source
+from lightning_gns.tracker import GNSTracker
+
+if TYPE_CHECKING:
+    from lightning_gns.callback import GradientNoiseScale
+
+SUPPORTED = "single-device and DDP strategies with one optimizer and automatic optimization"
+CHOICES = {
+    "source": ("auto", "micro_batch", "per_example"),
+    "layers": ("all", "norm"),
+    "loss_reduction": ("mean", "sum"),
+}
+MAX_INTERVAL = 10**9  # log_every_n_steps and the like: a larger value is a typo
+
+
+def check_arguments(args: dict[str, Any]) -> None:
+    """Refuse at construction what would break training later (LightningCLI also checks the
+    ``Literal`` choices from the signature)."""
+    for name, allowed in CHOICES.items():
+        if args[name] not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {args[name]!r}")
+    for name in ("log_every_n_steps", "batch_size_multiple", "examples_per_batch"):
+        value = args[name]
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INTERVAL
+        ):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    for name in ("per_layer", "preconditioned", "summary"):
+        if not isinstance(args[name], bool):
+            raise ValueError(f"{name} must be True or False, got {args[name]!r}")
+    if args["per_layer"] and args["source"] == "micro_batch":
+        raise ValueError("per_layer needs per-example norms: use source='per_example'")
+    if args["batch_size_fn"] is not None and not callable(args["batch_size_fn"]):
+        raise ValueError("batch_size_fn must be a function batch -> number of examples")
+    check_decay(args["ema_decay"])
+
+
+def check_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """A clear error at fit start for what the callback cannot measure."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(
+        strategy, (SingleDeviceStrategy, DDPStrategy)
+    ):
+        got = f"strategy {type(strategy).__name__}"
+    elif not pl_module.automatic_optimization:
+        got = "manual optimization"
+    elif len(trainer.optimizers) != 1:
+        got = f"{len(trainer.optimizers)} optimizers"
+    else:
+        return
+    raise RuntimeError(f"GradientNoiseScale supports {SUPPORTED}; got {got}")
+
+
+def units(trainer: pl.Trainer, reduction: str) -> Units:
+    """This step's scale factors: accumulation, reduction, AMP loss scale, world size."""
+    scale = loss_scale(trainer)
+    if isinstance(scale, torch.Tensor):
+        inv: torch.Tensor | float = 1.0 / scale.double().square()
+    else:
+        inv = 1.0 / scale**2 if scale else float("nan")  # unreadable: the step is skipped
+    return Units(trainer.accumulate_grad_batches, reduction, inv, trainer.world_size)  # type: ignore[arg-type]
+
+
+def several_gradients_per_step(trainer: pl.Trainer) -> bool:
+    """Whether steps combine several micro-batch or rank gradients (now or by a schedule, or
+    because an AdaptiveBatchSize callback keeps accumulating)."""
+    if trainer.accumulate_grad_batches > 1 or trainer.world_size > 1:
+        return True
+    for c in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(c, GradientAccumulationScheduler) and c.going_to_accumulate_grad_batches():
+            return True
+        if (getattr(c, "min_accumulate", None) or 1) > 1:  # AdaptiveBatchSize
+            return True
+    return False
+
+
+def compiled(pl_module: pl.LightningModule) -> bool:
+    """Whether ``torch.compile`` wraps the module (Lightning's ``from_compiled``) or a part."""
+    return compiled_by_lightning(pl_module) or any(
+        is_compiled_module(m) for m in pl_module.modules()
+    )
+
+
+def warn_if_compiled_fallback(pl_module: pl.LightningModule, source: Source, warn: Warn) -> None:
+    """A compiled model with layers on the torch.func fallback: their graph splits."""
+    sites = getattr(getattr(source, "norms", None), "sites", {})
+    fallback = [site.label for site in sites.values() if site.generic]
+    if fallback and compiled(pl_module):
+        warn(
+            "compile",
+            "GradientNoiseScale: the model is compiled, and these layers have no per-example "
+            f"rule: {', '.join(fallback[:5])}; their torch.func fallback splits the graph. "
+            "The micro-batch source compiles whole: set Trainer(accumulate_grad_batches>=2) "
+            "or use DDP (the default source='auto' then takes it), or register a rule "
+            "(lightning_gns.norms.register_norm)",
+        )
+
+
+def preconditioned_driver(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, cb: GradientNoiseScale
+) -> StepDriver:
+    """A second measurement, of the optimizer-preconditioned gradients, between micro-batches."""
+    if not several_gradients_per_step(trainer):
+        raise RuntimeError(
+            "GradientNoiseScale(preconditioned=True) measures between micro-batches: set "
+            "Trainer(accumulate_grad_batches>=2) or train on 2+ devices (DDP)"
+        )
+    optimizer = trainer.optimizers[0]
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    params = [p for p in pl_module.parameters() if p.requires_grad and id(p) in stepped]
+    source = PreconditionedSource(params, optimizer)
+    source.attach()
+    tracker = GNSTracker(cb.ema_decay, [PRECONDITIONED], device=params[0].device)
+    quiet: Callable[[str, str], None] = lambda key, message: None  # noqa: E731
+    return StepDriver(source, tracker, quiet)
