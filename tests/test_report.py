@@ -146,11 +146,39 @@ def test_the_report_recommends_what_the_callback_logged_near_two_to_the_six_and_
     rec = dict(zip(summary["run"], summary["recommended_batch_size"], strict=True))
     assert rec == {"logged": 128, "old_logs": 128, "multiple": 96}
     assert advice.supported(91.0, 91.0 / 1.1, 91.0 * 1.1).recommended == 128  # same function
-    # a callback that advises on the interval alone: the report follows it, with no made-up value
-    gated = {**logged, "gns/b_simple": values[:-1] + [math.nan]}
-    (line,) = advise(summarize(frame({"gated": gated})))
-    assert line.startswith("gated: B_simple not yet known at step 190 (95% interval 82.73–100.1)")
-    assert "recommended batch size 128" in line
+
+
+def test_without_a_precise_interval_the_report_advises_what_the_callback_does() -> None:
+    """The callback logs gns/optimal_batch_size at every read-out: the recommendation where the
+    interval is precise, the batch to grow to where only a lower bound above the batch is
+    known, the batch used otherwise (no change). The report says the same."""
+    wide = {  # bounded but 2.08x wide, batch above the lower bound: nothing to change
+        "gns/b_simple": [15.8] * 3,
+        "gns/b_simple_lower": [10.99] * 3,
+        "gns/b_simple_upper": [22.83] * 3,
+        "gns/batch_size": [16.0] * 3,
+        "gns/optimal_batch_size": [16.0] * 3,
+    }
+    open_ = {  # no upper end; the lower bound 43.76 is above the batch 4: grow to 2^5
+        "gns/b_simple": [math.nan] * 3,
+        "gns/b_simple_lower": [43.76] * 3,
+        "gns/b_simple_upper": [math.nan] * 3,
+        "gns/batch_size": [4.0] * 3,
+        "gns/optimal_batch_size": [32.0] * 3,
+    }
+    old_logs = {k: v for k, v in open_.items() if k != "gns/optimal_batch_size"}
+    multiple = {**open_, "gns/optimal_batch_size": [40.0] * 3}  # batch_size_multiple=20
+    summary = summarize(frame({"wide": wide, "open": open_, "old": old_logs, "mult": multiple}))
+    summary = summary.set_index("run")
+    assert summary["recommended_batch_size"].isna().all()
+    grow = summary["grow_to_batch_size"]
+    assert math.isnan(grow["wide"]) and (grow["open"], grow["old"], grow["mult"]) == (32, 32, 40)
+    table = format_summary(summary.reset_index()).set_index("run")
+    assert table.loc["wide", "B_simple"] == "15.8" and table.loc["wide", "recommended"] == "n/a"
+    assert table.loc["open", "recommended"] == "≥ 32" and table.loc["mult", "recommended"] == "≥ 40"
+    lines = dict(zip(summary.index, advise(summary.reset_index()), strict=True))
+    assert lines["wide"].startswith("wide: no advice: the 95% interval at step 20 spans 2.08x")
+    assert lines["open"].endswith("batch size 4 is below it: grow it to at least 32.")
 
 
 def test_reasons_are_true_and_said_once() -> None:
@@ -182,13 +210,13 @@ def test_reasons_are_true_and_said_once() -> None:
     assert "not yet known at any of its 30 logged points" in lines["wide"]
     assert "spans 2.08x, more than the 1.5x" in lines["wide"]
     assert "not significantly above zero at step 40" in lines["open"]
-    assert "at least 400 (95%); batch size 32 is below it" in lines["open"]
+    assert "at least 400 (95%); batch size 32 is below it: grow it to at least 256" in lines["open"]
     assert "no gns/b_simple logged" in lines["no_b"]
     assert "no 95% interval yet at step 0" in lines["early"]
     for line in lines.values():
         sentences = [x.strip() for x in re.split(r"[.;:] ", line) if x.strip()]
         assert len(sentences) == len(set(sentences)), line
-        assert line.count("at least") <= 1, line
+        assert line.count("B_noise is at least") <= 1, line
 
 
 def test_runs_without_scalars_or_gns_metrics_are_listed_with_their_reason() -> None:
@@ -446,12 +474,13 @@ def test_the_report_of_a_real_sweep_agrees_with_its_logs(
         last = csv.dropna(subset=["gns/batch_size"]).iloc[-1]
         row = summary.loc[run]
         assert row["last_step"] == last["step"] and row["batch_size"] == last["gns/batch_size"]
-        for col, key in [
-            ("b_simple", "gns/b_simple"),
-            ("b_simple_lower", "gns/b_simple_lower"),
-            ("recommended_batch_size", "gns/optimal_batch_size"),
-        ]:
+        for col, key in [("b_simple", "gns/b_simple"), ("b_simple_lower", "gns/b_simple_lower")]:
             assert row[col] == pytest.approx(last[key], nan_ok=True), (run, col)
+        # the callback logs the size the data support: the recommendation, the batch to grow
+        # to with only a lower bound, or the batch used; the report advises the same
+        rec, grow = row["recommended_batch_size"], row["grow_to_batch_size"]
+        said = rec if math.isfinite(rec) else grow if math.isfinite(grow) else row["batch_size"]
+        assert said == last["gns/optimal_batch_size"], run
         upper = last["gns/b_simple_upper"]
         assert row["b_simple_upper"] == (upper if math.isfinite(upper) else math.inf)
         assert sum(line.startswith(f"{run}:") for line in out.splitlines()) == 1

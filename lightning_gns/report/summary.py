@@ -28,6 +28,7 @@ SUMMARY_COLUMNS = [
     "logged_points",
     "known_points",
     "recommended_batch_size",
+    "grow_to_batch_size",
     "efficiency",
     "steps_change_pct",
     "examples_change_pct",
@@ -88,7 +89,9 @@ def _interval(at: dict[str, float], b: float) -> tuple[float, float]:
     return math.nan, math.nan
 
 
-def _no_advice_note(step: int, lower: float, upper: float, logged: int, known: int) -> str:
+def _no_advice_note(
+    step: int, b: float, lower: float, upper: float, logged: int, known: int
+) -> str:
     """Why the run's last read-out gives no recommendation, in the order the checks fail."""
     if logged == 0:
         return f"no {B_SIMPLE} logged"
@@ -103,8 +106,10 @@ def _no_advice_note(step: int, lower: float, upper: float, logged: int, known: i
             f"the 95% interval at step {step} spans {span}, more than the "
             f"{advice.MAX_SPREAD:g}x that advice needs"
         )
+    elif not math.isfinite(b):
+        why = f"no {B_SIMPLE} value at step {step}"
     else:
-        why = f"no recommendation was logged at step {step}"
+        why = f"no recommendation at step {step}"
     return unknown + why
 
 
@@ -112,11 +117,14 @@ def summarize(data: pd.DataFrame | Logs) -> pd.DataFrame:
     """One row per run (columns: ``SUMMARY_COLUMNS``); runs without an estimate are included,
     with the reason in ``note``.
 
-    Every value of a row describes the run's last read-out (``last_step``): B_simple (NaN while
-    not yet known), the 95% interval, the batch size and the recommendation. The
-    recommendation is the one the callback logged there (``gns/optimal_batch_size``), or for
-    logs without it what :func:`lightning_gns.advice.supported` gives for the same values (the
-    callback's function); efficiency and the change in steps and examples on moving to it
+    Every value of a row describes the run's last read-out (``last_step``): B_simple (NaN
+    while its interval has no upper end), the 95% interval, the batch size and the advice.
+    The advice is what the callback gives for the same values, from the same function
+    (:func:`lightning_gns.advice.supported`): a recommended batch size only where the interval
+    is precise (the callback's logged ``gns/optimal_batch_size`` there, which honours
+    ``batch_size_multiple``); with only a lower bound above the batch used, the batch to grow
+    to (``grow_to_batch_size``, the logged value again); nothing otherwise, with the reason in
+    ``note``. Efficiency and the change in steps and examples on moving to the recommendation
     follow from B_simple. ``b_simple_early`` is the mean of the first 10% of known points.
 
     ``data`` is ``read_metrics``' table or ``read_logs``' result (which also lists runs that
@@ -179,12 +187,20 @@ def _row(run: str, rows: pd.DataFrame, error: str) -> dict:
         logged_points=int((gns["metric"] == B_SIMPLE).sum()),
         known_points=len(known),
     )
-    if OPTIMAL in at:  # the callback's own recommendation at this read-out
-        rec = at[OPTIMAL]
+    verdict = advice.supported(b, lower, upper)  # the callback's own function, same values
+    logged = at.get(OPTIMAL, math.nan)  # the callback's gns/optimal_batch_size there
+    if verdict.kind == "estimate":  # the logged value honours batch_size_multiple
+        rec = logged if math.isfinite(logged) and logged > 0 else float(verdict.recommended or 0)
     else:
-        rec = advice.supported(b, lower, upper).recommended or math.nan
+        rec = math.nan
+        batch = row["batch_size"]
+        if verdict.kind == "at_least" and math.isfinite(batch) and batch < verdict.lower:
+            grow = logged if math.isfinite(logged) and logged > batch else math.nan
+            if math.isnan(grow):  # logs without the key, or from before it said so
+                grow = advice.supported_batch_size(verdict, batch)
+            row["grow_to_batch_size"] = grow if grow > batch else math.nan
     if not (math.isfinite(rec) and rec > 0):
-        row["note"] = _no_advice_note(step, lower, upper, row["logged_points"], len(known))
+        row["note"] = _no_advice_note(step, b, lower, upper, row["logged_points"], len(known))
         return row
     row["recommended_batch_size"] = rec
     if math.isfinite(row["batch_size"]) and math.isfinite(b) and b > 0:
@@ -231,6 +247,12 @@ def fmt_change(steps_pct: float, examples_pct: float) -> str:
     return f"steps {steps_pct:+.0f}%, examples {examples_pct:+.0f}%"
 
 
+def _recommended_cell(rec: float, grow: float) -> str:
+    if math.isfinite(rec):
+        return fmt_num(rec)
+    return f"≥ {fmt_num(grow)}" if math.isfinite(grow) else "n/a"
+
+
 def _b_simple_cell(b: float, logged: int) -> str:
     if math.isfinite(b):
         return fmt_num(b)
@@ -255,7 +277,12 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
                 fmt_interval(lo, hi)
                 for lo, hi in zip(summary["b_simple_lower"], summary["b_simple_upper"], strict=True)
             ],
-            "recommended": [fmt_num(v) for v in summary["recommended_batch_size"]],
+            "recommended": [
+                _recommended_cell(r, g)
+                for r, g in zip(
+                    summary["recommended_batch_size"], summary["grow_to_batch_size"], strict=True
+                )
+            ],
             "efficiency": [fmt_pct(100 * v) for v in summary["efficiency"]],
             "at recommended": [
                 fmt_change(s, e)
@@ -291,16 +318,16 @@ def advise(summary: pd.DataFrame) -> list[str]:
             head += f"(covers {row.coverage:.0%} of the parameters) "
         rec = row.recommended_batch_size
         if not math.isfinite(rec):
-            text = f"no advice: {row.note or 'no usable estimate'}."
-            lower, batch = row.b_simple_lower, row.batch_size
-            if math.isfinite(lower) and lower > 0:
-                text += f" B_noise is at least {fmt_num(lower)} (95%)"
-                below = math.isfinite(batch) and batch < lower
-                text += (
-                    f"; batch size {fmt_num(batch)} is below it: a larger batch helps."
-                    if below
-                    else "."
+            lower, batch, grow = row.b_simple_lower, row.batch_size, row.grow_to_batch_size
+            if math.isfinite(grow):  # only a lower bound, above the batch used: grow
+                text = (
+                    f"{row.note}. B_noise is at least {fmt_num(lower)} (95%); batch size "
+                    f"{fmt_num(batch)} is below it: grow it to at least {fmt_num(grow)}."
                 )
+            else:
+                text = f"no advice: {row.note or 'no usable estimate'}."
+                if math.isfinite(lower) and lower > 0:
+                    text += f" B_noise is at least {fmt_num(lower)} (95%)."
             lines.append(head + text)
             continue
         lines.append(head + _advice_text(row))
