@@ -143,10 +143,11 @@ def write_report(
         "<h2>Summary</h2>",
         _table_html(format_summary(summary)),
         '<p class="meta">Each row describes the run\'s last read-out (step): B_simple there '
-        "(not yet known while its interval is too wide), its 95% interval, the batch size and "
-        "the recommended batch size the callback logged, given only where the interval spans "
-        f"at most {advice.MAX_SPREAD:g}x. B_simple early: the mean of the first 10% of known "
-        "points. At recommended: the change in optimizer steps (time) and in examples "
+        "(not yet known while its interval has no upper end), its 95% interval, the batch size "
+        "and the advice the callback gives for them: the recommended batch size where the "
+        f"interval spans at most {advice.MAX_SPREAD:g}x, ≥ X where only a lower bound above the "
+        "batch used is known (grow to at least X). B_simple early: the mean of the first 10% of "
+        "known points. At recommended: the change in optimizer steps (time) and in examples "
         "(compute) to reach the same loss at the recommended batch size instead of the one "
         "used. Source: where the small-batch norms came from; coverage: the fraction of "
         "trainable parameters in the estimate.</p>",
