@@ -1,11 +1,12 @@
 # The two commands a newcomer runs: `make demo` and `make test` (each creates .venv if missing).
+# `make docs` builds the documentation site into site/ (warnings are errors).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # On these machines torch 2.13.0 is a local CPU wheel; a looser pin downloads a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo report test test-fast lint format clean
+.PHONY: demo report test test-fast lint format clean docs chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +14,10 @@ $(PY):
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+$(VENV)/.docs: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q "$(TORCH)" -e ".[docs]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -27,12 +32,16 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: $(VENV)/.installed chromium
+# The docs extra too: a test builds the site and opens its pages in Chromium.
+test: $(VENV)/.docs chromium
 	$(PY) -m pytest -q
 
 # The inner loop: everything but the tests marked slow (about a minute on 2 cores).
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
+
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -44,4 +53,4 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf runs reports lightning_logs .pytest_cache
+	rm -rf runs reports lightning_logs .pytest_cache site dist build

@@ -172,6 +172,25 @@ class AdaptiveBatchSize(Callback):
             ``linear`` otherwise), ``linear``, ``sqrt``, ``adascale`` or ``none``.
         min_steps_between: optimizer steps between two changes (hysteresis in time).
         shrink: also lower the batch when the noise scale falls (default: only grow).
+
+    Raises:
+        ValueError: at construction, an argument out of its range (the message names it).
+        RuntimeError: at fit start, with the reason: no ``GradientNoiseScale`` in the
+            trainer's callbacks, a ``GradientAccumulationScheduler`` (both would set the
+            accumulation), manual optimization, DeepSpeed.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
+        >>> adaptive = AdaptiveBatchSize(max_accumulate=32)  # grow up to 32 micro-batches
+        >>> trainer = pl.Trainer(accumulate_grad_batches=1, logger=False,
+        ...     callbacks=[GradientNoiseScale(), adaptive])
+        >>> adaptive.rule, adaptive.factor, adaptive.changes
+        ('lower_bound', 2, [])
+        >>> AdaptiveBatchSize(factor=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: factor must be an int ≥ 2 (2: doubling), got 1
     """
 
     def __init__(

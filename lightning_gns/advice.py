@@ -168,6 +168,12 @@ def optimal_batch_size(
     nearest positive multiple of ``multiple_of`` when given. Raises ``ValueError`` for a NaN,
     infinite or non-positive ``b_noise`` (check ``math.isfinite`` first when it may be so).
     McCandlish et al. 2018, §2.3 (the critical batch size B_crit ≈ B_noise).
+
+    Example:
+        >>> optimal_batch_size(91.0), optimal_batch_size(89.0)  # 2^6.5 = 90.5 between them
+        (128, 64)
+        >>> optimal_batch_size(100.0, multiple_of=48)
+        96
     """
     try:
         value = float(b_noise)
@@ -221,7 +227,15 @@ def supported(
     """Advice from an estimate and its interval: a recommendation only when the interval is
     precise (:func:`lightning_gns.estimator.precise`: upper/lower at most :data:`MAX_SPREAD`),
     and never above twice the lower bound (so efficiency stays ≥ 89% even if B_noise is at the
-    low end of the interval); a lower bound alone when that is all the data show."""
+    low end of the interval); a lower bound alone when that is all the data show. The
+    callback's advice and the report's recommendation both come from it.
+
+    Example:
+        >>> supported(52.15, 44.85, 61.81)
+        Supported(kind='estimate', b_noise=52.15, lower=44.85, recommended=64)
+        >>> supported(float("nan"), 43.76, float("inf"))  # only a lower bound
+        Supported(kind='at_least', b_noise=nan, lower=43.76, recommended=None)
+    """
     has_lower = math.isfinite(lower) and lower > 0
     if math.isfinite(b_simple) and b_simple > 0 and precise(lower, upper):
         rec = optimal_batch_size(b_simple, multiple_of)

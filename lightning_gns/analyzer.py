@@ -47,6 +47,31 @@ class GradientNoiseAnalyzer:
         train_mode: put the model in train mode while analysing (dropout on, as in training);
             ``False`` for eval mode, ``None`` to keep the modes it has.
         verbose: print progress and a summary.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``criterion`` is not callable.
+        ValueError: a criterion with ``reduction="none"``, a model without trainable
+            parameters; in :meth:`analyze`, an empty loader, batches that are not
+            ``(inputs, targets)`` pairs, or a model whose examples interact (BatchNorm in
+            train mode), each with the fix.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_gns import GradientNoiseAnalyzer
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(256, 8, generator=gen)
+        >>> loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16)
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+        >>> before = model[0].weight.clone()
+        >>> results = GradientNoiseAnalyzer(model, nn.CrossEntropyLoss(), loader,
+        ...     verbose=False).analyze(num_batches=10)
+        >>> results["num_examples"], results["current_batch_size"], results["coverage"]
+        (160, 16, 1.0)
+        >>> lower, upper = results["confidence_interval"]
+        >>> bool(lower <= upper) and torch.equal(before, model[0].weight)  # model unchanged
+        True
     """
 
     def __init__(

@@ -21,6 +21,7 @@ from typing_extensions import override
 from lightning_gns import keys, sync
 from lightning_gns.driver import StepDriver
 from lightning_gns.estimator import GNSValues
+from lightning_gns.failure import record_failure
 from lightning_gns.norms.sites import Site
 from lightning_gns.publish import point_estimate, publish, read_out, summary, tensorboard_layout
 from lightning_gns.records import MODEL, PRECONDITIONED
@@ -171,6 +172,44 @@ class GradientNoiseScale(Readings, Callback):
             state, never changed), logged as ``gns/preconditioned/*``. Measured between
             micro-batches: needs ``accumulate_grad_batches >= 2`` or DDP.
         summary: print a short summary at the end of each fit (rank zero).
+
+    Raises:
+        ValueError: at construction, an argument out of its range (the message names it).
+        RuntimeError: at fit start, a set-up it cannot measure, with the fix: FSDP, DeepSpeed,
+            manual optimization, several optimizers; BatchNorm in train mode on one device
+            without accumulation; a model without any layer it has a per-example rule for and
+            one gradient per step; ``layers="norm"`` without a normalization layer;
+            ``preconditioned=True`` without a second micro-batch. During training it never
+            raises: a step it cannot use is skipped, counted and warned about once.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_gns import GradientNoiseScale
+        >>> class Net(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer = torch.nn.Linear(4, 2)
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return torch.nn.functional.cross_entropy(self.layer(x), y)
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+        >>> data = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
+        >>> gns = GradientNoiseScale(log_every_n_steps=4)
+        >>> trainer = pl.Trainer(max_epochs=4, callbacks=[gns], logger=False,
+        ...     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        >>> trainer.fit(Net(), data)
+        >>> gns.batch_size, gns.chosen_source
+        (8.0, 'per_example')
+        >>> gns.b_simple_lower > 0  # B_noise is at least this (95%); b_simple may be NaN
+        True
+        >>> GradientNoiseScale(source="fast")
+        Traceback (most recent call last):
+        ...
+        ValueError: source must be one of ('auto', 'micro_batch', 'per_example'), got 'fast'
     """
 
     def __init__(
@@ -251,6 +290,7 @@ class GradientNoiseScale(Readings, Callback):
         # probe, structural check), or torch.compile would stay off in this process.
         if self._driver is not None:
             self._driver.detach()
+        record_failure(trainer, exception)  # `lightning-gns report` lists the run with it
 
     # -- per micro-batch and step ---------------------------------------------------------
     @override

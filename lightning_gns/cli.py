@@ -79,23 +79,29 @@ def _progress(message: str) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lightning_gns.logs import find_runs, read_metrics
+    from lightning_gns.logs import find_runs, read_logs
     from lightning_gns.report import advise, format_summary, summarize, write_report
+    from lightning_gns.report.page import runs_note
 
-    runs = find_runs(args.path)
-    _progress(f"reading {len(runs)} run(s) under {args.path} ...")
-    df = read_metrics(args.path)
-    if df.empty or not df["metric"].astype(str).str.startswith("gns/").any():
+    folders = find_runs(args.path)
+    _progress(f"reading {len(folders)} log folder(s) under {args.path} ...")
+    logs = read_logs(args.path)
+    twins = (
+        f", {len(logs.merged)} of them logged to TensorBoard and CSV at once" if logs.merged else ""
+    )
+    _progress(f"found {len(logs.runs)} run(s){twins}")
+    df = logs.frame
+    if not df["metric"].astype(str).str.startswith("gns/").any() and not logs.errors:
         raise ValueError(
             f"no gns/* metrics in the logs under {args.path}; "
             "train with the lightning_gns GradientNoiseScale callback to log them"
         )
-    summary = summarize(df)
+    summary = summarize(logs)
     print(format_summary(summary).to_string(index=False))
     print()
-    for line in advise(summary):
+    for line in advise(summary) + runs_note(logs):
         print(line)
-    page = write_report(df, args.out, progress=_progress, source=str(args.path))
+    page = write_report(logs, args.out, progress=_progress, source=str(args.path))
     print(page)
     return 0
 

@@ -28,6 +28,7 @@ ACCUMULATE = "gns/accumulate"
 LR_SCALE = "gns/lr_scale"
 LR = "gns/lr"
 BATCH_SIZE_CHANGE = "gns/batch_size_change"  # TensorBoard text
+ERROR = "gns/error"  # TensorBoard text: why a run stopped (the report lists it)
 
 
 def layer_b_simple(module: str) -> str:

@@ -1,18 +1,51 @@
-"""Read logged scalars (TensorBoard event files, Lightning ``metrics.csv``) into one table."""
+"""Read logged scalars (TensorBoard event files, Lightning ``metrics.csv``) into one table.
+
+A run logged to TensorBoard and to CSV at once (two folders, e.g. ``version_0`` and
+``version_1``) is read as one run: :func:`read_logs` merges folders whose ``gns/*`` values
+agree point for point.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["COLUMNS", "find_runs", "read_metrics"]
+from lightning_gns.failure import ERROR_TAG
+
+__all__ = ["COLUMNS", "ERROR_TAG", "Logs", "find_runs", "read_logs", "read_metrics"]
 
 COLUMNS = ["run", "step", "metric", "value"]
 CSV_NAME = "metrics.csv"
+_NAN_TEXT = {"nan", "-nan", "+nan"}
+
+
+@dataclass
+class Logs:
+    """What :func:`read_logs` found under a path.
+
+    Attributes:
+        frame: every logged scalar, columns ``run, step, metric, value`` (NaN where a logger
+            logged NaN, e.g. ``gns/b_simple`` while not yet known).
+        runs: every run found, in order, including runs that logged no scalar at all.
+        folders: per run, the folders (or files) it was read from; two for a run logged to
+            TensorBoard and CSV at once.
+        errors: per run, the error it stopped with, where one was recorded.
+    """
+
+    frame: pd.DataFrame
+    runs: list[str] = field(default_factory=list)
+    folders: dict[str, list[str]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def merged(self) -> dict[str, list[str]]:
+        """Runs read from more than one folder (TensorBoard and CSV twins)."""
+        return {run: where for run, where in self.folders.items() if len(where) > 1}
 
 
 def _is_event_file(path: Path) -> bool:
@@ -76,11 +109,12 @@ def find_runs(path: str | os.PathLike[str]) -> dict[str, dict[str, list[Path]]]:
     return runs
 
 
-def _read_events(source: Path) -> pd.DataFrame:
-    """Scalars of one event file, or of every event file directly inside a folder."""
+def _read_events(source: Path) -> tuple[pd.DataFrame, str]:
+    """Scalars of one event file, or of every event file directly inside a folder, and the
+    last recorded error text (``gns/error``), if any."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(source), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(source), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     frames = []
     for tag in acc.Tags().get("scalars", []):
@@ -94,26 +128,38 @@ def _read_events(source: Path) -> pd.DataFrame:
                 }
             )
         )
-    return pd.concat(frames, ignore_index=True) if frames else _empty().drop(columns="run")
+    error = ""
+    for tag in acc.Tags().get("tensors", []):
+        if tag.split("/text_summary")[0] == ERROR_TAG:
+            texts = acc.Tensors(tag)[-1].tensor_proto.string_val
+            error = b" ".join(texts).decode("utf-8", "replace") if texts else ""
+    rows = pd.concat(frames, ignore_index=True) if frames else _empty().drop(columns="run")
+    return rows, error
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
-    """Long-format rows of a Lightning CSVLogger ``metrics.csv`` (one column per metric)."""
+    """Long-format rows of a Lightning CSVLogger ``metrics.csv`` (one column per metric).
+
+    An empty cell is a metric not logged at that step and is dropped; a logged ``nan`` is
+    kept as NaN (``gns/b_simple`` while not yet known)."""
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         return _empty().drop(columns="run")
     if "step" not in table.columns:
         raise ValueError(f"{path} has no 'step' column; expected a Lightning CSVLogger metrics.csv")
+    table["step"] = pd.to_numeric(table["step"], errors="coerce")
     table = table.dropna(subset=["step"])
-    long = table.melt(id_vars=["step"], var_name="metric", value_name="value")
-    long["value"] = pd.to_numeric(long["value"], errors="coerce")
-    long = long.dropna(subset=["value"])
+    long = table.melt(id_vars=["step"], var_name="metric", value_name="text")
+    text = long["text"].astype(str).str.strip()
+    value = pd.to_numeric(text, errors="coerce")
+    keep = value.notna() | text.str.lower().isin(_NAN_TEXT)
+    long, value = long[keep], value[keep]
     return pd.DataFrame(
         {
-            "step": pd.to_numeric(long["step"]).astype("int64").to_numpy(),
+            "step": long["step"].astype("int64").to_numpy(),
             "metric": long["metric"].astype(str).to_numpy(dtype=object),
-            "value": long["value"].astype("float64").to_numpy(),
+            "value": value.astype("float64").to_numpy(),
         }
     )
 
@@ -134,29 +180,141 @@ def _concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _gns_points(rows: pd.DataFrame) -> pd.DataFrame:
+    if rows.empty:
+        return rows
+    gns = rows[rows["metric"].astype(str).str.startswith("gns/")]
+    gns = gns.drop_duplicates(["metric", "step"], keep="last")
+    return gns.sort_values(["metric", "step"], kind="stable").reset_index(drop=True)
+
+
+def same_run(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Whether two runs' rows are one run logged twice: the same ``gns/*`` points, values
+    equal to float32 precision (TensorBoard stores float32; NaN matches NaN)."""
+    pa, pb = _gns_points(a), _gns_points(b)
+    if pa.empty or len(pa) != len(pb):
+        return False
+    if not (pa["metric"].equals(pb["metric"]) and pa["step"].equals(pb["step"])):
+        return False
+    va, vb = pa["value"].to_numpy(dtype=float), pb["value"].to_numpy(dtype=float)
+    return bool(np.allclose(va, vb, rtol=1e-6, atol=0.0, equal_nan=True))
+
+
+def _twin_name(a: str, b: str) -> str:
+    """``lr/version_0`` and ``lr/version_1`` -> ``lr/version_0+version_1``."""
+    pa, pb = a.split("/"), b.split("/")
+    i = 0
+    while i < min(len(pa), len(pb)) - 1 and pa[i] == pb[i]:
+        i += 1
+    head = "/".join(pa[:i])
+    tail = "/".join(pa[i:]) + "+" + "/".join(pb[i:])
+    return f"{head}/{tail}" if head else tail
+
+
+@dataclass
+class _Run:
+    name: str
+    rows: pd.DataFrame
+    kind: str  # "events", "csv" or "both"
+    folders: list[str]
+    error: str = ""
+
+
+def _merge_twins(runs: list[_Run]) -> list[_Run]:
+    """Merge each events-only run with the csv-only run that logged the same gns/* points."""
+    out: list[_Run] = []
+    used: set[int] = set()
+    for i, run in enumerate(runs):
+        if i in used:
+            continue
+        for j in range(i + 1, len(runs)):
+            other = runs[j]
+            if j in used or {run.kind, other.kind} != {"events", "csv"}:
+                continue
+            events, csv = (run, other) if run.kind == "events" else (other, run)
+            if same_run(events.rows, csv.rows):
+                used.add(j)
+                run = _Run(
+                    _twin_name(run.name, other.name),
+                    _merge_sources(events.rows, csv.rows),
+                    "both",
+                    run.folders + other.folders,
+                    run.error or other.error,
+                )
+                break
+        out.append(run)
+    return out
+
+
+def read_logs(path: str | os.PathLike[str]) -> Logs:
+    """Read every run under ``path``: scalars, the folders each came from, recorded errors.
+
+    Like :func:`read_metrics`, and besides: runs that logged no scalar (a run that stopped at
+    fit start) are kept in ``runs``, a run logged to TensorBoard and CSV in two folders is one
+    run named ``<common path>/<first>+<second>``, and the error a run stopped with is read
+    from the TensorBoard text ``gns/error``.
+    """
+    found = find_runs(path)
+    runs: list[_Run] = []
+    for name, sources in found.items():
+        events = [_read_events(s) for s in sources["events"]]
+        event_rows = _concat(rows for rows, _ in events)
+        csv_rows = _concat(_read_csv(c) for c in sources["csv"])
+        kinds = [k for k in ("events", "csv") if sources[k]]
+        kind = kinds[0] if len(kinds) == 1 else "both"
+        error = next((e for _, e in reversed(events) if e), "")
+        rows = _merge_sources(event_rows, csv_rows)
+        runs.append(_Run(name, rows, kind, [name], error))
+    runs = _merge_twins(runs)
+    frames = []
+    for run in runs:
+        if not run.rows.empty:
+            rows = run.rows.copy()
+            rows.insert(0, "run", run.name)
+            frames.append(rows)
+    if frames:
+        df = pd.concat(frames, ignore_index=True)[COLUMNS]
+        df["run"] = df["run"].astype(object)
+        df["metric"] = df["metric"].astype(object)
+        df["step"] = df["step"].astype("int64")
+        df["value"] = df["value"].astype("float64")
+        df = df.sort_values(["run", "step", "metric"], kind="stable").reset_index(drop=True)
+    else:
+        df = _empty()
+    return Logs(
+        frame=df,
+        runs=[r.name for r in runs],
+        folders={r.name: r.folders for r in runs},
+        errors={r.name: r.error for r in runs if r.error},
+    )
+
+
 def read_metrics(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read every logged scalar under ``path`` into columns run, step, metric, value.
 
     ``path`` may be a TensorBoard event file, a Lightning ``metrics.csv``, or a folder tree
     holding either (or both). Each folder that directly holds event files or a metrics.csv is
     one run, named by its path relative to ``path`` (the folder's own name when ``path`` is the
-    run). Rows are sorted by run, step and metric. Raises ``FileNotFoundError`` for a missing
-    path and ``ValueError`` when no logs are found.
+    run); a run logged to TensorBoard and CSV at once is one run (see :func:`read_logs`).
+    Values a logger logged as NaN stay NaN. Rows are sorted by run, step and metric.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: no logs under ``path``, or a CSV without a ``step`` column.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from lightning_gns import read_metrics
+        >>> log = pathlib.Path(tempfile.mkdtemp()) / "metrics.csv"
+        >>> _ = log.write_text("step,epoch,gns/b_simple,train/loss\\n9,0,,0.7\\n"
+        ...                    "10,0,nan,\\n20,1,41.5,\\n")
+        >>> read_metrics(log)[["step", "metric", "value"]]
+           step        metric  value
+        0     9         epoch    0.0
+        1     9    train/loss    0.7
+        2    10         epoch    0.0
+        3    10  gns/b_simple    NaN
+        4    20         epoch    1.0
+        5    20  gns/b_simple   41.5
     """
-    runs = find_runs(path)
-    frames = []
-    for name, sources in runs.items():
-        event_rows = _concat(_read_events(s) for s in sources["events"])
-        csv_rows = _concat(_read_csv(c) for c in sources["csv"])
-        rows = _merge_sources(event_rows, csv_rows)
-        if not rows.empty:
-            rows.insert(0, "run", name)
-            frames.append(rows)
-    if not frames:
-        return _empty()
-    df = pd.concat(frames, ignore_index=True)[COLUMNS]
-    df["run"] = df["run"].astype(object)
-    df["metric"] = df["metric"].astype(object)
-    df["step"] = df["step"].astype("int64")
-    df["value"] = df["value"].astype("float64")
-    return df.sort_values(["run", "step", "metric"], kind="stable").reset_index(drop=True)
+    return read_logs(path).frame

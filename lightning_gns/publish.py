@@ -80,13 +80,20 @@ def publish(
 
 
 def tensorboard_layout() -> dict[str, dict[str, list[Any]]]:
-    """Custom-scalars charts: anchored tags, one scale per chart, the interval as a margin."""
+    """Custom-scalars charts: anchored tags, one scale per chart, the interval as a margin.
+
+    TensorBoard draws a category's multiline charts before its margin charts whatever the
+    layout's order, so the B_simple margin chart has a category of its own, listed first: it
+    is the first chart on the Custom Scalars tab (categories keep the layout's order).
+    """
     return {
-        "gradient noise scale": {
+        "gradient noise scale B_simple": {
             "B_simple with its 95% interval": [
                 "Margin",
                 [keys.B_SIMPLE, keys.B_SIMPLE_LOWER, keys.B_SIMPLE_UPPER],
             ],
+        },
+        "gradient noise scale: details": {
             "batch size: used and recommended": [
                 "Multiline",
                 [f"^{keys.BATCH_SIZE}$", f"^{keys.OPTIMAL_BATCH_SIZE}$"],
@@ -100,7 +107,7 @@ def tensorboard_layout() -> dict[str, dict[str, list[Any]]]:
                 "Multiline",
                 [f"^{keys.SKIPPED_STEPS}$", f"^{keys.STALE_STEPS}$"],
             ],
-        }
+        },
     }
 
 

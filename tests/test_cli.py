@@ -27,9 +27,11 @@ def test_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "out"
     assert main(["report", str(tmp_path / "logs"), "--out", str(out_dir)]) == 0
     captured = capsys.readouterr()
-    assert "B_simple late" in captured.out and "exp" in captured.out
+    assert "B_simple early" in captured.out and "95% interval" in captured.out
+    assert "exp" in captured.out
     assert captured.out.strip().splitlines()[-1] == str(out_dir / "report.html")
-    assert "reading 1 run(s)" in captured.err and "plotting" in captured.err
+    assert "reading 1 log folder(s)" in captured.err and "found 1 run(s)" in captured.err
+    assert "summarized 1 run(s)" in captured.err and "plotting" in captured.err
     for name in ("report.html", "noise_scale.png", "efficiency.png", "pareto.png"):
         assert (out_dir / name).is_file()
 
@@ -88,7 +90,7 @@ def test_errors_are_one_line_with_exit_code_2(
     errors = [line for line in lines if line.startswith("lightning-gns: error:")]
     assert len(errors) == 1 and errors[0] == lines[-1], captured.err  # progress may precede it
     assert needle in errors[0]
-    assert all(line.startswith("reading ") for line in lines[:-1]), captured.err
+    assert all(line.startswith(("reading ", "found ")) for line in lines[:-1]), captured.err
     assert "Traceback" not in captured.err + captured.out
 
 

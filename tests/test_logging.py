@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_gns import GradientNoiseScale
 
 ROOT = Path(__file__).resolve().parents[1]
+BOUNDS = ("gns/b_simple_lower", "gns/b_simple_upper")
 KEYS = {
     "gns/b_simple",
     "gns/b_simple_se",
@@ -63,6 +64,10 @@ def test_tensorboard_and_csv_loggers_get_the_gns_keys(tmp_path) -> None:
     charts = [c for cat in layout.category for c in cat.chart]
     margins = [[(s.value, s.lower, s.upper) for s in c.margin.series] for c in charts]
     assert [("gns/b_simple", "gns/b_simple_lower", "gns/b_simple_upper")] in margins
+    # TensorBoard draws a category's multiline charts before its margin charts: the B_simple
+    # margin chart is first on the tab only as the one chart of the first category.
+    first = layout.category[0].chart
+    assert len(first) == 1 and margins[0] == [("gns/b_simple", *BOUNDS)]
     for chart in charts:  # each Multiline regex is anchored and matches exactly one tag
         for pattern in chart.multiline.tag:
             assert pattern.startswith("^") and pattern.endswith("$"), pattern

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -9,7 +10,7 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_gns.logs import COLUMNS, read_metrics
+from lightning_gns.logs import COLUMNS, ERROR_TAG, read_logs, read_metrics
 
 
 def write_tb(folder: Path, scalars: dict[str, list[tuple[int, float]]]) -> None:
@@ -56,28 +57,68 @@ def test_several_event_files_in_one_folder_form_one_run(tmp_path: Path) -> None:
     assert points("gns/b_simple", df, "run") == [(0, 1.0), (1, 2.0), (2, 3.0)]
 
 
-def test_lightning_csv_and_tensorboard_loggers_mixed(tmp_path: Path) -> None:
+def test_lightning_csv_and_tensorboard_loggers_of_one_run_are_merged(tmp_path: Path) -> None:
     csv = CSVLogger(str(tmp_path), name="csv_exp")
     tb = TensorBoardLogger(str(tmp_path), name="tb_exp", default_hp_metric=False)
+    other = TensorBoardLogger(str(tmp_path), name="tb_other", default_hp_metric=False)
     for step in range(4):
         metrics = {"gns/b_simple": 10.0 + step, "gns/batch_size": 32.0}
         if step % 2:
             metrics["train/loss"] = 1.0 / step
         for logger in (csv, tb):
             logger.log_metrics(metrics, step=step)
-    csv.finalize("success")
-    tb.finalize("success")
+        other.log_metrics({**metrics, "gns/b_simple": 10.5 + step}, step=step)  # another run
+    for logger in (csv, tb, other):
+        logger.finalize("success")
     assert (tmp_path / "csv_exp" / "version_0" / "metrics.csv").is_file()
 
-    df = read_metrics(tmp_path)
-    assert sorted(df["run"].unique()) == ["csv_exp/version_0", "tb_exp/version_0"]
-    for run in df["run"].unique():
-        assert points("gns/b_simple", df, run) == [(s, 10.0 + s) for s in range(4)]
-        assert points("train/loss", df, run) == [(1, 1.0), (3, pytest.approx(1 / 3))]
+    logs = read_logs(tmp_path)
+    twin = "csv_exp/version_0+tb_exp/version_0"
+    assert logs.runs == [twin, "tb_other/version_0"]
+    assert logs.merged == {twin: ["csv_exp/version_0", "tb_exp/version_0"]}
+    df = logs.frame
+    assert points("gns/b_simple", df, twin) == [(s, 10.0 + s) for s in range(4)]  # not doubled
+    assert points("train/loss", df, twin) == [(1, 1.0), (3, pytest.approx(1 / 3))]
+    assert points("gns/b_simple", df, "tb_other/version_0") == [(s, 10.5 + s) for s in range(4)]
     assert not df["value"].isna().any()  # the CSV's empty cells are dropped
+    assert read_metrics(tmp_path).equals(df)
 
     one = read_metrics(tmp_path / "csv_exp" / "version_0" / "metrics.csv")
     assert set(one["run"]) == {"version_0"}
+
+
+def test_twins_are_merged_in_the_same_parent_and_two_tensorboard_copies_are_not(
+    tmp_path: Path,
+) -> None:
+    """Lightning's default: TensorBoardLogger and CSVLogger with one name take version_0 and
+    version_1. Two TensorBoard folders with equal values are two runs (a repeated seed)."""
+    values = {"gns/b_simple": [(5, float("nan")), (10, 1.0 / 3)], "gns/b_simple_lower": []}
+    values["gns/b_simple_lower"] = [(5, 0.1), (10, 0.3)]
+    write_tb(tmp_path / "lr" / "version_0", values)
+    (tmp_path / "lr" / "version_1").mkdir()
+    (tmp_path / "lr" / "version_1" / "metrics.csv").write_text(
+        "epoch,gns/b_simple,gns/b_simple_lower,step,train/loss\n"
+        ",nan,0.1,5,\n0,,,4,0.9\n,0.3333333333333333,0.3,10,\n"
+    )
+    write_tb(tmp_path / "seed" / "version_0", values)
+    write_tb(tmp_path / "seed" / "version_1", values)
+    logs = read_logs(tmp_path)
+    assert logs.runs == ["lr/version_0+version_1", "seed/version_0", "seed/version_1"]
+    df = logs.frame
+    twin = points("gns/b_simple", df, "lr/version_0+version_1")
+    assert len(twin) == 2 and math.isnan(twin[0][1]) and twin[1] == (10, 1.0 / 3)  # CSV's value
+    assert points("train/loss", df, "lr/version_0+version_1") == [(4, 0.9)]
+
+
+def test_a_run_that_logged_nothing_is_kept_with_its_recorded_error(tmp_path: Path) -> None:
+    writer = SummaryWriter(str(tmp_path / "crashed"))
+    writer.add_text(ERROR_TAG, "RuntimeError: BatchNorm in train mode", 0)
+    writer.close()
+    write_tb(tmp_path / "fine", {"gns/b_simple": [(1, 3.0)]})
+    logs = read_logs(tmp_path)
+    assert logs.runs == ["crashed", "fine"]
+    assert set(logs.frame["run"]) == {"fine"}
+    assert logs.errors == {"crashed": "RuntimeError: BatchNorm in train mode"}
 
 
 def test_csv_and_events_in_the_same_folder_do_not_duplicate(tmp_path: Path) -> None:
@@ -94,11 +135,17 @@ def test_csv_and_events_in_the_same_folder_do_not_duplicate(tmp_path: Path) -> N
 
 
 def test_hand_written_metrics_csv_with_nans(tmp_path: Path) -> None:
+    """An empty cell is not logged; a logged ``nan`` (B_simple not yet known) is kept."""
     path = tmp_path / "metrics.csv"
-    path.write_text("step,epoch,gns/b_simple,val_loss\n0,0,5.0,\n1,0,,0.5\n2,1,7.0,\n")
+    path.write_text(
+        "step,epoch,gns/b_simple,val_loss,note\n0,0,5.0,,a\n1,0,,0.5,\n2,1,nan,,b\n3,1,7.0,,\n"
+    )
     df = read_metrics(path)
-    assert points("gns/b_simple", df, tmp_path.name) == [(0, 5.0), (2, 7.0)]
+    got = points("gns/b_simple", df, tmp_path.name)
+    assert [s for s, _ in got] == [0, 2, 3] and math.isnan(got[1][1])
+    assert (got[0][1], got[2][1]) == (5.0, 7.0)
     assert points("val_loss", df, tmp_path.name) == [(1, 0.5)]
+    assert "note" not in set(df["metric"])  # text is not a scalar
 
 
 def test_errors(tmp_path: Path) -> None:

@@ -11,20 +11,32 @@ import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.text import Text
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gns import advice
-from lightning_gns.logs import read_metrics
+from lightning_gns.logs import Logs, read_logs, read_metrics
 from lightning_gns.report import (
     SUMMARY_COLUMNS,
     advise,
     explore,
+    format_summary,
     plot_efficiency,
     plot_noise_scale,
     plot_pareto,
     summarize,
     write_explore,
     write_report,
+)
+from lightning_gns.report.plots import (
+    Curve,
+    _curves_from_summary,
+    efficiency_figure,
+    noise_scale_figure,
+    pareto_figure,
+    pick_runs,
 )
 
 
@@ -50,7 +62,7 @@ def check_png(path: Path) -> None:
 
 
 def test_summarize_hand_values() -> None:
-    values = growing(20)  # 10..29; 10% of 20 points = 2 points
+    values = growing(20)  # 10..29; early = mean of the first 10% (2 points)
     df = frame(
         {
             "a": {
@@ -62,7 +74,6 @@ def test_summarize_hand_values() -> None:
                 "gns/coverage": [0.5] * 20,
                 "loss": [1] * 20,
             },
-            "no_gns": {"loss": [1.0, 0.5]},
         }
     )
     summary = summarize(df)
@@ -72,40 +83,183 @@ def test_summarize_hand_values() -> None:
     assert row["last_step"] == 190
     assert row["batch_size"] == 16
     assert row["b_simple_early"] == pytest.approx(10.5)
-    assert row["b_simple_late"] == pytest.approx(28.5)
-    assert row["b_simple_last"] == pytest.approx(29.0)
+    assert row["b_simple"] == 29.0  # the last read-out, not a mean of several
     assert row["source"] == "per-example" and row["coverage"] == 0.5
     assert (row["b_simple_lower"], row["b_simple_upper"]) == (29.0 * 0.9, 29.0 * 1.2)
-    assert row["recommended_batch_size"] == 32  # 28.5 -> 2^round(4.83)
-    assert row["efficiency"] == pytest.approx(4 * 16 * 28.5 / (16 + 28.5) ** 2)
-    waste = advice.wasted(16, 28.5, 32)
-    assert row["extra_steps_pct"] == pytest.approx(waste["extra_steps_pct"])
-    assert row["extra_examples_pct"] == pytest.approx(waste["extra_examples_pct"])
-    assert row["extra_steps_pct"] > 0 > row["extra_examples_pct"]  # too small: wastes time
+    assert (row["logged_points"], row["known_points"]) == (20, 20)
+    assert row["recommended_batch_size"] == 32  # log2(29) = 4.86 -> 2^5
+    assert row["efficiency"] == pytest.approx(1856 / 2025)  # 4·16·29/45²
+    # at 32 instead of 16: S ∝ 1 + 29/B, E ∝ 1 + B/29
+    assert row["steps_change_pct"] == pytest.approx(100 * (976 / 1440 - 1))  # -32.2%
+    assert row["examples_change_pct"] == pytest.approx(100 * 16 / 45)  # +35.6%
+    table = format_summary(summary).iloc[0]
+    assert table["B_simple"] == "29" and table["95% interval"] == "26.1–34.8"
+    assert table["at recommended"] == "steps -32%, examples +36%"
+    (line,) = advise(summary)
+    assert "B_simple ≈ 29 at step 190 (95% interval 26.1–34.8), recommended batch size 32" in line
+    assert "about 32% fewer optimizer steps for 36% more examples" in line  # as in the table
+    assert "covers 50%" in line
 
 
-def test_summarize_ignores_nan_points_and_handles_missing_pieces() -> None:
+def test_every_value_of_a_row_is_from_the_last_read_out() -> None:
+    """B_simple known until step 140, then not (the interval widened) until the run ends at
+    250: the row shows step 250, its interval and no B_simple, never a value from 140."""
+    known = [50.0 + i for i in range(15)]  # steps 0..140
     df = frame(
         {
-            "nan_first": {
-                "gns/b_simple": [math.nan, 4.0, 4.0, math.nan],
-                "gns/b_simple_se": [math.nan, 0.2, 0.2, math.nan],
+            "r": {
+                "gns/b_simple": known + [math.nan] * 11,  # steps 150..250: not yet known
+                "gns/b_simple_lower": [0.9 * v for v in known] + [180.2] * 11,
+                "gns/b_simple_upper": [1.1 * v for v in known] + [749.7] * 11,
+                "gns/batch_size": [32.0] * 26,
+            }
+        }
+    )
+    row = summarize(df).iloc[0]
+    assert row["last_step"] == 250 and math.isnan(row["b_simple"])
+    assert (row["b_simple_lower"], row["b_simple_upper"]) == (180.2, 749.7)
+    assert math.isnan(row["recommended_batch_size"])
+    table = format_summary(summarize(df)).iloc[0]
+    assert (table["step"], table["B_simple"], table["95% interval"]) == (
+        "250",
+        "not yet known",
+        "180.2–749.7",
+    )
+    (line,) = advise(summarize(df))
+    assert "spans 4.16x" in line and "at step 250" in line  # 749.7 / 180.2
+    assert "at least 180.2" in line and "below it" in line
+
+
+def test_the_report_recommends_what_the_callback_logged_near_two_to_the_six_and_a_half() -> None:
+    """2^6.5 = 90.5: the callback rounded its last value 91 up to 128; a mean of the last 10%
+    of points (89) rounds down to 64, which is what the report used to say."""
+    values = [80.0] * 18 + [87.0, 91.0]  # the last 10%: mean 89
+    metrics = {
+        "gns/b_simple": values,
+        "gns/b_simple_lower": [v / 1.1 for v in values],
+        "gns/b_simple_upper": [v * 1.1 for v in values],
+        "gns/batch_size": [32.0] * 20,
+    }
+    logged = {**metrics, "gns/optimal_batch_size": [64.0] * 19 + [128.0]}
+    multiple = {**metrics, "gns/optimal_batch_size": [96.0] * 20}  # batch_size_multiple=48
+    summary = summarize(frame({"logged": logged, "old_logs": metrics, "multiple": multiple}))
+    rec = dict(zip(summary["run"], summary["recommended_batch_size"], strict=True))
+    assert rec == {"logged": 128, "old_logs": 128, "multiple": 96}
+    assert advice.supported(91.0, 91.0 / 1.1, 91.0 * 1.1).recommended == 128  # same function
+
+
+def test_without_a_precise_interval_the_report_advises_what_the_callback_does() -> None:
+    """The callback logs gns/optimal_batch_size at every read-out: the recommendation where the
+    interval is precise, the batch to grow to where only a lower bound above the batch is
+    known, the batch used otherwise (no change). The report says the same."""
+    wide = {  # bounded but 2.08x wide, batch above the lower bound: nothing to change
+        "gns/b_simple": [15.8] * 3,
+        "gns/b_simple_lower": [10.99] * 3,
+        "gns/b_simple_upper": [22.83] * 3,
+        "gns/batch_size": [16.0] * 3,
+        "gns/optimal_batch_size": [16.0] * 3,
+    }
+    open_ = {  # no upper end; the lower bound 43.76 is above the batch 4: grow to 2^5
+        "gns/b_simple": [math.nan] * 3,
+        "gns/b_simple_lower": [43.76] * 3,
+        "gns/b_simple_upper": [math.nan] * 3,
+        "gns/batch_size": [4.0] * 3,
+        "gns/optimal_batch_size": [32.0] * 3,
+    }
+    old_logs = {k: v for k, v in open_.items() if k != "gns/optimal_batch_size"}
+    multiple = {**open_, "gns/optimal_batch_size": [40.0] * 3}  # batch_size_multiple=20
+    summary = summarize(frame({"wide": wide, "open": open_, "old": old_logs, "mult": multiple}))
+    summary = summary.set_index("run")
+    assert summary["recommended_batch_size"].isna().all()
+    grow = summary["grow_to_batch_size"]
+    assert math.isnan(grow["wide"]) and (grow["open"], grow["old"], grow["mult"]) == (32, 32, 40)
+    table = format_summary(summary.reset_index()).set_index("run")
+    assert table.loc["wide", "B_simple"] == "15.8" and table.loc["wide", "recommended"] == "n/a"
+    assert table.loc["open", "recommended"] == "≥ 32" and table.loc["mult", "recommended"] == "≥ 40"
+    lines = dict(zip(summary.index, advise(summary.reset_index()), strict=True))
+    assert lines["wide"].startswith("wide: no advice: the 95% interval at step 20 spans 2.08x")
+    assert lines["open"].endswith("batch size 4 is below it: grow it to at least 32.")
+
+
+def test_reasons_are_true_and_said_once() -> None:
+    df = frame(
+        {  # the issue's GPT run: upper bound finite at every point, interval 2.08x wide
+            "wide": {
+                "gns/b_simple": [math.nan] * 30,
+                "gns/b_simple_lower": [10.99] * 30,
+                "gns/b_simple_upper": [22.83] * 30,
+                "gns/batch_size": [16.0] * 30,
+            },
+            "open": {  # |G|² not significantly above zero: no upper end
+                "gns/b_simple": [math.nan] * 5,
+                "gns/b_simple_lower": [400.0] * 5,
+                "gns/b_simple_upper": [math.nan] * 5,
+                "gns/batch_size": [32.0] * 5,
+            },
+            "no_b": {"gns/grad_norm_sq": [1.0, 2.0], "gns/batch_size": [8.0, 8.0]},
+            "early": {"gns/b_simple": [math.nan], "gns/b_simple_lower": [math.nan]},
+        }
+    )
+    summary = summarize(df).set_index("run")
+    table = format_summary(summary.reset_index()).set_index("run")
+    assert table.loc["wide", "95% interval"] == "10.99–22.83"
+    assert table.loc["open", "95% interval"] == "≥ 400"
+    assert table.loc["no_b", "B_simple"] == "n/a"
+    lines = dict(zip(summary.index, advise(summary.reset_index()), strict=True))
+    assert "significantly" not in lines["wide"]
+    assert "not yet known at any of its 30 logged points" in lines["wide"]
+    assert "spans 2.08x, more than the 1.5x" in lines["wide"]
+    assert "not significantly above zero at step 40" in lines["open"]
+    assert "at least 400 (95%); batch size 32 is below it: grow it to at least 256" in lines["open"]
+    assert "no gns/b_simple logged" in lines["no_b"]
+    assert "no 95% interval yet at step 0" in lines["early"]
+    for line in lines.values():
+        sentences = [x.strip() for x in re.split(r"[.;:] ", line) if x.strip()]
+        assert len(sentences) == len(set(sentences)), line
+        assert line.count("B_noise is at least") <= 1, line
+
+
+def test_runs_without_scalars_or_gns_metrics_are_listed_with_their_reason() -> None:
+    df = frame({"ok": {"gns/b_simple": [5.0], "gns/b_simple_lower": [4.5]}, "plain": {"loss": [1]}})
+    logs = Logs(df, ["crashed", "ok", "plain", "silent"], errors={"crashed": "RuntimeError: no"})
+    summary = summarize(logs).set_index("run")
+    assert summary.index.tolist() == ["crashed", "ok", "plain", "silent"]
+    assert summary.loc["crashed", "note"] == "it logged no scalar; it stopped with RuntimeError: no"
+    assert summary.loc["silent", "note"].endswith("it stopped before its first read-out")
+    assert summary.loc["plain", "note"].startswith("no gns/* metric among its 1 logged metrics")
+    with pytest.raises(ValueError, match="no gns/b_simple metric"):
+        summarize(Logs(frame({"plain": {"loss": [1]}}), ["plain", "silent"]))
+    assert len(summarize(Logs(_empty_frame(), ["crashed"], errors={"crashed": "E: x"}))) == 1
+
+
+def _empty_frame() -> pd.DataFrame:
+    return pd.DataFrame({"run": [], "step": [], "metric": [], "value": []})
+
+
+def test_summarize_handles_missing_pieces() -> None:
+    df = frame(
+        {
+            "se_only": {  # older logs: ±1.96 s.e. at the last read-out
+                "gns/b_simple": [math.nan, 4.0, 4.0, 4.0],
+                "gns/b_simple_se": [math.nan, 0.2, 0.2, 0.2],
             },
             "negative": {"gns/b_simple": [-5.0, -3.0], "gns/batch_size": [32, 32]},
         }
     )
     summary = summarize(df).set_index("run")
-    assert summary.loc["nan_first", "b_simple_early"] == 4.0
-    assert summary.loc["nan_first", "recommended_batch_size"] == 4
-    assert math.isnan(summary.loc["nan_first", "batch_size"])  # not logged
-    assert math.isnan(summary.loc["nan_first", "efficiency"])
+    assert summary.loc["se_only", "b_simple_early"] == 4.0
+    lo, hi = summary.loc["se_only", ["b_simple_lower", "b_simple_upper"]]
+    assert (lo, hi) == (pytest.approx(4 - 0.392), pytest.approx(4 + 0.392))
+    assert summary.loc["se_only", "recommended_batch_size"] == 4
+    assert math.isnan(summary.loc["se_only", "batch_size"])  # not logged
+    assert math.isnan(summary.loc["se_only", "efficiency"])
     assert math.isnan(summary.loc["negative", "recommended_batch_size"])
     lines = advise(summary.reset_index())
-    assert len(lines) == 2 and "no advice" in lines[1]
-    assert "not logged" in lines[0]
+    assert len(lines) == 2 and "no advice" in lines[0]
+    assert "not logged" in lines[1]
 
 
-def test_summarize_without_b_simple_raises() -> None:
+def test_summarize_without_gns_metrics_raises() -> None:
     with pytest.raises(ValueError, match="no gns/b_simple metric"):
         summarize(frame({"a": {"loss": [1.0, 0.5]}}))
     with pytest.raises(ValueError, match="columns"):
@@ -126,7 +280,7 @@ def test_advise_directions() -> None:
     )
     lines = dict(zip(["big", "ok", "small"], advise(summarize(df)), strict=True))
     assert "below it" in lines["small"] and "fewer optimizer steps" in lines["small"]
-    assert "above it" in lines["big"] and "save about" in lines["big"]
+    assert "above it" in lines["big"] and "fewer examples (compute)" in lines["big"]
     assert "already matches" in lines["ok"]
 
 
@@ -236,23 +390,107 @@ def test_a_sweep_of_many_runs_stays_readable_and_advises_only_what_is_supported(
     df = frame(runs)
     summary = summarize(df).set_index("run")
     assert len(summary) == 30  # every run, including the one without an estimate
-    assert "no estimate" in summary.loc["all_nan", "note"]
+    assert "not yet known at any of its 5" in summary.loc["all_nan", "note"]
     assert summary.loc["run05", "source"] == "micro-batch (8)"
     assert math.isnan(summary.loc["short", "recommended_batch_size"])
     lines = dict(zip(summary.index, advise(summary.reset_index()), strict=True))
     assert "at least 400" in lines["all_nan"]
-    assert "no advice" in lines["short"] and "too wide" in lines["short"]
+    assert "no advice" in lines["short"] and "spans 300x" in lines["short"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. matplotlib's "constrained layout not applied"
         page = write_report(df, tmp_path / "out")
     text = page.read_text()
     assert "all_nan" in text and "micro-batch (8)" in text
-    assert "(8 of 29 runs" in " ".join(_plot_titles(df, summary.reset_index()))
+    chosen = pick_runs(summary.reset_index())  # the bound-only run is drawn (its bound: 400)
+    assert len(chosen) == 8 and chosen[0] == "short" and chosen[-1] == "all_nan"
+    fig = noise_scale_figure(df, chosen)
+    assert "(8 of 30 runs" in fig.axes[0].get_title()
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "all_nan (bound)" in labels
 
 
-def _plot_titles(df: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
-    from lightning_gns.report.plots import pick_runs
+def _overlaps(fig: Figure) -> list[tuple[str, str]]:
+    """Pairs of visible, non-empty texts of a figure whose drawn boxes intersect."""
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    return [
+        (a, b)
+        for i, (a, box_a) in enumerate(boxes)
+        for b, box_b in boxes[i + 1 :]
+        if box_a.overlaps(box_b)
+    ]
 
-    chosen = pick_runs(summary)
-    assert len(chosen) == 8 and chosen[0] == "short" and chosen[-1] == "run27"
-    return [f"({len(chosen)} of {len(summary) - 1} runs"]
+
+def test_labels_of_two_runs_at_one_batch_size_never_overlap() -> None:
+    df = frame(
+        {
+            name: {
+                "gns/b_simple": [b] * 5,
+                "gns/b_simple_lower": [0.9 * b] * 5,
+                "gns/b_simple_upper": [1.1 * b] * 5,
+                "gns/batch_size": [16.0] * 5,
+            }
+            for name, b in (("first", 50.0), ("second", 52.0))
+        }
+    )
+    curves = _curves_from_summary(summarize(df))
+    eff = efficiency_figure(curves)
+    assert _overlaps(eff) == []
+    labels = [t.get_text() for t in eff.axes[0].get_legend().get_texts()]
+    # 4·16·50/66² = 3200/4356 = 73.5%, 4·16·52/68² = 3328/4624 = 72.0%
+    assert "first: B=16, 73%" in labels and "second: B=16, 72%" in labels
+    assert _overlaps(pareto_figure(curves)) == []
+    single = Curve("B_noise = 300", 300.0, "C0", current=[2.0**k for k in range(3, 15)])
+    assert _overlaps(efficiency_figure([single], "batch sizes in the table")) == []
+    assert _overlaps(pareto_figure([single], "batch sizes in the table")) == []
+
+
+@pytest.mark.slow
+def test_the_report_of_a_real_sweep_agrees_with_its_logs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Short real fits, each logged to TensorBoard and CSV at once, a run with only a lower
+    bound and a run refused at fit start: one row per run, each row as the run's CSV says at
+    its last read-out, the crash listed with its error, no sentence said twice."""
+    from examples.sweep import make_sweep
+    from lightning_gns.cli import main
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, steps=40)
+    assert main(["report", str(sweep), "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert "reading 9 log folder(s)" in err  # 4 twins and the crashed run's TensorBoard folder
+    assert "found 5 run(s), 4 of them logged to TensorBoard and CSV at once" in err
+    assert "summarized 5 run(s)" in err
+
+    logs = read_logs(sweep)
+    assert not logs.frame.duplicated(["run", "step", "metric"]).any()  # no doubled rows
+    summary = summarize(logs).set_index("run")
+    assert len(summary) == 5
+    for run, folders in logs.merged.items():
+        csv = pd.read_csv(sweep / folders[1] / "metrics.csv")  # Lightning's own file, by pandas
+        last = csv.dropna(subset=["gns/batch_size"]).iloc[-1]
+        row = summary.loc[run]
+        assert row["last_step"] == last["step"] and row["batch_size"] == last["gns/batch_size"]
+        for col, key in [("b_simple", "gns/b_simple"), ("b_simple_lower", "gns/b_simple_lower")]:
+            assert row[col] == pytest.approx(last[key], nan_ok=True), (run, col)
+        # the callback logs the size the data support: the recommendation, the batch to grow
+        # to with only a lower bound, or the batch used; the report advises the same
+        rec, grow = row["recommended_batch_size"], row["grow_to_batch_size"]
+        said = rec if math.isfinite(rec) else grow if math.isfinite(grow) else row["batch_size"]
+        assert said == last["gns/optimal_batch_size"], run
+        upper = last["gns/b_simple_upper"]
+        assert row["b_simple_upper"] == (upper if math.isfinite(upper) else math.inf)
+        assert sum(line.startswith(f"{run}:") for line in out.splitlines()) == 1
+        assert f"{run} from {folders[0]} and {folders[1]}" in out
+    frozen = summary.loc["frozen_b4/version_0+version_1"]
+    assert frozen["known_points"] == 0 and math.isinf(frozen["b_simple_upper"])
+    assert "frozen_b4/version_0+version_1" in pick_runs(summary.reset_index())  # drawn
+    crashed = summary.loc["batchnorm/version_0"]
+    assert crashed["note"].startswith("it logged no scalar; it stopped with RuntimeError: ")
+    assert "BatchNorm" in crashed["note"]
+    for line in out.splitlines():
+        sentences = [x.strip() for x in re.split(r"[.;] ", line) if x.strip()]
+        assert len(sentences) == len(set(sentences)), line

@@ -1,7 +1,6 @@
 """Render report.html in headless Chromium: every embedded plot must decode and show.
 
-Needs Debian's ``chromium`` (``apt-get install -y chromium``). Skipped when it is missing,
-unless the CI environment variable is set: then a missing browser is a failure.
+Needs Debian's ``chromium`` (``apt-get install -y chromium``; see tests/browser.py).
 """
 
 from __future__ import annotations
@@ -10,62 +9,26 @@ import math
 import os
 import re
 import subprocess
-import tempfile
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+from browser import dom, require_chromium, run
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gns.report import write_explore, write_report
 
 pytestmark = pytest.mark.slow  # make test-fast leaves these out
 
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
 
 @pytest.fixture(scope="module")
 def chromium() -> Path:
-    if not CHROMIUM.exists():
-        if _in_ci():
-            pytest.fail(f"{CHROMIUM} is missing and CI is set: apt-get install -y chromium")
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium); CI not set")
-    return CHROMIUM
-
-
-def _run(browser: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        return subprocess.run(
-            [str(browser), *FLAGS, f"--user-data-dir={profile}", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-
-def _dom(browser: Path, page: Path) -> str:
-    proc = _run(browser, "--virtual-time-budget=5000", "--dump-dom", page.as_uri())
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
+    return require_chromium()
 
 
 def _screenshot(browser: Path, page: Path, out: Path) -> np.ndarray:
-    proc = _run(
+    proc = run(
         browser,
         "--virtual-time-budget=5000",
         f"--screenshot={out}",
@@ -98,7 +61,7 @@ document.getElementById('f').addEventListener('load', function () {{
 def _decoded_images(browser: Path, page: Path) -> str:
     harness = page.with_name("harness-" + page.name)
     harness.write_text(_HARNESS.format(src=page.name), encoding="utf-8")
-    proc = _run(
+    proc = run(
         browser,
         "--allow-file-access-from-files",
         "--virtual-time-budget=5000",
@@ -123,8 +86,8 @@ def _write_logs(root: Path) -> None:
 def test_report_renders_its_plots(chromium: Path, tmp_path: Path) -> None:
     _write_logs(tmp_path / "logs")
     page = write_report(tmp_path / "logs", tmp_path / "report")
-    dom = _dom(chromium, page)
-    assert len(re.findall(r"<img\b", dom)) == 3
+    text = dom(chromium, page)
+    assert len(re.findall(r"<img\b", text)) == 3
     assert _decoded_images(chromium, page) == "3/3", "not every <img> decoded (naturalWidth > 0)"
     shot = _screenshot(chromium, page, tmp_path / "shot.png")
     assert shot.shape[0] >= 1000 and shot.shape[1] >= 1000

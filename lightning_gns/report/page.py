@@ -17,7 +17,7 @@ from string import Template
 import pandas as pd
 
 from lightning_gns import advice
-from lightning_gns.logs import read_metrics
+from lightning_gns.logs import Logs, read_logs
 from lightning_gns.report.plots import (
     Curve,
     pick_runs,
@@ -69,10 +69,6 @@ def _img(path: Path, alt: str, caption: str) -> str:
 
 
 def _table_html(table: pd.DataFrame) -> str:
-    return table.to_html(index=False, escape=True, classes="data", border=0)
-
-
-def _table_html(table: pd.DataFrame) -> str:
     body = table.to_html(index=False, escape=True, classes="data", border=0)
     return f'<div class="scroll">{body}</div>'
 
@@ -84,33 +80,54 @@ def _page(title: str, body: str) -> str:
     return template.substitute(title=html.escape(title), style=style, body=body)
 
 
-def _options_table(b_noise: float, current: float) -> pd.DataFrame:
+def _options_table(b_noise: float, current: float, rec: float) -> pd.DataFrame:
     """Batch sizes around the recommendation (powers of two) plus the one in use."""
-    rec = advice.optimal_batch_size(b_noise)
     sizes = {rec * 2.0**k for k in range(-4, 5) if rec * 2.0**k >= 1}
     if math.isfinite(current):
         sizes.add(float(current))
     return format_table(advice.efficiency_table(b_noise, sorted(sizes)))
 
 
+def _read(
+    data: str | os.PathLike[str] | pd.DataFrame | Logs, source: str | None, say: Progress
+) -> tuple[Logs, str]:
+    if isinstance(data, Logs):
+        return data, source or "logs"
+    if isinstance(data, pd.DataFrame):
+        return Logs(data, sorted(data["run"].astype(str).unique())), source or "metrics table"
+    say(f"reading logs under {data} ...")
+    return read_logs(data), source or str(data)
+
+
+def runs_note(logs: Logs) -> list[str]:
+    """One line naming the runs read from two folders (logged to TensorBoard and CSV at once),
+    or none."""
+    if not logs.merged:
+        return []
+    pairs = "; ".join(f"{run} from {' and '.join(f)}" for run, f in logs.merged.items())
+    return [f"Logged to TensorBoard and CSV at once, so each read as one run: {pairs}."]
+
+
 def write_report(
-    path_or_df: str | os.PathLike[str] | pd.DataFrame,
+    path_or_df: str | os.PathLike[str] | pd.DataFrame | Logs,
     out_dir: str | os.PathLike[str],
     progress: Progress | None = None,
     source: str | None = None,
 ) -> Path:
     """Write the three PNG plots and one self-contained ``report.html``; return its path.
 
-    ``path_or_df`` is a log path for ``read_metrics`` or a table it returned. ``progress``
-    (optional) receives one short message per stage; ``source`` names the logs in the page.
+    ``path_or_df`` is a log path (read with :func:`lightning_gns.logs.read_logs`), a table
+    ``read_metrics`` returned, or ``read_logs``' result. ``progress`` (optional) receives one
+    short message per stage; ``source`` names the logs in the page.
+
+    Raises:
+        FileNotFoundError: the log path does not exist.
+        ValueError: no logs, or no run logged ``gns/*`` metrics.
     """
     say = progress or (lambda _msg: None)
-    if isinstance(path_or_df, pd.DataFrame):
-        df, source = path_or_df, source or "metrics table"
-    else:
-        say(f"reading logs under {path_or_df} ...")
-        df, source = read_metrics(path_or_df), source or str(path_or_df)
-    summary = summarize(df)
+    logs, source = _read(path_or_df, source, say)
+    df = logs.frame
+    summary = summarize(logs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     say(f"summarized {len(summary)} run(s)")
@@ -120,32 +137,42 @@ def write_report(
     eff_png = plot_efficiency(summary, out / PLOT_FILES["efficiency"])
     say(f"plotting steps/examples Pareto frontier -> {out / PLOT_FILES['pareto']}")
     pareto_png = plot_pareto(summary, out / PLOT_FILES["pareto"])
+    merged = runs_note(logs)
     parts = [
-        f'<p class="meta">Source: {html.escape(source)} · {len(summary)} run(s) with '
-        f"<code>gns/*</code> metrics.</p>",
+        f'<p class="meta">Source: {html.escape(source)} · {len(summary)} run(s).</p>',
         "<h2>Summary</h2>",
         _table_html(format_summary(summary)),
-        '<p class="meta">Early/late: mean of the first/last 10% of logged points; interval: '
-        "the last logged 95% interval of B_simple. Recommended: late B_simple rounded to a "
-        f"power of two, only where the interval spans at most {advice.MAX_SPREAD:g}x. Extra "
-        "time/compute: steps/examples needed at the batch size used, relative to the "
-        "recommended one (negative = saving). Source: where the small-batch norms came from; "
-        "coverage: the fraction of trainable parameters in the estimate.</p>",
+        '<p class="meta">Each row describes the run\'s last read-out (step): B_simple there '
+        "(not yet known while its interval has no upper end), its 95% interval, the batch size "
+        "and the advice the callback gives for them: the recommended batch size where the "
+        f"interval spans at most {advice.MAX_SPREAD:g}x, ≥ X where only a lower bound above the "
+        "batch used is known (grow to at least X). B_simple early: the mean of the first 10% of "
+        "known points. At recommended: the change in optimizer steps (time) and in examples "
+        "(compute) to reach the same loss at the recommended batch size instead of the one "
+        "used. Source: where the small-batch norms came from; coverage: the fraction of "
+        "trainable parameters in the estimate.</p>",
         '<ul class="advice">' + "".join(f"<li>{html.escape(s)}</li>" for s in advise(summary)),
         "</ul>",
+    ]
+    if merged:
+        parts.append(
+            '<ul class="meta">' + "".join(f"<li>{html.escape(m)}</li>" for m in merged) + "</ul>"
+        )
+    parts += [
         "<h2>Noise scale during training</h2>",
         _img(
             noise_png,
             "B_simple over training steps",
-            "B_simple per logged step with its 95% interval (band) and the batch size used "
-            "(dashed).",
+            "B_simple per logged step with its 95% interval (band), the lower bound where "
+            "B_simple is not yet known (dotted) and the batch size used (dashed).",
         ),
         "<h2>Efficiency of batch sizes</h2>",
         _img(
             eff_png,
             "Efficiency versus batch size",
-            "Predicted efficiency 4·B·B_noise/(B+B_noise)² using each run's late B_simple; "
-            "circles: batch size used, stars: recommendation.",
+            "Predicted efficiency 4·B·B_noise/(B+B_noise)² from each run's B_simple at its last "
+            "read-out; circles: batch size used (its efficiency in the legend), stars: "
+            "recommendation.",
         ),
         "<h2>Time versus compute</h2>",
         _img(
@@ -155,14 +182,18 @@ def write_report(
             "whether it spends extra time (up) or extra compute (right).",
         ),
     ]
-    advised = summary[summary["recommended_batch_size"].notna()]
+    advised = summary[summary["recommended_batch_size"].notna() & summary["b_simple"].gt(0)]
     if 0 < len(advised) <= 8:
         parts.append("<h2>Batch-size options</h2>")
         for row in advised.itertuples(index=False):
             parts.append(
-                f"<h3>{html.escape(str(row.run))} (B_noise ≈ {fmt_num(row.b_simple_late)})</h3>"
+                f"<h3>{html.escape(str(row.run))} (B_noise ≈ {fmt_num(row.b_simple)})</h3>"
             )
-            parts.append(_table_html(_options_table(row.b_simple_late, row.batch_size)))
+            parts.append(
+                _table_html(
+                    _options_table(row.b_simple, row.batch_size, row.recommended_batch_size)
+                )
+            )
     parts += ["<h2>How to read this</h2>", _THEORY]
     page = out / "report.html"
     page.write_text(_page("Gradient noise scale report", "\n".join(parts)), encoding="utf-8")

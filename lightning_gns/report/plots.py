@@ -25,11 +25,19 @@ MAX_RUNS = 8
 LOWER = "gns/b_simple_lower"
 
 
+def _level(summary: pd.DataFrame) -> np.ndarray:
+    """Where each run sits on the B_simple axis: B_simple, or its lower bound when unknown."""
+    b = summary["b_simple"].to_numpy(dtype=float)
+    lower = summary["b_simple_lower"].to_numpy(dtype=float)
+    return np.where(np.isfinite(b) & (b > 0), b, lower)
+
+
 def pick_runs(summary: pd.DataFrame) -> list[str]:
-    """Runs to draw: all when few; else MAX_RUNS spread over the range of late B_simple."""
-    late = summary["b_simple_late"].to_numpy(dtype=float)
-    usable = summary[np.isfinite(late) & (late > 0)]
-    ordered = usable.sort_values("b_simple_late", kind="stable")["run"].astype(str).tolist()
+    """Runs to draw: every run with B_simple or a lower bound when few; else MAX_RUNS spread
+    over the range of B_simple (the lower bound for runs where it is not yet known)."""
+    level = _level(summary)
+    usable = summary.assign(_level=level)[np.isfinite(level) & (level > 0)]
+    ordered = usable.sort_values("_level", kind="stable")["run"].astype(str).tolist()
     if len(ordered) <= MAX_RUNS:
         return ordered
     idx = np.unique(np.linspace(0, len(ordered) - 1, MAX_RUNS).round().astype(int))
@@ -86,10 +94,15 @@ def _empty_note(fig: Figure, text: str) -> None:
 
 
 def _curves_from_summary(summary: pd.DataFrame) -> list[Curve]:
-    chosen = pick_runs(summary)
+    """Runs with a positive B_simple at their last read-out (a lower bound alone draws no
+    efficiency curve), coloured as in the B_simple plot."""
     curves = []
-    for i, row in enumerate(r for r in summary.itertuples(index=False) if r.run in chosen):
-        curve = Curve(str(row.run), float(row.b_simple_late), f"C{i % 10}")
+    rows = {str(r.run): r for r in summary.itertuples(index=False)}
+    for i, run in enumerate(pick_runs(summary)):
+        row = rows[run]
+        if not (math.isfinite(row.b_simple) and row.b_simple > 0):
+            continue
+        curve = Curve(run, float(row.b_simple), f"C{i % 10}")
         if math.isfinite(row.batch_size):
             curve.current.append(float(row.batch_size))
         if math.isfinite(row.recommended_batch_size):
@@ -105,7 +118,13 @@ def plot_noise_scale(
     df: pd.DataFrame, path: str | os.PathLike[str], runs: Sequence[str] | None = None
 ) -> Path:
     """B_simple over steps per run with its logged 95% interval as a band (or ±2 s.e. for older
-    logs) and the batch size in use (dashed); ``runs`` picks which (default: all, capped)."""
+    logs), the lower bound where B_simple is not yet known (dotted) and the batch size in use
+    (dashed); ``runs`` picks which (default: all, capped)."""
+    return _save(noise_scale_figure(df, runs), path)
+
+
+def noise_scale_figure(df: pd.DataFrame, runs: Sequence[str] | None = None) -> Figure:
+    """The figure of :func:`plot_noise_scale`."""
     check_frame(df)
     fig = _figure(10.0, 5.0)
     every = [
@@ -115,18 +134,19 @@ def plot_noise_scale(
     ]
     chosen = [r for r in (runs if runs is not None else every) if r in every][:MAX_RUNS]
     if not chosen:
-        _empty_note(fig, f"no finite {B_SIMPLE} logged")
-        return _save(fig, path)
+        _empty_note(fig, f"no finite {B_SIMPLE} or lower bound logged")
+        return fig
     ax = fig.add_subplot()
     lows = []
     for i, run in enumerate(chosen):
         color = f"C{i % 10}"
         noise = series(df, run, B_SIMPLE)
         steps, values = noise["step"].to_numpy(), noise["value"].to_numpy(dtype=float)
-        ax.plot(steps, values, color=color, lw=1.6, label=f"{run}")
-        lo, hi = _band(df, run, noise)
-        if lo is not None:
-            ax.fill_between(noise["step"], lo, hi, color=color, alpha=0.18, lw=0)
+        ax.plot(steps, values, color=color, lw=1.6, label=run if len(values) else f"{run} (bound)")
+        band = _band(df, run, noise)
+        if not band.empty:
+            ax.fill_between(band["step"], band["lo"], band["hi"], color=color, alpha=0.18, lw=0)
+            lows.append(float(band["lo"].min()))
         bound = series(df, run, LOWER)
         only = bound["value"].where(~bound["step"].isin(noise["step"]) & (bound["value"] > 0))
         if only.notna().any():  # not yet known: the lower bound is what the data say
@@ -138,7 +158,7 @@ def plot_noise_scale(
             lows.append(float(sizes["value"].min()))
         if len(values):
             lows.append(float(values.min()))
-    if min(lows) > 0:
+    if lows and min(lows) > 0:
         ax.set_yscale("log")
         ax.set_ylim(bottom=0.5 * min(lows))
         _plain_ticks(ax, "y")
@@ -153,23 +173,22 @@ def plot_noise_scale(
     _shown_note(ax, len(chosen), len(every))
     ax.grid(True, which="major", alpha=0.3)
     _legend_outside(ax)
-    return _save(fig, path)
+    return fig
 
 
-def _band(df: pd.DataFrame, run: str, noise: pd.DataFrame):  # noqa: ANN202
-    """Lower and upper band per logged step (an unbounded upper is drawn at 10× the value)."""
-    frame = noise.rename(columns={"value": "b"})
+def _band(df: pd.DataFrame, run: str, noise: pd.DataFrame) -> pd.DataFrame:
+    """The logged 95% interval per step (columns step, lo, hi), where both ends are finite
+    and positive, whether B_simple is known there or not; ±1.96 s.e. for older logs."""
     lower, upper = series(df, run, LOWER), series(df, run, "gns/b_simple_upper")
     if not lower.empty:
-        m = frame.merge(lower.rename(columns={"value": "lo"}), on="step", how="left")
-        m = m.merge(upper.rename(columns={"value": "hi"}), on="step", how="left")
-        hi = m["hi"].where(np.isfinite(m["hi"]), 10 * m["b"])
-        return m["lo"].clip(lower=1e-12).where(m["lo"] > 0, np.nan), hi
+        m = lower.rename(columns={"value": "lo"}).merge(
+            upper.rename(columns={"value": "hi"}), on="step", how="inner"
+        )
+        return m[(m["lo"] > 0) & (m["hi"] > m["lo"])]
     se = series(df, run, "gns/b_simple_se")
-    if se.empty:
-        return None, None
-    m = frame.merge(se.rename(columns={"value": "se"}), on="step", how="left")
-    return (m["b"] - 1.96 * m["se"].abs()).clip(lower=1e-12), m["b"] + 1.96 * m["se"].abs()
+    m = noise.merge(se.rename(columns={"value": "se"}), on="step", how="inner")
+    lo = (m["value"] - 1.96 * m["se"].abs()).clip(lower=1e-12)
+    return pd.DataFrame({"step": m["step"], "lo": lo, "hi": m["value"] + 1.96 * m["se"].abs()})
 
 
 def _batch_range(curves: Sequence[Curve]) -> tuple[float, float]:
@@ -184,19 +203,26 @@ def _batch_range(curves: Sequence[Curve]) -> tuple[float, float]:
 def plot_efficiency_curves(
     curves: Sequence[Curve], path: str | os.PathLike[str], point_label: str = "batch size used"
 ) -> Path:
+    """Write :func:`efficiency_figure` to ``path``."""
+    return _save(efficiency_figure(curves, point_label), path)
+
+
+def efficiency_figure(curves: Sequence[Curve], point_label: str = "batch size used") -> Figure:
     fig = _figure()
     if not curves:
         _empty_note(fig, "no positive noise-scale estimate to plot")
-        return _save(fig, path)
+        return fig
     ax = fig.add_subplot()
     lo, hi = _batch_range(curves)
     grid = np.geomspace(lo, hi, 400)
     single = len(curves) == 1
     for c in curves:
         style = {"lw": 2} if c.supported else {"lw": 1.5, "ls": "--", "alpha": 0.7}
-        ax.plot(
-            grid, 100 * advice.efficiency(grid, c.b_noise), color=c.color, label=c.label, **style
-        )
+        label = c.label
+        if not single and len(c.current) == 1:  # in the legend: labels on the axes collide
+            b = c.current[0]
+            label += f": B={fmt_num(b)}, {100 * advice.efficiency(b, c.b_noise):.0f}%"
+        ax.plot(grid, 100 * advice.efficiency(grid, c.b_noise), color=c.color, label=label, **style)
         if single:
             ax.plot(
                 grid, 100 * advice.time_efficiency(grid, c.b_noise), color="0.35", ls="--", lw=1
@@ -210,13 +236,6 @@ def plot_efficiency_curves(
         for b in c.current:
             eff = 100 * advice.efficiency(b, c.b_noise)
             ax.plot([b], [eff], "o", color=c.color, ms=9, mec="black", zorder=5)
-            ax.annotate(
-                f"B={fmt_num(b)}: {eff:.0f}%",
-                (b, eff),
-                xytext=(6, -14),
-                textcoords="offset points",
-                fontsize=8,
-            )
         for b in c.recommended:
             eff = 100 * advice.efficiency(b, c.b_noise)
             ax.plot([b], [eff], "*", color="white", mec=c.color, mew=1.5, ms=13, zorder=6)
@@ -230,16 +249,21 @@ def plot_efficiency_curves(
     ax.set_title("Efficiency versus batch size (peak at B = B_noise)")
     ax.grid(True, which="major", alpha=0.3)
     _legend_outside(ax)
-    return _save(fig, path)
+    return fig
 
 
 def plot_pareto_curves(
     curves: Sequence[Curve], path: str | os.PathLike[str], point_label: str = "batch size used"
 ) -> Path:
+    """Write :func:`pareto_figure` to ``path``."""
+    return _save(pareto_figure(curves, point_label), path)
+
+
+def pareto_figure(curves: Sequence[Curve], point_label: str = "batch size used") -> Figure:
     fig = _figure(8.4, 5.6)
     if not curves:
         _empty_note(fig, "no positive noise-scale estimate to plot")
-        return _save(fig, path)
+        return fig
     ax = fig.add_subplot()
     ratios = [b / c.b_noise for c in curves for b in c.current + c.recommended]
     r_lo = min([1 / 64, *[r / 2 for r in ratios]])
@@ -286,7 +310,7 @@ def plot_pareto_curves(
     ax.set_title("Steps versus examples: the Pareto frontier")
     ax.grid(True, which="both", alpha=0.25)
     _legend_outside(ax)
-    return _save(fig, path)
+    return fig
 
 
 def plot_efficiency(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Path:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from lightning_gns import advice
-from lightning_gns.logs import COLUMNS
+from lightning_gns.logs import COLUMNS, Logs
 
 B_SIMPLE = "gns/b_simple"
+LOWER, UPPER, SE = "gns/b_simple_lower", "gns/b_simple_upper", "gns/b_simple_se"
+OPTIMAL = "gns/optimal_batch_size"
 SUMMARY_COLUMNS = [
     "run",
     "last_step",
@@ -19,14 +22,16 @@ SUMMARY_COLUMNS = [
     "coverage",
     "batch_size",
     "b_simple_early",
-    "b_simple_late",
-    "b_simple_last",
+    "b_simple",
     "b_simple_lower",
     "b_simple_upper",
+    "logged_points",
+    "known_points",
     "recommended_batch_size",
+    "grow_to_batch_size",
     "efficiency",
-    "extra_steps_pct",
-    "extra_examples_pct",
+    "steps_change_pct",
+    "examples_change_pct",
     "note",
 ]
 
@@ -34,6 +39,10 @@ SUMMARY_COLUMNS = [
 def series(df: pd.DataFrame, run: str, metric: str) -> pd.DataFrame:
     """Finite (step, value) points of one metric of one run, by step (last value per step)."""
     rows = df[(df["run"] == run) & (df["metric"] == metric)]
+    return _finite(rows)
+
+
+def _finite(rows: pd.DataFrame) -> pd.DataFrame:
     rows = rows[np.isfinite(rows["value"].to_numpy(dtype=float))]
     rows = rows.drop_duplicates("step", keep="last").sort_values("step", kind="stable")
     return rows[["step", "value"]].reset_index(drop=True)
@@ -48,96 +57,161 @@ def check_frame(df: pd.DataFrame) -> None:
         )
 
 
-def _last(df: pd.DataFrame, run: str, metric: str) -> float:
-    s = series(df, run, metric)
+def _last_finite(rows: pd.DataFrame, metric: str) -> float:
+    s = _finite(rows[rows["metric"] == metric])
     return float(s["value"].iloc[-1]) if not s.empty else math.nan
 
 
-def _source(df: pd.DataFrame, run: str) -> str:
-    small = _last(df, run, "gns/small_batch_size")
+def _readout(gns: pd.DataFrame) -> tuple[int, dict[str, float]]:
+    """The run's last read-out: its step and every ``gns/*`` value logged there (NaN kept)."""
+    step = int(gns["step"].max())
+    at = gns[gns["step"] == step].drop_duplicates("metric", keep="last")
+    return step, dict(zip(at["metric"].astype(str), at["value"].astype(float), strict=True))
+
+
+def _source(small: float) -> str:
     if not math.isfinite(small):
         return "n/a"
     return "per-example" if small == 1 else f"micro-batch ({small:g})"
 
 
-def _interval(df: pd.DataFrame, run: str, late: float) -> tuple[float, float]:
-    """The last logged 95% interval; from ±1.96 s.e. for logs that predate the bounds."""
-    lower, upper = _last(df, run, "gns/b_simple_lower"), _last(df, run, "gns/b_simple_upper")
-    if math.isfinite(lower):
+def _interval(at: dict[str, float], b: float) -> tuple[float, float]:
+    """The 95% interval logged at the read-out (an unbounded upper end is ``inf``); from
+    ±1.96 s.e. for logs that predate the bounds."""
+    if LOWER in at:
+        lower, upper = at[LOWER], at.get(UPPER, math.nan)
+        if not math.isfinite(lower):
+            return math.nan, math.nan
         return lower, upper if math.isfinite(upper) else math.inf
-    se = _last(df, run, "gns/b_simple_se")
-    if math.isfinite(se) and math.isfinite(late):
-        return max(late - 1.96 * se, 0.0), late + 1.96 * se
+    se = at.get(SE, math.nan)
+    if math.isfinite(se) and math.isfinite(b):
+        return max(b - 1.96 * se, 0.0), b + 1.96 * se
     return math.nan, math.nan
 
 
-def _no_estimate_note(df: pd.DataFrame, run: str) -> str:
-    logged = df[(df["run"] == run) & (df["metric"] == B_SIMPLE)]
-    if logged.empty:
+def _no_advice_note(
+    step: int, b: float, lower: float, upper: float, logged: int, known: int
+) -> str:
+    """Why the run's last read-out gives no recommendation, in the order the checks fail."""
+    if logged == 0:
         return f"no {B_SIMPLE} logged"
-    lower = _last(df, run, "gns/b_simple_lower")
-    bound = f"; B_noise is at least {lower:.4g}" if math.isfinite(lower) and lower > 0 else ""
-    return (
-        f"no estimate in {len(logged)} logged points: |G|² never significantly above zero "
-        f"(the gradient is mostly noise at this batch size){bound}"
-    )
+    unknown = f"B_simple not yet known at any of its {logged} logged points; " if not known else ""
+    if not math.isfinite(lower):
+        why = f"no 95% interval yet at step {step} (it needs two effective steps)"
+    elif math.isinf(upper):
+        why = f"|G|² not significantly above zero at step {step}, so the interval has no upper end"
+    elif not (lower > 0 and upper <= advice.MAX_SPREAD * lower):
+        span = f"{upper / lower:.3g}x" if lower > 0 else "more than any ratio"
+        why = (
+            f"the 95% interval at step {step} spans {span}, more than the "
+            f"{advice.MAX_SPREAD:g}x that advice needs"
+        )
+    elif not math.isfinite(b):
+        why = f"no {B_SIMPLE} value at step {step}"
+    else:
+        why = f"no recommendation at step {step}"
+    return unknown + why
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per run (columns: ``SUMMARY_COLUMNS``), runs without an estimate included with
-    the reason in ``note``.
+def summarize(data: pd.DataFrame | Logs) -> pd.DataFrame:
+    """One row per run (columns: ``SUMMARY_COLUMNS``); runs without an estimate are included,
+    with the reason in ``note``.
 
-    Early/late B_simple are means of the first/last 10% of logged points (at least one). The
-    recommendation, efficiency and extra time/compute use the late value, and only where the
-    last interval supports advice (:func:`lightning_gns.advice.supported`).
-    Raises ``ValueError`` when no run logged ``gns/*`` metrics.
+    Every value of a row describes the run's last read-out (``last_step``): B_simple (NaN
+    while its interval has no upper end), the 95% interval, the batch size and the advice.
+    The advice is what the callback gives for the same values, from the same function
+    (:func:`lightning_gns.advice.supported`): a recommended batch size only where the interval
+    is precise (the callback's logged ``gns/optimal_batch_size`` there, which honours
+    ``batch_size_multiple``); with only a lower bound above the batch used, the batch to grow
+    to (``grow_to_batch_size``, the logged value again); nothing otherwise, with the reason in
+    ``note``. Efficiency and the change in steps and examples on moving to the recommendation
+    follow from B_simple. ``b_simple_early`` is the mean of the first 10% of known points.
+
+    ``data`` is ``read_metrics``' table or ``read_logs``' result (which also lists runs that
+    logged nothing, with the error they stopped with).
+
+    Raises:
+        ValueError: no run logged ``gns/*`` metrics (or recorded an error), or ``data`` lacks
+            the columns run, step, metric, value.
     """
+    if isinstance(data, Logs):
+        df, runs, errors = data.frame, data.runs, data.errors
+    else:
+        df, runs, errors = data, [], {}
     check_frame(df)
-    runs = sorted(
-        df.loc[df["metric"].astype(str).str.startswith("gns/"), "run"].astype(str).unique()
-    )
-    if not runs:
+    has_gns = df["metric"].astype(str).str.startswith("gns/")
+    if not has_gns.any() and not errors:
         found = sorted(df["metric"].astype(str).unique())
         shown = ", ".join(found[:8]) + (", ..." if len(found) > 8 else "")
         raise ValueError(
             f"no {B_SIMPLE} metric in the logs (found: {shown or 'no metrics'}); "
             "train with the lightning_gns GradientNoiseScale callback to log gns/* metrics"
         )
-    return pd.DataFrame([_row(df, run) for run in runs], columns=SUMMARY_COLUMNS)
+    groups = {str(k): v for k, v in df.groupby("run", sort=False)}
+    names = sorted(set(groups) | set(runs) | set(errors))
+    rows = [_row(name, groups.get(name, df.iloc[:0]), errors.get(name, "")) for name in names]
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def _row(df: pd.DataFrame, run: str) -> dict:
-    noise = series(df, run, B_SIMPLE)
-    batch = _last(df, run, "gns/batch_size")
+def _row(run: str, rows: pd.DataFrame, error: str) -> dict:
     row = dict.fromkeys(SUMMARY_COLUMNS, math.nan)
-    row.update(run=run, source=_source(df, run), coverage=_last(df, run, "gns/coverage"))
-    row.update(batch_size=batch if batch > 0 else math.nan, note="")
-    if noise.empty:
-        row["last_step"] = int(df.loc[df["run"] == run, "step"].max())
-        row["note"] = _no_estimate_note(df, run)
-        lower = _last(df, run, "gns/b_simple_lower")
-        row["b_simple_lower"] = lower if lower > 0 else math.nan
-        return row
-    values = noise["value"].to_numpy(dtype=float)
-    k = max(1, math.ceil(0.1 * len(values)))
-    late = float(values[-k:].mean())
-    row.update(last_step=int(noise["step"].iloc[-1]), b_simple_last=float(values[-1]))
-    row.update(b_simple_early=float(values[:k].mean()), b_simple_late=late)
-    lower, upper = _interval(df, run, late)
-    row.update(b_simple_lower=lower, b_simple_upper=upper)
-    verdict = advice.supported(late, lower, upper)
-    if verdict.kind != "estimate":
-        row["note"] = (
-            f"interval {fmt_num(lower)} to {fmt_num(upper)} too wide to advise "
-            f"(more than {advice.MAX_SPREAD:g}x)"
+    row.update(run=run, source="n/a", note="", logged_points=0, known_points=0)
+    gns = rows[rows["metric"].astype(str).str.startswith("gns/")]
+    if gns.empty:
+        if not rows.empty:
+            row["last_step"] = int(rows["step"].max())
+        what = (
+            "it logged no scalar"
+            if rows.empty
+            else f"no gns/* metric among its {rows['metric'].nunique()} logged metrics"
         )
+        stop = f"it stopped with {error}" if error else "it stopped before its first read-out"
+        row["note"] = f"{what}; {stop}"
         return row
-    row["recommended_batch_size"] = verdict.recommended
-    if math.isfinite(row["batch_size"]):
-        row["efficiency"] = advice.efficiency(batch, late)
-        waste = advice.wasted(batch, late, verdict.recommended)
-        row["extra_steps_pct"] = waste["extra_steps_pct"]
-        row["extra_examples_pct"] = waste["extra_examples_pct"]
+    step, at = _readout(gns)
+    batch = at.get("gns/batch_size", math.nan)
+    batch = batch if math.isfinite(batch) else _last_finite(gns, "gns/batch_size")
+    known = _finite(gns[gns["metric"] == B_SIMPLE])["value"].to_numpy(dtype=float)
+    k = max(1, math.ceil(0.1 * len(known)))
+    b = at.get(B_SIMPLE, math.nan)
+    lower, upper = _interval(at, b)
+    row.update(
+        last_step=step,
+        source=_source(_last_finite(gns, "gns/small_batch_size")),
+        coverage=_last_finite(gns, "gns/coverage"),
+        batch_size=batch if batch > 0 else math.nan,
+        b_simple_early=float(known[:k].mean()) if len(known) else math.nan,
+        b_simple=b,
+        b_simple_lower=lower,
+        b_simple_upper=upper,
+        logged_points=int((gns["metric"] == B_SIMPLE).sum()),
+        known_points=len(known),
+    )
+    verdict = advice.supported(b, lower, upper)  # the callback's own function, same values
+    logged = at.get(OPTIMAL, math.nan)  # the callback's gns/optimal_batch_size there
+    if verdict.kind == "estimate":  # the logged value honours batch_size_multiple
+        rec = logged if math.isfinite(logged) and logged > 0 else float(verdict.recommended or 0)
+    else:
+        rec = math.nan
+        batch = row["batch_size"]
+        if verdict.kind == "at_least" and math.isfinite(batch) and batch < verdict.lower:
+            grow = logged if math.isfinite(logged) and logged > batch else math.nan
+            if math.isnan(grow):  # logs without the key, or from before it said so
+                grow = advice.supported_batch_size(verdict, batch)
+            row["grow_to_batch_size"] = grow if grow > batch else math.nan
+    if not (math.isfinite(rec) and rec > 0):
+        row["note"] = _no_advice_note(step, b, lower, upper, row["logged_points"], len(known))
+        return row
+    row["recommended_batch_size"] = rec
+    if math.isfinite(row["batch_size"]) and math.isfinite(b) and b > 0:
+        batch = row["batch_size"]
+        row["efficiency"] = advice.efficiency(batch, b)
+        row["steps_change_pct"] = 100 * (
+            advice.steps_ratio(rec, b) / advice.steps_ratio(batch, b) - 1
+        )
+        row["examples_change_pct"] = 100 * (
+            advice.examples_ratio(rec, b) / advice.examples_ratio(batch, b) - 1
+        )
     return row
 
 
@@ -157,12 +231,36 @@ def fmt_pct(x: float, signed: bool = False) -> str:
     return f"{x:+.1f}%" if signed else f"{x:.1f}%"
 
 
+def fmt_interval(lower: float, upper: float) -> str:
+    """``10.99–22.83``; ``≥ 10.99`` without an upper end; ``n/a`` without an interval."""
+    if not math.isfinite(lower):
+        return "n/a"
+    return f"≥ {fmt_num(lower)}" if math.isinf(upper) else f"{fmt_num(lower)}–{fmt_num(upper)}"
+
+
+def fmt_change(steps_pct: float, examples_pct: float) -> str:
+    """The move to the recommended batch: ``steps -62%, examples +52%``."""
+    if not (math.isfinite(steps_pct) and math.isfinite(examples_pct)):
+        return "n/a"
+    if round(steps_pct) == 0 and round(examples_pct) == 0:
+        return "already there"
+    return f"steps {steps_pct:+.0f}%, examples {examples_pct:+.0f}%"
+
+
+def _recommended_cell(rec: float, grow: float) -> str:
+    if math.isfinite(rec):
+        return fmt_num(rec)
+    return f"≥ {fmt_num(grow)}" if math.isfinite(grow) else "n/a"
+
+
+def _b_simple_cell(b: float, logged: int) -> str:
+    if math.isfinite(b):
+        return fmt_num(b)
+    return "not yet known" if logged else "n/a"
+
+
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """Human-readable copy of ``summarize``'s table (strings, friendly headers)."""
-    interval = [
-        "n/a" if math.isnan(lo) else f"{fmt_num(lo)}–{fmt_num(hi)}"
-        for lo, hi in zip(summary["b_simple_lower"], summary["b_simple_upper"], strict=True)
-    ]
     return pd.DataFrame(
         {
             "run": summary["run"].astype(str),
@@ -171,12 +269,27 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
             "coverage": [fmt_pct(100 * v) for v in summary["coverage"]],
             "batch size": [fmt_num(v) for v in summary["batch_size"]],
             "B_simple early": [fmt_num(v) for v in summary["b_simple_early"]],
-            "B_simple late": [fmt_num(v) for v in summary["b_simple_late"]],
-            "95% interval": interval,
-            "recommended": [fmt_num(v) for v in summary["recommended_batch_size"]],
+            "B_simple": [
+                _b_simple_cell(b, n)
+                for b, n in zip(summary["b_simple"], summary["logged_points"], strict=True)
+            ],
+            "95% interval": [
+                fmt_interval(lo, hi)
+                for lo, hi in zip(summary["b_simple_lower"], summary["b_simple_upper"], strict=True)
+            ],
+            "recommended": [
+                _recommended_cell(r, g)
+                for r, g in zip(
+                    summary["recommended_batch_size"], summary["grow_to_batch_size"], strict=True
+                )
+            ],
             "efficiency": [fmt_pct(100 * v) for v in summary["efficiency"]],
-            "extra time": [fmt_pct(v, True) for v in summary["extra_steps_pct"]],
-            "extra compute": [fmt_pct(v, True) for v in summary["extra_examples_pct"]],
+            "at recommended": [
+                fmt_change(s, e)
+                for s, e in zip(
+                    summary["steps_change_pct"], summary["examples_change_pct"], strict=True
+                )
+            ],
         }
     )
 
@@ -197,54 +310,57 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def advise(summary: pd.DataFrame) -> list[str]:
     """One plain-language line per run of ``summarize``'s table: advice where the data support
-    it, a lower bound or the reason otherwise."""
+    it, the reason and what the lower bound implies otherwise."""
     lines = []
     for row in summary.itertuples(index=False):
         head = f"{row.run}: "
         if row.coverage < 0.9:
             head += f"(covers {row.coverage:.0%} of the parameters) "
-        late, batch, rec = row.b_simple_late, row.batch_size, row.recommended_batch_size
+        rec = row.recommended_batch_size
         if not math.isfinite(rec):
-            text = f"no advice: {row.note or 'no usable estimate'}."
-            lower = row.b_simple_lower
-            if math.isfinite(lower) and lower > 0:
-                text += f" B_noise is at least {fmt_num(lower)} (95%)"
-                below = math.isfinite(batch) and batch < lower
-                text += (
-                    f"; batch size {fmt_num(batch)} is below it: a larger batch helps."
-                    if below
-                    else "."
+            lower, batch, grow = row.b_simple_lower, row.batch_size, row.grow_to_batch_size
+            if math.isfinite(grow):  # only a lower bound, above the batch used: grow
+                text = (
+                    f"{row.note}. B_noise is at least {fmt_num(lower)} (95%); batch size "
+                    f"{fmt_num(batch)} is below it: grow it to at least {fmt_num(grow)}."
                 )
+            else:
+                text = f"no advice: {row.note or 'no usable estimate'}."
+                if math.isfinite(lower) and lower > 0:
+                    text += f" B_noise is at least {fmt_num(lower)} (95%)."
             lines.append(head + text)
             continue
-        lines.append(head + _advice_text(late, batch, int(rec), row.b_simple_early))
+        lines.append(head + _advice_text(row))
     return lines
 
 
-def _advice_text(late: float, batch: float, rec: int, early: float) -> str:
-    text = f"B_simple ≈ {fmt_num(late)} late in training, recommended batch size {rec}. "
+def _advice_text(row: Any) -> str:
+    b, batch, rec = row.b_simple, row.batch_size, int(row.recommended_batch_size)
+    interval = fmt_interval(row.b_simple_lower, row.b_simple_upper)
+    value = f"B_simple ≈ {fmt_num(b)}" if math.isfinite(b) else "B_simple not yet known"
+    text = f"{value} at step {fmt_num(row.last_step)} (95% interval {interval}), "
+    text += f"recommended batch size {rec}. "
+    steps, examples = row.steps_change_pct, row.examples_change_pct
     if not math.isfinite(batch):
         text += "The batch size was not logged (gns/batch_size)."
-    elif batch != rec:
-        steps = advice.steps_ratio(rec, late) / advice.steps_ratio(batch, late)
-        examples = advice.examples_ratio(rec, late) / advice.examples_ratio(batch, late)
-        if batch < rec:
-            text += (
-                f"Batch size {fmt_num(batch)} is below it: moving to {rec} would need about "
-                f"{100 * (1 - steps):.0f}% fewer optimizer steps for "
-                f"{100 * (examples - 1):.0f}% more examples."
-            )
-        else:
-            text += (
-                f"Batch size {fmt_num(batch)} is above it: moving to {rec} would save about "
-                f"{100 * (1 - examples):.0f}% of the examples (compute) for "
-                f"{100 * (steps - 1):.0f}% more steps."
-            )
-    else:
+    elif not math.isfinite(steps):
+        text += f"Batch size {fmt_num(batch)}."
+    elif batch == rec:
         text += "The batch size already matches it."
-    if math.isfinite(early) and early > 0 and late > 1.5 * early:
+    elif batch < rec:
         text += (
-            f" B_simple grew {late / early:.1f}x during training (from {fmt_num(early)}):"
+            f"Batch size {fmt_num(batch)} is below it: moving to {rec} would need about "
+            f"{-steps:.0f}% fewer optimizer steps for {examples:.0f}% more examples."
+        )
+    else:
+        text += (
+            f"Batch size {fmt_num(batch)} is above it: moving to {rec} would need about "
+            f"{-examples:.0f}% fewer examples (compute) for {steps:.0f}% more optimizer steps."
+        )
+    early = row.b_simple_early
+    if math.isfinite(early) and early > 0 and math.isfinite(b) and b > 1.5 * early:
+        text += (
+            f" B_simple grew {b / early:.1f}x during training (from {fmt_num(early)}):"
             " a batch size that grows with it keeps training efficient."
         )
     return text
