@@ -120,7 +120,7 @@ def _explore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(message: str, code: int = 2) -> int:
+def _fail(message: object, code: int = 2) -> int:
     text = " ".join(str(message).split()) or "unknown error"
     print(f"{PROG}: error: {text}", file=sys.stderr)
     return code

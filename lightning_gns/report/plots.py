@@ -234,10 +234,10 @@ def efficiency_figure(curves: Sequence[Curve], point_label: str = "batch size us
             ax.text(lo, 97, " compute efficiency E_min/E", ha="left", va="top", fontsize=8)
         ax.axvline(c.b_noise, color=c.color, lw=0.8, alpha=0.5)
         for b in c.current:
-            eff = 100 * advice.efficiency(b, c.b_noise)
+            eff = 100 * float(advice.efficiency(b, c.b_noise))
             ax.plot([b], [eff], "o", color=c.color, ms=9, mec="black", zorder=5)
         for b in c.recommended:
-            eff = 100 * advice.efficiency(b, c.b_noise)
+            eff = 100 * float(advice.efficiency(b, c.b_noise))
             ax.plot([b], [eff], "*", color="white", mec=c.color, mew=1.5, ms=13, zorder=6)
     ax.plot([], [], "o", color="0.5", mec="black", label=point_label)
     ax.plot([], [], "*", color="white", mec="0.3", ms=12, label="recommended")

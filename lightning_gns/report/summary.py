@@ -154,7 +154,7 @@ def summarize(data: pd.DataFrame | Logs) -> pd.DataFrame:
 
 
 def _row(run: str, rows: pd.DataFrame, error: str) -> dict:
-    row = dict.fromkeys(SUMMARY_COLUMNS, math.nan)
+    row: dict[str, Any] = dict.fromkeys(SUMMARY_COLUMNS, math.nan)
     row.update(run=run, source="n/a", note="", logged_points=0, known_points=0)
     gns = rows[rows["metric"].astype(str).str.startswith("gns/")]
     if gns.empty:
