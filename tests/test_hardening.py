@@ -332,3 +332,23 @@ def test_per_layer_under_micro_batches_says_why_nothing_per_layer_is_logged(tmp_
     )  # fmt: skip
     assert cb.chosen_source == "micro_batch" and cb.layer_values == {}
     assert any("per_layer=True" in m and "BatchNorm" in m for m in said), said
+
+
+class BareParameter(Classifier):
+    """The model's only parameter is its own (no layer holds it)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Identity(), batch_size=32)
+        self.w = nn.Parameter(torch.zeros(64, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(x @ self.w, y)
+
+
+def test_a_bare_parameter_is_refused_at_fit_start_with_the_fix(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match=r"only parameters are its own.*accumulate"):
+        fit(GradientNoiseScale(), tmp_path, BareParameter(), epochs=1)
+    cb = GradientNoiseScale()  # between micro-batches it is measured
+    fit(cb, tmp_path, BareParameter(), epochs=1, accumulate_grad_batches=2)
+    assert cb.chosen_source == "micro_batch" and cb.values.steps > 10
