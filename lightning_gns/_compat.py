@@ -62,6 +62,17 @@ def view_base(t: Tensor) -> Tensor | None:
     return getattr(t, "_base", None)
 
 
+def saved_on_node(node: Any, name: str) -> Any:
+    """What an autograd node saved for backward (``node._saved_<name>``: a view's input sizes,
+    an index's indices), or None. The mixture-of-experts rules read where flattened tokens came
+    from this way. Fallback: None (the token map is then unknown and those layers are left out
+    with the reason, as without the rules)."""
+    try:
+        return getattr(node, f"_saved_{name}", None)
+    except Exception:  # noqa: BLE001 - a changed internal must not break a forward
+        return None
+
+
 _foreach_norm = getattr(torch, "_foreach_norm", None)
 
 

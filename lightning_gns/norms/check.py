@@ -22,7 +22,9 @@ from lightning_gns._compat import EagerWindow
 from lightning_gns.norms.generic import as_param_dtype, leaves_of, replaying
 from lightning_gns.norms.live_check import LiveGradCheck
 from lightning_gns.norms.provenance import BatchProvenance
+from lightning_gns.norms.record import MicroBatchRecord
 from lightning_gns.norms.sites import Site
+from lightning_gns.norms.token_sites import token_check_problem, token_local_grads
 
 TOLERANCE = 1e-2  # relative difference between a module's own and the whole gradient
 OUTSIDE = "also gets gradient from outside this module (tied/reused?)"
@@ -33,6 +35,7 @@ class Checked(Protocol):
     """What the check reads and changes (:class:`~.per_example.PerExampleNorms`)."""
 
     sites: dict[str, Site]
+    record: MicroBatchRecord
 
     @property
     def params(self) -> list[nn.Parameter]: ...
@@ -89,6 +92,8 @@ class StructuralCheck:
         local: dict[int, Tensor] = {}
         for name, site in list(norms.sites.items()):
             reason = _call_problem(site)
+            if reason is None:  # a router on flattened tokens must not mix examples
+                reason = token_check_problem(site, norms.record.batch_size)
             if reason is None and self.live is not None:
                 if self.live.error(name, SCALE_FLOOR) > TOLERANCE:
                     reason = (
@@ -160,6 +165,9 @@ def _call_problem(site: Site) -> str | None:
 def _local_grads(site: Site) -> dict[str, Tensor]:
     """The gradient of the site's parameters through this module alone (float32)."""
     params = list(site.params.values())
+    own = token_local_grads(site)  # stacked experts: their rule's own recomputation
+    if own is not None:
+        return own
     if site.generic:
         grads = _generic_local_grads(site, params)
     else:

@@ -110,6 +110,21 @@ def as_param_dtype(inputs: Any, params: dict[str, nn.Parameter]) -> Any:
     )
 
 
+def own_outputs(leaves: list[Any]) -> list[Any]:
+    """With two or more outputs that need grad (one may be computed from another: a router's
+    scores from its logits), views of them, so that each one's gradient hook sees only the
+    gradient from outside the module; otherwise the leaves themselves."""
+    if sum(isinstance(t, Tensor) and t.requires_grad for t in leaves) < 2:
+        return leaves
+    return [t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t for t in leaves]
+
+
+def rebuild(output: Any, leaves: list[Any]) -> Any:
+    """``output`` with its tensor leaves replaced (same structure)."""
+    _, spec = tree_flatten(output)
+    return tree_unflatten(leaves, spec)
+
+
 def leaves_of(output: Any) -> list[Tensor]:
     """Tensor leaves of a module's output, in ``tree_flatten`` order (others as placeholders)."""
     flat, _ = tree_flatten(output)

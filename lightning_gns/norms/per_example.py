@@ -17,6 +17,7 @@ from lightning_gns.norms.check import StructuralCheck
 from lightning_gns.norms.record import MicroBatchRecord
 from lightning_gns.norms.simultaneous import can_route, qualifies, route, unroute
 from lightning_gns.norms.sites import Seen, Site, find_sites, trainable_parameters
+from lightning_gns.norms.token_sites import TokenScopes, tokenwise
 
 
 class PerExampleNorms:
@@ -63,6 +64,7 @@ class PerExampleNorms:
         self._params: list[nn.Parameter] | None = None
         self._check: StructuralCheck | None = None
         self.sites, self.left_out = find_sites(model, layers)
+        self.scopes = TokenScopes(model, list(self.sites))  # token maps for MoE layers
 
     # -- what is covered ------------------------------------------------------------------
     @property
@@ -115,7 +117,9 @@ class PerExampleNorms:
     # -- set-up ---------------------------------------------------------------------------
     def attach(self) -> None:
         self.detach()
+        self.scopes.attach()
         for site in self.sites.values():
+            site.tokenwise = tokenwise(site.module)
             if site.generic:
                 hook = site_hooks.generic_hook(self, site)
                 site.handle = site.module.register_forward_hook(hook, with_kwargs=True)
@@ -126,6 +130,7 @@ class PerExampleNorms:
                 site.routed = True
 
     def detach(self) -> None:
+        self.scopes.detach()
         for site in self.sites.values():
             site.remove_hook()
             self._unroute(site)
@@ -151,6 +156,7 @@ class PerExampleNorms:
     def start_micro_batch(self, batch_size: int | None) -> None:
         """Called before the forward of each micro-batch with its number of examples."""
         self._reset(batch_size)
+        self.scopes.start(batch_size)
         if batch_size is not None and self.sites:
             n = min(batch_size, self.examples_per_batch or batch_size)
             self.record.make_sinks(self.sites, n, self.params[0].device)
@@ -172,6 +178,7 @@ class PerExampleNorms:
         if self._check is not None:
             self._check.finish()
             self._check = None
+            self.scopes.keep_used()
         bad = self.record.bad
         self._reset(None)
         return (None if bad else acc), layers, bad

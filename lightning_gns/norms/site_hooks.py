@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from lightning_gns._compat import in_backward_pass, saving_through_hooks, tree_flatten, view_base
 from lightning_gns.norms.compiled import Tap
-from lightning_gns.norms.generic import generic_sq_norms, is_replaying, leaves_of, replaying
+from lightning_gns.norms.generic import (
+    generic_sq_norms,
+    is_replaying,
+    leaves_of,
+    own_outputs,
+    rebuild,
+    replaying,
+)
 from lightning_gns.norms.positions import (
     broadcast_positions,
     expand_positions,
@@ -31,6 +38,8 @@ from lightning_gns.norms.positions import (
 )
 from lightning_gns.norms.record import MicroBatchRecord
 from lightning_gns.norms.sites import Site
+from lightning_gns.norms.token_sites import TokenScopes, first_tensor, token_site_norms
+from lightning_gns.norms.tokens import to_examples
 from lightning_gns.sync import on_step_path
 
 
@@ -39,6 +48,7 @@ class Norms(Protocol):
 
     record: MicroBatchRecord
     examples_per_batch: int | None
+    scopes: TokenScopes
 
     @property
     def checking(self) -> bool: ...
@@ -112,6 +122,8 @@ def eager(norms: Norms, site: Site, args: tuple, output: object) -> Tensor | Non
     if norms.route_sink(site, x) is not None:  # the route's backward has it
         return None
     site.seen.activation = x
+    if site.tokenwise:  # (B·T, ...) rows of flattened or gathered tokens (MoE)
+        site.seen.tokens = norms.scopes.map_for(site.name, x)
     if record.token_batch is None:
         record.token_batch = token_batch_of(site, x)
     if problem := positions_problem(site, x, record.batch_size, record.token_batch):
@@ -141,11 +153,14 @@ def on_output_grad(norms: Norms, site: Site, g: Tensor) -> None:
     if a is None or not site.active or record.bad is not None:
         return
     b = record.batch_size
+    if norms.checking:
+        site.seen.grad_output = g.detach()
+    tokens = site.seen.tokens
+    if tokens is not None and b is not None:  # rows of flattened or gathered tokens (MoE)
+        a, g = to_examples(a, tokens, b), to_examples(g, tokens, b)
     if b is not None and (g.dim() == 0 or g.shape[0] != b or a.shape[:1] != g.shape[:1]):
         norms.fail(site, f"has inputs without a batch dimension of size {b}")
         return
-    if norms.checking:
-        site.seen.grad_output = g.detach()
     k = norms.examples_per_batch
     if k is not None and g.shape[0] > k:
         a, g = a[:k], g[:k]
@@ -162,30 +177,33 @@ def on_output_grad(norms: Norms, site: Site, g: Tensor) -> None:
 def generic_hook(norms: Norms, site: Site) -> Hook:
     """The forward hook of a site without a rule: keep its inputs and its outputs' gradients."""
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         if is_replaying() or not torch.is_grad_enabled():
-            return
+            return None
         leaves = leaves_of(output)
         if not any(isinstance(t, Tensor) and t.requires_grad for t in leaves):
-            return
+            return None
         if site.seen.calls and in_backward_pass():
-            return
+            return None
         site.seen.calls += 1
         if site.seen.calls > 1:
             norms.fail(site, f"called {site.seen.calls} times in one forward")
-            return
-        site.seen.inputs, site.seen.outputs = (args, kwargs), leaves
+            return None
+        fresh = own_outputs(leaves)  # each output's hook sees only its gradient from outside
+        site.seen.inputs, site.seen.outputs = (args, kwargs), fresh
         site.seen.live = _live_copies(module, site)
+        site.seen.tokens = norms.scopes.map_for(site.name, first_tensor((args, kwargs)))
         if norms.checking:
             shared = _not_from_batch(norms, (args, kwargs))
             if shared is True:
                 norms.fail(site, NOT_FROM_BATCH)
-                return
+                return None
             if isinstance(shared, frozenset):
                 site.shared_inputs = shared
-        for i, t in enumerate(leaves):
+        for i, t in enumerate(fresh):
             if isinstance(t, Tensor) and t.requires_grad:
                 t.register_hook(on_step_path(_grad_saver(site, i)))
+        return rebuild(output, fresh) if fresh is not leaves else None
 
     return on_step_path(hook)
 
@@ -228,15 +246,18 @@ def close_generic(norms: Norms, site: Site) -> None:
     b = norms.record.batch_size or leaves_of(seen.outputs)[0].shape[0]
     try:
         with replaying():  # the functional forward must not re-enter any hooks
-            sq = generic_sq_norms(
-                site.module,
-                {**site.params, **seen.live},  # type: ignore[dict-item]
-                seen.inputs,
-                seen.outputs,
-                seen.out_grads,
-                b,
-                site.shared_inputs,
-            )
+            if seen.tokens is not None:  # flattened tokens (MoE routers, stacked experts)
+                sq = token_site_norms(site, b)
+            else:
+                sq = generic_sq_norms(
+                    site.module,
+                    {**site.params, **seen.live},  # type: ignore[dict-item]
+                    seen.inputs,
+                    seen.outputs,
+                    seen.out_grads,
+                    b,
+                    site.shared_inputs,
+                )
     except Exception as err:  # noqa: BLE001 - never break the user's step
         kind, why = type(site.module).__name__, f"{type(err).__name__}: {err}"
         norms.fail(site, f"{kind} has no rule and torch.func failed ({why})")

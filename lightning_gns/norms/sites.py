@@ -22,6 +22,7 @@ from lightning_gns.norms.rules import (
     grad_sample_rule_for,
     norm_rule_for,
 )
+from lightning_gns.norms.tokens import TokenMap
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, *RMS_NORM, nn.GroupNorm)
 
@@ -83,6 +84,7 @@ class Seen:
     out_grads: dict[int, Tensor] = field(default_factory=dict)  # generic: their gradients
     live: dict[str, Tensor] = field(default_factory=dict)  # generic: the tensors the forward
     # used (FSDP2 unshards parameters for the forward only; elsewhere the parameters)
+    tokens: TokenMap | None = None  # its rows are flattened or gathered tokens (MoE)
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Site:
     positions: bool | None = None  # a 1-D input as long as the batch: positions (decided once)
     shared_inputs: frozenset[int] = frozenset()  # generic: input leaves not from the batch
     routed: bool = False  # its forward goes through norms/simultaneous.py while attached
+    tokenwise: bool = False  # its rule may see (B, T, ...) tokens for (B·T, ...) rows (MoE)
 
     @property
     def generic(self) -> bool:

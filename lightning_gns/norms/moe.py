@@ -1,0 +1,346 @@
+"""Per-example squared norms of transformers' stacked experts (``@use_experts_implementation``:
+Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, GPT-OSS, … 67 classes in transformers 5.24).
+
+One module holds every expert as 3-D parameters: ``gate_up_proj`` (E, 2f, d) (or ``up_proj``
+(E, f, d) without a gate; (E, d, 2f) when stored transposed), ``down_proj`` (E, d, f), optional
+biases (E, ·); it is called as ``experts(x (N, d), top_k_index (N, k), top_k_weights (N, k))``
+on the N = B·T flattened tokens, and out_t = Σ_k w_tk · down[e_tk](gate(up[e_tk] x_t)): the
+routing weight multiplies each expert's output. :class:`_Pairs` recomputes every (token, k)
+pair's pre-activation z and activation h expert by expert (``F.grouped_mm``, as the experts'
+own forward, or a loop over the experts with one host read of their token counts) and
+back-propagates c = w·g through down and the module's own gate (``_apply_gate`` / ``act_fn``)
+to dz. A parameter's per-example gradient is then a sum over the example's pairs routed to
+each expert: |Σ c h^T|² for down, |Σ dz x^T|² for up,
+summed over experts (:func:`_routed_sq_norm` takes the cheapest of three exact forms).
+:func:`stacked_experts_grads` gives the whole gradient from the same recomputation, for the
+structural check: it equals autograd's only if the rule models the module.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_gns.norms.tokens import acc_dtype, reading_host_tensor
+
+
+def is_stacked_experts(module: nn.Module) -> bool:
+    """An experts module of transformers' ``@use_experts_implementation`` layout."""
+    flags = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
+    if not all(isinstance(getattr(module, f, None), bool) for f in flags):
+        return False
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    ws = [getattr(module, name, None) for name in (up, "down_proj")]
+    return all(isinstance(w, Tensor) and w.dim() == 3 for w in ws)
+
+
+def stacked_experts_problem(module: nn.Module) -> str | None:
+    """Why the stacked-experts rule cannot cover this module, or None."""
+    if module.has_post_expert_norm:
+        return "has a norm after each expert (has_post_expert_norm), which no rule models"
+    known = {"gate_up_proj", "up_proj", "down_proj"}
+    known |= {f"{k}_bias" for k in known}
+    other = [k for k, p in module.named_parameters() if p.requires_grad and k not in known]
+    if other:
+        return f"has parameters the experts rule does not model: {other}"
+    return None
+
+
+def _experts_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(hidden (N, d), expert indices (N, k), routing weights (N, k)): the forward's first three
+    parameters, whatever their names (GPT-OSS: ``router_indices``, ``routing_weights``)."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    got = list(bound.arguments.values())
+    return got[0], got[1], got[2]
+
+
+class _Pairs:
+    """Every (token, k) pair of one experts call, recomputed expert by expert: its input x,
+    pre-activation gradient dz, activation h and down-output gradient c = w·g, in pair order
+    (token-major), plus the expert of each pair (E for the sentinels of expert parallelism)."""
+
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict, g: Tensor) -> None:
+        x, idx, w = _experts_inputs(module, args, kwargs)
+        dt = acc_dtype(g)
+        self.n, self.k = idx.shape
+        self.num = module.down_proj.shape[0]
+        e = idx.reshape(-1).long()
+        self.key = torch.where((e >= 0) & (e < self.num), e, self.num)
+        self.x = x.detach().to(dt)
+        valid = self.key < self.num
+        tok = torch.arange(self.n, device=x.device).repeat_interleave(self.k)
+        c = w.detach().reshape(-1, 1).to(dt) * valid.unsqueeze(1) * g.detach().to(dt)[tok]
+        self.order = torch.argsort(self.key, stable=True)
+        counts = _bincount(self.key, self.num + 1)[: self.num]
+        up, down = _as_right_factors(module, dt)
+        xs, cs = self.x[tok[self.order]], c[self.order]
+        z = _grouped(xs, up, counts, valid[self.order])
+        if module.has_bias:
+            bias = module.gate_up_proj_bias if module.has_gate else module.up_proj_bias
+            z = z + bias.detach().to(dt)[self.key[self.order].clamp(max=self.num - 1)]
+        dh = _grouped(cs, down, counts, valid[self.order])
+        with torch.enable_grad():
+            zl = z.detach().requires_grad_()
+            h = module._apply_gate(zl) if module.has_gate else module.act_fn(zl)
+            (dz,) = torch.autograd.grad(h, zl, dh)
+        self.dz, self.h, self.c = self._unsort(dz), self._unsort(h.detach()), c
+
+    def _unsort(self, v: Tensor) -> Tensor:
+        out = torch.empty_like(v)
+        out[self.order] = v
+        return out
+
+
+def _as_right_factors(module: nn.Module, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(E, d, 2f) with z = x @ up[e], and (E, d, f) with dh = c @ down[e], whichever way the
+    module stores its weights ((E, d_out, d_in), or (E, d_in, d_out) when ``is_transposed``)."""
+    up = (module.gate_up_proj if module.has_gate else module.up_proj).detach().to(dt)
+    down = module.down_proj.detach().to(dt)
+    if module.is_transposed:
+        return up, down.mT
+    return up.mT, down
+
+
+def _bincount(key: Tensor, size: int) -> Tensor:
+    """``torch.bincount`` into ``size`` bins without its host read on CUDA (it sizes its output
+    from the largest value)."""
+    return torch.zeros(size, dtype=torch.long, device=key.device).scatter_add_(
+        0, key, torch.ones_like(key)
+    )
+
+
+def _grouped(x: Tensor, w: Tensor, counts: Tensor, valid: Tensor) -> Tensor:
+    """Rows of ``x`` sorted by expert (``counts[e]`` rows each, then the sentinels) times their
+    expert's ``w[e]``; sentinel rows 0. ``F.grouped_mm`` where it runs (no host read); else on
+    a CPU a loop over the experts' rows (one read of the counts, free there), elsewhere every
+    expert on every row, masked (E times the work, nothing read back)."""
+    if hasattr(F, "grouped_mm") and x.dtype in (torch.float32, torch.bfloat16):
+        try:
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            out = F.grouped_mm(x, w.to(x.dtype), offs=offs)
+            return torch.where(valid.unsqueeze(1), out, 0)  # rows past the last offset: unset
+        except RuntimeError:  # unaligned strides, an older GPU: the loops are as exact
+            pass
+    out = x.new_zeros(x.shape[0], w.shape[2])
+    if x.device.type != "cpu":
+        ends = torch.cumsum(counts, 0)
+        expert = torch.searchsorted(ends, torch.arange(x.shape[0], device=x.device), right=True)
+        for e in range(w.shape[0]):
+            out = torch.where((expert == e).unsqueeze(1), x @ w[e], out)
+        return out
+    with reading_host_tensor(counts):
+        sizes = counts.tolist()
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            out[start : start + n] = x[start : start + n] @ w[e]
+        start += n
+    return out
+
+
+def _gram(v: Tensor, t: int, k: int) -> Tensor:
+    """Pairwise dot products (B, T·k, T·k) of v: (B, T, D) per token, or (B, T·k, D) per pair."""
+    b = v.shape[0]
+    gram = torch.bmm(v, v.mT)
+    if v.shape[1] == t and k > 1:
+        gram = gram[:, :, None, :, None].expand(b, t, k, t, k).reshape(b, t * k, t * k)
+    return gram
+
+
+def _routed_sq_norm(a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int) -> Tensor:
+    """Σ_e |Σ_{pairs of example b routed to e} g a^T|² per example; a, g (B, T, D) per token or
+    (B, T·k, D) per pair (not both per token), ``key`` (B, T·k) the expert of each pair. The
+    cheapest exact form by its count of multiply-adds (as the dense Linear rule chooses between
+    Gram and materialised): a Gram over each example's pairs masked to equal experts; each
+    (example, expert) group's pairs padded to a common length C, then Gram or materialised per
+    group; or (not on a CPU, whose grouped product is slow) each group's gradient materialised
+    by one grouped product. On a CPU, C is the largest group (a host read, free there); elsewhere
+    C = T (nothing read back)."""
+    d_a, d_g, tk = a.shape[-1], g.shape[-1], t * k
+    cpu = key.device.type == "cpu"
+    cap = _largest_group(key, num) if cpu else t
+    masked = (t * t if a.shape[1] == t else tk * tk) * d_a + tk * tk * (d_g + 3)
+    padded = num * cap * (min(cap * (d_a + d_g), d_a * d_g) + d_a + d_g)
+    grouped = tk * d_a * d_g + (num + 1) * d_a * d_g + tk * (d_a + d_g)
+    if not cpu and grouped < min(masked, padded):
+        return routed_grouped(a, g, key, num, t, k)
+    if padded < masked:
+        return routed_padded(a, g, key, num, t, k, cap)
+    return routed_masked_gram(a, g, key, num, t, k)
+
+
+def _largest_group(key: Tensor, num: int) -> int:
+    """The most pairs one example sends one expert (a host read)."""
+    counts = torch.zeros(key.shape[0], num + 1, dtype=torch.long, device=key.device)
+    counts.scatter_add_(1, key, torch.ones_like(key))
+    with reading_host_tensor(counts):
+        return max(1, int(counts[:, :num].max()))
+
+
+def routed_padded(
+    a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int, cap: int | None = None
+) -> Tensor:
+    """:func:`_routed_sq_norm` with each (example, expert) group's pairs placed in ``cap`` slots
+    (zeros after its own; ``cap`` ≥ the largest group, which None reads back from the device),
+    then per group the Gram or the materialised form, the cheaper: cost
+    B·E·cap·min(cap·(d_a + d_g), d_a·d_g). With ``cap`` = T nothing is read back (a token
+    sends each expert at most one pair)."""
+    b, d_a, d_g = a.shape[0], a.shape[-1], g.shape[-1]
+    tk = t * k
+    cap = _largest_group(key, num) if cap is None else cap
+    counts = torch.zeros(b, num + 1, dtype=torch.long, device=key.device)
+    counts.scatter_add_(1, key, torch.ones_like(key))
+    order = torch.argsort(key, dim=1, stable=True)  # by expert within each example
+    sk = torch.gather(key, 1, order)
+    start = torch.cumsum(counts, 1) - counts
+    pos = torch.arange(tk, device=key.device) - torch.gather(start, 1, sk)
+    ex = torch.arange(b, device=key.device).unsqueeze(1).expand(b, tk)
+    keep = (sk < num).reshape(-1)  # the sentinels' pairs: no gradient
+    slot = ((ex * num + sk.clamp(max=num - 1)) * cap + pos).reshape(-1)
+    src = torch.div(order, k, rounding_mode="floor") if a.shape[1] == t else order
+    # a dump slot past the end takes the sentinels (no boolean indexing: no host read)
+    slot = torch.where(keep, slot, b * num * cap)
+    pa = a.new_zeros(b * num * cap + 1, d_a).index_copy_(0, slot, a[ex, src].reshape(-1, d_a))
+    pg = g.new_zeros(b * num * cap + 1, d_g).index_copy_(0, slot, g[ex, order].reshape(-1, d_g))
+    pa, pg = pa[:-1].view(b * num, cap, d_a), pg[:-1].view(b * num, cap, d_g)
+    if cap * (d_a + d_g) < d_a * d_g:
+        sq = (torch.bmm(pa, pa.mT) * torch.bmm(pg, pg.mT)).sum((1, 2))
+    else:
+        sq = torch.linalg.vector_norm(torch.bmm(pg.mT, pa), dim=(1, 2)).square()
+    return sq.view(b, num).sum(1)
+
+
+_HELD = 1 << 25  # (example, expert) gradient elements held at once by routed_grouped, at most
+
+
+def routed_grouped(a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int) -> Tensor:
+    """:func:`_routed_sq_norm` with each (example, expert) gradient Σ g a^T materialised: each
+    example's pairs sorted by expert, then one grouped product over the (example, expert)
+    groups (``F.grouped_mm``, no host read; else on a CPU a loop over the groups, elsewhere
+    :func:`routed_padded` with T slots). Cost B·T·k·d_a·d_g, the weight gradient's own;
+    examples in chunks of at most ``_HELD`` elements (or one)."""
+    b, d_a, d_g = a.shape[0], a.shape[-1], g.shape[-1]
+    order = torch.argsort(key, dim=1, stable=True)  # (B, T·k): by expert within each example
+    src = torch.div(order, k, rounding_mode="floor") if a.shape[1] == t else order
+    sa = torch.gather(a, 1, src.unsqueeze(-1).expand(-1, -1, d_a))
+    sg = torch.gather(g, 1, order.unsqueeze(-1).expand(-1, -1, d_g))
+    counts = torch.zeros(b, num + 1, dtype=torch.long, device=key.device)
+    counts.scatter_add_(1, key, torch.ones_like(key))
+    chunk = max(1, _HELD // ((num + 1) * d_a * d_g))
+    parts = []
+    for b0 in range(0, b, chunk):
+        b1 = min(b, b0 + chunk)
+        n = counts[b0:b1].reshape(-1)
+        per = _grouped_outer(sg[b0:b1].reshape(-1, d_g), sa[b0:b1].reshape(-1, d_a), n)
+        if per is None:  # no grouped product off the CPU: padded groups, as exact
+            return routed_padded(a, g, key, num, t, k, t)
+        per = per.view(b1 - b0, num + 1, -1)[:, :num]  # the sentinels' group: no gradient
+        parts.append(
+            torch.where(n.view(b1 - b0, num + 1, 1)[:, :num] > 0, per, 0).pow(2).sum((1, 2))
+        )
+    return torch.cat(parts)
+
+
+def _grouped_outer(g: Tensor, a: Tensor, counts: Tensor) -> Tensor | None:
+    """Σ g_r a_r^T over each group of consecutive rows (``counts[i]`` rows): (G, d_g, d_a).
+    ``F.grouped_mm``, else on a CPU a loop over the groups (a read of the counts, free there);
+    None elsewhere (a loop would wait for the device)."""
+    if hasattr(F, "grouped_mm") and g.dtype in (torch.float32, torch.bfloat16):
+        try:
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            return F.grouped_mm(g.mT, a, offs=offs)
+        except RuntimeError:  # unaligned strides, an older GPU: the loop is as exact
+            pass
+    if g.device.type != "cpu":
+        return None
+    out = g.new_zeros(counts.shape[0], g.shape[1], a.shape[1])
+    with reading_host_tensor(counts):
+        sizes = counts.tolist()
+    start = 0
+    for i, n in enumerate(sizes):
+        if n:
+            out[i] = g[start : start + n].mT @ a[start : start + n]
+        start += n
+    return out
+
+
+def routed_masked_gram(a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int) -> Tensor:
+    """:func:`_routed_sq_norm` as Σ_{s,s'} [e_s = e_s'] (a_s·a_s')(g_s·g_s') over each example's
+    pairs: cost B·(T·k)²·(d_a + d_g), whatever the number of experts."""
+    same = (key[:, :, None] == key[:, None, :]) & (key < num).unsqueeze(2)
+    return (_gram(a, t, k) * _gram(g, t, k) * same).sum((1, 2))
+
+
+def _bias_sq_norm(v: Tensor, key: Tensor, num: int, batch: int) -> Tensor:
+    """Σ_e |Σ_{pairs of example b routed to e} v|² per example; v (B·T·k, D) in pair order."""
+    ex = torch.arange(batch, device=v.device).repeat_interleave(key.numel() // batch)
+    slot = ex * (num + 1) + key
+    sums = v.new_zeros(batch * (num + 1), v.shape[1]).index_add_(0, slot, v)
+    sums = sums.view(batch, num + 1, -1)[:, :num]
+    return sums.pow(2).sum((1, 2))
+
+
+def stacked_experts_norm(
+    module: nn.Module, args: tuple, kwargs: dict, g: Tensor, batch: int
+) -> dict[str, Tensor]:
+    """Per-example squared norms (B,) of a stacked-experts module's parameters, by name, from
+    its forward's inputs (hidden (B·T, d), top_k_index, top_k_weights) and output gradient."""
+    pairs = _Pairs(module, args, kwargs, g)
+    n, k, num = pairs.n, pairs.k, pairs.num
+    if n % batch:
+        raise ValueError(f"{n} tokens do not split into {batch} examples")
+    t = n // batch
+    key = pairs.key.view(batch, t * k)
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    out: dict[str, Tensor] = {}
+    if getattr(module, up).requires_grad:
+        x = pairs.x.view(batch, t, -1)
+        out[up] = _routed_sq_norm(x, pairs.dz.view(batch, t * k, -1), key, num, t, k)
+    if module.down_proj.requires_grad:
+        h, c = pairs.h.view(batch, t * k, -1), pairs.c.view(batch, t * k, -1)
+        out["down_proj"] = _routed_sq_norm(h, c, key, num, t, k)
+    for name, v in ((f"{up}_bias", pairs.dz), ("down_proj_bias", pairs.c)):
+        p = getattr(module, name, None)
+        if isinstance(p, Tensor) and p.requires_grad:
+            out[name] = _bias_sq_norm(v, pairs.key, num, batch)
+    return out
+
+
+def stacked_experts_grads(
+    module: nn.Module, args: tuple, kwargs: dict, g: Tensor
+) -> dict[str, Tensor]:
+    """The module's whole gradient from the rule's own recomputation, for the structural check:
+    it equals autograd's only if the rule models the module (gate, layout, routing weight)."""
+    pairs = _Pairs(module, args, kwargs, g)
+    num, k = pairs.num, pairs.k
+    tok = torch.arange(pairs.n, device=g.device).repeat_interleave(k)
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    out: dict[str, Tensor] = {}
+    for name, a, v in ((up, pairs.x[tok], pairs.dz), ("down_proj", pairs.h, pairs.c)):
+        w = getattr(module, name)
+        per = torch.stack(
+            [(v * (pairs.key == e).unsqueeze(1)).mT @ a for e in range(num)]
+        )  # (E, d_out, d_in)
+        out[name] = per.mT if module.is_transposed else per
+        bias = getattr(module, f"{name}_bias", None)
+        if isinstance(bias, Tensor):
+            slot = pairs.key.clamp(max=num)
+            out[f"{name}_bias"] = v.new_zeros(num + 1, v.shape[1]).index_add_(0, slot, v)[:num]
+        assert out[name].shape == w.shape
+    return out
+
+
+TokenRule = Callable[[nn.Module, tuple, dict, Tensor, int], dict[str, Tensor]]
+"""``rule(module, args, kwargs, grad_output, batch) -> {parameter name: (B,)}``."""
+
+
+def token_rule_for(module: nn.Module) -> TokenRule | None:
+    """The dedicated rule of a module called on flattened tokens (stacked experts), or None
+    (then :func:`~lightning_gns.norms.tokens.token_generic_sq_norms`)."""
+    if is_stacked_experts(module) and stacked_experts_problem(module) is None:
+        return stacked_experts_norm
+    return None

@@ -1,0 +1,251 @@
+"""The mixture-of-experts rules (norms/moe.py, norms/tokens.py) against exact per-example
+gradients: tiny transformers MoE models (random weights, built from configurations) and a
+``ModuleList``-experts toy, hooked by hand (tests/moe_zoo.py), with the loss of the whole model
+so that the gradients reaching the MoE layers are realistic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from moe_zoo import (
+    MOE_MODELS,
+    HandHooks,
+    mixtral,
+    moe_parameters,
+    per_example_sq_norms,
+    rule_sq_norms,
+)
+from torch import Tensor, nn
+
+from lightning_gns.norms import moe, tokens
+
+pytest.importorskip("transformers")
+
+
+def _by_module(exact: dict[str, Tensor], key: str) -> Tensor:
+    """The exact squared norms of a rule's key: one parameter, or a module's own parameters."""
+    return sum(v for n, v in exact.items() if n == key or n.rsplit(".", 1)[0] == key)
+
+
+def _compare(name: str, impl: str = "eager", dtype=torch.float64, n: int = 4, rtol=1e-5):
+    torch.manual_seed(0)
+    model, data, loss = MOE_MODELS[name](impl=impl) if impl != "eager" else MOE_MODELS[name]()
+    model = model.to(dtype)
+    x, y = data.tensors[0][:n], data.tensors[1][:n]
+    exact, _ = per_example_sq_norms(model, x, y, loss, moe_parameters(model))
+    got = rule_sq_norms(model, x, y, loss)
+    covered = {p for key in got for p in exact if p == key or p.rsplit(".", 1)[0] == key}
+    assert covered == set(exact)  # every MoE parameter has a rule
+    for key, v in got.items():
+        ref = _by_module(exact, key)
+        assert ref.min() > 0, key
+        torch.testing.assert_close(v, ref, rtol=rtol, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe", "gpt_oss", "toy_modulelist"])
+def test_rules_give_the_exact_per_example_norms(name) -> None:
+    """Router, stacked experts (Mixtral, Qwen2-MoE with its shared expert, OLMoE top-4 of 8,
+    GPT-OSS's transposed experts with biases and its own gate), ModuleList experts."""
+    _compare(name)
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_the_experts_rule_does_not_depend_on_the_experts_implementation(impl) -> None:
+    _compare("mixtral", impl=impl, dtype=torch.float32, rtol=2e-4)
+
+
+FORMS = {
+    "grouped": moe.routed_grouped,
+    "masked_gram": moe.routed_masked_gram,
+    "padded_to_largest_group": moe.routed_padded,
+    "padded_to_T": lambda a, g, key, num, t, k: moe.routed_padded(a, g, key, num, t, k, t),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_exact_forms_agree(monkeypatch, dtype) -> None:
+    """Grouped (example, expert) gradients, the masked per-example Gram and the padded groups
+    give the same norms (float32: F.grouped_mm; float64: its loop)."""
+    torch.manual_seed(0)
+    model, data, loss = mixtral()
+    model = model.to(dtype)
+    x, y = data.tensors[0][:4], data.tensors[1][:4]
+    got = {}
+    for name, form in FORMS.items():
+        monkeypatch.setattr(moe, "_routed_sq_norm", form)
+        got[name] = rule_sq_norms(model, x, y, loss)
+    first, *others = got.values()
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    for other in others:
+        for key in first:
+            torch.testing.assert_close(other[key], first[key], rtol=rtol, atol=0)
+
+
+def _experts_call(name: str) -> tuple[nn.Module, dict, dict[str, Tensor]]:
+    """An experts module, its saved call, and autograd's gradient of its parameters."""
+    torch.manual_seed(0)
+    model, data, loss = MOE_MODELS[name]()
+    model = model.double()
+    x, y = data.tensors[0][:4], data.tensors[1][:4]
+    hooks = HandHooks(model, 4)
+    loss(model, x, y).backward()
+    hooks.remove()
+    key = next(k for k, m in hooks.modules.items() if moe.is_stacked_experts(m))
+    module = hooks.modules[key]
+    return module, hooks.calls[key], {k: p.grad for k, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_the_rules_recomputation_gives_autograds_gradient(name) -> None:
+    """The structural check's test for the experts rule: the whole gradient rebuilt from the
+    rule's own recomputation equals autograd's; a gate the rule would model wrongly does not."""
+    module, call, truth = _experts_call(name)
+    mine = moe.stacked_experts_grads(module, call["args"], call["kwargs"], call["grads"][0])
+    assert set(mine) == set(truth)
+    for k in truth:
+        torch.testing.assert_close(mine[k], truth[k], rtol=1e-10, atol=1e-14)
+    module._apply_gate = lambda z: F.gelu(z[..., ::2]) * z[..., 1::2]  # not what ran
+    wrong = moe.stacked_experts_grads(module, call["args"], call["kwargs"], call["grads"][0])
+    up = "gate_up_proj"
+    assert (wrong[up] - truth[up]).norm() > 0.1 * truth[up].norm()
+
+
+def test_experts_layouts_no_rule_models_are_named() -> None:
+    module, _, _ = _experts_call("mixtral")
+    assert moe.token_rule_for(module) is moe.stacked_experts_norm
+    module.has_post_expert_norm = True
+    assert "has_post_expert_norm" in moe.stacked_experts_problem(module)
+    assert moe.token_rule_for(module) is None
+    module.has_post_expert_norm = False
+    module.extra = nn.Parameter(torch.zeros(3))
+    assert "extra" in moe.stacked_experts_problem(module)
+    assert not moe.is_stacked_experts(nn.Linear(2, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# token -> example maps
+
+
+def test_a_flatten_of_the_batch_is_recognised_and_others_are_not() -> None:
+    b, t, d = 4, 6, 3
+    x = torch.randn(b, t, d, requires_grad=True) * 1.0  # a non-leaf, as inside a model
+    assert tokens.flattened_from(x.view(-1, d), b) == t  # a view: its base
+    assert tokens.flattened_from(x.view(-1, d).reshape(-1, d), b) == t
+    assert tokens.flattened_from(torch.randn(b, t, d).view(-1, d), b) == t  # no grad: its base
+    assert tokens.flattened_from(x.view(-1, d).detach(), b) is None  # no base, no history
+    assert tokens.flattened_from(x.view(-1, d).clone(), b) is None  # a copy: unknown
+    assert tokens.flattened_from(x.transpose(0, 1).reshape(-1, d), b) is None  # T-major, T≠B
+    assert tokens.flattened_from(x, b) is None  # dim 0 is the batch itself
+    assert tokens.flattened_from(torch.randn(b * t, d), b) is None  # no history
+    assert tokens.flattened_from(x.view(-1, 2) * 1.0, b) is None  # not a reshape
+    assert tokens.flattened_from((x * 1.0).view(-1, 2), b) == t * d // 2  # rows of 2 elements
+
+
+def test_gathered_rows_are_read_off_autogards_graph() -> None:
+    b, t, d = 3, 5, 4
+    x = torch.randn(b, t, d, requires_grad=True) * 1.0
+    h = x.view(-1, d)
+    idx = torch.tensor([7, 0, 14, 3])
+    mask = torch.zeros(b * t, dtype=torch.bool)
+    mask[[2, 9, 11]] = True
+    for rows, want in (
+        (h[None, idx].reshape(-1, d), idx),  # transformers 4.x Mixtral
+        (h[idx], idx),
+        (torch.index_select(h, 0, idx), idx),
+        (h[mask], torch.tensor([2, 9, 11])),
+    ):
+        got = tokens.gathered_rows(rows, b)
+        assert got is not None and got[1] == t
+        assert torch.equal(got[0], want)
+        placed = tokens.to_examples(rows, got, b)
+        assert torch.equal(placed.reshape(-1, d)[want], rows)
+        packed = tokens.to_examples(rows, tokens.token_map(rows, b), b)  # per example, no gaps
+        example = want // t
+        assert packed.shape[1] == int(torch.bincount(example).max())
+        for j in range(b):
+            torch.testing.assert_close(packed[j].sum(0), rows[example == j].sum(0))
+    assert tokens.gathered_rows(torch.randn(b * t, d)[idx], b) is None  # no history
+    assert tokens.gathered_rows(x.transpose(0, 1).reshape(-1, d)[idx], b) is None  # T-major
+    assert tokens.gathered_rows(h[idx] * 2, b) is None  # not a gather (an expert's inner layer)
+
+
+def test_slices_agree_tells_routers_from_modules_that_mix_examples() -> None:
+    torch.manual_seed(0)
+    model, data, loss = mixtral()
+    hooks = HandHooks(model, 4)
+    loss(model, data.tensors[0][:4], data.tensors[1][:4]).backward()
+    hooks.remove()
+    key = "model.layers.0.mlp.gate"
+    call = hooks.calls[key]
+    router = hooks.modules[key]
+    assert tokens.slices_agree(router, (call["args"], call["kwargs"]), call["outs"], 4, 16)
+
+    class BatchCentred(nn.Linear):  # centres the logits over all tokens: mixes the examples
+        def forward(self, x: Tensor) -> Tensor:
+            out = super().forward(x)
+            return out - out.mean(0)
+
+    mixer = BatchCentred(32, 4)
+    x = torch.randn(64, 32)
+    assert not tokens.slices_agree(mixer, ((x,), {}), [mixer(x)], 4, 16)
+
+
+def test_b_simple_of_the_moe_parameters_from_the_rules() -> None:
+    """Over 64 examples (4 batches of 16), Σ_j |g_j|² over the MoE parameters from the rules
+    equals the exact one, so B_simple = (mean |g_j|² − |G|²)/|G|² over them does too."""
+    torch.manual_seed(0)
+    model, data, loss = mixtral()
+    model = model.double()
+    x, y = data.tensors[0][:64], data.tensors[1][:64]
+    params = moe_parameters(model)
+    exact, mean_grad = per_example_sq_norms(model, x, y, loss, params)
+    ruled = torch.zeros(64, dtype=torch.float64)
+    for s in range(0, 64, 16):
+        got = rule_sq_norms(model, x[s : s + 16], y[s : s + 16], loss)
+        ruled[s : s + 16] = sum(got.values())
+    truth = sum(exact.values())
+    g2 = mean_grad.square().sum()
+
+    def b_simple(sq: Tensor) -> float:
+        return float((sq.mean() - g2) / g2 * 64 / 63)  # tr(Σ) unbiased over the 64
+
+    torch.testing.assert_close(ruled, truth, rtol=1e-9, atol=0)
+    assert b_simple(ruled) == pytest.approx(b_simple(truth), rel=1e-8)
+    assert b_simple(truth) > 1.0  # a noise scale that means something
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_experts_alone_with_expert_parallel_sentinels(dtype, form, monkeypatch) -> None:
+    """Index E marks a pair another rank serves (expert parallelism): the experts skip it,
+    and so does the rule, in each form. float64 takes the loops over experts, float32
+    ``F.grouped_mm``."""
+    monkeypatch.setattr(moe, "_routed_sq_norm", FORMS[form])
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    torch.manual_seed(0)
+    b, t, k, num, d = 3, 5, 2, 4, 8
+    cfg = MixtralConfig(hidden_size=d, intermediate_size=12, num_local_experts=num)
+    cfg._experts_implementation = "eager"
+    experts = MixtralExperts(cfg).to(dtype)
+    for p in experts.parameters():
+        nn.init.normal_(p, std=0.3)
+    x = torch.randn(b * t, d, dtype=dtype)
+    idx = torch.stack([torch.randperm(num)[:k] for _ in range(b * t)])
+    idx[[1, 6, 7], 0] = num  # sentinels
+    w = torch.rand(b * t, k, dtype=dtype)
+    g = torch.randn(b * t, d, dtype=dtype)
+    params = dict(experts.named_parameters())
+    exact = {name: torch.zeros(b, dtype=torch.float64) for name in params}
+    for j in range(b):
+        rows = slice(j * t, (j + 1) * t)
+        out = experts(x[rows], idx[rows], w[rows])
+        grads = torch.autograd.grad((out * g[rows]).sum(), list(params.values()))
+        for name, gr in zip(params, grads, strict=True):
+            exact[name][j] = gr.double().square().sum()
+    got = moe.stacked_experts_norm(experts, (x, idx, w), {}, g, b)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    for name in params:
+        torch.testing.assert_close(got[name].double(), exact[name], rtol=rtol, atol=0)
