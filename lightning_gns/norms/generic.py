@@ -13,7 +13,7 @@ vmapped forward and backward of the module, on top of the training step's.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -100,7 +100,7 @@ def generic_sq_norms(
     return sum(v.flatten(1).float().square().sum(1) for v in per.values())
 
 
-def as_param_dtype(inputs: Any, params: dict[str, nn.Parameter]) -> Any:
+def as_param_dtype(inputs: Any, params: Mapping[str, Tensor]) -> Any:
     """Floating inputs in the parameters' dtype: under mixed precision the module ran in an
     autocast region that its re-run after backward is not in."""
     dtype = next(iter(params.values())).dtype

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_gns.norms.tokens import acc_dtype, reading_host_tensor
+
+Experts = Any
+"""A stacked-experts module (:func:`is_stacked_experts`): its attributes are read by name."""
 
 
 def is_stacked_experts(module: nn.Module) -> bool:
@@ -38,7 +42,7 @@ def is_stacked_experts(module: nn.Module) -> bool:
     return all(isinstance(w, Tensor) and w.dim() == 3 for w in ws)
 
 
-def stacked_experts_problem(module: nn.Module) -> str | None:
+def stacked_experts_problem(module: Experts) -> str | None:
     """Why the stacked-experts rule cannot cover this module, or None."""
     if module.has_post_expert_norm:
         return "has a norm after each expert (has_post_expert_norm), which no rule models"
@@ -50,7 +54,7 @@ def stacked_experts_problem(module: nn.Module) -> str | None:
     return None
 
 
-def _experts_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+def _experts_inputs(module: Experts, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
     """(hidden (N, d), expert indices (N, k), routing weights (N, k)): the forward's first three
     parameters, whatever their names (GPT-OSS: ``router_indices``, ``routing_weights``)."""
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
@@ -63,11 +67,11 @@ class _Pairs:
     pre-activation gradient dz, activation h and down-output gradient c = w·g, in pair order
     (token-major), plus the expert of each pair (E for the sentinels of expert parallelism)."""
 
-    def __init__(self, module: nn.Module, args: tuple, kwargs: dict, g: Tensor) -> None:
+    def __init__(self, module: Experts, args: tuple, kwargs: dict, g: Tensor) -> None:
         x, idx, w = _experts_inputs(module, args, kwargs)
         dt = acc_dtype(g)
         self.n, self.k = idx.shape
-        self.num = module.down_proj.shape[0]
+        self.num = int(module.down_proj.shape[0])
         e = idx.reshape(-1).long()
         self.key = torch.where((e >= 0) & (e < self.num), e, self.num)
         self.x = x.detach().to(dt)
@@ -95,7 +99,7 @@ class _Pairs:
         return out
 
 
-def _as_right_factors(module: nn.Module, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+def _as_right_factors(module: Experts, dt: torch.dtype) -> tuple[Tensor, Tensor]:
     """(E, d, 2f) with z = x @ up[e], and (E, d, f) with dh = c @ down[e], whichever way the
     module stores its weights ((E, d_out, d_in), or (E, d_in, d_out) when ``is_transposed``)."""
     up = (module.gate_up_proj if module.has_gate else module.up_proj).detach().to(dt)
@@ -285,7 +289,7 @@ def _bias_sq_norm(v: Tensor, key: Tensor, num: int, batch: int) -> Tensor:
 
 
 def stacked_experts_norm(
-    module: nn.Module, args: tuple, kwargs: dict, g: Tensor, batch: int
+    module: Experts, args: tuple, kwargs: dict, g: Tensor, batch: int
 ) -> dict[str, Tensor]:
     """Per-example squared norms (B,) of a stacked-experts module's parameters, by name, from
     its forward's inputs (hidden (B·T, d), top_k_index, top_k_weights) and output gradient."""
@@ -311,7 +315,7 @@ def stacked_experts_norm(
 
 
 def stacked_experts_grads(
-    module: nn.Module, args: tuple, kwargs: dict, g: Tensor
+    module: Experts, args: tuple, kwargs: dict, g: Tensor
 ) -> dict[str, Tensor]:
     """The module's whole gradient from the rule's own recomputation, for the structural check:
     it equals autograd's only if the rule models the module (gate, layout, routing weight)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -212,7 +212,7 @@ def _split(x: Any, batch: int, t: int) -> Tensor | None:
 
 def token_generic_sq_norms(
     module: nn.Module,
-    params: dict[str, nn.Parameter],
+    params: Mapping[str, Tensor],
     inputs: tuple[tuple, dict],
     outputs: list[Any],
     grads: dict[int, Tensor],
@@ -235,8 +235,9 @@ def token_generic_sq_norms(
     if all(d is None for d in in_dims):
         raise ValueError(f"no input holds {batch}×{t} flattened tokens")
     used = sorted(grads)
-    cots = [_split(grads[i], batch, t) for i in used]
-    if any(c is None for c in cots):
+    split = [_split(grads[i], batch, t) for i in used]
+    cots = [c for c in split if c is not None]
+    if len(cots) < len(split):
         raise ValueError(f"an output without {batch}×{t} flattened tokens got gradient")
     own = {k: p.detach() for k, p in params.items()}
 
