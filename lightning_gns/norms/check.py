@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gns._compat import EagerWindow
+from lightning_gns._compat import EagerWindow, in_backward_pass
 from lightning_gns.norms.generic import as_param_dtype, leaves_of, replaying
 from lightning_gns.norms.live_check import LiveGradCheck
 from lightning_gns.norms.provenance import BatchProvenance
@@ -66,8 +66,12 @@ class StructuralCheck:
             self.provenance.__exit__(None, None, None)
 
     def from_batch(self, x: object) -> bool | None:
-        """Whether ``x`` was computed from the batch (None: no batch was given)."""
-        return self.provenance.from_batch(x) if self.provenance is not None else None
+        """Whether ``x`` was computed from the batch (None: no batch was given, or a forward
+        inside backward: a reentrant checkpoint recomputes its segment on detached inputs,
+        which were never followed)."""
+        if self.provenance is None or in_backward_pass():
+            return None
+        return self.provenance.from_batch(x)
 
     def _recorder(self, key: int):  # noqa: ANN202
         def rec(grad: Tensor) -> None:
