@@ -39,7 +39,7 @@ from lightning_gns.norms.positions import (
 from lightning_gns.norms.record import MicroBatchRecord
 from lightning_gns.norms.sites import Site
 from lightning_gns.norms.token_sites import TokenScopes, first_tensor, token_site_norms
-from lightning_gns.norms.tokens import to_examples
+from lightning_gns.norms.tokens import as_examples, to_examples
 from lightning_gns.sync import on_step_path
 
 
@@ -96,13 +96,34 @@ def tap(norms: Norms, site: Site, args: tuple, output: object) -> Tensor | None:
         return None  # no batch size given, or the simultaneous route delivers
     expanded = expand_positions(site, x, output, b)
     a, out = expanded if expanded is not None else (x, output)
+    flat = _flattened_tokens(norms, site, x, output, b) if expanded is None else None
+    if flat is not None:  # (B·T, ...) rows of a flatten (MoE) viewed as (B, T, ...)
+        a, out = flat
     tied = tuple(sorted(site.shared))
     tied_sinks = [record.tied_sinks[id(site.params[attr])] for attr in tied]
     # a batch other than the one announced poisons the step (NaN), never a silent error
     mismatch = not isinstance(a, Tensor) or a.dim() == 0 or a.shape[0] != b
     poison = mismatch or out.dim() == 0 or out.shape[0] != b or undecided_positions(site, x, b)
     rules = (site.rule, site.grad_sample_rule)
-    return Tap.apply(out, a, sink, site.module, rules, tied, poison, *tied_sinks)
+    tapped = Tap.apply(out, a, sink, site.module, rules, tied, poison, *tied_sinks)
+    return tapped if flat is None else tapped.reshape(output.shape)
+
+
+def _flattened_tokens(
+    norms: Norms, site: Site, x: object, output: Tensor, b: int | None
+) -> tuple[Tensor, Tensor] | None:
+    """(input, output) viewed as (B, T, ...) when a token-wise site's input is the (B·T, ...)
+    flatten of a (B, ...) tensor, read eagerly (activation checkpointing; under torch.compile
+    autograd's graph is not there, and gathered rows need a scatter: both poison the step, as
+    any input without a batch dimension does)."""
+    if not site.tokenwise or b is None or not isinstance(x, Tensor):
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    tokens = norms.scopes.map_for(site.name, x)
+    if tokens is None or tokens[0] is not None:
+        return None
+    return as_examples(x, b, tokens[1]), as_examples(output, b, tokens[1])
 
 
 def eager(norms: Norms, site: Site, args: tuple, output: object) -> Tensor | None:
