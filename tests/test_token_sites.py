@@ -268,14 +268,15 @@ def test_flattened_rows_not_computed_from_the_batch_are_left_out() -> None:
 
 
 def test_activation_checkpointing_gives_the_same_estimate(tmp_path) -> None:
-    """Mixtral with Hugging Face gradient checkpointing, reentrant or not: the layers on
-    flattened tokens go through the taps (non-reentrant) or are hooked in the recompute
-    (reentrant); every parameter stays covered, no step is skipped, and the estimate equals
-    the one without checkpointing on the same batches."""
+    """Qwen2-MoE with Hugging Face gradient checkpointing, reentrant or not: the Linears on
+    flattened tokens (its shared expert and that expert's gate) go through the taps
+    (non-reentrant) or are hooked in the recompute (reentrant); every parameter stays
+    covered, no step is skipped, and the estimate equals the one without checkpointing on the
+    same batches."""
     results = {}
     for mode in ("off", "non-reentrant", "reentrant"):
         torch.manual_seed(0)
-        model, data, loss = MOE_MODELS["mixtral"]()
+        model, data, loss = MOE_MODELS["qwen2_moe"]()
         if mode != "off":
             kwargs = {"use_reentrant": mode == "reentrant"}
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
