@@ -1,29 +1,19 @@
-"""Grow the batch with the gradient noise scale: accumulation by integer factors, LR scaling.
+"""Grow the batch with the gradient noise scale: micro-batch, then accumulation; LR scaling.
 
 McCandlish et al. 2018 (arXiv 1812.06162): the best batch tracks B_noise, which grows as the
-loss falls (§5, "dynamic batch size"); with a batch near B_noise each step buys almost the
-full speed-up of a larger batch and little compute is wasted (eq. 2.11). This callback reads
-:class:`~lightning_gns.GradientNoiseScale`'s estimate at each of its read-outs and raises (or,
-if allowed, lowers) ``Trainer.accumulate_grad_batches`` by a factor at an optimizer-step
-boundary. The learning rate follows a named rule, applied around each optimizer step, so a
-user's LR scheduler keeps working on the unscaled rate.
-
-The rules (pure functions below, one per name):
-
-* ``lower_bound`` (default): grow when the 95% interval's lower bound of B_noise is at least
-  ``margin`` × the next batch size; shrink (``shrink=True``) when its upper bound is below
-  the next smaller batch / ``margin``. Acts on what is known even in the hard regime.
-* ``sqrt``: B*(t) = B₀·√(B_noise(t)/B_noise(t₀)) from the first known estimate (the paper's
-  adaptive-batch model: B ∝ √B_noise); a change when B* is more than ``factor**0.75`` away.
-  It keeps B/√B_noise where it started: a run started far below B_noise stays below it.
-* ``goodput``: the batch with the most progress per second, progress per step
-  B/(B + B_noise) (eq. 2.11) over the measured time per step a + c·k (optimizer part a,
-  c per micro-batch), as Pollux does; more than 5% better to change.
+loss falls (§5, "dynamic batch size"). :class:`AdaptiveBatchSize` reads
+:class:`~lightning_gns.GradientNoiseScale`'s estimate at each of its read-outs and changes the
+batch by factors at an optimizer-step boundary: first the per-device micro-batch (with a
+:class:`~lightning_gns.batching.ResizableBatchSampler` in the DataLoader, up to
+``max_micro_batch``), then ``Trainer.accumulate_grad_batches``. The rules are pure functions in
+:mod:`lightning_gns.growth`. The learning rate the optimizer steps with is the one the user's
+code set (scheduler, ``training_step``, hooks) times the rule's multiplier.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
@@ -36,19 +26,32 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_gns import batching
 from lightning_gns.callback import GradientNoiseScale, publish
 from lightning_gns.estimator import GNSValues
+from lightning_gns.growth import (
+    Move,
+    goodput,
+    goodput_rule,
+    lower_bound_rule,
+    lr_scale,
+    sqrt_rule,
+)
 from lightning_gns.norms.preconditioner import keeps_second_moment
+
+__all__ = ["AdaptiveBatchSize", "Change", "goodput", "goodput_rule", "lower_bound_rule",
+           "lr_scale", "sqrt_rule"]  # fmt: skip
 
 Rule = Literal["lower_bound", "sqrt", "goodput"]
 LRScaling = Literal["auto", "linear", "sqrt", "adascale", "none"]
-HYSTERESIS = 0.75  # sqrt rule: change when B* is more than factor**0.75 away
-GOODPUT_GAIN = 1.05  # goodput rule: change when the other batch is 5% better
+MAX_FACTOR = 16  # a larger factor per change jumps past the batch the noise scale asks for
+MAX_ACCUMULATE = 2**16  # guards against a typo: no run accumulates more micro-batches
 
 
 @dataclass(frozen=True)
 class Change:
-    """One change of the batch: at which optimizer step, from/to accumulation, why."""
+    """One change of the batch: the optimizer step it starts at, accumulation and micro-batch
+    before and after (micro-batch None: not resizable), the batch, the LR multiplier, why."""
 
     step: int
     old: int
@@ -56,77 +59,83 @@ class Change:
     batch_size: float
     lr_scale: float
     reason: str
+    old_micro: int | None = None
+    new_micro: int | None = None
 
 
-def lower_bound_rule(
-    v: GNSValues, batch: float, factor: int, margin: float, shrink: bool
-) -> tuple[int, str] | None:
-    """±1 factor step from the interval: grow if lower ≥ margin·factor·B; shrink if upper ≤
-    B/(factor·margin)."""
-    if math.isfinite(v.b_simple_lower) and v.b_simple_lower >= margin * factor * batch:
-        return 1, f"B_simple ≥ {v.b_simple_lower:.4g} (95% lower bound) ≥ {margin:g} × {factor}B"
-    if shrink and v.b_simple_upper <= batch / (factor * margin):
-        return -1, f"B_simple ≤ {v.b_simple_upper:.4g} (95% upper bound) ≤ B/({factor}·{margin:g})"
-    return None
+@dataclass(frozen=True)
+class _Pending:
+    """A decided change, applied when batch ``index`` of ``epoch`` starts."""
+
+    accumulate: int
+    micro: int | None
+    reason: str
+    epoch: int
+    index: int
 
 
-def sqrt_rule(
-    v: GNSValues, batch: float, factor: int, reference: tuple[float, float] | None
-) -> tuple[int, str] | None:
-    """B* = B₀·√(B_noise/B_noise₀) (known estimates only); a step when B* is off by
-    factor**0.75."""
-    if not v.known or reference is None:
-        return None
-    b0, noise0 = reference
-    target = b0 * math.sqrt(v.b_simple / noise0)
-    why = f"B* = {b0:g}·√({v.b_simple:.4g}/{noise0:.4g}) = {target:.4g}"
-    if target >= batch * factor**HYSTERESIS:
-        return 1, why
-    if target <= batch / factor**HYSTERESIS:
-        return -1, why
-    return None
+class _LRScaler:
+    """Multiplies every parameter group's rate by ``scale`` for the optimizer's update only.
 
+    Lightning runs ``training_step``, backward and ``on_before_optimizer_step`` inside
+    ``optimizer.step(closure)``, so the step's pre-hook wraps the closure: the rates are
+    scaled after the closure (after every line of the user's code), just before the update,
+    and put back to the user's values by the post-hook. Without a closure (AMP with a
+    GradScaler runs it first) the pre-hook scales at once."""
 
-def goodput(batch: float, b_noise: float, seconds_per_step: float) -> float:
-    """Progress per second: B/(B + B_noise) ideal steps per step (eq. 2.11) / time per step."""
-    return batch / (batch + b_noise) / seconds_per_step
+    def __init__(self, optimizer: torch.optim.Optimizer, on_step: Any) -> None:
+        self.scale = 1.0
+        self.applied = math.nan  # group 0's rate in the last update
+        self._saved: list[Any] | None = None
+        self._on_step = on_step
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre),
+            optimizer.register_step_post_hook(self._post),
+        ]
 
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
-def goodput_rule(
-    v: GNSValues, batch: float, accumulate: int, factor: int, timing: tuple[float, float] | None
-) -> tuple[int, str] | None:
-    """The neighbour (×factor, ÷factor) with ≥5% more goodput under t(k) = a + c·k; B_noise is
-    the estimate when known, else its lower bound (cautious about growing)."""
-    noise = v.b_simple if v.known else v.b_simple_lower
-    if timing is None or not math.isfinite(noise) or noise <= 0:
-        return None
-    a, c = timing
-    now = goodput(batch, noise, a + c * accumulate)
-    for direction in (1, -1):
-        k = accumulate * factor if direction > 0 else accumulate / factor
-        other = goodput(batch * k / accumulate, noise, a + c * k)
-        if other >= GOODPUT_GAIN * now:
-            return direction, f"goodput ×{other / now:.3g} at B_simple {noise:.4g}"
-    return None
+    def _pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
+        self._restore(optimizer)  # a step that raised left the scaled rates
+        closure = kwargs.get("closure", args[0] if args else None)
+        if closure is None:
+            self._apply(optimizer)
+            return None
 
+        def scaled_closure() -> Any:
+            out = closure()
+            self._apply(optimizer)
+            return out
 
-def lr_scale(scaling: str, batch: float, base_batch: float, b_noise: float = math.nan) -> float:
-    """LR multiplier at ``batch`` relative to ``base_batch``: linear (SGD, constant η/B),
-    sqrt (Adam family), AdaScale's gain (1 + B_noise/B₀)/(1 + B_noise/B), or none."""
-    ratio = batch / base_batch
-    if scaling == "linear":
-        return ratio
-    if scaling == "sqrt":
-        return math.sqrt(ratio)
-    if scaling == "adascale":
-        if not math.isfinite(b_noise) or b_noise <= 0:
-            return 1.0
-        return (1.0 + b_noise / base_batch) / (1.0 + b_noise / batch)
-    return 1.0
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": scaled_closure}
+        return (scaled_closure, *args[1:]), kwargs
+
+    def _apply(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._saved is not None:  # a closure called twice (LBFGS): scale once
+            return
+        self._saved = [g["lr"] for g in optimizer.param_groups]
+        if self.scale != 1.0:
+            for g in optimizer.param_groups:
+                g["lr"] = g["lr"] * self.scale
+        self.applied = float(optimizer.param_groups[0]["lr"])
+
+    def _post(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        self._restore(optimizer)
+        self._on_step(self.applied)
+
+    def _restore(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._saved is not None:
+            for g, lr in zip(optimizer.param_groups, self._saved, strict=False):
+                g["lr"] = lr
+            self._saved = None
 
 
 class _Timer:
-    """Host time per optimizer step split into micro-batches (c each) and the rest (a)."""
+    """Host time per optimizer step: forward and backward (c) and the rest (a), smoothed."""
 
     def __init__(self) -> None:
         self.start: float | None = None
@@ -134,15 +143,19 @@ class _Timer:
         self.a = self.c = math.nan
         self.n = 0
 
-    def observe(self, now: float, accumulate: int) -> None:
+    def observe(self, now: float) -> None:
         if self.start is None or self.before_step is None:
             return
-        a, c = now - self.before_step, (self.before_step - self.start) / accumulate
+        a, c = now - self.before_step, self.before_step - self.start
         w = max(0.05, 1.0 / (self.n + 1))  # running mean, then an EMA of about 20 steps
         self.a = a if self.n == 0 else (1 - w) * self.a + w * a
         self.c = c if self.n == 0 else (1 - w) * self.c + w * c
         self.n += 1
         self.start = self.before_step = None
+
+    def reset(self) -> None:
+        """A new batch: the old timing does not describe it."""
+        self.n = 0
 
     @property
     def timing(self) -> tuple[float, float] | None:
@@ -150,26 +163,34 @@ class _Timer:
 
 
 class AdaptiveBatchSize(Callback):
-    r"""Grow the effective batch as the gradient noise scale grows (needs a
-    :class:`~lightning_gns.GradientNoiseScale` in the same ``Trainer``).
+    r"""Grow the batch as the gradient noise scale grows (needs a
+    :class:`~lightning_gns.GradientNoiseScale` in the same ``Trainer``; the order of the two
+    in ``callbacks`` does not matter).
 
-    Changes ``accumulate_grad_batches`` by ``factor`` at optimizer-step boundaries (all DDP
-    ranks together: rank 0 decides, one broadcast per read-out), and scales the learning rate
-    of every parameter group around each optimizer step (the scheduler sees the unscaled rate).
-    Logs ``gns/accumulate``, ``gns/lr_scale`` and ``gns/lr``; each change is also written to
-    the log with its reason (and to TensorBoard's text tab) and kept in :attr:`changes`.
-    Resumes with the same batch and rate.
+    At each read-out of the noise scale the rule (:mod:`lightning_gns.growth`) may change the
+    batch by ``factor``: the micro-batch first, when the DataLoader draws with a
+    :class:`~lightning_gns.batching.ResizableBatchSampler` and ``max_micro_batch`` allows, then
+    ``accumulate_grad_batches``. A change starts with a whole accumulation window, on every DDP
+    rank at the same step (rank 0 decides). The optimizer steps with the rate the user's code
+    set (scheduler, ``training_step``, hooks) times the LR multiplier; the scheduler and the
+    user's code only ever see their own rate. Logs ``gns/accumulate``, ``gns/micro_batch``,
+    ``gns/lr_scale`` and ``gns/lr`` (the rate of the last step, in ``callback_metrics`` after
+    every step); each change is written to the log with its reason (and TensorBoard's text
+    tab) and kept in :attr:`changes`; while it waits, it says why once (:attr:`waiting`).
+    Resumes exactly, also mid-epoch and with a change decided but not yet applied.
 
     Args:
-        max_accumulate: the largest accumulation (batch = micro-batch × this × devices).
+        max_accumulate: the largest accumulation.
         min_accumulate: the smallest; default: the trainer's ``accumulate_grad_batches``.
-        rule: ``lower_bound``, ``sqrt`` or ``goodput`` (module docstring).
-        factor: integer factor of each change (2: doubling).
+        rule: ``lower_bound``, ``sqrt`` or ``goodput`` (:mod:`lightning_gns.growth`).
+        factor: integer factor of each change (2: doubling), at most 16.
         margin: ``lower_bound`` rule: grow when B_noise's lower bound ≥ margin × next batch.
         lr_scaling: ``auto`` (``sqrt`` when the optimizer keeps a second moment in its state,
             ``linear`` otherwise), ``linear``, ``sqrt``, ``adascale`` or ``none``.
         min_steps_between: optimizer steps between two changes (hysteresis in time).
-        shrink: also lower the batch when the noise scale falls (default: only grow).
+        shrink: also lower the batch when the noise scale falls (accumulation only).
+        max_micro_batch: the largest micro-batch per device; None: the micro-batch stays as
+            the DataLoader draws it (growth by accumulation only).
     """
 
     def __init__(
@@ -182,72 +203,87 @@ class AdaptiveBatchSize(Callback):
         lr_scaling: LRScaling = "auto",
         min_steps_between: int = 50,
         shrink: bool = False,
+        max_micro_batch: int | None = None,
     ) -> None:
         super().__init__()
-        _check(max_accumulate, min_accumulate, rule, factor, margin, lr_scaling, min_steps_between)
+        _check_arguments(locals())
         self.max_accumulate, self.min_accumulate = max_accumulate, min_accumulate
         self.rule, self.factor, self.margin = rule, factor, float(margin)
         self.lr_scaling, self.min_steps_between, self.shrink = lr_scaling, min_steps_between, shrink
+        self.max_micro_batch = max_micro_batch
 
         self.accumulate: int | None = None  # current accumulation (None before fit)
-        self.base_accumulate: int | None = None  # at the start: LR scale 1
+        self.micro: int | None = None  # current micro-batch, with a ResizableBatchSampler
+        self.base_batch: float | None = None  # the batch at the start: LR scale 1
         self.lr_scale = 1.0
         self.changes: list[Change] = []
+        self.waiting: str | None = None  # why the batch does not change now (said once)
         self.reference: tuple[float, float] | None = None  # (B₀, B_noise₀), sqrt rule
-        self._pending: int | None = None  # decided, waiting for an aligned step boundary
-        self._reason = ""
-        self._reads = 0
-        self._steps = 0
-        self._last_change = 0
+        self._pending: _Pending | None = None
+        self._steps = self._last_change = 0
+        self._said: set[str] = set()
         self._gns: GradientNoiseScale | None = None
+        self._sampler: batching.ResizableBatchSampler | None = None
+        self._trainer: pl.Trainer | None = None
         self._timer = _Timer()
-        self._saved_lrs: list[Any] = []
-        self._handles: list[Any] = []
+        self._lr: _LRScaler | None = None
 
     # -- set-up ---------------------------------------------------------------------------
+    def start_accumulation(self, trainer: pl.Trainer) -> int:
+        """The accumulation of the first step: the trainer's, within the bounds (or the
+        resumed one)."""
+        if self.accumulate is not None:
+            return self.accumulate
+        start = max(trainer.accumulate_grad_batches, self.min_accumulate or 1)
+        return min(start, self.max_accumulate)
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._gns = _refuse(trainer, pl_module)
-        if self.accumulate is None:  # not resumed: start at the trainer's, within the bounds
-            start = trainer.accumulate_grad_batches
-            start = min(max(start, self.min_accumulate or 1), self.max_accumulate)
-            self.accumulate = self.base_accumulate = start
+        self._trainer = trainer
+        self.accumulate = self.start_accumulation(trainer)
         if self.min_accumulate is None:
             self.min_accumulate = min(trainer.accumulate_grad_batches, self.accumulate)
         trainer.accumulate_grad_batches = self.accumulate
-        optimizer = trainer.optimizers[0]
-        self._handles = [
-            optimizer.register_step_pre_hook(self._scale_lr),
-            optimizer.register_step_post_hook(self._restore_lr),
-        ]
+        self._lr = _LRScaler(trainer.optimizers[0], self._stepped)
+        self._lr.scale = self.lr_scale
+        if self._decide not in self._gns.read_listeners:
+            self._gns.read_listeners.append(self._decide)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending is not None:  # an epoch starts a whole accumulation window
-            self._apply(trainer, self._pending)
+        sampler = batching.find_sampler(trainer)
+        if sampler is not None and sampler is not self._sampler:  # first epoch, or reloaded
+            if self.micro is None:
+                self.micro = sampler.batch_size
+            elif not sampler.resumed:  # a reloaded DataLoader: its sampler starts as built
+                p = self._pending
+                due = p is not None and p.micro is not None and p.epoch <= trainer.current_epoch
+                sampler.batch_size = p.micro if due and p.micro else self.micro
+        if sampler is None:
+            self.micro = None
+        else:
+            sampler.set_epoch(trainer.current_epoch)
+        self._sampler = sampler
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    # -- the learning rate, around each optimizer step ------------------------------------
-    def _scale_lr(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        self._saved_lrs = [g["lr"] for g in optimizer.param_groups]
-        if self.lr_scale != 1.0:
-            for g in optimizer.param_groups:
-                g["lr"] = g["lr"] * self.lr_scale
-
-    def _restore_lr(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        for g, lr in zip(optimizer.param_groups, self._saved_lrs, strict=False):
-            g["lr"] = lr
+        if self._lr is not None:
+            self._lr.remove()
+            self._lr = None
+        if self._gns is not None and self._decide in self._gns.read_listeners:
+            self._gns.read_listeners.remove(self._decide)
+        batching.resume_next(None)
 
     # -- per step -------------------------------------------------------------------------
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        p = self._pending
+        index = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
+        if p is not None and (trainer.current_epoch, index) >= (p.epoch, p.index):
+            self._apply(trainer, p)
         if self._timer.start is None:
             self._timer.start = time.perf_counter()
 
@@ -256,6 +292,11 @@ class AdaptiveBatchSize(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._timer.before_step = time.perf_counter()
+
+    def _stepped(self, lr: float) -> None:
+        """After every optimizer step (the LR scaler's post-hook)."""
+        if self._trainer is not None:
+            self._trainer.callback_metrics["gns/lr"] = torch.tensor(lr)
 
     @override
     def on_train_batch_end(
@@ -268,69 +309,114 @@ class AdaptiveBatchSize(Callback):
     ) -> None:
         if self._timer.before_step is None:  # no optimizer step in this batch
             return
-        assert self.accumulate is not None and self._gns is not None
-        self._timer.observe(time.perf_counter(), self.accumulate)
+        self._timer.observe(time.perf_counter())
         self._steps += 1
-        if self._gns.reads > self._reads:
-            self._reads = self._gns.reads
-            self._decide(trainer)
-        if self._pending is not None:
-            ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            if ready % self._pending == 0:  # the next step starts a whole new window
-                self._apply(trainer, self._pending)
 
+    # -- decisions ------------------------------------------------------------------------
     def _decide(self, trainer: pl.Trainer) -> None:
-        """At a new read-out: rank 0 picks the next accumulation; every rank takes it."""
+        """At each read-out of the noise scale: rank 0 picks the next batch, every rank takes
+        it (one broadcast), and schedules it for the same batch index."""
         assert self._gns is not None and self.accumulate is not None
-        v = self._gns.values
+        if self.base_batch is None:  # the first read-out: the monitor knows the micro-batch
+            self.base_batch = self._batch_now()
         if self.lr_scaling == "adascale":  # the gain follows the estimate at every read-out
-            self.lr_scale = self._lr_scale(trainer, self.accumulate)
-        decision = None
-        if trainer.is_global_zero:
-            decision = self._choose(v)
-        decision = trainer.strategy.broadcast(decision, src=0)
-        if decision is not None:
-            self._pending, self._reason = decision
+            self._set_lr_scale(trainer, self._batch(self.accumulate, self.micro))
+        choice = self._choose(self._gns.values) if trainer.is_global_zero else None
+        choice = trainer.strategy.broadcast(choice, src=0)
+        if isinstance(choice, str):
+            self._wait(choice)
+        elif choice is not None:
+            accumulate, micro, reason = choice
+            self._schedule(trainer, accumulate, micro, reason)
         self._publish(trainer)
 
-    def _choose(self, v: GNSValues) -> tuple[int, str] | None:
+    def _choose(self, v: GNSValues) -> tuple[int, int | None, str] | str | None:
+        """(accumulation, micro-batch, reason) to change to, the reason to wait, or None."""
         assert self.accumulate is not None and self.min_accumulate is not None
-        batch = self._batch(self.accumulate)
+        if self._pending is not None:
+            return None
+        batch = self._batch(self.accumulate, self.micro)
         if self.rule == "sqrt" and self.reference is None and v.known:
             self.reference = (batch, v.b_simple)
-        if self._steps - self._last_change < self.min_steps_between:
-            return None
+        left = self.min_steps_between - (self._steps - self._last_change)
+        if self.changes and left > 0:
+            return f"{left} more steps before the next change (min_steps_between): waiting"
+        move = self._move(v, batch)
+        if move.steps == 0 or (move.steps < 0 and not self.shrink):
+            return move.reason if move.steps == 0 else None
+        accumulate, micro = self._split(move.steps)
+        if (accumulate, micro) == (self.accumulate, self.micro):
+            bound = "largest" if move.steps > 0 else "smallest"
+            return f"{move.reason.rsplit(':', 1)[0]}, but the batch is at its {bound}: staying"
+        return accumulate, micro, move.reason
+
+    def _move(self, v: GNSValues, batch: float) -> Move:
         if self.rule == "lower_bound":
-            move = lower_bound_rule(v, batch, self.factor, self.margin, self.shrink)
-        elif self.rule == "sqrt":
-            move = sqrt_rule(v, batch, self.factor, self.reference)
-        else:
-            move = goodput_rule(v, batch, self.accumulate, self.factor, self._timer.timing)
-        if move is None or (move[0] < 0 and not self.shrink):
-            return None
-        new = self.accumulate * self.factor if move[0] > 0 else self.accumulate // self.factor
-        if not self.min_accumulate <= new <= self.max_accumulate:
-            return None
-        return new, move[1]
+            return lower_bound_rule(v, batch, self.factor, self.margin, self.shrink)
+        if self.rule == "sqrt":
+            return sqrt_rule(v, batch, self.factor, self.reference)
+        return goodput_rule(v, batch, self.factor, self._timer.timing)
 
-    def _batch(self, accumulate: int) -> float:
-        gns = self._gns
-        assert gns is not None and self.accumulate is not None
-        return gns.batch_size / self.accumulate * accumulate
+    def _split(self, steps: int) -> tuple[int, int | None]:
+        """The accumulation and micro-batch ``steps`` factors away: the micro-batch grows first
+        (up to ``max_micro_batch``), accumulation shrinks first (micro-batches never shrink)."""
+        assert self.accumulate is not None and self.min_accumulate is not None
+        accumulate, micro, f = self.accumulate, self.micro, self.factor
+        for _ in range(abs(steps)):
+            if steps > 0 and micro is not None and self._micro_fits(micro * f):
+                micro *= f
+            elif steps > 0 and accumulate * f <= self.max_accumulate:
+                accumulate *= f
+            elif steps < 0 and accumulate // f >= self.min_accumulate and accumulate % f == 0:
+                accumulate //= f
+            else:
+                break
+        return accumulate, micro
 
-    def _apply(self, trainer: pl.Trainer, new: int) -> None:
-        assert self.accumulate is not None and self.base_accumulate is not None
-        old, self.accumulate, self._pending = self.accumulate, new, None
-        trainer.accumulate_grad_batches = new
-        self._last_change = self._steps
-        batch = self._batch(new)
-        self.lr_scale = self._lr_scale(trainer, new)
-        change = Change(self._steps, old, new, batch, self.lr_scale, self._reason)
+    def _micro_fits(self, micro: int) -> bool:
+        return self.max_micro_batch is not None and micro <= self.max_micro_batch
+
+    def _schedule(self, trainer: pl.Trainer, accumulate: int, micro: int | None, why: str) -> None:
+        """The first batch that starts a whole window of both the old and the new accumulation
+        and that no DataLoader worker has drawn yet (every rank agrees): the change starts
+        there, or with the next epoch."""
+        assert self.accumulate is not None
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        drawn = ready
+        if micro != self.micro and self._sampler is not None:
+            drawn = _max_over_ranks(trainer, max(ready, self._sampler.drawn))
+        window = max(self.accumulate, accumulate)
+        at = -(-drawn // window) * window
+        epoch = trainer.current_epoch
+        if micro != self.micro and self._sampler is not None and micro is not None:
+            epoch, at = self._sampler.resize(micro, at)
+            batching.sync_epoch_length(trainer)
+        elif at >= trainer.num_training_batches:
+            epoch, at = epoch + 1, 0
+        self._pending = _Pending(accumulate, micro, why, epoch, at)
+
+    def _apply(self, trainer: pl.Trainer, p: _Pending) -> None:
+        assert self.accumulate is not None
+        old, old_micro = self.accumulate, self.micro
+        self.accumulate, self.micro, self._pending = p.accumulate, p.micro, None
+        trainer.accumulate_grad_batches = p.accumulate
+        if p.micro != old_micro and self._gns is not None and p.micro is not None:
+            self._gns.micro_batch_resized(p.micro)
+        self._last_change, self.waiting = self._steps, None
+        self._said.clear()
+        self._timer.reset()
+        batch = self._batch(p.accumulate, p.micro)
+        self._set_lr_scale(trainer, batch)
+        change = Change(self._steps, old, p.accumulate, batch, self.lr_scale, p.reason,
+                        old_micro, p.micro)  # fmt: skip
         self.changes.append(change)
+        parts = [f"accumulate_grad_batches {old} -> {p.accumulate}"] if old != p.accumulate else []
+        if p.micro != old_micro:
+            parts.insert(0, f"micro-batch {old_micro} -> {p.micro}")
         message = (
-            f"AdaptiveBatchSize: step {change.step}: accumulate_grad_batches {old} -> {new} "
-            f"(batch {batch:g}), learning rate × {self.lr_scale:.4g} ({self._scaling(trainer)}): "
-            f"{change.reason}"
+            f"AdaptiveBatchSize: step {change.step}: batch {_int(self._batch(old, old_micro))} "
+            f"-> {_int(batch)} ({', '.join(parts)}), learning rate × {self.lr_scale:.4g} "
+            f"({self._scaling(trainer)}) because {p.reason}"
         )
         rank_zero_info(message)
         for logger in trainer.loggers:  # the reason, where a logger takes text
@@ -338,47 +424,78 @@ class AdaptiveBatchSize(Callback):
                 logger.experiment.add_text("gns/batch_size_change", message, trainer.global_step)
         self._publish(trainer)
 
-    def _lr_scale(self, trainer: pl.Trainer, accumulate: int) -> float:
-        assert self._gns is not None and self.base_accumulate is not None
+    def _wait(self, reason: str) -> None:
+        """Say once why the batch stays (again after a change, or for another kind of reason:
+        the same words with other numbers are the same kind)."""
+        self.waiting = reason
+        kind = re.sub(r"[0-9][0-9,.]*", "#", reason)
+        if kind not in self._said:
+            self._said.add(kind)
+            rank_zero_info(f"AdaptiveBatchSize: batch {_int(self._batch_now())}: {reason}")
+
+    # -- batch and learning rate ----------------------------------------------------------
+    def _batch_now(self) -> float:
+        return self._batch(self.accumulate or 1, self.micro)
+
+    def _batch(self, accumulate: int, micro: int | None) -> float:
+        """Examples per optimizer step: micro-batch × accumulation × world size (the
+        monitor's usual micro-batch when no resizable sampler says it)."""
+        gns, trainer = self._gns, self._trainer
+        assert gns is not None and trainer is not None
+        if micro is not None:
+            return float(micro * accumulate * trainer.world_size)
+        now = self.accumulate or trainer.accumulate_grad_batches
+        return gns.batch_size / now * accumulate
+
+    def _set_lr_scale(self, trainer: pl.Trainer, batch: float) -> None:
+        assert self._gns is not None
         v = self._gns.values
         noise = v.b_simple if v.known else v.b_simple_lower
-        base = self._batch(self.base_accumulate)
-        return lr_scale(self._scaling(trainer), self._batch(accumulate), base, noise)
+        base = self.base_batch if self.base_batch is not None else batch
+        self.lr_scale = lr_scale(self._scaling(trainer), batch, base, noise)
+        if self._lr is not None:
+            self._lr.scale = self.lr_scale
 
     def _scaling(self, trainer: pl.Trainer) -> str:
         if self.lr_scaling != "auto":
             return self.lr_scaling
-        adam_like = keeps_second_moment(trainer.optimizers[0])
-        return "sqrt" if adam_like else "linear"
+        return "sqrt" if keeps_second_moment(trainer.optimizers[0]) else "linear"
 
     def _publish(self, trainer: pl.Trainer) -> None:
         assert self.accumulate is not None
-        group = trainer.optimizers[0].param_groups[0]
-        metrics = {
-            "gns/accumulate": float(self.accumulate),
-            "gns/lr_scale": self.lr_scale,
-            "gns/lr": float(group["lr"]) * self.lr_scale,
-        }
+        metrics = {"gns/accumulate": float(self.accumulate), "gns/lr_scale": self.lr_scale}
+        if self.micro is not None:
+            metrics["gns/micro_batch"] = float(self.micro)
+        if self._lr is not None and math.isfinite(self._lr.applied):
+            metrics["gns/lr"] = self._lr.applied
         publish(trainer, metrics)
 
     # -- checkpoints ----------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
+        sampler = None
+        if self._sampler is not None and self._trainer is not None:
+            consumed = self._trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            sampler = self._sampler.state_dict(consumed)
         return {
             "accumulate": self.accumulate,
-            "base_accumulate": self.base_accumulate,
+            "micro": self.micro,
+            "base_batch": self.base_batch,
             "min_accumulate": self.min_accumulate,
             "lr_scale": self.lr_scale,
             "reference": self.reference,
             "steps": self._steps,
             "last_change": self._last_change,
             "changes": [asdict(c) for c in self.changes],
+            "pending": asdict(self._pending) if self._pending is not None else None,
+            "sampler": sampler,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.accumulate = state_dict.get("accumulate")
-        self.base_accumulate = state_dict.get("base_accumulate", self.accumulate)
+        self.micro = state_dict.get("micro")
+        self.base_batch = state_dict.get("base_batch")
         self.min_accumulate = self.min_accumulate or state_dict.get("min_accumulate")
         self.lr_scale = float(state_dict.get("lr_scale", 1.0))
         ref = state_dict.get("reference")
@@ -386,35 +503,49 @@ class AdaptiveBatchSize(Callback):
         self._steps = int(state_dict.get("steps", 0))
         self._last_change = int(state_dict.get("last_change", 0))
         self.changes = [Change(**c) for c in state_dict.get("changes", [])]
+        pending = state_dict.get("pending")
+        self._pending = _Pending(**pending) if pending else None
+        batching.resume_next(state_dict.get("sampler"))
 
 
-def _check(
-    max_accumulate: int,
-    min_accumulate: int | None,
-    rule: str,
-    factor: int,
-    margin: float,
-    lr_scaling: str,
-    min_steps_between: int,
-) -> None:
-    for name, value in (("max_accumulate", max_accumulate), ("factor", factor)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if factor < 2:
-        raise ValueError(f"factor must be an int ≥ 2 (2: doubling), got {factor!r}")
-    if min_accumulate is not None and not 1 <= min_accumulate <= max_accumulate:
-        raise ValueError(
-            f"min_accumulate must be in [1, max_accumulate={max_accumulate}], got {min_accumulate}"
-        )
-    for name, value, allowed in (("rule", rule, Rule), ("lr_scaling", lr_scaling, LRScaling)):
-        if value not in get_args(allowed):
-            raise ValueError(f"{name} must be one of {get_args(allowed)}, got {value!r}")
-    if not (isinstance(margin, (int, float)) and margin > 0):
-        raise ValueError(f"margin must be a positive number, got {margin!r}")
-    if isinstance(min_steps_between, bool) or not isinstance(min_steps_between, int):
-        raise ValueError(f"min_steps_between must be an int ≥ 0, got {min_steps_between!r}")
-    if min_steps_between < 0:
-        raise ValueError(f"min_steps_between must be an int ≥ 0, got {min_steps_between!r}")
+def _int(x: float) -> str:
+    return f"{x:,.0f}" if math.isfinite(x) else "?"
+
+
+def _max_over_ranks(trainer: pl.Trainer, value: int) -> int:
+    """The largest ``value`` of all ranks (batches drawn ahead can differ by rank)."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor([value], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _check_arguments(args: dict[str, Any]) -> None:
+    """Refuse at construction what would misbehave later, naming the fix."""
+
+    def integer(name: str, low: int, high: int, none: bool = False) -> None:
+        value = args[name]
+        if none and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{name} must be an int in [{low}, {high:,}], got {value!r}")
+
+    integer("max_accumulate", 1, MAX_ACCUMULATE)
+    integer("min_accumulate", 1, args["max_accumulate"], none=True)
+    integer("factor", 2, MAX_FACTOR)
+    integer("min_steps_between", 0, 10**9)
+    integer("max_micro_batch", 1, 2**31, none=True)
+    for name, allowed in (("rule", Rule), ("lr_scaling", LRScaling)):
+        if args[name] not in get_args(allowed):
+            raise ValueError(f"{name} must be one of {get_args(allowed)}, got {args[name]!r}")
+    margin = args["margin"]
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise ValueError(f"margin must be a positive number, e.g. 1.0, got {margin!r}")
+    if not (math.isfinite(margin) and margin > 0):
+        raise ValueError(f"margin must be a positive, finite number, e.g. 1.0, got {margin!r}")
+    if not isinstance(args["shrink"], bool):
+        raise ValueError(f"shrink must be True or False, got {args['shrink']!r}")
 
 
 def _refuse(trainer: pl.Trainer, pl_module: pl.LightningModule) -> GradientNoiseScale:

@@ -246,11 +246,15 @@ def _compiled(pl_module: pl.LightningModule) -> bool:
 
 
 def _several_gradients_per_step(trainer: pl.Trainer) -> bool:
-    """Whether steps combine several micro-batch or rank gradients (now or by a schedule)."""
+    """Whether steps combine several micro-batch or rank gradients (now or by a schedule; an
+    AdaptiveBatchSize's first accumulation, whichever callback's ``on_fit_start`` runs first)."""
+    from lightning_gns.adaptive import AdaptiveBatchSize  # here: it imports this module
+
     if trainer.accumulate_grad_batches > 1 or trainer.world_size > 1:
         return True
     return any(
-        isinstance(c, GradientAccumulationScheduler) and c.going_to_accumulate_grad_batches()
+        (isinstance(c, GradientAccumulationScheduler) and c.going_to_accumulate_grad_batches())
+        or (isinstance(c, AdaptiveBatchSize) and c.start_accumulation(trainer) > 1)
         for c in trainer.callbacks
     )
 
@@ -311,7 +315,9 @@ class GradientNoiseScale(Callback):
 
         self.values = GNSValues.unknown()
         self.preconditioned_values = GNSValues.unknown()
-        self.reads = 0  # read-outs so far (AdaptiveBatchSize acts on each new one)
+        self.reads = 0  # read-outs so far
+        # called with the trainer after each read-out (AdaptiveBatchSize decides there)
+        self.read_listeners: list[Callable[[pl.Trainer], None]] = []
         self._state_key: str | None = None
         self.layer_values: dict[str, GNSValues] = {}
         self._saved: dict[str, Any] | None = None  # checkpoint state until fit start
@@ -384,6 +390,12 @@ class GradientNoiseScale(Callback):
         """Examples per optimizer step now: usual micro-batch × accumulation × world size."""
         t = self._trainer
         return self._feed.usual * t.accumulate_grad_batches * t.world_size if t else math.nan
+
+    def micro_batch_resized(self, size: int) -> None:
+        """The micro-batch was resized on purpose (AdaptiveBatchSize): :attr:`batch_size`
+        follows at once instead of after most of the recent micro-batches."""
+        self._feed.recent.clear()
+        self._feed.recent.append(size)
 
     # -- set-up ---------------------------------------------------------------------------
     @override
@@ -515,6 +527,8 @@ class GradientNoiseScale(Callback):
         self.reads += 1
         self._feed.check_nonfinite(self.values)
         publish(trainer, self._metrics())
+        for listener in list(self.read_listeners):
+            listener(trainer)
 
     def _metrics(self) -> dict[str, float]:
         per_example = self.active_source == "per_example"

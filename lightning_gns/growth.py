@@ -1,0 +1,128 @@
+"""The growth rules of :class:`~lightning_gns.adaptive.AdaptiveBatchSize`, as pure functions.
+
+Each rule reads one read-out of the noise scale (:class:`~lightning_gns.estimator.GNSValues`)
+and the batch now, and returns a :class:`Move`: by how many factors to change the batch
+(0: stay) and why, in words a user reads at once. McCandlish et al. 2018 (arXiv 1812.06162):
+a step at batch B makes 1/(1 + B_noise/B) of the progress of a full-batch step (eq. 2.11),
+and B_noise grows as the loss falls (§5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lightning_gns.estimator import GNSValues
+
+HYSTERESIS = 0.75  # sqrt rule: change when B* is more than factor**0.75 away
+GOODPUT_GAIN = 1.05  # goodput rule: change when the other batch is 5% better
+
+
+@dataclass(frozen=True)
+class Move:
+    """``steps`` factors up (> 0), down (< 0) or none (0), and the reason in plain words."""
+
+    steps: int
+    reason: str
+
+
+def _n(x: float) -> str:
+    """A number as a user reads it: 3 significant digits, thousands separated."""
+    if not math.isfinite(x):
+        return str(x)
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.3g}"
+
+
+def noise_bound(v: GNSValues) -> tuple[float, str]:
+    """What is known of B_noise: the estimate once its 95% interval is tight, otherwise the
+    interval's lower bound (NaN before two read-outs), and how to say it."""
+    if v.known:
+        return v.b_simple, f"B_noise is {_n(v.b_simple)}"
+    if math.isfinite(v.b_simple_lower) and v.b_simple_lower > 0:
+        return v.b_simple_lower, f"B_noise is at least {_n(v.b_simple_lower)} (95% confidence)"
+    return math.nan, "no estimate of B_noise yet"
+
+
+def lower_bound_rule(v: GNSValues, batch: float, factor: int, margin: float, shrink: bool) -> Move:
+    """One factor up when the 95% lower bound of B_noise is at least ``margin`` × the next
+    batch; one down (``shrink``) when the upper bound is at most the smaller batch / margin."""
+    lower, upper = v.b_simple_lower, v.b_simple_upper
+    bigger = batch * factor
+    need = margin * bigger
+    times = "" if margin == 1 else f"{margin:g} × "
+    if math.isfinite(lower) and lower >= need:
+        return Move(1, f"B_noise is at least {_n(lower)} (95% confidence), at least "
+                       f"{times}the next batch {_n(bigger)}: growing")  # fmt: skip
+    smaller = batch / factor
+    if shrink and upper <= smaller / margin:
+        return Move(-1, f"B_noise is at most {_n(upper)} (95% confidence), below the smaller "
+                        f"batch {_n(smaller)}{'' if margin == 1 else f' / {margin:g}'}: "
+                        "shrinking")  # fmt: skip
+    if not (math.isfinite(lower) and lower > 0):
+        return Move(0, "no estimate of B_noise yet: waiting")
+    return Move(0, f"B_noise is at least {_n(lower)} (95% confidence), below "
+                   f"{times}the next batch {_n(bigger)}: waiting")  # fmt: skip
+
+
+def sqrt_rule(
+    v: GNSValues, batch: float, factor: int, reference: tuple[float, float] | None
+) -> Move:
+    """B* = B₀·√(B_noise/B_noise₀) from the first known estimate (the paper's adaptive model,
+    B ∝ √B_noise); a factor up or down when B* is more than factor**0.75 away."""
+    if not v.known or reference is None:
+        return Move(0, "B_noise is not known to ±20% yet (the sqrt rule needs it): waiting")
+    b0, noise0 = reference
+    target = b0 * math.sqrt(v.b_simple / noise0)
+    why = f"B_noise went from {_n(noise0)} to {_n(v.b_simple)}, so B* = {_n(target)}"
+    if target >= batch * factor**HYSTERESIS:
+        return Move(1, f"{why}, {target / batch:.2g} × the batch {_n(batch)}: growing")
+    if target <= batch / factor**HYSTERESIS:
+        return Move(-1, f"{why}, {target / batch:.2g} × the batch {_n(batch)}: shrinking")
+    return Move(0, f"{why}, within {factor**HYSTERESIS:.2g}× of the batch {_n(batch)}: waiting")
+
+
+def goodput(batch: float, b_noise: float, seconds_per_step: float) -> float:
+    """Progress per second: B/(B + B_noise) ideal steps per step (eq. 2.11) / time per step."""
+    return batch / (batch + b_noise) / seconds_per_step
+
+
+def goodput_rule(
+    v: GNSValues, batch: float, factor: int, timing: tuple[float, float] | None
+) -> Move:
+    """The neighbour (×factor, ÷factor) with at least 5% more progress per second, as Pollux.
+    A step takes a + c: ``timing`` is the measured (a, c), the optimizer's part a and the
+    forward and backward part c, which a batch ``factor`` × larger multiplies by ``factor``
+    (more micro-batches, or larger ones: no gain from parallelism is assumed). B_noise is the
+    estimate when known, else its lower bound (cautious about growing)."""
+    noise, said = noise_bound(v)
+    if not math.isfinite(noise) or noise <= 0:
+        return Move(0, f"{said}: waiting")
+    if timing is None:
+        return Move(0, f"{said}; the time per step is not measured yet (5 steps): waiting")
+    a, c = timing
+    now = goodput(batch, noise, a + c)
+    for direction, scale in ((1, factor), (-1, 1 / factor)):
+        other = goodput(batch * scale, noise, a + c * scale)
+        if other >= GOODPUT_GAIN * now:
+            verb = "growing" if direction > 0 else "shrinking"
+            return Move(direction, f"{said}: progress per second {other / now:.3g}× higher at "
+                                   f"batch {_n(batch * scale)}: {verb}")  # fmt: skip
+    return Move(0, f"{said}: progress per second would gain less than 5% at batch "
+                   f"{_n(batch * factor)} or {_n(batch / factor)}: waiting")  # fmt: skip
+
+
+def lr_scale(scaling: str, batch: float, base_batch: float, b_noise: float = math.nan) -> float:
+    """LR multiplier at ``batch`` relative to ``base_batch``: linear (SGD, constant η/B),
+    sqrt (Adam family), AdaScale's gain (1 + B_noise/B₀)/(1 + B_noise/B), or none."""
+    ratio = batch / base_batch
+    if scaling == "linear":
+        return ratio
+    if scaling == "sqrt":
+        return math.sqrt(ratio)
+    if scaling == "adascale":
+        if not math.isfinite(b_noise) or b_noise <= 0:
+            return 1.0
+        return (1.0 + b_noise / base_batch) / (1.0 + b_noise / batch)
+    return 1.0
