@@ -190,13 +190,14 @@ def train(
     seed: int = 0,
     adaptive: AdaptiveBatchSize | None = None,
     max_steps: int | None = None,
+    read_every: int = 10,
 ) -> Run:
     """One run at batch B (2 micro-batches of B/2, so the preconditioned scale is measured),
     or, with ``adaptive``, micro-batches of B growing by accumulation."""
     run = Run(task.name, batch, lr)
     micro, acc = (batch, 1) if adaptive else (batch // 2, 2)
-    gns = GradientNoiseScale(log_every_n_steps=10, preconditioned=adaptive is None)
-    norm = GradientNoiseScale(log_every_n_steps=10, layers="norm", source="per_example")
+    gns = GradientNoiseScale(log_every_n_steps=read_every, preconditioned=adaptive is None)
+    norm = GradientNoiseScale(log_every_n_steps=read_every, layers="norm", source="per_example")
     cbs: list[pl.Callback] = [gns, norm, ToTarget(run, task, [gns, norm])]
     if adaptive is not None:
         cbs.append(adaptive)

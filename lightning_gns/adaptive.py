@@ -35,6 +35,8 @@ from lightning_gns.growth import (
     goodput_rule,
     lower_bound_rule,
     lr_scale,
+    noise_rule,
+    second_moment_ratio,
     sqrt_rule,
 )
 from lightning_gns.norms.preconditioner import keeps_second_moment
@@ -42,7 +44,7 @@ from lightning_gns.norms.preconditioner import keeps_second_moment
 __all__ = ["AdaptiveBatchSize", "Change", "goodput", "goodput_rule", "lower_bound_rule",
            "lr_scale", "sqrt_rule"]  # fmt: skip
 
-Rule = Literal["lower_bound", "sqrt", "goodput"]
+Rule = Literal["noise", "lower_bound", "sqrt", "goodput"]
 LRScaling = Literal["auto", "linear", "sqrt", "adascale", "none"]
 MAX_FACTOR = 16  # a larger factor per change jumps past the batch the noise scale asks for
 MAX_ACCUMULATE = 2**16  # guards against a typo: no run accumulates more micro-batches
@@ -204,13 +206,16 @@ class AdaptiveBatchSize(Callback):
         min_steps_between: int = 50,
         shrink: bool = False,
         max_micro_batch: int | None = None,
+        scale: float = 1.0,
+        second_moment: bool = False,
     ) -> None:
         super().__init__()
         _check_arguments(locals())
         self.max_accumulate, self.min_accumulate = max_accumulate, min_accumulate
         self.rule, self.factor, self.margin = rule, factor, float(margin)
         self.lr_scaling, self.min_steps_between, self.shrink = lr_scaling, min_steps_between, shrink
-        self.max_micro_batch = max_micro_batch
+        self.max_micro_batch, self.scale = max_micro_batch, float(scale)
+        self.second_moment = second_moment
 
         self.accumulate: int | None = None  # current accumulation (None before fit)
         self.micro: int | None = None  # current micro-batch, with a ResizableBatchSampler
@@ -351,6 +356,8 @@ class AdaptiveBatchSize(Callback):
         return accumulate, micro, move.reason
 
     def _move(self, v: GNSValues, batch: float) -> Move:
+        if self.rule == "noise":
+            return noise_rule(v, batch, self.factor, self.scale, self.shrink)
         if self.rule == "lower_bound":
             return lower_bound_rule(v, batch, self.factor, self.margin, self.shrink)
         if self.rule == "sqrt":
@@ -406,6 +413,8 @@ class AdaptiveBatchSize(Callback):
         self._said.clear()
         self._timer.reset()
         batch = self._batch(p.accumulate, p.micro)
+        if self.second_moment:
+            self._rescale_second_moment(trainer, self._batch(old, old_micro), batch)
         self._set_lr_scale(trainer, batch)
         change = Change(self._steps, old, p.accumulate, batch, self.lr_scale, p.reason,
                         old_micro, p.micro)  # fmt: skip
@@ -423,6 +432,18 @@ class AdaptiveBatchSize(Callback):
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 logger.experiment.add_text("gns/batch_size_change", message, trainer.global_step)
         self._publish(trainer)
+
+    def _rescale_second_moment(self, trainer: pl.Trainer, old: float, new: float) -> None:
+        """Adam's v averages squared gradients over ~1/(1 − β₂) steps: after a change it would
+        describe the old batch's noise for that long. Scale it to the new batch at once."""
+        assert self._gns is not None
+        v = self._gns.values
+        noise = v.b_simple if v.known else v.b_simple_lower
+        ratio = second_moment_ratio(noise, old, new)
+        for state in trainer.optimizers[0].state.values():
+            for key in ("exp_avg_sq", "max_exp_avg_sq", "square_avg"):
+                if isinstance(state.get(key), torch.Tensor):
+                    state[key].mul_(ratio)
 
     def _wait(self, reason: str) -> None:
         """Say once why the batch stays (again after a change, or for another kind of reason:

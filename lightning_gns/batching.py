@@ -58,6 +58,8 @@ class ResizableBatchSampler(BatchSampler):
         self._order: dict[str, Any] = {}  # how this epoch's order was drawn (generator/seed)
         self._resume: dict[str, Any] | None = None
         self.resumed = False  # an iteration continued a checkpoint's epoch
+        self._setup: tuple | None = None  # the epoch the latest iteration draws
+        self._setup_drew = False
 
     # -- sizes ----------------------------------------------------------------------------
     def size_at(self, index: int) -> int:
@@ -95,23 +97,33 @@ class ResizableBatchSampler(BatchSampler):
     # -- iteration ------------------------------------------------------------------------
     def __iter__(self) -> Iterator[list[int]]:
         """Starts the epoch now (its number and sizes: ``len`` is right at once); the order is
-        drawn at the first batch, as the inner sampler draws it."""
-        resume, replay, skip = self._take_resume(), None, 0
+        drawn at the first batch, as the inner sampler draws it. An iteration that drew
+        nothing (torch's worker iterator calls ``iter`` twice) is restarted, not counted."""
+        if self._setup is None or self._setup_drew:
+            self._setup, self._setup_drew = self._new_epoch(), False
+        epoch, skip, sizes, order, replay = self._setup
+        token = object()
+        self.epoch, self.drawn, self._started, self._live = epoch, skip, True, token
+        self._sizes = list(sizes)
+        return self._batches(token, skip, order, replay)
+
+    def _new_epoch(self) -> tuple[int, int, list, dict | None, dict | None]:
+        """(epoch, batches to skip, sizes, order to restore, order of an ended epoch to redraw
+        first) of the next iteration: a checkpoint's epoch, or the next one."""
+        resume, replay, skip, order = self._take_resume(), None, 0, None
         if resume is not None:
             epoch, skip = int(resume["epoch"]), int(resume["consumed"])
-            self._sizes = [(int(a), int(b)) for a, b in resume["sizes"]]
+            sizes = [(int(a), int(b)) for a, b in resume["sizes"]]
             self.batch_size = int(resume["batch_size"])
-            if skip >= len(self):  # that epoch had ended: redraw it (its RNG), then the next
-                replay, epoch, skip = resume.get("order") or {}, epoch + 1, 0
-                self._sizes = [(0, self.batch_size)]
+            order = resume.get("order") or {}
+            if skip >= _count(sizes, self._n(), self.drop_last):  # that epoch had ended
+                replay, order, epoch, skip = order, None, epoch + 1, 0  # redraw it: its RNG
+                sizes = [(0, self.batch_size)]
         else:
             hint, self._epoch_hint = self._epoch_hint, None
             epoch = hint if hint is not None else self.epoch + self._started
-            self._sizes = [(0, self.batch_size)]
-        token = object()
-        self.epoch, self.drawn, self._started, self._live = epoch, skip, True, token
-        order = resume.get("order") if resume is not None and replay is None else None
-        return self._batches(token, skip, order, replay)
+            sizes = [(0, self.batch_size)]
+        return epoch, skip, sizes, order, replay
 
     def _batches(
         self, token: object, skip: int, order: dict | None, replay: dict | None
@@ -130,7 +142,7 @@ class ResizableBatchSampler(BatchSampler):
             if not batch or (self.drop_last and len(batch) < size):
                 return
             if self._live is token:
-                self.drawn = index + 1
+                self.drawn, self._setup_drew = index + 1, True
             yield batch
             index += 1
 

@@ -126,3 +126,33 @@ def lr_scale(scaling: str, batch: float, base_batch: float, b_noise: float = mat
             return 1.0
         return (1.0 + b_noise / base_batch) / (1.0 + b_noise / batch)
     return 1.0
+
+
+def noise_rule(v: GNSValues, batch: float, factor: int, scale: float, shrink: bool) -> Move:
+    """Follow B = ``scale`` × B_noise: the estimate once its interval is tight, its 95% lower
+    bound before (so it never grows on noise). Moves as many factors at once as it takes to
+    the largest batch at most that; shrinks (``shrink``) when the batch is more than a factor
+    above it."""
+    noise, said = noise_bound(v)
+    if not math.isfinite(noise) or noise <= 0:
+        return Move(0, f"{said}: waiting")
+    target = scale * noise
+    times = "" if scale == 1 else f"{scale:g} × "
+    steps = math.floor(math.log(target / batch) / math.log(factor) + 1e-9)
+    if steps > 0:
+        return Move(steps, f"{said}, so {times}B_noise = {_n(target)} is at least "
+                           f"{_n(batch * factor**steps)}: growing")  # fmt: skip
+    if steps < -1 and shrink:
+        return Move(steps + 1, f"{said}, so {times}B_noise = {_n(target)} is below "
+                               f"{_n(batch / factor)}: shrinking")  # fmt: skip
+    return Move(0, f"{said}, so {times}B_noise = {_n(target)} is below the next batch "
+                   f"{_n(batch * factor)}: waiting")  # fmt: skip
+
+
+def second_moment_ratio(b_noise: float, old: float, new: float) -> float:
+    """How a gradient's expected square changes from batch ``old`` to ``new``:
+    E|G_B|² = |G|²(1 + B_noise/B), so (1 + B_noise/new)/(1 + B_noise/old) (1/k far below
+    B_noise, 1 far above it). 1 when B_noise is unknown."""
+    if not math.isfinite(b_noise) or b_noise <= 0:
+        return 1.0
+    return (1.0 + b_noise / new) / (1.0 + b_noise / old)

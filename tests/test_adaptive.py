@@ -135,3 +135,133 @@ def test_gns_lr_is_the_rate_of_the_last_step(tmp_path) -> None:
     for row in rows:
         assert row["logged"] == pytest.approx(row["used"], rel=1e-3), row
     assert len({round(r["used"], 6) for r in rows}) == len(rows)
+
+
+def fit_small(root, epochs: int, callbacks, ckpt=None, **ada_kw):
+    """The Small module (100 examples, batches of 8: 13 per epoch, the last of 4) with a
+    LoudNoise monitor read at the end of each epoch's 13 batches."""
+    gns = LoudNoise(log_every_n_steps=13)
+    ada = AdaptiveBatchSize(max_accumulate=8, min_steps_between=0, **ada_kw)
+    module = Small(n=100, batch_size=8)
+    kw = trainer_kwargs(root, max_epochs=epochs, enable_checkpointing=True)
+    trainer = pl.Trainer(**kw, callbacks=[gns, ada, *callbacks])
+    trainer.fit(module, ckpt_path=ckpt)
+    return trainer, ada, module
+
+
+def test_a_change_decided_before_a_checkpoint_is_applied_after_resume(tmp_path) -> None:
+    """A read-out at the epoch's last batch decides 1 -> 2, to start with the next epoch (the
+    next whole window); a checkpoint at the epoch's end holds it, and the resumed run applies
+    it at the same step as the uninterrupted one: same changes, same parameters."""
+    _, full, full_module = fit_small(tmp_path / "full", 3, [])
+    assert (full.changes[0].step, full.changes[0].new) == (13, 2) and len(full.changes) > 1
+    saver = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    fit_small(tmp_path / "a", 1, [saver])
+    _, resumed, module = fit_small(tmp_path / "b", 3, [], ckpt=str(tmp_path / "ck" / "last.ckpt"))
+    assert [(c.step, c.new) for c in resumed.changes] == [(c.step, c.new) for c in full.changes]
+    torch.testing.assert_close(params(module), params(full_module), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", ["monitor first", "adaptive first"])
+def test_the_order_of_the_callbacks_does_not_matter(tmp_path, order) -> None:
+    """AdaptiveBatchSize acts on every read-out at the step it is made, whichever callback
+    comes first: the same changes at the same steps, the same parameters."""
+    runs = []
+    for first in (True, False):
+        gns = LoudNoise(log_every_n_steps=5)
+        ada = AdaptiveBatchSize(max_accumulate=4, min_steps_between=0)
+        callbacks = [gns, ada] if first == (order == "monitor first") else [ada, gns]
+        module = Small(n=64, batch_size=8)
+        pl.Trainer(**trainer_kwargs(tmp_path, max_steps=20, callbacks=callbacks)).fit(module)
+        runs.append(([(c.step, c.new) for c in ada.changes], params(module)))
+    assert runs[0][0] == runs[1][0] == [(6, 2), (11, 4)]  # read at 5 and 10, then aligned
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("adaptive_first", [False, True])
+def test_the_monitor_sees_the_accumulation_adaptive_starts_with(tmp_path, adaptive_first) -> None:
+    """source='micro_batch' needs two micro-batches per step: min_accumulate=2 gives them, in
+    either order of the callbacks."""
+    gns = GradientNoiseScale(source="micro_batch", log_every_n_steps=5)
+    ada = AdaptiveBatchSize(min_accumulate=2, max_accumulate=4)
+    callbacks = [ada, gns] if adaptive_first else [gns, ada]
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=callbacks))
+    trainer.fit(Small(n=64, batch_size=8))
+    assert gns.active_source == "micro_batch" and trainer.accumulate_grad_batches == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(max_accumulate=0), "max_accumulate"),
+        (dict(max_accumulate=2**40), "max_accumulate"),
+        (dict(factor=1), "factor"),
+        (dict(factor=10**6), "factor"),
+        (dict(min_accumulate=9, max_accumulate=8), "min_accumulate"),
+        (dict(min_accumulate=True), "min_accumulate"),
+        (dict(rule="fast"), "rule"),
+        (dict(lr_scaling="cubic"), "lr_scaling"),
+        (dict(margin=0), "margin"),
+        (dict(margin=math.inf), "margin"),
+        (dict(margin="1"), "margin"),
+        (dict(min_steps_between=-1), "min_steps_between"),
+        (dict(shrink="no"), "shrink"),
+        (dict(max_micro_batch=0), "max_micro_batch"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        AdaptiveBatchSize(**kwargs)
+
+
+def test_refuses_what_it_cannot_drive(tmp_path) -> None:
+    def fit(callbacks, module=None):
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=callbacks))
+        trainer.fit(module or Classifier(mlp(), batch_size=32))
+
+    with pytest.raises(RuntimeError, match="add GradientNoiseScale"):
+        fit([AdaptiveBatchSize()])
+    with pytest.raises(RuntimeError, match="GradientAccumulationScheduler"):
+        fit([GradientNoiseScale(), AdaptiveBatchSize(), GradientAccumulationScheduler({0: 2})])
+
+    class Manual(Classifier):
+        def __init__(self) -> None:
+            super().__init__(mlp(), batch_size=32)
+            self.automatic_optimization = False
+
+    with pytest.raises(RuntimeError, match="manual optimization"):
+        fit([GradientNoiseScale(), AdaptiveBatchSize()], Manual())
+
+
+def test_says_once_in_plain_words_why_it_waits(tmp_path, caplog) -> None:
+    """No growth for 30 steps: one message says why (B_noise's lower bound against the next
+    batch, or no estimate yet), in words, not once per read-out."""
+    gns = GradientNoiseScale(log_every_n_steps=2)
+    ada = AdaptiveBatchSize(max_accumulate=4, margin=1e6)  # never grows
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=30, callbacks=[gns, ada]))
+        trainer.fit(Small(n=256, batch_size=16))
+    said = [r.getMessage() for r in caplog.records if "AdaptiveBatchSize" in r.getMessage()]
+    assert not ada.changes and ada.waiting is not None and ada.waiting.endswith("waiting")
+    assert 1 <= len(said) <= 2, said  # no estimate yet; then the bound against the batch
+    assert "B_noise is at least" in said[-1] and "1e+06 × the next batch 32" in said[-1], said
+    assert "≥" not in said[-1] and "2B" not in said[-1]
+
+
+def test_says_when_it_is_at_its_largest(tmp_path, caplog) -> None:
+    gns = LoudNoise(log_every_n_steps=2)
+    ada = AdaptiveBatchSize(max_accumulate=2, min_steps_between=0)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        pl.Trainer(**trainer_kwargs(tmp_path, max_steps=12, callbacks=[gns, ada])).fit(Small())
+    said = [r.getMessage() for r in caplog.records if "AdaptiveBatchSize" in r.getMessage()]
+    assert len(said) == 2, said
+    assert "batch 8 -> 16" in said[0] and "because B_noise is at least" in said[0]
+    assert said[1].endswith("but the batch is at its largest: staying")
+
+
+def test_starts_within_its_bounds(tmp_path) -> None:
+    gns = GradientNoiseScale(log_every_n_steps=50)
+    ada = AdaptiveBatchSize(min_accumulate=2, max_accumulate=4)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[gns, ada]))
+    trainer.fit(Classifier(mlp(), batch_size=32))
+    assert trainer.accumulate_grad_batches == ada.accumulate == 2  # the trainer said 1
