@@ -1,13 +1,13 @@
 """Grow the batch with the gradient noise scale: micro-batch, then accumulation; LR scaling.
 
 McCandlish et al. 2018 (arXiv 1812.06162): the best batch tracks B_noise, which grows as the
-loss falls (§5, "dynamic batch size"). :class:`AdaptiveBatchSize` reads
-:class:`~lightning_gns.GradientNoiseScale`'s estimate at each of its read-outs and changes the
-batch by factors at an optimizer-step boundary: first the per-device micro-batch (with a
-:class:`~lightning_gns.batching.ResizableBatchSampler` in the DataLoader, up to
+loss falls (§5, "dynamic batch size"). :class:`AdaptiveBatchSize` measures B_noise from the
+same per-step records as :class:`~lightning_gns.GradientNoiseScale`, in a window that restarts
+at each change of batch, and changes the batch by factors at an optimizer-step boundary: first
+the per-device micro-batch (with a :class:`~lightning_gns.batching.ResizableBatchSampler`, up to
 ``max_micro_batch``), then ``Trainer.accumulate_grad_batches``. The rules are pure functions in
-:mod:`lightning_gns.growth`. The learning rate the optimizer steps with is the one the user's
-code set (scheduler, ``training_step``, hooks) times the rule's multiplier.
+:mod:`lightning_gns.growth`; the learning rate and Adam's second moment are handled around each
+step (:mod:`lightning_gns.stepping`).
 """
 
 from __future__ import annotations
@@ -24,22 +24,17 @@ from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
-from lightning_gns import batching
+from lightning_gns import batching, growth
 from lightning_gns.callback import GradientNoiseScale, publish
 from lightning_gns.estimator import GNSValues
-from lightning_gns.growth import (
-    Move,
-    goodput,
-    goodput_rule,
-    lower_bound_rule,
-    lr_scale,
-    noise_rule,
-    second_moment_ratio,
-    sqrt_rule,
-)
+from lightning_gns.growth import goodput, goodput_rule, lower_bound_rule, lr_scale, sqrt_rule
 from lightning_gns.norms.preconditioner import keeps_second_moment
+from lightning_gns.sources import MODEL, StepNorms
+from lightning_gns.stepping import LRScaler, StepTimer, rescale_second_moment
+from lightning_gns.tracker import GNSTracker, read_together
 
 __all__ = ["AdaptiveBatchSize", "Change", "goodput", "goodput_rule", "lower_bound_rule",
            "lr_scale", "sqrt_rule"]  # fmt: skip
@@ -52,7 +47,7 @@ MAX_ACCUMULATE = 2**16  # guards against a typo: no run accumulates more micro-b
 
 @dataclass(frozen=True)
 class Change:
-    """One change of the batch: the optimizer step it starts at, accumulation and micro-batch
+    """One change of the batch: the optimizer steps before it, accumulation and micro-batch
     before and after (micro-batch None: not resizable), the batch, the LR multiplier, why."""
 
     step: int
@@ -72,119 +67,35 @@ class _Pending:
     accumulate: int
     micro: int | None
     reason: str
+    noise: float  # what rank 0 knew of B_noise (LR gain, second moment: the same on all ranks)
     epoch: int
     index: int
 
 
-class _LRScaler:
-    """Multiplies every parameter group's rate by ``scale`` for the optimizer's update only.
-
-    Lightning runs ``training_step``, backward and ``on_before_optimizer_step`` inside
-    ``optimizer.step(closure)``, so the step's pre-hook wraps the closure: the rates are
-    scaled after the closure (after every line of the user's code), just before the update,
-    and put back to the user's values by the post-hook. Without a closure (AMP with a
-    GradScaler runs it first) the pre-hook scales at once."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, on_step: Any) -> None:
-        self.scale = 1.0
-        self.applied = math.nan  # group 0's rate in the last update
-        self._saved: list[Any] | None = None
-        self._on_step = on_step
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre),
-            optimizer.register_step_post_hook(self._post),
-        ]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def _pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
-        self._restore(optimizer)  # a step that raised left the scaled rates
-        closure = kwargs.get("closure", args[0] if args else None)
-        if closure is None:
-            self._apply(optimizer)
-            return None
-
-        def scaled_closure() -> Any:
-            out = closure()
-            self._apply(optimizer)
-            return out
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": scaled_closure}
-        return (scaled_closure, *args[1:]), kwargs
-
-    def _apply(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._saved is not None:  # a closure called twice (LBFGS): scale once
-            return
-        self._saved = [g["lr"] for g in optimizer.param_groups]
-        if self.scale != 1.0:
-            for g in optimizer.param_groups:
-                g["lr"] = g["lr"] * self.scale
-        self.applied = float(optimizer.param_groups[0]["lr"])
-
-    def _post(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        self._restore(optimizer)
-        self._on_step(self.applied)
-
-    def _restore(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._saved is not None:
-            for g, lr in zip(optimizer.param_groups, self._saved, strict=False):
-                g["lr"] = lr
-            self._saved = None
-
-
-class _Timer:
-    """Host time per optimizer step: forward and backward (c) and the rest (a), smoothed."""
-
-    def __init__(self) -> None:
-        self.start: float | None = None
-        self.before_step: float | None = None
-        self.a = self.c = math.nan
-        self.n = 0
-
-    def observe(self, now: float) -> None:
-        if self.start is None or self.before_step is None:
-            return
-        a, c = now - self.before_step, self.before_step - self.start
-        w = max(0.05, 1.0 / (self.n + 1))  # running mean, then an EMA of about 20 steps
-        self.a = a if self.n == 0 else (1 - w) * self.a + w * a
-        self.c = c if self.n == 0 else (1 - w) * self.c + w * c
-        self.n += 1
-        self.start = self.before_step = None
-
-    def reset(self) -> None:
-        """A new batch: the old timing does not describe it."""
-        self.n = 0
-
-    @property
-    def timing(self) -> tuple[float, float] | None:
-        return (self.a, self.c) if self.n >= 5 else None
-
-
 class AdaptiveBatchSize(Callback):
     r"""Grow the batch as the gradient noise scale grows (needs a
-    :class:`~lightning_gns.GradientNoiseScale` in the same ``Trainer``; the order of the two
-    in ``callbacks`` does not matter).
+    :class:`~lightning_gns.GradientNoiseScale` in the same ``Trainer``, before or after it).
 
-    At each read-out of the noise scale the rule (:mod:`lightning_gns.growth`) may change the
-    batch by ``factor``: the micro-batch first, when the DataLoader draws with a
+    The first step is a probe of at least ``probe`` examples (at the user's learning rate);
+    its noise scale sets the batch the run continues with. Every ``check_every_n_steps``
+    steps the rule (:mod:`lightning_gns.growth`) may change the batch by powers of ``factor``:
+    the micro-batch first, when the DataLoader draws with a
     :class:`~lightning_gns.batching.ResizableBatchSampler` and ``max_micro_batch`` allows, then
     ``accumulate_grad_batches``. A change starts with a whole accumulation window, on every DDP
     rank at the same step (rank 0 decides). The optimizer steps with the rate the user's code
-    set (scheduler, ``training_step``, hooks) times the LR multiplier; the scheduler and the
-    user's code only ever see their own rate. Logs ``gns/accumulate``, ``gns/micro_batch``,
-    ``gns/lr_scale`` and ``gns/lr`` (the rate of the last step, in ``callback_metrics`` after
-    every step); each change is written to the log with its reason (and TensorBoard's text
-    tab) and kept in :attr:`changes`; while it waits, it says why once (:attr:`waiting`).
-    Resumes exactly, also mid-epoch and with a change decided but not yet applied.
+    set (scheduler, ``training_step``, hooks) times the LR multiplier; the user's code only ever
+    sees its own rate. Logs ``gns/accumulate``, ``gns/micro_batch``, ``gns/lr_scale`` and
+    ``gns/lr`` (the rate of the last step, in ``callback_metrics`` after every step); each
+    change is written to the log with its reason (and TensorBoard's text tab) and kept in
+    :attr:`changes`; while it waits it says why, once (:attr:`waiting`). Resumes exactly, also
+    mid-epoch and with a change decided but not yet applied.
 
     Args:
         max_accumulate: the largest accumulation.
         min_accumulate: the smallest; default: the trainer's ``accumulate_grad_batches``.
-        rule: ``lower_bound``, ``sqrt`` or ``goodput`` (:mod:`lightning_gns.growth`).
+        rule: ``noise`` (default), ``lower_bound``, ``sqrt`` or ``goodput``
+            (:mod:`lightning_gns.growth`).
+        multiple: ``noise`` rule: the batch follows ``multiple`` × B_noise.
         factor: integer factor of each change (2: doubling), at most 16.
         margin: ``lower_bound`` rule: grow when B_noise's lower bound ≥ margin × next batch.
         lr_scaling: ``auto`` (``sqrt`` when the optimizer keeps a second moment in its state,
@@ -193,67 +104,87 @@ class AdaptiveBatchSize(Callback):
         shrink: also lower the batch when the noise scale falls (accumulation only).
         max_micro_batch: the largest micro-batch per device; None: the micro-batch stays as
             the DataLoader draws it (growth by accumulation only).
+        probe: examples of the first measured step (accumulated micro-batches); 0: none.
+        check_every_n_steps: optimizer steps between two decisions (one small host read).
+        rescale_second_moment: at a change, scale Adam's (RMSprop's) running average of
+            squared gradients by the expected ratio for the new batch
+            (:func:`~lightning_gns.growth.second_moment_ratio`) instead of letting it describe
+            the old batch for ~1/(1 − β₂) steps.
     """
 
     def __init__(
         self,
         max_accumulate: int = 64,
         min_accumulate: int | None = None,
-        rule: Rule = "lower_bound",
+        rule: Rule = "noise",
+        multiple: float = 4.0,
         factor: int = 2,
         margin: float = 1.0,
         lr_scaling: LRScaling = "auto",
-        min_steps_between: int = 50,
+        min_steps_between: int = 0,
         shrink: bool = False,
         max_micro_batch: int | None = None,
-        scale: float = 1.0,
-        second_moment: bool = False,
+        probe: int = 128,
+        check_every_n_steps: int = 5,
+        rescale_second_moment: bool = True,
     ) -> None:
         super().__init__()
         _check_arguments(locals())
         self.max_accumulate, self.min_accumulate = max_accumulate, min_accumulate
-        self.rule, self.factor, self.margin = rule, factor, float(margin)
-        self.lr_scaling, self.min_steps_between, self.shrink = lr_scaling, min_steps_between, shrink
-        self.max_micro_batch, self.scale = max_micro_batch, float(scale)
-        self.second_moment = second_moment
+        self.rule, self.multiple, self.factor = rule, float(multiple), factor
+        self.margin, self.lr_scaling = float(margin), lr_scaling
+        self.min_steps_between, self.shrink = min_steps_between, shrink
+        self.max_micro_batch, self.probe = max_micro_batch, probe
+        self.check_every_n_steps = check_every_n_steps
+        self.rescale_second_moment = rescale_second_moment
 
         self.accumulate: int | None = None  # current accumulation (None before fit)
         self.micro: int | None = None  # current micro-batch, with a ResizableBatchSampler
-        self.base_batch: float | None = None  # the batch at the start: LR scale 1
+        self.base: tuple[int, int | None] | None = None  # the user's (accumulation, micro)
         self.lr_scale = 1.0
         self.changes: list[Change] = []
         self.waiting: str | None = None  # why the batch does not change now (said once)
         self.reference: tuple[float, float] | None = None  # (B₀, B_noise₀), sqrt rule
         self._pending: _Pending | None = None
-        self._steps = self._last_change = 0
+        self._probing = False
+        self._last_change = 0
         self._said: set[str] = set()
         self._gns: GradientNoiseScale | None = None
+        self._tracker: GNSTracker | None = None  # B_noise since the last change
+        self._saved_tracker: dict[str, Any] | None = None
         self._sampler: batching.ResizableBatchSampler | None = None
         self._trainer: pl.Trainer | None = None
-        self._timer = _Timer()
-        self._lr: _LRScaler | None = None
+        self._timer = StepTimer()
+        self._lr: LRScaler | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def start_accumulation(self, trainer: pl.Trainer) -> int:
-        """The accumulation of the first step: the trainer's, within the bounds (or the
-        resumed one)."""
+        """The accumulation the run starts from: the trainer's within the bounds (or the
+        resumed one). The probe may raise it for the first step only."""
         if self.accumulate is not None:
             return self.accumulate
-        start = max(trainer.accumulate_grad_batches, self.min_accumulate or 1)
-        return min(start, self.max_accumulate)
+        return min(max(trainer.accumulate_grad_batches, self.min_accumulate or 1),
+                   self.max_accumulate)  # fmt: skip
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._gns = _refuse(trainer, pl_module)
         self._trainer = trainer
+        fresh = self.accumulate is None
         self.accumulate = self.start_accumulation(trainer)
         if self.min_accumulate is None:
-            self.min_accumulate = min(trainer.accumulate_grad_batches, self.accumulate)
+            self.min_accumulate = self.accumulate
+        if fresh:
+            self.base = (self.accumulate, None)
+            self._probing = self.rule == "noise" and self.probe > 0
         trainer.accumulate_grad_batches = self.accumulate
-        self._lr = _LRScaler(trainer.optimizers[0], self._stepped)
+        self._lr = LRScaler(trainer.optimizers[0], self._after_step)
         self._lr.scale = self.lr_scale
-        if self._decide not in self._gns.read_listeners:
-            self._gns.read_listeners.append(self._decide)
+        self._tracker = GNSTracker(None, [MODEL]).to(pl_module.device)
+        if self._saved_tracker:
+            self._tracker.restore(self._saved_tracker)
+        if self._record not in self._gns.step_listeners:
+            self._gns.step_listeners.append(self._record)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -261,10 +192,12 @@ class AdaptiveBatchSize(Callback):
         if sampler is not None and sampler is not self._sampler:  # first epoch, or reloaded
             if self.micro is None:
                 self.micro = sampler.batch_size
+                assert self.base is not None
+                self.base = (self.base[0], self.micro)
             elif not sampler.resumed:  # a reloaded DataLoader: its sampler starts as built
                 p = self._pending
                 due = p is not None and p.micro is not None and p.epoch <= trainer.current_epoch
-                sampler.batch_size = p.micro if due and p.micro else self.micro
+                sampler.batch_size = p.micro if due and p is not None and p.micro else self.micro
         if sampler is None:
             self.micro = None
         else:
@@ -276,8 +209,10 @@ class AdaptiveBatchSize(Callback):
         if self._lr is not None:
             self._lr.remove()
             self._lr = None
-        if self._gns is not None and self._decide in self._gns.read_listeners:
-            self._gns.read_listeners.remove(self._decide)
+        if self._gns is not None and self._record in self._gns.step_listeners:
+            self._gns.step_listeners.remove(self._record)
+        if self._tracker is not None:
+            self._saved_tracker = self._tracker.export()
         batching.resume_next(None)
 
     # -- per step -------------------------------------------------------------------------
@@ -289,6 +224,8 @@ class AdaptiveBatchSize(Callback):
         index = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
         if p is not None and (trainer.current_epoch, index) >= (p.epoch, p.index):
             self._apply(trainer, p)
+        if self._probing and trainer.global_step == 0 and index == 0:
+            self._start_probe(trainer, batch)
         if self._timer.start is None:
             self._timer.start = time.perf_counter()
 
@@ -298,10 +235,33 @@ class AdaptiveBatchSize(Callback):
     ) -> None:
         self._timer.before_step = time.perf_counter()
 
-    def _stepped(self, lr: float) -> None:
-        """After every optimizer step (the LR scaler's post-hook)."""
-        if self._trainer is not None:
-            self._trainer.callback_metrics["gns/lr"] = torch.tensor(lr)
+    def _start_probe(self, trainer: pl.Trainer, batch: Any) -> None:
+        """The first steps accumulate at least ``probe`` examples (at the user's rate) until
+        one gives a record: its noise scale picks the batch to go on with."""
+        assert self._gns is not None and self.accumulate is not None
+        fn = self._gns.batch_size_fn
+        micro = int(fn(batch) if fn else extract_batch_size(batch)) * trainer.world_size
+        accumulate = self.accumulate
+        while micro * accumulate < self.probe and accumulate * self.factor <= self.max_accumulate:
+            accumulate *= self.factor
+        self.accumulate = trainer.accumulate_grad_batches = accumulate
+
+    def _record(self, sample: StepNorms | None) -> None:
+        """Each step's record from GradientNoiseScale (in its on_before_optimizer_step)."""
+        if self._tracker is not None:
+            self._tracker.record(sample)
+
+    def _after_step(self, lr: float) -> None:
+        """After every update (the LR scaler's post-hook: after every callback's
+        ``on_before_optimizer_step``, whatever their order): ``gns/lr``, and a decision when
+        one is due."""
+        trainer = self._trainer
+        if trainer is None:
+            return
+        trainer.callback_metrics["gns/lr"] = torch.tensor(lr)
+        done = trainer.global_step + 1  # Lightning counts this step after the hook
+        if self._probing or done % self.check_every_n_steps == 0:
+            self._decide(trainer, done)
 
     @override
     def on_train_batch_end(
@@ -312,138 +272,154 @@ class AdaptiveBatchSize(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._timer.before_step is None:  # no optimizer step in this batch
-            return
-        self._timer.observe(time.perf_counter())
-        self._steps += 1
+        if self._timer.before_step is not None:
+            self._timer.observe(time.perf_counter())
 
     # -- decisions ------------------------------------------------------------------------
-    def _decide(self, trainer: pl.Trainer) -> None:
-        """At each read-out of the noise scale: rank 0 picks the next batch, every rank takes
-        it (one broadcast), and schedules it for the same batch index."""
-        assert self._gns is not None and self.accumulate is not None
-        if self.base_batch is None:  # the first read-out: the monitor knows the micro-batch
-            self.base_batch = self._batch_now()
-        if self.lr_scaling == "adascale":  # the gain follows the estimate at every read-out
-            self._set_lr_scale(trainer, self._batch(self.accumulate, self.micro))
-        choice = self._choose(self._gns.values) if trainer.is_global_zero else None
+    def _decide(self, trainer: pl.Trainer, done: int) -> None:
+        """Read the window (one reduction across ranks), let rank 0 choose, every rank takes
+        its choice (one broadcast) and schedules it for the same batch index."""
+        assert self._tracker is not None and self.accumulate is not None
+        values = read_together([self._tracker], sync=trainer.world_size > 1)[0][MODEL]
+        noise, _ = growth.noise_bound(values)
+        if self.lr_scaling == "adascale":  # the gain follows the estimate at every read
+            self._set_lr_scale(trainer, self._batch(self.accumulate, self.micro), noise)
+        choice = self._choose(values, done) if trainer.is_global_zero else None
         choice = trainer.strategy.broadcast(choice, src=0)
+        if self._probing and math.isfinite(values.b_simple) and values.b_simple > 0:
+            noise, self._probing = values.b_simple, False  # the probe's record is in
         if isinstance(choice, str):
             self._wait(choice)
         elif choice is not None:
             accumulate, micro, reason = choice
-            self._schedule(trainer, accumulate, micro, reason)
+            self._schedule(trainer, accumulate, micro, reason, noise)
         self._publish(trainer)
 
-    def _choose(self, v: GNSValues) -> tuple[int, int | None, str] | str | None:
+    def _choose(self, v: GNSValues, done: int) -> tuple[int, int | None, str] | str | None:
         """(accumulation, micro-batch, reason) to change to, the reason to wait, or None."""
-        assert self.accumulate is not None and self.min_accumulate is not None
+        assert self.accumulate is not None
         if self._pending is not None:
             return None
         batch = self._batch(self.accumulate, self.micro)
+        if self._probing:
+            return self._after_probe(v, batch)
         if self.rule == "sqrt" and self.reference is None and v.known:
             self.reference = (batch, v.b_simple)
-        left = self.min_steps_between - (self._steps - self._last_change)
+        left = self.min_steps_between - (done - self._last_change)
         if self.changes and left > 0:
             return f"{left} more steps before the next change (min_steps_between): waiting"
         move = self._move(v, batch)
         if move.steps == 0 or (move.steps < 0 and not self.shrink):
             return move.reason if move.steps == 0 else None
-        accumulate, micro = self._split(move.steps)
+        accumulate, micro = self._allocate(self._level(batch) + move.steps)
         if (accumulate, micro) == (self.accumulate, self.micro):
             bound = "largest" if move.steps > 0 else "smallest"
             return f"{move.reason.rsplit(':', 1)[0]}, but the batch is at its {bound}: staying"
         return accumulate, micro, move.reason
 
-    def _move(self, v: GNSValues, batch: float) -> Move:
+    def _after_probe(
+        self, v: GNSValues, batch: float
+    ) -> tuple[int, int | None, str] | str | None:
+        """The probe's record (one step: a point estimate) sets the batch to go on with."""
+        if not (math.isfinite(v.b_simple) and v.b_simple > 0):
+            return None  # no record yet (the per-example check step): probe once more
+        target = self.multiple * v.b_simple
+        level = max(0, math.floor(math.log(target / self._base_batch(), self.factor) + 1e-9))
+        accumulate, micro = self._allocate(level)
+        times = "" if self.multiple == 1 else f"{self.multiple:g} × "
+        why = (f"the probe's {_int(batch)} examples measure B_noise ≈ "
+               f"{growth.number(v.b_simple)} (one step), so {times}B_noise = "
+               f"{growth.number(target)}")  # fmt: skip
+        if (accumulate, micro) == (self.accumulate, self.micro):
+            return f"{why}: staying"
+        return accumulate, micro, f"{why}: going on at {_int(self._batch(accumulate, micro))}"
+
+    def _move(self, v: GNSValues, batch: float) -> growth.Move:
         if self.rule == "noise":
-            return noise_rule(v, batch, self.factor, self.scale, self.shrink)
+            return growth.noise_rule(v, batch, self.factor, self.multiple, self.shrink)
         if self.rule == "lower_bound":
             return lower_bound_rule(v, batch, self.factor, self.margin, self.shrink)
         if self.rule == "sqrt":
             return sqrt_rule(v, batch, self.factor, self.reference)
         return goodput_rule(v, batch, self.factor, self._timer.timing)
 
-    def _split(self, steps: int) -> tuple[int, int | None]:
-        """The accumulation and micro-batch ``steps`` factors away: the micro-batch grows first
-        (up to ``max_micro_batch``), accumulation shrinks first (micro-batches never shrink)."""
-        assert self.accumulate is not None and self.min_accumulate is not None
-        accumulate, micro, f = self.accumulate, self.micro, self.factor
-        for _ in range(abs(steps)):
-            if steps > 0 and micro is not None and self._micro_fits(micro * f):
-                micro *= f
-            elif steps > 0 and accumulate * f <= self.max_accumulate:
-                accumulate *= f
-            elif steps < 0 and accumulate // f >= self.min_accumulate and accumulate % f == 0:
-                accumulate //= f
-            else:
-                break
-        return accumulate, micro
+    def _level(self, batch: float) -> int:
+        return round(math.log(batch / self._base_batch(), self.factor))
 
-    def _micro_fits(self, micro: int) -> bool:
-        return self.max_micro_batch is not None and micro <= self.max_micro_batch
+    def _allocate(self, level: int) -> tuple[int, int | None]:
+        """The accumulation and micro-batch of the batch ``factor**level`` × the user's: the
+        micro-batch first (up to ``max_micro_batch``; it never shrinks), then accumulation,
+        within the bounds."""
+        assert self.base is not None and self.min_accumulate is not None
+        base_acc, base_micro = self.base
+        micro_levels = 0
+        if self.micro is not None and base_micro is not None and self.max_micro_batch:
+            while base_micro * self.factor ** (micro_levels + 1) <= self.max_micro_batch:
+                micro_levels += 1
+            now = round(math.log(self.micro / base_micro, self.factor))
+            level = max(level, now)  # a micro-batch never shrinks (Lightning's epoch length)
+        j = min(max(level, 0), micro_levels)
+        accumulate = base_acc * self.factor ** max(level - j, 0)
+        accumulate = min(max(accumulate, self.min_accumulate), self.max_accumulate)
+        micro = base_micro * self.factor**j if base_micro is not None else self.micro
+        return accumulate, micro if self.micro is not None else None
 
-    def _schedule(self, trainer: pl.Trainer, accumulate: int, micro: int | None, why: str) -> None:
+    def _schedule(
+        self, trainer: pl.Trainer, accumulate: int, micro: int | None, why: str, noise: float
+    ) -> None:
         """The first batch that starts a whole window of both the old and the new accumulation
-        and that no DataLoader worker has drawn yet (every rank agrees): the change starts
-        there, or with the next epoch."""
+        and that no DataLoader worker has drawn yet (the largest over ranks): the change
+        starts there, or with the next epoch."""
         assert self.accumulate is not None
         ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        drawn = ready
-        if micro != self.micro and self._sampler is not None:
-            drawn = _max_over_ranks(trainer, max(ready, self._sampler.drawn))
+        resize = micro != self.micro and self._sampler is not None and micro is not None
+        drawn = _max_over_ranks(trainer, max(ready, self._sampler.drawn)) if resize else ready
         window = max(self.accumulate, accumulate)
         at = -(-drawn // window) * window
         epoch = trainer.current_epoch
-        if micro != self.micro and self._sampler is not None and micro is not None:
+        if resize:
+            assert self._sampler is not None and micro is not None
             epoch, at = self._sampler.resize(micro, at)
             batching.sync_epoch_length(trainer)
         elif at >= trainer.num_training_batches:
             epoch, at = epoch + 1, 0
-        self._pending = _Pending(accumulate, micro, why, epoch, at)
+        self._pending = _Pending(accumulate, micro, why, noise, epoch, at)
 
     def _apply(self, trainer: pl.Trainer, p: _Pending) -> None:
-        assert self.accumulate is not None
+        assert self.accumulate is not None and self._gns is not None
         old, old_micro = self.accumulate, self.micro
+        old_batch = self._batch(old, old_micro)
         self.accumulate, self.micro, self._pending = p.accumulate, p.micro, None
         trainer.accumulate_grad_batches = p.accumulate
-        if p.micro != old_micro and self._gns is not None and p.micro is not None:
+        if p.micro != old_micro and p.micro is not None:
             self._gns.micro_batch_resized(p.micro)
-        self._last_change, self.waiting = self._steps, None
+        self._last_change, self.waiting = trainer.global_step, None
         self._said.clear()
         self._timer.reset()
         batch = self._batch(p.accumulate, p.micro)
-        if self.second_moment:
-            self._rescale_second_moment(trainer, self._batch(old, old_micro), batch)
-        self._set_lr_scale(trainer, batch)
-        change = Change(self._steps, old, p.accumulate, batch, self.lr_scale, p.reason,
+        adam = ""
+        if self.rescale_second_moment:
+            ratio = growth.second_moment_ratio(p.noise, old_batch, batch)
+            if ratio != 1.0 and rescale_second_moment(trainer.optimizers[0], ratio):
+                adam = f", second moment × {ratio:.3g}"
+        self._set_lr_scale(trainer, batch, p.noise)
+        self._tracker = GNSTracker(None, [MODEL]).to(self._tracker_device())
+        change = Change(trainer.global_step, old, p.accumulate, batch, self.lr_scale, p.reason,
                         old_micro, p.micro)  # fmt: skip
         self.changes.append(change)
         parts = [f"accumulate_grad_batches {old} -> {p.accumulate}"] if old != p.accumulate else []
         if p.micro != old_micro:
             parts.insert(0, f"micro-batch {old_micro} -> {p.micro}")
         message = (
-            f"AdaptiveBatchSize: step {change.step}: batch {_int(self._batch(old, old_micro))} "
-            f"-> {_int(batch)} ({', '.join(parts)}), learning rate × {self.lr_scale:.4g} "
-            f"({self._scaling(trainer)}) because {p.reason}"
+            f"AdaptiveBatchSize: step {change.step}: batch {_int(old_batch)} -> {_int(batch)} "
+            f"({', '.join(parts)}), learning rate × {self.lr_scale:.4g} "
+            f"({self._scaling(trainer)}{adam}) because {p.reason}"
         )
         rank_zero_info(message)
         for logger in trainer.loggers:  # the reason, where a logger takes text
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 logger.experiment.add_text("gns/batch_size_change", message, trainer.global_step)
         self._publish(trainer)
-
-    def _rescale_second_moment(self, trainer: pl.Trainer, old: float, new: float) -> None:
-        """Adam's v averages squared gradients over ~1/(1 − β₂) steps: after a change it would
-        describe the old batch's noise for that long. Scale it to the new batch at once."""
-        assert self._gns is not None
-        v = self._gns.values
-        noise = v.b_simple if v.known else v.b_simple_lower
-        ratio = second_moment_ratio(noise, old, new)
-        for state in trainer.optimizers[0].state.values():
-            for key in ("exp_avg_sq", "max_exp_avg_sq", "square_avg"):
-                if isinstance(state.get(key), torch.Tensor):
-                    state[key].mul_(ratio)
 
     def _wait(self, reason: str) -> None:
         """Say once why the batch stays (again after a change, or for another kind of reason:
@@ -452,11 +428,18 @@ class AdaptiveBatchSize(Callback):
         kind = re.sub(r"[0-9][0-9,.]*", "#", reason)
         if kind not in self._said:
             self._said.add(kind)
-            rank_zero_info(f"AdaptiveBatchSize: batch {_int(self._batch_now())}: {reason}")
+            batch = self._batch(self.accumulate or 1, self.micro)
+            rank_zero_info(f"AdaptiveBatchSize: batch {_int(batch)}: {reason}")
 
     # -- batch and learning rate ----------------------------------------------------------
-    def _batch_now(self) -> float:
-        return self._batch(self.accumulate or 1, self.micro)
+    def _tracker_device(self) -> torch.device:
+        assert self._tracker is not None
+        return self._tracker.moments.device
+
+    def _base_batch(self) -> float:
+        assert self.base is not None
+        acc, micro = self.base
+        return self._batch(acc, micro if micro is not None else self.micro)
 
     def _batch(self, accumulate: int, micro: int | None) -> float:
         """Examples per optimizer step: micro-batch × accumulation × world size (the
@@ -465,14 +448,10 @@ class AdaptiveBatchSize(Callback):
         assert gns is not None and trainer is not None
         if micro is not None:
             return float(micro * accumulate * trainer.world_size)
-        now = self.accumulate or trainer.accumulate_grad_batches
-        return gns.batch_size / now * accumulate
+        return gns.batch_size / trainer.accumulate_grad_batches * accumulate
 
-    def _set_lr_scale(self, trainer: pl.Trainer, batch: float) -> None:
-        assert self._gns is not None
-        v = self._gns.values
-        noise = v.b_simple if v.known else v.b_simple_lower
-        base = self.base_batch if self.base_batch is not None else batch
+    def _set_lr_scale(self, trainer: pl.Trainer, batch: float, noise: float) -> None:
+        base = self._base_batch()
         self.lr_scale = lr_scale(self._scaling(trainer), batch, base, noise)
         if self._lr is not None:
             self._lr.scale = self.lr_scale
@@ -498,17 +477,19 @@ class AdaptiveBatchSize(Callback):
         if self._sampler is not None and self._trainer is not None:
             consumed = self._trainer.fit_loop.epoch_loop.batch_progress.current.ready
             sampler = self._sampler.state_dict(consumed)
+        tracker = self._tracker.export() if self._tracker is not None else self._saved_tracker
         return {
             "accumulate": self.accumulate,
             "micro": self.micro,
-            "base_batch": self.base_batch,
+            "base": list(self.base) if self.base is not None else None,
             "min_accumulate": self.min_accumulate,
             "lr_scale": self.lr_scale,
             "reference": self.reference,
-            "steps": self._steps,
             "last_change": self._last_change,
+            "probing": self._probing,
             "changes": [asdict(c) for c in self.changes],
             "pending": asdict(self._pending) if self._pending is not None else None,
+            "tracker": tracker,
             "sampler": sampler,
         }
 
@@ -516,16 +497,18 @@ class AdaptiveBatchSize(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.accumulate = state_dict.get("accumulate")
         self.micro = state_dict.get("micro")
-        self.base_batch = state_dict.get("base_batch")
+        base = state_dict.get("base")
+        self.base = (int(base[0]), base[1]) if base else None
         self.min_accumulate = self.min_accumulate or state_dict.get("min_accumulate")
         self.lr_scale = float(state_dict.get("lr_scale", 1.0))
         ref = state_dict.get("reference")
         self.reference = tuple(ref) if ref else None  # type: ignore[assignment]
-        self._steps = int(state_dict.get("steps", 0))
         self._last_change = int(state_dict.get("last_change", 0))
+        self._probing = bool(state_dict.get("probing", False))
         self.changes = [Change(**c) for c in state_dict.get("changes", [])]
         pending = state_dict.get("pending")
         self._pending = _Pending(**pending) if pending else None
+        self._saved_tracker = state_dict.get("tracker")
         batching.resume_next(state_dict.get("sampler"))
 
 
@@ -552,21 +535,28 @@ def _check_arguments(args: dict[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ValueError(f"{name} must be an int in [{low}, {high:,}], got {value!r}")
 
+    def positive(name: str, example: str) -> None:
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a positive number, e.g. {example}, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be positive and finite, e.g. {example}, got {value!r}")
+
     integer("max_accumulate", 1, MAX_ACCUMULATE)
     integer("min_accumulate", 1, args["max_accumulate"], none=True)
     integer("factor", 2, MAX_FACTOR)
     integer("min_steps_between", 0, 10**9)
     integer("max_micro_batch", 1, 2**31, none=True)
+    integer("probe", 0, 2**31)
+    integer("check_every_n_steps", 1, 10**9)
     for name, allowed in (("rule", Rule), ("lr_scaling", LRScaling)):
         if args[name] not in get_args(allowed):
             raise ValueError(f"{name} must be one of {get_args(allowed)}, got {args[name]!r}")
-    margin = args["margin"]
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-        raise ValueError(f"margin must be a positive number, e.g. 1.0, got {margin!r}")
-    if not (math.isfinite(margin) and margin > 0):
-        raise ValueError(f"margin must be a positive, finite number, e.g. 1.0, got {margin!r}")
-    if not isinstance(args["shrink"], bool):
-        raise ValueError(f"shrink must be True or False, got {args['shrink']!r}")
+    positive("margin", "1.0")
+    positive("multiple", "4.0")
+    for name in ("shrink", "rescale_second_moment"):
+        if not isinstance(args[name], bool):
+            raise ValueError(f"{name} must be True or False, got {args[name]!r}")
 
 
 def _refuse(trainer: pl.Trainer, pl_module: pl.LightningModule) -> GradientNoiseScale:

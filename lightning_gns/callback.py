@@ -29,6 +29,7 @@ from lightning_gns.sources import (
     Reduction,
     SkipStep,
     Source,
+    StepNorms,
     Units,
     build_source,
 )
@@ -107,6 +108,7 @@ class _StepFeed:
         self.bad: str | None = None
         self.probe: BatchDimProbe | None = None
         self.probe_model: nn.Module | None = None  # probe this model's next training forward
+        self.listeners: list[Callable[[StepNorms | None], None]] = []  # each step's record
         self.source: Source | None = None
         self.tracker: GNSTracker | None = None
         self.precond: PreconditionedSource | None = None  # optional second measurement
@@ -153,7 +155,7 @@ class _StepFeed:
             sample = self.source.end_step(units)
             if bad is not None:
                 raise SkipStep(bad)
-            self.tracker.record(sample)
+            self.record(sample)
         except SkipStep as skip:
             if not skip.silent:
                 self.skip(skip.reason)
@@ -192,9 +194,15 @@ class _StepFeed:
         except Exception:  # noqa: BLE001 - statistics must never stop training
             self.precond_tracker.record(None)
 
-    def skip(self, reason: str) -> None:
+    def record(self, sample: StepNorms | None) -> None:
+        """Into the tracker, and to every listener (None: a skipped step)."""
         assert self.tracker is not None
-        self.tracker.record(None)
+        self.tracker.record(sample)
+        for listener in self.listeners:
+            listener(sample)
+
+    def skip(self, reason: str) -> None:
+        self.record(None)
         self.host_skips += 1
         self.warn(
             "skip:" + reason.split("'")[0],
@@ -316,8 +324,6 @@ class GradientNoiseScale(Callback):
         self.values = GNSValues.unknown()
         self.preconditioned_values = GNSValues.unknown()
         self.reads = 0  # read-outs so far
-        # called with the trainer after each read-out (AdaptiveBatchSize decides there)
-        self.read_listeners: list[Callable[[pl.Trainer], None]] = []
         self._state_key: str | None = None
         self.layer_values: dict[str, GNSValues] = {}
         self._saved: dict[str, Any] | None = None  # checkpoint state until fit start
@@ -390,6 +396,12 @@ class GradientNoiseScale(Callback):
         """Examples per optimizer step now: usual micro-batch × accumulation × world size."""
         t = self._trainer
         return self._feed.usual * t.accumulate_grad_batches * t.world_size if t else math.nan
+
+    @property
+    def step_listeners(self) -> list[Callable[[StepNorms | None], None]]:
+        """Called with each optimizer step's record as the tracker gets it (None: a skipped
+        step), in ``on_before_optimizer_step``; AdaptiveBatchSize keeps its own window."""
+        return self._feed.listeners
 
     def micro_batch_resized(self, size: int) -> None:
         """The micro-batch was resized on purpose (AdaptiveBatchSize): :attr:`batch_size`
@@ -527,8 +539,6 @@ class GradientNoiseScale(Callback):
         self.reads += 1
         self._feed.check_nonfinite(self.values)
         publish(trainer, self._metrics())
-        for listener in list(self.read_listeners):
-            listener(trainer)
 
     def _metrics(self) -> dict[str, float]:
         per_example = self.active_source == "per_example"

@@ -26,7 +26,7 @@ class Move:
     reason: str
 
 
-def _n(x: float) -> str:
+def number(x: float) -> str:
     """A number as a user reads it: 3 significant digits, thousands separated."""
     if not math.isfinite(x):
         return str(x)
@@ -39,9 +39,9 @@ def noise_bound(v: GNSValues) -> tuple[float, str]:
     """What is known of B_noise: the estimate once its 95% interval is tight, otherwise the
     interval's lower bound (NaN before two read-outs), and how to say it."""
     if v.known:
-        return v.b_simple, f"B_noise is {_n(v.b_simple)}"
+        return v.b_simple, f"B_noise is {number(v.b_simple)}"
     if math.isfinite(v.b_simple_lower) and v.b_simple_lower > 0:
-        return v.b_simple_lower, f"B_noise is at least {_n(v.b_simple_lower)} (95% confidence)"
+        return v.b_simple_lower, f"B_noise is at least {number(v.b_simple_lower)} (95% confidence)"
     return math.nan, "no estimate of B_noise yet"
 
 
@@ -53,17 +53,17 @@ def lower_bound_rule(v: GNSValues, batch: float, factor: int, margin: float, shr
     need = margin * bigger
     times = "" if margin == 1 else f"{margin:g} × "
     if math.isfinite(lower) and lower >= need:
-        return Move(1, f"B_noise is at least {_n(lower)} (95% confidence), at least "
-                       f"{times}the next batch {_n(bigger)}: growing")  # fmt: skip
+        return Move(1, f"B_noise is at least {number(lower)} (95% confidence), at least "
+                       f"{times}the next batch {number(bigger)}: growing")  # fmt: skip
     smaller = batch / factor
     if shrink and upper <= smaller / margin:
-        return Move(-1, f"B_noise is at most {_n(upper)} (95% confidence), below the smaller "
-                        f"batch {_n(smaller)}{'' if margin == 1 else f' / {margin:g}'}: "
+        return Move(-1, f"B_noise is at most {number(upper)} (95% confidence), below the smaller "
+                        f"batch {number(smaller)}{'' if margin == 1 else f' / {margin:g}'}: "
                         "shrinking")  # fmt: skip
     if not (math.isfinite(lower) and lower > 0):
         return Move(0, "no estimate of B_noise yet: waiting")
-    return Move(0, f"B_noise is at least {_n(lower)} (95% confidence), below "
-                   f"{times}the next batch {_n(bigger)}: waiting")  # fmt: skip
+    return Move(0, f"B_noise is at least {number(lower)} (95% confidence), below "
+                   f"{times}the next batch {number(bigger)}: waiting")  # fmt: skip
 
 
 def sqrt_rule(
@@ -75,12 +75,12 @@ def sqrt_rule(
         return Move(0, "B_noise is not known to ±20% yet (the sqrt rule needs it): waiting")
     b0, noise0 = reference
     target = b0 * math.sqrt(v.b_simple / noise0)
-    why = f"B_noise went from {_n(noise0)} to {_n(v.b_simple)}, so B* = {_n(target)}"
+    why = f"B_noise went from {number(noise0)} to {number(v.b_simple)}, so B* = {number(target)}"
     if target >= batch * factor**HYSTERESIS:
-        return Move(1, f"{why}, {target / batch:.2g} × the batch {_n(batch)}: growing")
+        return Move(1, f"{why}, {target / batch:.2g} × the batch {number(batch)}: growing")
     if target <= batch / factor**HYSTERESIS:
-        return Move(-1, f"{why}, {target / batch:.2g} × the batch {_n(batch)}: shrinking")
-    return Move(0, f"{why}, within {factor**HYSTERESIS:.2g}× of the batch {_n(batch)}: waiting")
+        return Move(-1, f"{why}, {target / batch:.2g} × the batch {number(batch)}: shrinking")
+    return Move(0, f"{why}, within {factor**HYSTERESIS:.2g}× of the batch {number(batch)}: waiting")
 
 
 def goodput(batch: float, b_noise: float, seconds_per_step: float) -> float:
@@ -108,9 +108,9 @@ def goodput_rule(
         if other >= GOODPUT_GAIN * now:
             verb = "growing" if direction > 0 else "shrinking"
             return Move(direction, f"{said}: progress per second {other / now:.3g}× higher at "
-                                   f"batch {_n(batch * scale)}: {verb}")  # fmt: skip
+                                   f"batch {number(batch * scale)}: {verb}")  # fmt: skip
     return Move(0, f"{said}: progress per second would gain less than 5% at batch "
-                   f"{_n(batch * factor)} or {_n(batch / factor)}: waiting")  # fmt: skip
+                   f"{number(batch * factor)} or {number(batch / factor)}: waiting")  # fmt: skip
 
 
 def lr_scale(scaling: str, batch: float, base_batch: float, b_noise: float = math.nan) -> float:
@@ -128,25 +128,25 @@ def lr_scale(scaling: str, batch: float, base_batch: float, b_noise: float = mat
     return 1.0
 
 
-def noise_rule(v: GNSValues, batch: float, factor: int, scale: float, shrink: bool) -> Move:
-    """Follow B = ``scale`` × B_noise: the estimate once its interval is tight, its 95% lower
+def noise_rule(v: GNSValues, batch: float, factor: int, multiple: float, shrink: bool) -> Move:
+    """Follow B = ``multiple`` × B_noise: the estimate once its interval is tight, its 95% lower
     bound before (so it never grows on noise). Moves as many factors at once as it takes to
     the largest batch at most that; shrinks (``shrink``) when the batch is more than a factor
     above it."""
     noise, said = noise_bound(v)
     if not math.isfinite(noise) or noise <= 0:
         return Move(0, f"{said}: waiting")
-    target = scale * noise
-    times = "" if scale == 1 else f"{scale:g} × "
+    target = multiple * noise
+    times = "" if multiple == 1 else f"{multiple:g} × "
     steps = math.floor(math.log(target / batch) / math.log(factor) + 1e-9)
     if steps > 0:
-        return Move(steps, f"{said}, so {times}B_noise = {_n(target)} is at least "
-                           f"{_n(batch * factor**steps)}: growing")  # fmt: skip
+        return Move(steps, f"{said}, so {times}B_noise = {number(target)} is at least "
+                           f"{number(batch * factor**steps)}: growing")  # fmt: skip
     if steps < -1 and shrink:
-        return Move(steps + 1, f"{said}, so {times}B_noise = {_n(target)} is below "
-                               f"{_n(batch / factor)}: shrinking")  # fmt: skip
-    return Move(0, f"{said}, so {times}B_noise = {_n(target)} is below the next batch "
-                   f"{_n(batch * factor)}: waiting")  # fmt: skip
+        return Move(steps + 1, f"{said}, so {times}B_noise = {number(target)} is below "
+                               f"{number(batch / factor)}: shrinking")  # fmt: skip
+    return Move(0, f"{said}, so {times}B_noise = {number(target)} is below the next batch "
+                   f"{number(batch * factor)}: waiting")  # fmt: skip
 
 
 def second_moment_ratio(b_noise: float, old: float, new: float) -> float:

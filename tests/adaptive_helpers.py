@@ -10,22 +10,27 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from lightning_gns import GradientNoiseScale
-from lightning_gns.estimator import GNSValues
+from lightning_gns.sources import StepNorms
 
-LOUD = GNSValues(1e6, 1e4, 9e5, 1.1e6, 1.0, 1e6, 100, 0, 0, 100.0)
+# Every step: |G|² = 1, tr(Σ) = 10⁶ exactly (B_small 1, B_big 2), so B_noise = 10⁶, known.
+LOUD = StepNorms(torch.tensor([1e6 + 1.0]), torch.tensor([5e5 + 1.0]), 1.0, 2.0)
+
+
+class _LoudListeners(list):
+    """Listeners that get the loud record instead of the measured one."""
+
+    def __iter__(self):  # noqa: ANN204
+        for listener in list.__iter__(self):
+            yield lambda sample, listener=listener: listener(None if sample is None else LOUD)
 
 
 class LoudNoise(GradientNoiseScale):
-    """Measures as usual but reports B_noise = 10⁶ (known) at every read-out, so the rules
-    always ask for a larger batch: changes at the read-outs, whatever the model does."""
+    """Measures as usual, but hands AdaptiveBatchSize a record with B_noise = 10⁶ (known) at
+    every step, so its rules always ask for a larger batch, whatever the model does."""
 
-    @property  # type: ignore[override]
-    def values(self) -> GNSValues:
-        return LOUD
-
-    @values.setter
-    def values(self, value: GNSValues) -> None:
-        pass
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._feed.listeners = _LoudListeners()
 
 
 class Small(pl.LightningModule):

@@ -105,8 +105,10 @@ def resizable(out: str) -> None:
     it drew, its changes and parameters."""
     from adaptive_helpers import LoudNoise
 
-    gns = LoudNoise(log_every_n_steps=3)
-    ada = AdaptiveBatchSize(max_accumulate=2, max_micro_batch=16, min_steps_between=0)
+    gns = LoudNoise()
+    ada = AdaptiveBatchSize(
+        max_accumulate=2, max_micro_batch=16, rule="lower_bound", check_every_n_steps=3
+    )
     trainer = ddp_trainer(out, max_epochs=2, callbacks=[gns, ada])
     module = Indexed()
     trainer.fit(module)

@@ -91,8 +91,10 @@ class RateProbe(Small):
 
 def run_rates(tmp_path, how: str, scaling: str, precision: str = "32-true") -> RateProbe:
     module = RateProbe(how)
-    gns = LoudNoise(log_every_n_steps=5)
-    ada = AdaptiveBatchSize(max_accumulate=4, min_steps_between=10, lr_scaling=scaling)
+    gns = LoudNoise()
+    ada = AdaptiveBatchSize(
+        max_accumulate=4, rule="lower_bound", min_steps_between=10, lr_scaling=scaling
+    )
     kw = trainer_kwargs(tmp_path, max_steps=40, callbacks=[gns, ada], precision=precision)
     pl.Trainer(**kw).fit(module)
     assert [c.new for c in ada.changes] == [2, 4], ada.changes
@@ -139,9 +141,9 @@ def test_gns_lr_is_the_rate_of_the_last_step(tmp_path) -> None:
 
 def fit_small(root, epochs: int, callbacks, ckpt=None, **ada_kw):
     """The Small module (100 examples, batches of 8: 13 per epoch, the last of 4) with a
-    LoudNoise monitor read at the end of each epoch's 13 batches."""
-    gns = LoudNoise(log_every_n_steps=13)
-    ada = AdaptiveBatchSize(max_accumulate=8, min_steps_between=0, **ada_kw)
+    LoudNoise monitor; a decision at the end of each epoch's 13 batches."""
+    gns = LoudNoise()
+    ada = AdaptiveBatchSize(max_accumulate=8, rule="lower_bound", check_every_n_steps=13, **ada_kw)
     module = Small(n=100, batch_size=8)
     kw = trainer_kwargs(root, max_epochs=epochs, enable_checkpointing=True)
     trainer = pl.Trainer(**kw, callbacks=[gns, ada, *callbacks])
@@ -168,13 +170,13 @@ def test_the_order_of_the_callbacks_does_not_matter(tmp_path, order) -> None:
     comes first: the same changes at the same steps, the same parameters."""
     runs = []
     for first in (True, False):
-        gns = LoudNoise(log_every_n_steps=5)
-        ada = AdaptiveBatchSize(max_accumulate=4, min_steps_between=0)
+        gns = LoudNoise()
+        ada = AdaptiveBatchSize(max_accumulate=4, rule="lower_bound")
         callbacks = [gns, ada] if first == (order == "monitor first") else [ada, gns]
         module = Small(n=64, batch_size=8)
         pl.Trainer(**trainer_kwargs(tmp_path, max_steps=20, callbacks=callbacks)).fit(module)
         runs.append(([(c.step, c.new) for c in ada.changes], params(module)))
-    assert runs[0][0] == runs[1][0] == [(6, 2), (11, 4)]  # read at 5 and 10, then aligned
+    assert runs[0][0] == runs[1][0] == [(6, 2), (11, 4)]  # decided at 5 and 10, then aligned
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
 
 
@@ -183,7 +185,7 @@ def test_the_monitor_sees_the_accumulation_adaptive_starts_with(tmp_path, adapti
     """source='micro_batch' needs two micro-batches per step: min_accumulate=2 gives them, in
     either order of the callbacks."""
     gns = GradientNoiseScale(source="micro_batch", log_every_n_steps=5)
-    ada = AdaptiveBatchSize(min_accumulate=2, max_accumulate=4)
+    ada = AdaptiveBatchSize(min_accumulate=2, max_accumulate=4, probe=0)
     callbacks = [ada, gns] if adaptive_first else [gns, ada]
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=callbacks))
     trainer.fit(Small(n=64, batch_size=8))
@@ -236,8 +238,8 @@ def test_refuses_what_it_cannot_drive(tmp_path) -> None:
 def test_says_once_in_plain_words_why_it_waits(tmp_path, caplog) -> None:
     """No growth for 30 steps: one message says why (B_noise's lower bound against the next
     batch, or no estimate yet), in words, not once per read-out."""
-    gns = GradientNoiseScale(log_every_n_steps=2)
-    ada = AdaptiveBatchSize(max_accumulate=4, margin=1e6)  # never grows
+    gns = GradientNoiseScale()
+    ada = AdaptiveBatchSize(max_accumulate=4, rule="lower_bound", margin=1e6, check_every_n_steps=2)
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
         trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=30, callbacks=[gns, ada]))
         trainer.fit(Small(n=256, batch_size=16))
@@ -249,19 +251,20 @@ def test_says_once_in_plain_words_why_it_waits(tmp_path, caplog) -> None:
 
 
 def test_says_when_it_is_at_its_largest(tmp_path, caplog) -> None:
-    gns = LoudNoise(log_every_n_steps=2)
-    ada = AdaptiveBatchSize(max_accumulate=2, min_steps_between=0)
+    gns = LoudNoise()
+    ada = AdaptiveBatchSize(max_accumulate=2, rule="lower_bound", check_every_n_steps=2)
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
         pl.Trainer(**trainer_kwargs(tmp_path, max_steps=12, callbacks=[gns, ada])).fit(Small())
     said = [r.getMessage() for r in caplog.records if "AdaptiveBatchSize" in r.getMessage()]
-    assert len(said) == 2, said
-    assert "batch 8 -> 16" in said[0] and "because B_noise is at least" in said[0]
-    assert said[1].endswith("but the batch is at its largest: staying")
+    assert len(said) == 3, said  # the first check had one step: no interval yet
+    assert said[0].endswith("batch 8: no estimate of B_noise yet: waiting")
+    assert "batch 8 -> 16" in said[1] and "because B_noise is at least 1,000,000" in said[1]
+    assert said[2].endswith("but the batch is at its largest: staying")
 
 
 def test_starts_within_its_bounds(tmp_path) -> None:
     gns = GradientNoiseScale(log_every_n_steps=50)
-    ada = AdaptiveBatchSize(min_accumulate=2, max_accumulate=4)
+    ada = AdaptiveBatchSize(min_accumulate=2, max_accumulate=4, probe=0)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[gns, ada]))
     trainer.fit(Classifier(mlp(), batch_size=32))
     assert trainer.accumulate_grad_batches == ada.accumulate == 2  # the trainer said 1

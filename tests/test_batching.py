@@ -9,7 +9,7 @@ import torch
 from adaptive_helpers import LoudNoise, Small, params
 from helpers import trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_gns.adaptive import AdaptiveBatchSize
 from lightning_gns.batching import ResizableBatchSampler
@@ -75,8 +75,10 @@ def test_resumes_the_same_order_after_the_batches_consumed(consumed) -> None:
 def grown_run(root, workers: int = 0, epochs: int = 2, ckpt=None, callbacks=(), steps=None):
     """Batches of 8 from 100 examples, LoudNoise read every 3 steps: the micro-batch grows to
     32 (max_micro_batch), then accumulation to 2."""
-    gns = LoudNoise(log_every_n_steps=3)
-    ada = AdaptiveBatchSize(max_accumulate=2, max_micro_batch=32, min_steps_between=0)
+    gns = LoudNoise()
+    ada = AdaptiveBatchSize(
+        max_accumulate=2, max_micro_batch=32, rule="lower_bound", check_every_n_steps=3
+    )
     sizes = Sizes()
     module = Small(n=100, batch_size=8, seed=0, sampler=ResizableBatchSampler, workers=workers)
     kw = trainer_kwargs(
