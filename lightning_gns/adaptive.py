@@ -29,7 +29,7 @@ from typing_extensions import override
 
 from lightning_gns import batching, growth
 from lightning_gns.callback import GradientNoiseScale, publish
-from lightning_gns.estimator import GNSValues
+from lightning_gns.estimator import GNSValues, new_state
 from lightning_gns.growth import goodput, goodput_rule, lower_bound_rule, lr_scale, sqrt_rule
 from lightning_gns.norms.preconditioner import keeps_second_moment
 from lightning_gns.sources import MODEL, StepNorms
@@ -43,6 +43,7 @@ Rule = Literal["noise", "lower_bound", "sqrt", "goodput"]
 LRScaling = Literal["auto", "linear", "sqrt", "adascale", "none"]
 MAX_FACTOR = 16  # a larger factor per change jumps past the batch the noise scale asks for
 MAX_ACCUMULATE = 2**16  # guards against a typo: no run accumulates more micro-batches
+WINDOWS = (0.9, 0.97, 0.99)  # EMA decays of AdaptiveBatchSize's own estimate
 
 
 @dataclass(frozen=True)
@@ -176,11 +177,11 @@ class AdaptiveBatchSize(Callback):
             self.min_accumulate = self.accumulate
         if fresh:
             self.base = (self.accumulate, None)
-            self._probing = self.rule == "noise" and self.probe > 0
+            self._probing = self.rule in ("noise", "sqrt") and self.probe > 0
         trainer.accumulate_grad_batches = self.accumulate
         self._lr = LRScaler(trainer.optimizers[0], self._after_step)
         self._lr.scale = self.lr_scale
-        self._tracker = GNSTracker(None, [MODEL]).to(pl_module.device)
+        self._tracker = _window(pl_module.device)
         if self._saved_tracker:
             self._tracker.restore(self._saved_tracker)
         if self._record not in self._gns.step_listeners:
@@ -288,6 +289,11 @@ class AdaptiveBatchSize(Callback):
         choice = trainer.strategy.broadcast(choice, src=0)
         if self._probing and math.isfinite(values.b_simple) and values.b_simple > 0:
             noise, self._probing = values.b_simple, False  # the probe's record is in
+            self._restart_window()
+            self._set_lr_scale(trainer, self._batch(self.accumulate, self.micro), noise)
+            if self.rule == "sqrt":
+                target = choice[:2] if isinstance(choice, tuple) else (self.accumulate, self.micro)
+                self.reference = (self._batch(*target), noise)
         if isinstance(choice, str):
             self._wait(choice)
         elif choice is not None:
@@ -303,7 +309,7 @@ class AdaptiveBatchSize(Callback):
         batch = self._batch(self.accumulate, self.micro)
         if self._probing:
             return self._after_probe(v, batch)
-        if self.rule == "sqrt" and self.reference is None and v.known:
+        if self.rule == "sqrt" and self.reference is None and v.known:  # no probe
             self.reference = (batch, v.b_simple)
         left = self.min_steps_between - (done - self._last_change)
         if self.changes and left > 0:
@@ -317,14 +323,13 @@ class AdaptiveBatchSize(Callback):
             return f"{move.reason.rsplit(':', 1)[0]}, but the batch is at its {bound}: staying"
         return accumulate, micro, move.reason
 
-    def _after_probe(
-        self, v: GNSValues, batch: float
-    ) -> tuple[int, int | None, str] | str | None:
-        """The probe's record (one step: a point estimate) sets the batch to go on with."""
+    def _after_probe(self, v: GNSValues, batch: float) -> tuple[int, int | None, str] | str | None:
+        """The probe's record (one step: a point estimate) sets the batch to go on with: the
+        power of ``factor`` × the user's batch nearest to ``multiple`` × B_noise."""
         if not (math.isfinite(v.b_simple) and v.b_simple > 0):
             return None  # no record yet (the per-example check step): probe once more
         target = self.multiple * v.b_simple
-        level = max(0, math.floor(math.log(target / self._base_batch(), self.factor) + 1e-9))
+        level = max(0, round(math.log(target / self._base_batch(), self.factor)))
         accumulate, micro = self._allocate(level)
         times = "" if self.multiple == 1 else f"{self.multiple:g} × "
         why = (f"the probe's {_int(batch)} examples measure B_noise ≈ "
@@ -403,7 +408,7 @@ class AdaptiveBatchSize(Callback):
             if ratio != 1.0 and rescale_second_moment(trainer.optimizers[0], ratio):
                 adam = f", second moment × {ratio:.3g}"
         self._set_lr_scale(trainer, batch, p.noise)
-        self._tracker = GNSTracker(None, [MODEL]).to(self._tracker_device())
+        self._restart_window()
         change = Change(trainer.global_step, old, p.accumulate, batch, self.lr_scale, p.reason,
                         old_micro, p.micro)  # fmt: skip
         self.changes.append(change)
@@ -432,9 +437,10 @@ class AdaptiveBatchSize(Callback):
             rank_zero_info(f"AdaptiveBatchSize: batch {_int(batch)}: {reason}")
 
     # -- batch and learning rate ----------------------------------------------------------
-    def _tracker_device(self) -> torch.device:
+    def _restart_window(self) -> None:
+        """B_noise from here on: measured at the new batch, and later in training."""
         assert self._tracker is not None
-        return self._tracker.moments.device
+        self._tracker = _window(self._tracker.moments.device)
 
     def _base_batch(self) -> float:
         assert self.base is not None
@@ -510,6 +516,15 @@ class AdaptiveBatchSize(Callback):
         self._pending = _Pending(**pending) if pending else None
         self._saved_tracker = state_dict.get("tracker")
         batching.resume_next(state_dict.get("sampler"))
+
+
+def _window(device: torch.device) -> GNSTracker:
+    """A tracker with short windows (about 10, 30 and 100 steps; the shortest precise one is
+    read): the noise scale grows during training, and a long window lags behind it."""
+    tracker = GNSTracker(None, [MODEL])
+    tracker.decays = WINDOWS
+    tracker.moments = new_state(len(WINDOWS))
+    return tracker.to(device)
 
 
 def _int(x: float) -> str:

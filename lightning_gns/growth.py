@@ -69,17 +69,22 @@ def lower_bound_rule(v: GNSValues, batch: float, factor: int, margin: float, shr
 def sqrt_rule(
     v: GNSValues, batch: float, factor: int, reference: tuple[float, float] | None
 ) -> Move:
-    """B* = B₀·√(B_noise/B_noise₀) from the first known estimate (the paper's adaptive model,
-    B ∝ √B_noise); a factor up or down when B* is more than factor**0.75 away."""
-    if not v.known or reference is None:
-        return Move(0, "B_noise is not known to ±20% yet (the sqrt rule needs it): waiting")
+    """B* = B₀·√(B_noise/B_noise₀) (the paper's adaptive model, B ∝ √B_noise: the batch that
+    trades steps against examples at a fixed rate, §5), from the reference (B₀, B_noise₀) the
+    probe or the first known estimate set; B_noise is the estimate when known, else its lower
+    bound. As many factors as B* is away, once it is more than factor**0.75 away."""
+    noise, said = noise_bound(v)
+    if reference is None or not math.isfinite(noise) or noise <= 0:
+        return Move(0, f"{said}, no reference yet (the sqrt rule needs one): waiting")
     b0, noise0 = reference
-    target = b0 * math.sqrt(v.b_simple / noise0)
-    why = f"B_noise went from {number(noise0)} to {number(v.b_simple)}, so B* = {number(target)}"
-    if target >= batch * factor**HYSTERESIS:
-        return Move(1, f"{why}, {target / batch:.2g} × the batch {number(batch)}: growing")
-    if target <= batch / factor**HYSTERESIS:
-        return Move(-1, f"{why}, {target / batch:.2g} × the batch {number(batch)}: shrinking")
+    target = b0 * math.sqrt(noise / noise0)
+    why = f"{said}, so B* = {number(b0)}·√({number(noise)}/{number(noise0)}) = {number(target)}"
+    steps = math.floor(math.log(target / batch, factor) + 1 - HYSTERESIS)
+    if steps > 0:
+        return Move(steps, f"{why}: growing")
+    steps = math.ceil(math.log(target / batch, factor) - 1 + HYSTERESIS)
+    if steps < 0:
+        return Move(steps, f"{why}: shrinking")
     return Move(0, f"{why}, within {factor**HYSTERESIS:.2g}× of the batch {number(batch)}: waiting")
 
 
