@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_gns import GradientNoiseScale
 from lightning_gns.adaptive import AdaptiveBatchSize
+from lightning_gns.batching import ResizableBatchSampler
 from lightning_gns.estimator import GNSValues
 
 # -- tasks --------------------------------------------------------------------------------
@@ -107,10 +108,13 @@ def charlm_task(quick: bool, context: int = 8) -> Task:
 
 
 class Net(pl.LightningModule):
-    def __init__(self, task: Task, lr: float, micro: int, seed: int) -> None:
+    def __init__(
+        self, task: Task, lr: float, micro: int, seed: int, resizable: bool = False
+    ) -> None:
         super().__init__()
         self.model = copy.deepcopy(task.model)
         self.task, self.lr, self.micro, self.seed = task, lr, micro, seed
+        self.resizable = resizable  # draw with a ResizableBatchSampler (the micro-batch grows)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -123,6 +127,9 @@ class Net(pl.LightningModule):
         gen = torch.Generator().manual_seed(self.seed)
         n = self.micro * 100_000  # with replacement: as many batches as any run needs
         sampler = RandomSampler(self.task.data, replacement=True, num_samples=n, generator=gen)
+        if self.resizable:
+            batches = ResizableBatchSampler(sampler, self.micro)
+            return DataLoader(self.task.data, batch_sampler=batches)
         return DataLoader(self.task.data, batch_size=self.micro, sampler=sampler)
 
 
@@ -191,22 +198,27 @@ def train(
     adaptive: AdaptiveBatchSize | None = None,
     max_steps: int | None = None,
     read_every: int = 10,
+    resizable: bool = False,
+    micro_only: bool = False,
 ) -> Run:
     """One run at batch B (2 micro-batches of B/2, so the preconditioned scale is measured),
-    or, with ``adaptive``, micro-batches of B growing by accumulation."""
+    or, with ``adaptive``, from micro-batches of B that grow (``resizable``: the micro-batch
+    first, with a ResizableBatchSampler; else by accumulation). ``micro_only``: one
+    micro-batch of B per step, no preconditioned scale (wall-time comparisons)."""
     run = Run(task.name, batch, lr)
-    micro, acc = (batch, 1) if adaptive else (batch // 2, 2)
-    gns = GradientNoiseScale(log_every_n_steps=read_every, preconditioned=adaptive is None)
+    single = adaptive is not None or micro_only
+    micro, acc = (batch, 1) if single else (batch // 2, 2)
+    gns = GradientNoiseScale(log_every_n_steps=read_every, preconditioned=not single)
     norm = GradientNoiseScale(log_every_n_steps=read_every, layers="norm", source="per_example")
     cbs: list[pl.Callback] = [gns, norm, ToTarget(run, task, [gns, norm])]
     if adaptive is not None:
         cbs.append(adaptive)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps or task.max_steps, accumulate_grad_batches=acc,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=cbs,
+        accelerator="cpu", devices=1, max_steps=max_steps or task.max_steps,
+        accumulate_grad_batches=acc, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=cbs,
     )  # fmt: skip
-    trainer.fit(Net(task, lr, micro, seed))
+    trainer.fit(Net(task, lr, micro, seed, resizable))
     if adaptive is not None:
         run.adaptive = [asdict(c) for c in adaptive.changes]
     return run
@@ -303,13 +315,13 @@ RULES = ("lower_bound", "sqrt", "goodput")
 
 
 def adaptive_runs(task: Task, rule: str, b0: int, lr: float, b_max: int) -> dict[str, Any]:
-    """AdaptiveBatchSize from B = b0 at the LR tuned for b0 (Adam: √ scaling) up to b_max,
-    default arguments otherwise, over ``task.seeds`` data orders: the mean steps, examples
-    and seconds; curves and changes of the first."""
+    """AdaptiveBatchSize from B = b0 at the LR tuned for b0 (Adam: √ scaling) up to b_max
+    (micro-batches up to b_max), default arguments otherwise, over ``task.seeds`` data orders:
+    the mean steps, examples and seconds; curves and changes of the first."""
     runs = []
     for seed in range(task.seeds):
-        ada = AdaptiveBatchSize(max_accumulate=b_max // b0, rule=rule)  # type: ignore[arg-type]
-        runs.append(train(task, b0, lr, seed, adaptive=ada))
+        ada = AdaptiveBatchSize(b_max // b0, rule=rule, max_micro_batch=b_max)  # type: ignore[arg-type]
+        runs.append(train(task, b0, lr, seed, adaptive=ada, resizable=True))
     out = asdict(runs[0])
     for attr in ("steps", "examples", "seconds"):
         out[attr] = statistics.fmean(getattr(r, attr) for r in runs)

@@ -16,7 +16,7 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -29,21 +29,31 @@ from typing_extensions import override
 
 from lightning_gns import batching, growth
 from lightning_gns.callback import GradientNoiseScale, publish
-from lightning_gns.estimator import GNSValues, new_state
-from lightning_gns.growth import goodput, goodput_rule, lower_bound_rule, lr_scale, sqrt_rule
+from lightning_gns.estimator import GNSValues
+from lightning_gns.growth import (
+    LRScaling,
+    Rule,
+    goodput,
+    goodput_rule,
+    lower_bound_rule,
+    lr_scale,
+    sqrt_rule,
+)
 from lightning_gns.norms.preconditioner import keeps_second_moment
 from lightning_gns.sources import MODEL, StepNorms
-from lightning_gns.stepping import LRScaler, StepTimer, rescale_second_moment
+from lightning_gns.stepping import (
+    LRScaler,
+    StepTimer,
+    max_over_ranks,
+    rescale_second_moment,
+    window_tracker,
+)
 from lightning_gns.tracker import GNSTracker, read_together
 
 __all__ = ["AdaptiveBatchSize", "Change", "goodput", "goodput_rule", "lower_bound_rule",
            "lr_scale", "sqrt_rule"]  # fmt: skip
 
-Rule = Literal["noise", "lower_bound", "sqrt", "goodput"]
-LRScaling = Literal["auto", "linear", "sqrt", "adascale", "none"]
-MAX_FACTOR = 16  # a larger factor per change jumps past the batch the noise scale asks for
-MAX_ACCUMULATE = 2**16  # guards against a typo: no run accumulates more micro-batches
-WINDOWS = (0.9, 0.97, 0.99)  # EMA decays of AdaptiveBatchSize's own estimate
+PROBE_STEPS = 2  # records the probe averages
 
 
 @dataclass(frozen=True)
@@ -94,9 +104,10 @@ class AdaptiveBatchSize(Callback):
     Args:
         max_accumulate: the largest accumulation.
         min_accumulate: the smallest; default: the trainer's ``accumulate_grad_batches``.
-        rule: ``noise`` (default), ``lower_bound``, ``sqrt`` or ``goodput``
+        rule: ``sqrt`` (default), ``noise``, ``lower_bound`` or ``goodput``
             (:mod:`lightning_gns.growth`).
-        multiple: ``noise`` rule: the batch follows ``multiple`` × B_noise.
+        multiple: the probe starts the run at ``multiple`` × B_noise (``sqrt``, ``noise``);
+            the ``noise`` rule follows ``multiple`` × B_noise from there.
         factor: integer factor of each change (2: doubling), at most 16.
         margin: ``lower_bound`` rule: grow when B_noise's lower bound ≥ margin × next batch.
         lr_scaling: ``auto`` (``sqrt`` when the optimizer keeps a second moment in its state,
@@ -117,8 +128,8 @@ class AdaptiveBatchSize(Callback):
         self,
         max_accumulate: int = 64,
         min_accumulate: int | None = None,
-        rule: Rule = "noise",
-        multiple: float = 4.0,
+        rule: Rule = "sqrt",
+        multiple: float = 1.0,
         factor: int = 2,
         margin: float = 1.0,
         lr_scaling: LRScaling = "auto",
@@ -130,7 +141,7 @@ class AdaptiveBatchSize(Callback):
         rescale_second_moment: bool = True,
     ) -> None:
         super().__init__()
-        _check_arguments(locals())
+        growth.check_arguments(locals())
         self.max_accumulate, self.min_accumulate = max_accumulate, min_accumulate
         self.rule, self.multiple, self.factor = rule, float(multiple), factor
         self.margin, self.lr_scaling = float(margin), lr_scaling
@@ -181,7 +192,7 @@ class AdaptiveBatchSize(Callback):
         trainer.accumulate_grad_batches = self.accumulate
         self._lr = LRScaler(trainer.optimizers[0], self._after_step)
         self._lr.scale = self.lr_scale
-        self._tracker = _window(pl_module.device)
+        self._tracker = window_tracker(pl_module.device)
         if self._saved_tracker:
             self._tracker.restore(self._saved_tracker)
         if self._record not in self._gns.step_listeners:
@@ -287,7 +298,8 @@ class AdaptiveBatchSize(Callback):
             self._set_lr_scale(trainer, self._batch(self.accumulate, self.micro), noise)
         choice = self._choose(values, done) if trainer.is_global_zero else None
         choice = trainer.strategy.broadcast(choice, src=0)
-        if self._probing and math.isfinite(values.b_simple) and values.b_simple > 0:
+        finite = math.isfinite(values.b_simple) and values.b_simple > 0
+        if self._probing and values.steps >= PROBE_STEPS and finite:
             noise, self._probing = values.b_simple, False  # the probe's record is in
             self._restart_window()
             self._set_lr_scale(trainer, self._batch(self.accumulate, self.micro), noise)
@@ -324,29 +336,20 @@ class AdaptiveBatchSize(Callback):
         return accumulate, micro, move.reason
 
     def _after_probe(self, v: GNSValues, batch: float) -> tuple[int, int | None, str] | str | None:
-        """The probe's record (one step: a point estimate) sets the batch to go on with: the
-        power of ``factor`` × the user's batch nearest to ``multiple`` × B_noise."""
-        if not (math.isfinite(v.b_simple) and v.b_simple > 0):
-            return None  # no record yet (the per-example check step): probe once more
-        target = self.multiple * v.b_simple
-        level = max(0, round(math.log(target / self._base_batch(), self.factor)))
-        accumulate, micro = self._allocate(level)
-        times = "" if self.multiple == 1 else f"{self.multiple:g} × "
-        why = (f"the probe's {_int(batch)} examples measure B_noise ≈ "
-               f"{growth.number(v.b_simple)} (one step), so {times}B_noise = "
-               f"{growth.number(target)}")  # fmt: skip
+        """The probe's records set the batch to go on with (:func:`growth.probe_level`)."""
+        if v.steps < PROBE_STEPS:
+            return None  # not enough records yet (the per-example check step has none)
+        found = growth.probe_level(v, batch, self._base_batch(), self.factor, self.multiple)
+        if found is None:
+            return None
+        accumulate, micro = self._allocate(found[0])
         if (accumulate, micro) == (self.accumulate, self.micro):
-            return f"{why}: staying"
-        return accumulate, micro, f"{why}: going on at {_int(self._batch(accumulate, micro))}"
+            return f"{found[1]}: staying"
+        return accumulate, micro, f"{found[1]}: going on at {_int(self._batch(accumulate, micro))}"
 
     def _move(self, v: GNSValues, batch: float) -> growth.Move:
-        if self.rule == "noise":
-            return growth.noise_rule(v, batch, self.factor, self.multiple, self.shrink)
-        if self.rule == "lower_bound":
-            return lower_bound_rule(v, batch, self.factor, self.margin, self.shrink)
-        if self.rule == "sqrt":
-            return sqrt_rule(v, batch, self.factor, self.reference)
-        return goodput_rule(v, batch, self.factor, self._timer.timing)
+        return growth.move(self.rule, v, batch, self.factor, self.multiple, self.margin,
+                           self.shrink, self.reference, self._timer.timing)  # fmt: skip
 
     def _level(self, batch: float) -> int:
         return round(math.log(batch / self._base_batch(), self.factor))
@@ -378,7 +381,7 @@ class AdaptiveBatchSize(Callback):
         assert self.accumulate is not None
         ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
         resize = micro != self.micro and self._sampler is not None and micro is not None
-        drawn = _max_over_ranks(trainer, max(ready, self._sampler.drawn)) if resize else ready
+        drawn = max_over_ranks(trainer, max(ready, self._sampler.drawn)) if resize else ready
         window = max(self.accumulate, accumulate)
         at = -(-drawn // window) * window
         epoch = trainer.current_epoch
@@ -440,7 +443,7 @@ class AdaptiveBatchSize(Callback):
     def _restart_window(self) -> None:
         """B_noise from here on: measured at the new batch, and later in training."""
         assert self._tracker is not None
-        self._tracker = _window(self._tracker.moments.device)
+        self._tracker = window_tracker(self._tracker.moments.device)
 
     def _base_batch(self) -> float:
         assert self.base is not None
@@ -518,60 +521,8 @@ class AdaptiveBatchSize(Callback):
         batching.resume_next(state_dict.get("sampler"))
 
 
-def _window(device: torch.device) -> GNSTracker:
-    """A tracker with short windows (about 10, 30 and 100 steps; the shortest precise one is
-    read): the noise scale grows during training, and a long window lags behind it."""
-    tracker = GNSTracker(None, [MODEL])
-    tracker.decays = WINDOWS
-    tracker.moments = new_state(len(WINDOWS))
-    return tracker.to(device)
-
-
 def _int(x: float) -> str:
     return f"{x:,.0f}" if math.isfinite(x) else "?"
-
-
-def _max_over_ranks(trainer: pl.Trainer, value: int) -> int:
-    """The largest ``value`` of all ranks (batches drawn ahead can differ by rank)."""
-    if trainer.world_size == 1 or not torch.distributed.is_initialized():
-        return value
-    t = torch.tensor([value], device=trainer.strategy.root_device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
-
-
-def _check_arguments(args: dict[str, Any]) -> None:
-    """Refuse at construction what would misbehave later, naming the fix."""
-
-    def integer(name: str, low: int, high: int, none: bool = False) -> None:
-        value = args[name]
-        if none and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"{name} must be an int in [{low}, {high:,}], got {value!r}")
-
-    def positive(name: str, example: str) -> None:
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a positive number, e.g. {example}, got {value!r}")
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be positive and finite, e.g. {example}, got {value!r}")
-
-    integer("max_accumulate", 1, MAX_ACCUMULATE)
-    integer("min_accumulate", 1, args["max_accumulate"], none=True)
-    integer("factor", 2, MAX_FACTOR)
-    integer("min_steps_between", 0, 10**9)
-    integer("max_micro_batch", 1, 2**31, none=True)
-    integer("probe", 0, 2**31)
-    integer("check_every_n_steps", 1, 10**9)
-    for name, allowed in (("rule", Rule), ("lr_scaling", LRScaling)):
-        if args[name] not in get_args(allowed):
-            raise ValueError(f"{name} must be one of {get_args(allowed)}, got {args[name]!r}")
-    positive("margin", "1.0")
-    positive("multiple", "4.0")
-    for name in ("shrink", "rescale_second_moment"):
-        if not isinstance(args[name], bool):
-            raise ValueError(f"{name} must be True or False, got {args[name]!r}")
 
 
 def _refuse(trainer: pl.Trainer, pl_module: pl.LightningModule) -> GradientNoiseScale:

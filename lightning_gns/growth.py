@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 from lightning_gns.estimator import GNSValues
 
+Rule = Literal["sqrt", "noise", "lower_bound", "goodput"]
+LRScaling = Literal["auto", "linear", "sqrt", "adascale", "none"]
+MAX_FACTOR = 16  # a larger factor per change jumps past the batch the noise scale asks for
+MAX_ACCUMULATE = 2**16  # guards against a typo: no run accumulates more micro-batches
 HYSTERESIS = 0.75  # sqrt rule: change when B* is more than factor**0.75 away
 GOODPUT_GAIN = 1.05  # goodput rule: change when the other batch is 5% better
 
@@ -154,6 +159,42 @@ def noise_rule(v: GNSValues, batch: float, factor: int, multiple: float, shrink:
                    f"{number(batch * factor)}: waiting")  # fmt: skip
 
 
+def move(
+    rule: str,
+    v: GNSValues,
+    batch: float,
+    factor: int,
+    multiple: float,
+    margin: float,
+    shrink: bool,
+    reference: tuple[float, float] | None,
+    timing: tuple[float, float] | None,
+) -> Move:
+    """The named rule's move at this read."""
+    if rule == "noise":
+        return noise_rule(v, batch, factor, multiple, shrink)
+    if rule == "lower_bound":
+        return lower_bound_rule(v, batch, factor, margin, shrink)
+    if rule == "sqrt":
+        return sqrt_rule(v, batch, factor, reference)
+    return goodput_rule(v, batch, factor, timing)
+
+
+def probe_level(
+    v: GNSValues, batch: float, base: float, factor: int, multiple: float
+) -> tuple[int, str] | None:
+    """After the probe: the level k ≥ 0 (batch ``base`` × factor**k) nearest to ``multiple`` ×
+    the probe's point estimate of B_noise, and why (None: no estimate)."""
+    if not (math.isfinite(v.b_simple) and v.b_simple > 0):
+        return None
+    target = multiple * v.b_simple
+    level = max(0, round(math.log(target / base, factor)))
+    times = "" if multiple == 1 else f"{multiple:g} × "
+    why = (f"{v.steps} probe steps of {number(batch)} examples measure B_noise ≈ "
+           f"{number(v.b_simple)}, so {times}B_noise = {number(target)}")  # fmt: skip
+    return level, why
+
+
 def second_moment_ratio(b_noise: float, old: float, new: float) -> float:
     """How a gradient's expected square changes from batch ``old`` to ``new``:
     E|G_B|² = |G|²(1 + B_noise/B), so (1 + B_noise/new)/(1 + B_noise/old) (1/k far below
@@ -161,3 +202,38 @@ def second_moment_ratio(b_noise: float, old: float, new: float) -> float:
     if not math.isfinite(b_noise) or b_noise <= 0:
         return 1.0
     return (1.0 + b_noise / new) / (1.0 + b_noise / old)
+
+
+def check_arguments(args: dict[str, Any]) -> None:
+    """AdaptiveBatchSize's arguments: refuse at construction what would misbehave later,
+    naming the fix."""
+
+    def integer(name: str, low: int, high: int, none: bool = False) -> None:
+        value = args[name]
+        if none and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{name} must be an int in [{low}, {high:,}], got {value!r}")
+
+    def positive(name: str, example: str) -> None:
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a positive number, e.g. {example}, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be positive and finite, e.g. {example}, got {value!r}")
+
+    integer("max_accumulate", 1, MAX_ACCUMULATE)
+    integer("min_accumulate", 1, args["max_accumulate"], none=True)
+    integer("factor", 2, MAX_FACTOR)
+    integer("min_steps_between", 0, 10**9)
+    integer("max_micro_batch", 1, 2**31, none=True)
+    integer("probe", 0, 2**31)
+    integer("check_every_n_steps", 1, 10**9)
+    for name, allowed in (("rule", Rule), ("lr_scaling", LRScaling)):
+        if args[name] not in get_args(allowed):
+            raise ValueError(f"{name} must be one of {get_args(allowed)}, got {args[name]!r}")
+    positive("margin", "1.0")
+    positive("multiple", "1.0")
+    for name in ("shrink", "rescale_second_moment"):
+        if not isinstance(args[name], bool):
+            raise ValueError(f"{name} must be True or False, got {args[name]!r}")

@@ -9,6 +9,12 @@ from typing import Any
 
 import torch
 
+from lightning_gns.estimator import new_state
+from lightning_gns.sources import MODEL
+from lightning_gns.tracker import GNSTracker
+
+WINDOWS = (0.9, 0.97, 0.99)  # EMA decays of AdaptiveBatchSize's own estimate
+
 SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg")  # Adam family, RMSprop
 
 
@@ -114,3 +120,21 @@ class StepTimer:
     @property
     def timing(self) -> tuple[float, float] | None:
         return (self.a, self.c) if self.n >= 5 else None
+
+
+def window_tracker(device: torch.device) -> GNSTracker:
+    """A tracker with short windows (about 10, 30 and 100 steps; the shortest precise one is
+    read): the noise scale grows during training, and a long window lags behind it."""
+    tracker = GNSTracker(None, [MODEL])
+    tracker.decays = WINDOWS
+    tracker.moments = new_state(len(WINDOWS))
+    return tracker.to(device)
+
+
+def max_over_ranks(trainer: Any, value: int) -> int:
+    """The largest ``value`` of all ranks (batches drawn ahead can differ by rank)."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor([value], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
