@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from lightning_gns.estimator import new_state
-from lightning_gns.records import MODEL
-from lightning_gns.tracker import GNSTracker
+from lightning_gns.estimator import GNSValues, new_state
+from lightning_gns.records import MODEL, StepNorms
+from lightning_gns.tracker import GNSTracker, read_together
 
 WINDOWS = (0.9, 0.97, 0.99)  # EMA decays of AdaptiveBatchSize's own estimate
 
@@ -122,13 +122,43 @@ class StepTimer:
         return (self.a, self.c) if self.n >= 5 else None
 
 
-def window_tracker(device: torch.device) -> GNSTracker:
-    """A tracker with short windows (about 10, 30 and 100 steps; the shortest precise one is
-    read): the noise scale grows during training, and a long window lags behind it."""
-    tracker = GNSTracker(None, [MODEL])
-    tracker.decays = WINDOWS
-    tracker.moments = new_state(len(WINDOWS))
-    return tracker.to(device)
+class NoiseWindow:
+    """B_noise since the last change of batch, from each step's record: short windows (about
+    10, 30 and 100 steps; the shortest precise one is read), as the noise scale grows during
+    training and a long window lags behind it. Restarted at each change (a new batch)."""
+
+    def __init__(self) -> None:
+        self.tracker: GNSTracker | None = None
+        self.saved: dict[str, Any] | None = None  # from a checkpoint, until started
+
+    def start(self, device: torch.device) -> None:
+        self.restart(device)
+        if self.saved and self.tracker is not None:
+            self.tracker.load_state_dict(self.saved)
+
+    def restart(self, device: torch.device | None = None) -> None:
+        if device is None:
+            device = self.tracker.device if self.tracker is not None else torch.device("cpu")
+        tracker = GNSTracker(None, [MODEL])
+        tracker.decays = WINDOWS
+        tracker.moments = new_state(len(WINDOWS))
+        self.tracker = tracker.to(device)
+
+    def record(self, sample: StepNorms | None) -> None:
+        """Each step's record (GradientNoiseScale's step listener; None: skipped)."""
+        if self.tracker is not None:
+            self.tracker.record(sample)
+
+    def read(self, sync: bool) -> GNSValues:
+        """The window's estimate (with ``sync``: one all-reduce pooling every rank's steps)."""
+        assert self.tracker is not None
+        return read_together([self.tracker], sync=sync)[0][MODEL]
+
+    def state_dict(self, sync: bool) -> dict[str, Any] | None:
+        return self.tracker.state_dict(sync) if self.tracker is not None else self.saved
+
+    def stop(self, sync: bool) -> None:
+        self.saved, self.tracker = self.state_dict(sync), None
 
 
 def max_over_ranks(trainer: Any, value: int) -> int:
