@@ -100,19 +100,12 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = 20000 + s.getsockname()[1] % 30000
+    sys.path.insert(0, str(TESTS))
+    from sharded_setup import rank_env
+
     procs = []
     for rank in (0, 1):
-        env = {
-            **os.environ,
-            "PYTHONPATH": f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "PYTHONWARNINGS": "ignore",
-            "OMP_NUM_THREADS": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": "2",
-            "NODE_RANK": "0",
-            "LOCAL_RANK": str(rank),
-        }
+        env = rank_env(rank, port, HERE.parent)
         cmd = [sys.executable, __file__, "--worker", str(out)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
     assert [p.wait() for p in procs] == [0, 0]

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_gns import GradientNoiseScale
 from lightning_gns.adaptive import AdaptiveBatchSize
+from lightning_gns.batching import ResizableBatchSampler
 from lightning_gns.estimator import GNSValues
 
 # -- tasks --------------------------------------------------------------------------------
@@ -99,18 +100,21 @@ def charlm_task(quick: bool, context: int = 8) -> Task:
     torch.manual_seed(0)
     model = CharMLP(len(chars), context)
     data = TensorDataset(windows[:, :-1].contiguous(), windows[:, -1].contiguous())
-    target, steps = (2.2, 800) if quick else (2.3, 8000)
-    return Task("charlm", data, model, target, 3e-3, steps, branch_loss=2.8)
+    target, steps, seeds = (2.2, 800, 1) if quick else (2.3, 8000, 3)
+    return Task("charlm", data, model, target, 3e-3, steps, seeds, branch_loss=2.8)
 
 
 # -- one training run ---------------------------------------------------------------------
 
 
 class Net(pl.LightningModule):
-    def __init__(self, task: Task, lr: float, micro: int, seed: int) -> None:
+    def __init__(
+        self, task: Task, lr: float, micro: int, seed: int, resizable: bool = False
+    ) -> None:
         super().__init__()
         self.model = copy.deepcopy(task.model)
         self.task, self.lr, self.micro, self.seed = task, lr, micro, seed
+        self.resizable = resizable  # draw with a ResizableBatchSampler (the micro-batch grows)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -123,6 +127,9 @@ class Net(pl.LightningModule):
         gen = torch.Generator().manual_seed(self.seed)
         n = self.micro * 100_000  # with replacement: as many batches as any run needs
         sampler = RandomSampler(self.task.data, replacement=True, num_samples=n, generator=gen)
+        if self.resizable:
+            batches = ResizableBatchSampler(sampler, self.micro)
+            return DataLoader(self.task.data, batch_sampler=batches)
         return DataLoader(self.task.data, batch_size=self.micro, sampler=sampler)
 
 
@@ -143,12 +150,13 @@ class Run:
 
 
 class ToTarget(pl.Callback):
-    """Evaluates the training loss on a fixed subset (every step up to 50, then every
-    ``every``); stops at the target;
-    keeps the noise-scale read-outs (the raw ratio, known or not)."""
+    """Evaluates the training loss on a fixed subset after every optimizer step up to 50, then
+    whenever the examples since the last evaluation reach 1% of those so far (so the crossing
+    is placed within 1% of the examples, and of the steps, whatever the batch); stops at the
+    target; keeps the noise-scale read-outs (the raw ratio, known or not)."""
 
-    def __init__(self, run: Run, task: Task, gns: list[GradientNoiseScale], every: int) -> None:
-        self.run, self.task, self.gns, self.every = run, task, gns, every
+    def __init__(self, run: Run, task: Task, gns: list[GradientNoiseScale]) -> None:
+        self.run, self.task, self.gns = run, task, gns
         gen = torch.Generator().manual_seed(1)
         n = len(task.data)
         self.idx = torch.randperm(n, generator=gen)[: min(n, 4096)]
@@ -168,8 +176,9 @@ class ToTarget(pl.Callback):
             if plain.preconditioned:
                 self.run.preconditioned.append(_moments(plain.preconditioned_values))
         step = trainer.global_step
-        due = step <= 50 or step % self.every == 0  # every step early: short runs are exact
-        if not due or step == 0 or self.run.curve and self.run.curve[-1][0] == step:
+        last = self.run.curve[-1] if self.run.curve else (0, 0, math.nan)
+        due = step <= 50 or self.examples - last[1] >= 0.01 * self.examples
+        if not due or step == 0 or last[0] == step:
             return
         x, y = self.task.data[self.idx]
         with torch.no_grad():
@@ -182,23 +191,34 @@ class ToTarget(pl.Callback):
 
 
 def train(
-    task: Task, batch: int, lr: float, seed: int = 0, adaptive: AdaptiveBatchSize | None = None
+    task: Task,
+    batch: int,
+    lr: float,
+    seed: int = 0,
+    adaptive: AdaptiveBatchSize | None = None,
+    max_steps: int | None = None,
+    read_every: int = 10,
+    resizable: bool = False,
+    micro_only: bool = False,
 ) -> Run:
     """One run at batch B (2 micro-batches of B/2, so the preconditioned scale is measured),
-    or, with ``adaptive``, micro-batches of B growing by accumulation."""
+    or, with ``adaptive``, from micro-batches of B that grow (``resizable``: the micro-batch
+    first, with a ResizableBatchSampler; else by accumulation). ``micro_only``: one
+    micro-batch of B per step, no preconditioned scale (wall-time comparisons)."""
     run = Run(task.name, batch, lr)
-    micro, acc = (batch, 1) if adaptive else (batch // 2, 2)
-    gns = GradientNoiseScale(log_every_n_steps=10, preconditioned=adaptive is None)
-    norm = GradientNoiseScale(log_every_n_steps=10, layers="norm", source="per_example")
-    cbs: list[pl.Callback] = [gns, norm, ToTarget(run, task, [gns, norm], every=5)]
+    single = adaptive is not None or micro_only
+    micro, acc = (batch, 1) if single else (batch // 2, 2)
+    gns = GradientNoiseScale(log_every_n_steps=read_every, preconditioned=not single)
+    norm = GradientNoiseScale(log_every_n_steps=read_every, layers="norm", source="per_example")
+    cbs: list[pl.Callback] = [gns, norm, ToTarget(run, task, [gns, norm])]
     if adaptive is not None:
         cbs.append(adaptive)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=task.max_steps, accumulate_grad_batches=acc,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=cbs,
+        accelerator="cpu", devices=1, max_steps=max_steps or task.max_steps,
+        accumulate_grad_batches=acc, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=cbs,
     )  # fmt: skip
-    trainer.fit(Net(task, lr, micro, seed))
+    trainer.fit(Net(task, lr, micro, seed, resizable))
     if adaptive is not None:
         run.adaptive = [asdict(c) for c in adaptive.changes]
     return run
@@ -258,19 +278,56 @@ def branched(
 
 def sweep(task: Task, batches: list[int], grid: list[float], log: Any) -> dict[int, Run]:
     """The best run (fewest steps to the target, averaged over ``task.seeds`` data orders)
-    per batch size over the LR grid; the first seed's run keeps its curve and read-outs."""
+    per batch size over the LR grid; the first seed's run keeps its curve and read-outs.
+
+    A run is stopped once its steps alone make its configuration's mean worse than the best
+    so far for this B (it could not be chosen); the grid is tried from its middle outwards."""
     best: dict[int, Run] = {}
+    order = sorted(grid, key=lambda g: abs(math.log(g)))
     for b in batches:
-        for g in grid:
+        for g in order:
             lr = task.base_lr * g * math.sqrt(b / 32)
-            runs = [train(task, b, lr, seed) for seed in range(task.seeds)]
+            runs: list[Run] = []
+            for seed in range(task.seeds):
+                budget = task.max_steps
+                if b in best and math.isfinite(best[b].steps):
+                    spent = sum(r.steps for r in runs)
+                    budget = min(budget, math.floor(task.seeds * best[b].steps - spent))
+                if budget < 1:
+                    runs.append(Run(task.name, b, lr))
+                    break
+                runs.append(train(task, b, lr, seed, max_steps=budget))
+                if not math.isfinite(runs[-1].steps):
+                    break
             log(f"{task.name} B={b:5d} lr={lr:.2e}: steps {[r.steps for r in runs]}")
+            if len(runs) < task.seeds:
+                continue
             run = runs[0]
             for attr in ("steps", "examples", "seconds"):
                 setattr(run, attr, statistics.fmean(getattr(r, attr) for r in runs))
             if b not in best or run.steps < best[b].steps:
                 best[b] = run
+        best.setdefault(b, Run(task.name, b, math.nan))
     return best
+
+
+RULES = ("lower_bound", "sqrt", "goodput")
+
+
+def adaptive_runs(task: Task, rule: str, b0: int, lr: float, b_max: int) -> dict[str, Any]:
+    """AdaptiveBatchSize from B = b0 at the LR tuned for b0 (Adam: √ scaling) up to b_max
+    (micro-batches up to b_max), default arguments otherwise, over ``task.seeds`` data orders:
+    the mean steps, examples and seconds; curves and changes of the first."""
+    runs = []
+    for seed in range(task.seeds):
+        ada = AdaptiveBatchSize(b_max // b0, rule=rule, max_micro_batch=b_max)  # type: ignore[arg-type]
+        runs.append(train(task, b0, lr, seed, adaptive=ada, resizable=True))
+    out = asdict(runs[0])
+    for attr in ("steps", "examples", "seconds"):
+        out[attr] = statistics.fmean(getattr(r, attr) for r in runs)
+        out[f"per_seed_{attr}"] = [getattr(r, attr) for r in runs]
+    out["per_seed_changes"] = [r.adaptive for r in runs]
+    return out
 
 
 def fit_pareto(batches: list[int], steps: list[float]) -> tuple[float, float]:
@@ -331,6 +388,8 @@ def main() -> None:
     parser.add_argument("--out", default="results/critical_batch")
     parser.add_argument("--tasks", default="digits,charlm")
     parser.add_argument("--from-json", action="store_true", help="redraw from results.json")
+    parser.add_argument("--rules", default=",".join(RULES), help="adaptive rules to run")
+    parser.add_argument("--reuse", help="take the fixed-batch sweep from this results.json")
     args = parser.parse_args()
     if args.from_json:
         results = json.loads((Path(args.out) / "results.json").read_text())
@@ -343,28 +402,35 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     batches = [8, 32, 128, 512] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1024]
-    grid = [0.5, 2.0] if args.quick else [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+    grid = [0.5, 2.0] if args.quick else [0.5, 1.0, 2.0]  # × the LR tuned at B = 32, √-scaled
     makers = {"digits": digits_task, "charlm": charlm_task}
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    reused = {}
+    if args.reuse:
+        reused = {r["task"]: r for r in json.loads(Path(args.reuse).read_text())}
+    rules = [r for r in args.rules.split(",") if r]
     results = []
     for name in args.tasks.split(","):
         task = makers[name](args.quick)
-        best = sweep(task, batches, grid, log)
-        summary = summarise(task, best)
-        # adaptive: from the smallest batch at its best LR (Adam: √ scaling), up to the largest
+        if name in reused:  # the fixed-batch sweep of an earlier run
+            summary = {k: v for k, v in reused[name].items() if k not in ("adaptive",)}
+            best = {int(b): Run(**r) for b, r in summary["runs"].items()}
+        else:
+            best = sweep(task, batches, grid, log)
+            summary = summarise(task, best)
         b0 = batches[0]
         summary["adaptive"] = {}
-        for rule in ("lower_bound", "sqrt", "goodput"):
-            ada = AdaptiveBatchSize(batches[-1] // b0, rule=rule, min_steps_between=20)  # type: ignore[arg-type]
-            run = train(task, b0, best[b0].lr, adaptive=ada)
-            summary["adaptive"][rule] = asdict(run)
-            log(f"{name}: adaptive ({rule}): steps {run.steps}, examples {run.examples}")
-        ks = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]
-        b0 = 32
-        summary["branched"] = branched(task, b0, best[b0].lr, ks, budget=8 * b0 * ks[-1])
+        for rule in rules:
+            summary["adaptive"][rule] = adaptive_runs(task, rule, b0, best[b0].lr, batches[-1])
+            a = summary["adaptive"][rule]
+            log(f"{name}: adaptive ({rule}): steps {a['per_seed_steps']}, mean {a['steps']:.0f}, "
+                f"examples {a['examples']:.0f}")  # fmt: skip
+        if "branched" not in summary:
+            ks = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]
+            summary["branched"] = branched(task, 32, best[32].lr, ks, budget=8 * 32 * ks[-1])
         log(f"{name}: B_crit {summary['b_crit']:.0f} (branched {summary['branched']['b_crit']}),"
             f" B_simple {summary['b_simple']:.0f}")  # fmt: skip
         results.append(summary)
@@ -374,12 +440,53 @@ def main() -> None:
     print(table(results))
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    lines = [
-        "| task | target loss | B_crit (fit) | B_simple (over runs) | at target "
-        "| preconditioned | norm layers | B_simple / B_crit | B_crit (branched) |",
-        "|---|---|---|---|---|---|---|---|---|",
+def verdict(r: dict[str, Any], a: dict[str, Any]) -> dict[str, Any]:
+    """The issue's test for one adaptive rule: no fixed batch reaches the target with both
+    fewer steps and fewer examples (on the Pareto front), and against the fixed batch with the
+    fewest examples at least 30% fewer steps with at most 1.15× its examples."""
+    fixed = {int(b): v for b, v in r["runs"].items() if math.isfinite(v["steps"])}
+    if not fixed or not math.isfinite(a["steps"]):
+        return {"dominated_by": [], "frugal": None, "fewer_steps": math.nan,
+                "examples_ratio": math.nan, "front": False, "goal": False}  # fmt: skip
+    dominated = [
+        b for b, v in fixed.items() if v["steps"] < a["steps"] and v["examples"] < a["examples"]
     ]
+    frugal = min(fixed, key=lambda b: fixed[b]["examples"])
+    fewer = 1 - a["steps"] / fixed[frugal]["steps"]
+    ratio = a["examples"] / fixed[frugal]["examples"]
+    return {"dominated_by": sorted(dominated), "frugal": frugal, "fewer_steps": fewer,
+            "examples_ratio": ratio, "front": not dominated,
+            "goal": not dominated and fewer >= 0.30 and ratio <= 1.15}  # fmt: skip
+
+
+def verdict_table(results: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| task | rule | on the Pareto front | dominated by fixed B | fewest-examples fixed B "
+        "| steps saved vs it | examples vs it | goal (≥ 30% fewer steps, ≤ 1.15× examples) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for rule, a in r["adaptive"].items():
+            v = verdict(r, a)
+            lines.append(
+                f"| {r['task']} | {rule} | {'yes' if v['front'] else 'no'} | "
+                f"{', '.join(map(str, v['dominated_by'])) or '-'} | {v['frugal']} | "
+                f"{v['fewer_steps']:.0%} | {v['examples_ratio']:.2f}× | "
+                f"{'met' if v['goal'] else 'missed'} |"
+            )
+    return lines
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = (
+        verdict_table(results)
+        + [""]
+        + [
+            "| task | target loss | B_crit (fit) | B_simple (over runs) | at target "
+            "| preconditioned | norm layers | B_simple / B_crit | B_crit (branched) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+    )
     for r in results:
         lines.append(
             f"| {r['task']} | {r['target_loss']} | {r['b_crit']:.0f} | {r['b_simple']:.0f} | "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from math import inf
 from typing import Any
 
 import torch
@@ -236,6 +237,39 @@ def set_callback_metrics(trainer: Any, metrics: dict[str, float]) -> None:
         return
     for key, value in metrics.items():
         target[key] = torch.tensor(value)
+
+
+def batches_ready(trainer: Any, fallback: int) -> int:
+    """Batches of this epoch the training loop has fetched (private ``batch_progress``);
+    fallback: the caller's own count from the hooks' ``batch_idx``."""
+    try:
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+    except AttributeError:
+        return fallback
+
+
+def sync_epoch_length(trainer: Any) -> None:
+    """Tell Lightning the epoch's new number of batches after a resize: it reads the length
+    once, at set-up, for the end of the epoch (the last batch steps the optimizer), epoch-end
+    validation and the progress bar. Private loop attributes;
+    fallback: nothing (Lightning ends the epoch when the loader does)."""
+    loop = trainer.fit_loop
+    loader = getattr(loop, "_combined_loader", None)
+    if loader is None:
+        return
+    from lightning.fabric.utilities.data import sized_len
+
+    n = sized_len(loader)
+    if n is None:
+        return
+    loop.max_batches = n
+    fetcher = getattr(loop, "_data_fetcher", None)
+    if fetcher is not None and getattr(fetcher, "length", None) is not None:
+        fetcher.length = n
+    interval = trainer.val_check_interval
+    timed = getattr(trainer, "_val_check_time_interval", None) is not None
+    if isinstance(interval, float) and not timed and trainer.val_check_batch not in (None, inf):
+        trainer.val_check_batch = max(1, int(n * interval))
 
 
 @contextmanager

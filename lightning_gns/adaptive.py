@@ -1,32 +1,20 @@
-"""Grow the batch with the gradient noise scale: accumulation by integer factors, LR scaling.
+"""Grow the batch with the gradient noise scale: micro-batch, then accumulation; LR scaling.
 
 McCandlish et al. 2018 (arXiv 1812.06162): the best batch tracks B_noise, which grows as the
-loss falls (§5, "dynamic batch size"); with a batch near B_noise each step buys almost the
-full speed-up of a larger batch and little compute is wasted (eq. 2.11). This callback reads
-:class:`~lightning_gns.GradientNoiseScale`'s estimate at each of its read-outs and raises (or,
-if allowed, lowers) ``Trainer.accumulate_grad_batches`` by a factor at an optimizer-step
-boundary. The learning rate follows a named rule, applied around each optimizer step, so a
-user's LR scheduler keeps working on the unscaled rate.
-
-The rules (pure functions below, one per name):
-
-* ``lower_bound`` (default): grow when the 95% interval's lower bound of B_noise is at least
-  ``margin`` × the next batch size; shrink (``shrink=True``) when its upper bound is below
-  the next smaller batch / ``margin``. Acts on what is known even in the hard regime.
-* ``sqrt``: B*(t) = B₀·√(B_noise(t)/B_noise(t₀)) from the first known estimate (the paper's
-  adaptive-batch model: B ∝ √B_noise); a change when B* is more than ``factor**0.75`` away.
-  It keeps B/√B_noise where it started: a run started far below B_noise stays below it.
-* ``goodput``: the batch with the most progress per second, progress per step
-  B/(B + B_noise) (eq. 2.11) over the measured time per step a + c·k (optimizer part a,
-  c per micro-batch), as Pollux does; more than 5% better to change.
+loss falls (§5, "dynamic batch size"). :class:`AdaptiveBatchSize` measures B_noise from the
+same per-step records as :class:`~lightning_gns.GradientNoiseScale`, in a window that restarts
+at each change of batch, and changes the batch by factors at an optimizer-step boundary: first
+the per-device micro-batch (with a :class:`~lightning_gns.batching.ResizableBatchSampler`, up to
+``max_micro_batch``), then ``Trainer.accumulate_grad_batches``. The rules are pure functions in
+:mod:`lightning_gns.growth`; the learning rate and Adam's second moment are handled around each
+step (:mod:`lightning_gns.stepping`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -34,144 +22,61 @@ from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
-from lightning_gns import keys
+from lightning_gns import _compat, batching, growth, keys
 from lightning_gns.callback import GradientNoiseScale
 from lightning_gns.estimator import GNSValues
+from lightning_gns.growth import LRScaling, Rule, lr_scale
 from lightning_gns.norms.preconditioner import keeps_second_moment
+from lightning_gns.plan import PROBE_STEPS, Change, Decision, Ladder, Pending, Rules, number
 from lightning_gns.publish import publish
+from lightning_gns.schedule import BatchSchedule, change_message
+from lightning_gns.stepping import LRScaler, NoiseWindow, StepTimer, rescale_second_moment
 
-Rule = Literal["lower_bound", "sqrt", "goodput"]
-LRScaling = Literal["auto", "linear", "sqrt", "adascale", "none"]
-HYSTERESIS = 0.75  # sqrt rule: change when B* is more than factor**0.75 away
-GOODPUT_GAIN = 1.05  # goodput rule: change when the other batch is 5% better
-
-
-@dataclass(frozen=True)
-class Change:
-    """One change of the batch: at which optimizer step, from/to accumulation, why."""
-
-    step: int
-    old: int
-    new: int
-    batch_size: float
-    lr_scale: float
-    reason: str
-
-
-def lower_bound_rule(
-    v: GNSValues, batch: float, factor: int, margin: float, shrink: bool
-) -> tuple[int, str] | None:
-    """±1 factor step from the interval: grow if lower ≥ margin·factor·B; shrink if upper ≤
-    B/(factor·margin)."""
-    if math.isfinite(v.b_simple_lower) and v.b_simple_lower >= margin * factor * batch:
-        return 1, f"B_simple ≥ {v.b_simple_lower:.4g} (95% lower bound) ≥ {margin:g} × {factor}B"
-    if shrink and v.b_simple_upper <= batch / (factor * margin):
-        return -1, f"B_simple ≤ {v.b_simple_upper:.4g} (95% upper bound) ≤ B/({factor}·{margin:g})"
-    return None
-
-
-def sqrt_rule(
-    v: GNSValues, batch: float, factor: int, reference: tuple[float, float] | None
-) -> tuple[int, str] | None:
-    """B* = B₀·√(B_noise/B_noise₀) (known estimates only); a step when B* is off by
-    factor**0.75."""
-    if not v.known or reference is None:
-        return None
-    b0, noise0 = reference
-    target = b0 * math.sqrt(v.b_simple / noise0)
-    why = f"B* = {b0:g}·√({v.b_simple:.4g}/{noise0:.4g}) = {target:.4g}"
-    if target >= batch * factor**HYSTERESIS:
-        return 1, why
-    if target <= batch / factor**HYSTERESIS:
-        return -1, why
-    return None
-
-
-def goodput(batch: float, b_noise: float, seconds_per_step: float) -> float:
-    """Progress per second: B/(B + B_noise) ideal steps per step (eq. 2.11) / time per step."""
-    return batch / (batch + b_noise) / seconds_per_step
-
-
-def goodput_rule(
-    v: GNSValues, batch: float, accumulate: int, factor: int, timing: tuple[float, float] | None
-) -> tuple[int, str] | None:
-    """The neighbour (×factor, ÷factor) with ≥5% more goodput under t(k) = a + c·k; B_noise is
-    the estimate when known, else its lower bound (cautious about growing)."""
-    noise = v.b_simple if v.known else v.b_simple_lower
-    if timing is None or not math.isfinite(noise) or noise <= 0:
-        return None
-    a, c = timing
-    now = goodput(batch, noise, a + c * accumulate)
-    for direction in (1, -1):
-        k = accumulate * factor if direction > 0 else accumulate / factor
-        other = goodput(batch * k / accumulate, noise, a + c * k)
-        if other >= GOODPUT_GAIN * now:
-            return direction, f"goodput ×{other / now:.3g} at B_simple {noise:.4g}"
-    return None
-
-
-def lr_scale(scaling: str, batch: float, base_batch: float, b_noise: float = math.nan) -> float:
-    """LR multiplier at ``batch`` relative to ``base_batch``: linear (SGD, constant η/B),
-    sqrt (Adam family), AdaScale's gain (1 + B_noise/B₀)/(1 + B_noise/B), or none."""
-    ratio = batch / base_batch
-    if scaling == "linear":
-        return ratio
-    if scaling == "sqrt":
-        return math.sqrt(ratio)
-    if scaling == "adascale":
-        if not math.isfinite(b_noise) or b_noise <= 0:
-            return 1.0
-        return (1.0 + b_noise / base_batch) / (1.0 + b_noise / batch)
-    return 1.0
-
-
-class _Timer:
-    """Host time per optimizer step split into micro-batches (c each) and the rest (a)."""
-
-    def __init__(self) -> None:
-        self.start: float | None = None
-        self.before_step: float | None = None
-        self.a = self.c = math.nan
-        self.n = 0
-
-    def observe(self, now: float, accumulate: int) -> None:
-        if self.start is None or self.before_step is None:
-            return
-        a, c = now - self.before_step, (self.before_step - self.start) / accumulate
-        w = max(0.05, 1.0 / (self.n + 1))  # running mean, then an EMA of about 20 steps
-        self.a = a if self.n == 0 else (1 - w) * self.a + w * a
-        self.c = c if self.n == 0 else (1 - w) * self.c + w * c
-        self.n += 1
-        self.start = self.before_step = None
-
-    @property
-    def timing(self) -> tuple[float, float] | None:
-        return (self.a, self.c) if self.n >= 5 else None
+__all__ = ["AdaptiveBatchSize", "Change"]
 
 
 class AdaptiveBatchSize(Callback):
-    r"""Grow the effective batch as the gradient noise scale grows (needs a
-    :class:`~lightning_gns.GradientNoiseScale` in the same ``Trainer``).
+    r"""Grow the batch as the gradient noise scale grows (needs a
+    :class:`~lightning_gns.GradientNoiseScale` in the same ``Trainer``, before or after it).
 
-    Changes ``accumulate_grad_batches`` by ``factor`` at optimizer-step boundaries (all DDP
-    ranks together: rank 0 decides, one broadcast per read-out), and scales the learning rate
-    of every parameter group around each optimizer step (the scheduler sees the unscaled rate).
-    Logs ``gns/accumulate``, ``gns/lr_scale`` and ``gns/lr``; each change is also written to
-    the log with its reason (and to TensorBoard's text tab) and kept in :attr:`changes`.
-    Resumes with the same batch and rate.
+    The first step is a probe of at least ``probe`` examples (at the user's learning rate);
+    its noise scale sets the batch the run continues with. Every ``check_every_n_steps``
+    steps the rule (:mod:`lightning_gns.growth`) may change the batch by powers of ``factor``:
+    the micro-batch first, when the DataLoader draws with a
+    :class:`~lightning_gns.batching.ResizableBatchSampler` and ``max_micro_batch`` allows, then
+    ``accumulate_grad_batches``. A change starts with a whole accumulation window, on every DDP
+    rank at the same step (rank 0 decides). The optimizer steps with the rate the user's code
+    set (scheduler, ``training_step``, hooks) times the LR multiplier; the user's code only ever
+    sees its own rate. Logs ``gns/accumulate``, ``gns/micro_batch``, ``gns/lr_scale`` and
+    ``gns/lr`` (the rate of the last step, in ``callback_metrics`` after every step); each
+    change is written to the log with its reason (and TensorBoard's text tab) and kept in
+    :attr:`changes`; while it waits it says why, once (:attr:`waiting`). Resumes exactly, also
+    mid-epoch and with a change decided but not yet applied.
 
     Args:
-        max_accumulate: the largest accumulation (batch = micro-batch × this × devices).
+        max_accumulate: the largest accumulation.
         min_accumulate: the smallest; default: the trainer's ``accumulate_grad_batches``.
-        rule: ``lower_bound``, ``sqrt`` or ``goodput`` (module docstring).
-        factor: integer factor of each change (2: doubling).
+        rule: ``sqrt`` (default), ``noise``, ``lower_bound`` or ``goodput``
+            (:mod:`lightning_gns.growth`).
+        multiple: the probe starts the run at ``multiple`` × B_noise (``sqrt``, ``noise``);
+            the ``noise`` rule follows ``multiple`` × B_noise from there.
+        factor: integer factor of each change (2: doubling), at most 16.
         margin: ``lower_bound`` rule: grow when B_noise's lower bound ≥ margin × next batch.
         lr_scaling: ``auto`` (``sqrt`` when the optimizer keeps a second moment in its state,
             ``linear`` otherwise), ``linear``, ``sqrt``, ``adascale`` or ``none``.
         min_steps_between: optimizer steps between two changes (hysteresis in time).
-        shrink: also lower the batch when the noise scale falls (default: only grow).
+        shrink: also lower the batch when the noise scale falls (accumulation only).
+        max_micro_batch: the largest micro-batch per device; None: the micro-batch stays as
+            the DataLoader draws it (growth by accumulation only).
+        probe: examples of the first measured step (accumulated micro-batches); 0: none.
+        check_every_n_steps: optimizer steps between two decisions (one small host read).
+        rescale_second_moment: at a change, scale Adam's (RMSprop's) running average of
+            squared gradients by the expected ratio for the new batch
+            (:func:`~lightning_gns.growth.second_moment_ratio`) instead of letting it describe
+            the old batch for ~1/(1 − β₂) steps.
 
     Raises:
         ValueError: at construction, an argument out of its range (the message names it).
@@ -186,89 +91,123 @@ class AdaptiveBatchSize(Callback):
         >>> trainer = pl.Trainer(accumulate_grad_batches=1, logger=False,
         ...     callbacks=[GradientNoiseScale(), adaptive])
         >>> adaptive.rule, adaptive.factor, adaptive.changes
-        ('lower_bound', 2, [])
+        ('sqrt', 2, [])
         >>> AdaptiveBatchSize(factor=1)
         Traceback (most recent call last):
         ...
-        ValueError: factor must be an int ≥ 2 (2: doubling), got 1
+        ValueError: factor must be an int in [2, 16], got 1
     """
 
     def __init__(
         self,
         max_accumulate: int = 64,
         min_accumulate: int | None = None,
-        rule: Rule = "lower_bound",
+        rule: Rule = "sqrt",
+        multiple: float = 1.0,
         factor: int = 2,
         margin: float = 1.0,
         lr_scaling: LRScaling = "auto",
-        min_steps_between: int = 50,
+        min_steps_between: int = 0,
         shrink: bool = False,
+        max_micro_batch: int | None = None,
+        probe: int = 128,
+        check_every_n_steps: int = 5,
+        rescale_second_moment: bool = True,
     ) -> None:
         super().__init__()
-        _check(max_accumulate, min_accumulate, rule, factor, margin, lr_scaling, min_steps_between)
+        growth.check_arguments(locals())
         self.max_accumulate, self.min_accumulate = max_accumulate, min_accumulate
-        self.rule, self.factor, self.margin = rule, factor, float(margin)
-        self.lr_scaling, self.min_steps_between, self.shrink = lr_scaling, min_steps_between, shrink
-
-        self.accumulate: int | None = None  # current accumulation (None before fit)
-        self.base_accumulate: int | None = None  # at the start: LR scale 1
+        self.rule, self.factor, self.lr_scaling = rule, factor, lr_scaling
+        self.max_micro_batch, self.probe = max_micro_batch, probe
+        self.check_every_n_steps = check_every_n_steps
+        self.rescale_second_moment = rescale_second_moment
         self.lr_scale = 1.0
-        self.changes: list[Change] = []
-        self.reference: tuple[float, float] | None = None  # (B₀, B_noise₀), sqrt rule
-        self._pending: int | None = None  # decided, waiting for an aligned step boundary
-        self._reason = ""
-        self._reads = 0
-        self._steps = 0
-        self._last_change = 0
+        self.batches = BatchSchedule()  # accumulation and micro-batch now, changes
+        self._based = False  # the user's batch (the ladder's base) is set
+        self._ladder = Ladder(factor, max_accumulate, max_micro_batch, lambda: math.nan)
+        self._rules = Rules(rule, factor, float(multiple), float(margin), shrink,
+                            min_steps_between)  # fmt: skip
+        self._probing = False
         self._gns: GradientNoiseScale | None = None
-        self._timer = _Timer()
-        self._saved_lrs: list[Any] = []
-        self._handles: list[Any] = []
+        self._window = NoiseWindow()  # B_noise since the last change
+        self._sampler: batching.ResizableBatchSampler | None = None
+        self._trainer: pl.Trainer | None = None
+        self._timer = StepTimer()
+        self._lr: LRScaler | None = None
+        self._ready = 0  # batches of this epoch fetched (from the hooks' batch_idx)
+
+    @property
+    def accumulate(self) -> int | None:
+        """The accumulation now (None before fit)."""
+        return self.batches.accumulate
+
+    @property
+    def changes(self) -> list[Change]:
+        """Every change so far, with its reason."""
+        return self.batches.changes
+
+    @property
+    def waiting(self) -> str | None:
+        """Why the batch does not change now (said once)."""
+        return self.batches.waiting
 
     # -- set-up ---------------------------------------------------------------------------
+    def start_accumulation(self, trainer: pl.Trainer) -> int:
+        """The accumulation the run starts from: the trainer's within the bounds (or the
+        resumed one). The probe may raise it for the first step only."""
+        if self.accumulate is not None:
+            return self.accumulate
+        return min(max(trainer.accumulate_grad_batches, self.min_accumulate or 1),
+                   self.max_accumulate)  # fmt: skip
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._gns = _refuse(trainer, pl_module)
-        if self.accumulate is None:  # not resumed: start at the trainer's, within the bounds
-            start = trainer.accumulate_grad_batches
-            start = min(max(start, self.min_accumulate or 1), self.max_accumulate)
-            self.accumulate = self.base_accumulate = start
-        if self.min_accumulate is None:
-            self.min_accumulate = min(trainer.accumulate_grad_batches, self.accumulate)
-        trainer.accumulate_grad_batches = self.accumulate
-        optimizer = trainer.optimizers[0]
-        self._handles = [
-            optimizer.register_step_pre_hook(self._scale_lr),
-            optimizer.register_step_post_hook(self._restore_lr),
-        ]
+        self._gns = gns = _refuse(trainer, pl_module)
+        self._trainer, ladder = trainer, self._ladder
+        if self.accumulate is None:  # not resumed
+            self._probing = self.rule in ("noise", "sqrt") and self.probe > 0
+        accumulate = self.batches.accumulate = self.start_accumulation(trainer)
+        self.min_accumulate = self.min_accumulate or accumulate
+        ladder.min_accumulate, ladder.world_size = self.min_accumulate, trainer.world_size
+        ladder.examples_per_micro = lambda: (
+            gns.batch_size / (trainer.accumulate_grad_batches * trainer.world_size)
+        )
+        if not self._based:
+            ladder.base, self._based = (accumulate, None), True
+        trainer.accumulate_grad_batches = accumulate
+        self._lr = LRScaler(trainer.optimizers[0], self._after_step)
+        self._lr.scale = self.lr_scale
+        self._window.start(pl_module.device)
+        if self._window.record not in gns.step_listeners:
+            gns.step_listeners.append(self._window.record)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending is not None:  # an epoch starts a whole accumulation window
-            self._apply(trainer, self._pending)
+        sampler = batching.find_sampler(trainer)
+        if self.batches.follow(sampler, self._sampler, trainer.current_epoch):
+            self._ladder.base = (self._ladder.base[0], self.batches.micro)
+        self._sampler = sampler
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    # -- the learning rate, around each optimizer step ------------------------------------
-    def _scale_lr(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        self._saved_lrs = [g["lr"] for g in optimizer.param_groups]
-        if self.lr_scale != 1.0:
-            for g in optimizer.param_groups:
-                g["lr"] = g["lr"] * self.lr_scale
-
-    def _restore_lr(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        for g, lr in zip(optimizer.param_groups, self._saved_lrs, strict=False):
-            g["lr"] = lr
+        if self._lr is not None:
+            self._lr.remove()
+            self._lr = None
+        if self._gns is not None and self._window.record in self._gns.step_listeners:
+            self._gns.step_listeners.remove(self._window.record)
+        self._window.stop(trainer.world_size > 1)
+        batching.resume_next(None)
 
     # -- per step -------------------------------------------------------------------------
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._ready = batch_idx + 1
+        if (p := self.batches.due(trainer.current_epoch, batch_idx)) is not None:
+            self._apply(trainer, p)
+        if self._probing and trainer.global_step == 0 and batch_idx == 0:
+            self._start_probe(trainer, batch)
         if self._timer.start is None:
             self._timer.start = time.perf_counter()
 
@@ -280,162 +219,147 @@ class AdaptiveBatchSize(Callback):
 
     @override
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
-    ) -> None:
-        if self._timer.before_step is None:  # no optimizer step in this batch
-            return
-        assert self.accumulate is not None and self._gns is not None
-        self._timer.observe(time.perf_counter(), self.accumulate)
-        self._steps += 1
-        if self._gns.reads > self._reads:
-            self._reads = self._gns.reads
-            self._decide(trainer)
-        if self._pending is not None:
-            ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            if ready % self._pending == 0:  # the next step starts a whole new window
-                self._apply(trainer, self._pending)
+    ) -> None:  # fmt: skip
+        if self._timer.before_step is not None:
+            self._timer.observe(time.perf_counter())
 
-    def _decide(self, trainer: pl.Trainer) -> None:
-        """At a new read-out: rank 0 picks the next accumulation; every rank takes it."""
+    def _start_probe(self, trainer: pl.Trainer, batch: Any) -> None:
+        """The first steps accumulate at least ``probe`` examples (at the user's rate) until
+        one gives a record: its noise scale picks the batch to go on with."""
         assert self._gns is not None and self.accumulate is not None
-        v = self._gns.values
-        if self.lr_scaling == "adascale":  # the gain follows the estimate at every read-out
-            self.lr_scale = self._lr_scale(trainer, self.accumulate)
-        decision = None
-        if trainer.is_global_zero:
-            decision = self._choose(v)
-        decision = trainer.strategy.broadcast(decision, src=0)
-        if decision is not None:
-            self._pending, self._reason = decision
+        fn = self._gns.batch_size_fn
+        micro = int(fn(batch) if fn else extract_batch_size(batch)) * trainer.world_size
+        accumulate = self.accumulate
+        while micro * accumulate < self.probe and accumulate * self.factor <= self.max_accumulate:
+            accumulate *= self.factor
+        self.batches.accumulate = trainer.accumulate_grad_batches = accumulate
+
+    def _after_step(self, lr: float) -> None:
+        """After every update (the LR scaler's post-hook: after every callback's
+        ``on_before_optimizer_step``, whatever their order): ``gns/lr``, and a decision when
+        one is due."""
+        if (trainer := self._trainer) is None:
+            return
+        _compat.set_callback_metrics(trainer, {keys.LR: lr})
+        done = trainer.global_step + 1  # Lightning counts this step after the hook
+        if self._probing or done % self.check_every_n_steps == 0:
+            self._decide(trainer, done)
+
+    # -- decisions ------------------------------------------------------------------------
+    def _decide(self, trainer: pl.Trainer, done: int) -> None:
+        """Read the window (one reduction across ranks), let rank 0 choose, every rank takes
+        its choice (one broadcast) and schedules it for the same batch index."""
+        values = self._window.read(sync=trainer.world_size > 1)
+        noise, _ = growth.noise_bound(values)
+        now = self.batches.now
+        if self.lr_scaling == "adascale":  # the gain follows the estimate at every read
+            self._set_lr_scale(trainer, self._ladder.batch(*now), noise)
+        choice = self._choose(values, done) if trainer.is_global_zero else None
+        choice = trainer.strategy.broadcast(choice, src=0)
+        finite = math.isfinite(values.b_simple) and values.b_simple > 0
+        if self._probing and values.steps >= PROBE_STEPS and finite:
+            noise, self._probing = values.b_simple, False  # the probe's record is in
+            self._window.restart()  # B_noise from here on
+            self._set_lr_scale(trainer, self._ladder.batch(*now), noise)
+            if self.rule == "sqrt":
+                target = choice[:2] if isinstance(choice, tuple) else now
+                self._rules.reference = (self._ladder.batch(*target), noise)
+        if isinstance(choice, str):
+            if self.batches.wait(choice):
+                batch = number(self._ladder.batch(*now))
+                rank_zero_info(f"AdaptiveBatchSize: batch {batch}: {choice}")
+        elif choice is not None:
+            ready = _compat.batches_ready(trainer, self._ready)
+            self.batches.schedule(trainer, choice[:2], choice[2], noise, self._sampler, ready)
         self._publish(trainer)
 
-    def _choose(self, v: GNSValues) -> tuple[int, str] | None:
-        assert self.accumulate is not None and self.min_accumulate is not None
-        batch = self._batch(self.accumulate)
-        if self.rule == "sqrt" and self.reference is None and v.known:
-            self.reference = (batch, v.b_simple)
-        if self._steps - self._last_change < self.min_steps_between:
+    def _choose(self, v: GNSValues, done: int) -> Decision:
+        """Rank 0's decision (:mod:`lightning_gns.plan`); none while a change waits."""
+        if self.batches.pending is not None:
             return None
-        if self.rule == "lower_bound":
-            move = lower_bound_rule(v, batch, self.factor, self.margin, self.shrink)
-        elif self.rule == "sqrt":
-            move = sqrt_rule(v, batch, self.factor, self.reference)
-        else:
-            move = goodput_rule(v, batch, self.accumulate, self.factor, self._timer.timing)
-        if move is None or (move[0] < 0 and not self.shrink):
-            return None
-        new = self.accumulate * self.factor if move[0] > 0 else self.accumulate // self.factor
-        if not self.min_accumulate <= new <= self.max_accumulate:
-            return None
-        return new, move[1]
+        if self._probing:
+            return self._rules.after_probe(self._ladder, v, self.batches.now)
+        since = self.batches.steps_since_change(done)
+        return self._rules.decide(self._ladder, v, self.batches.now, since, self._timer.timing)
 
-    def _batch(self, accumulate: int) -> float:
-        gns = self._gns
-        assert gns is not None and self.accumulate is not None
-        return gns.batch_size / self.accumulate * accumulate
-
-    def _apply(self, trainer: pl.Trainer, new: int) -> None:
-        assert self.accumulate is not None and self.base_accumulate is not None
-        old, self.accumulate, self._pending = self.accumulate, new, None
-        trainer.accumulate_grad_batches = new
-        self._last_change = self._steps
-        batch = self._batch(new)
-        self.lr_scale = self._lr_scale(trainer, new)
-        change = Change(self._steps, old, new, batch, self.lr_scale, self._reason)
-        self.changes.append(change)
-        message = (
-            f"AdaptiveBatchSize: step {change.step}: accumulate_grad_batches {old} -> {new} "
-            f"(batch {batch:g}), learning rate × {self.lr_scale:.4g} ({self._scaling(trainer)}): "
-            f"{change.reason}"
-        )
+    def _apply(self, trainer: pl.Trainer, p: Pending) -> None:
+        """The pending change starts with this batch: accumulation, micro-batch, LR, Adam's
+        second moment, a fresh window, and a line with the reason."""
+        assert self._gns is not None
+        old_batch = self._ladder.batch(*self.batches.now)
+        batch = self._ladder.batch(p.accumulate, p.micro)
+        trainer.accumulate_grad_batches = p.accumulate
+        if p.micro != self.batches.micro and p.micro is not None:
+            self._gns.micro_batch_resized(p.micro)
+        self._timer.reset()
+        adam = ""
+        ratio = growth.second_moment_ratio(p.noise, old_batch, batch)
+        if self.rescale_second_moment and ratio != 1.0:
+            if rescale_second_moment(trainer.optimizers[0], ratio):
+                adam = f", second moment × {ratio:.3g}"
+        self._set_lr_scale(trainer, batch, p.noise)
+        self._window.restart()  # B_noise at the new batch
+        change = self.batches.take(p, trainer.global_step, batch, self.lr_scale)
+        message = change_message(change, old_batch, self._scaling(trainer), adam)
         rank_zero_info(message)
         for logger in trainer.loggers:  # the reason, where a logger takes text
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 logger.experiment.add_text(keys.BATCH_SIZE_CHANGE, message, trainer.global_step)
         self._publish(trainer)
 
-    def _lr_scale(self, trainer: pl.Trainer, accumulate: int) -> float:
-        assert self._gns is not None and self.base_accumulate is not None
-        v = self._gns.values
-        noise = v.b_simple if v.known else v.b_simple_lower
-        base = self._batch(self.base_accumulate)
-        return lr_scale(self._scaling(trainer), self._batch(accumulate), base, noise)
+    # -- learning rate, logging -----------------------------------------------------------
+    def _set_lr_scale(self, trainer: pl.Trainer, batch: float, noise: float) -> None:
+        base = self._ladder.base_batch(self.batches.micro)
+        self.lr_scale = lr_scale(self._scaling(trainer), batch, base, noise)
+        if self._lr is not None:
+            self._lr.scale = self.lr_scale
 
     def _scaling(self, trainer: pl.Trainer) -> str:
         if self.lr_scaling != "auto":
             return self.lr_scaling
-        adam_like = keeps_second_moment(trainer.optimizers[0])
-        return "sqrt" if adam_like else "linear"
+        return "sqrt" if keeps_second_moment(trainer.optimizers[0]) else "linear"
 
     def _publish(self, trainer: pl.Trainer) -> None:
-        assert self.accumulate is not None
-        group = trainer.optimizers[0].param_groups[0]
-        metrics = {
-            keys.ACCUMULATE: float(self.accumulate),
-            keys.LR_SCALE: self.lr_scale,
-            keys.LR: float(group["lr"]) * self.lr_scale,
-        }
+        accumulate, micro = self.batches.now
+        metrics = {keys.ACCUMULATE: float(accumulate), keys.LR_SCALE: self.lr_scale}
+        if micro is not None:
+            metrics[keys.MICRO_BATCH] = float(micro)
+        if self._lr is not None and math.isfinite(self._lr.applied):
+            metrics[keys.LR] = self._lr.applied
         publish(trainer, None, metrics)
 
     # -- checkpoints ----------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
+        t, sampler = self._trainer, None
+        if self._sampler is not None and t is not None:
+            sampler = self._sampler.state_dict(_compat.batches_ready(t, self._ready))
+        tracker = self._window.state_dict(t is not None and t.world_size > 1)
         return {
-            "accumulate": self.accumulate,
-            "base_accumulate": self.base_accumulate,
+            **self.batches.state_dict(),
+            "base": list(self._ladder.base) if self._based else None,
             "min_accumulate": self.min_accumulate,
             "lr_scale": self.lr_scale,
-            "reference": self.reference,
-            "steps": self._steps,
-            "last_change": self._last_change,
-            "changes": [asdict(c) for c in self.changes],
+            "reference": self._rules.reference,
+            "probing": self._probing,
+            "tracker": tracker,
+            "sampler": sampler,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.accumulate = state_dict.get("accumulate")
-        self.base_accumulate = state_dict.get("base_accumulate", self.accumulate)
+        self.batches.load_state_dict(state_dict)
+        if base := state_dict.get("base"):
+            self._ladder.base, self._based = (int(base[0]), base[1]), True
         self.min_accumulate = self.min_accumulate or state_dict.get("min_accumulate")
         self.lr_scale = float(state_dict.get("lr_scale", 1.0))
         ref = state_dict.get("reference")
-        self.reference = tuple(ref) if ref else None  # type: ignore[assignment]
-        self._steps = int(state_dict.get("steps", 0))
-        self._last_change = int(state_dict.get("last_change", 0))
-        self.changes = [Change(**c) for c in state_dict.get("changes", [])]
-
-
-def _check(
-    max_accumulate: int,
-    min_accumulate: int | None,
-    rule: str,
-    factor: int,
-    margin: float,
-    lr_scaling: str,
-    min_steps_between: int,
-) -> None:
-    for name, value in (("max_accumulate", max_accumulate), ("factor", factor)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if factor < 2:
-        raise ValueError(f"factor must be an int ≥ 2 (2: doubling), got {factor!r}")
-    if min_accumulate is not None and not 1 <= min_accumulate <= max_accumulate:
-        raise ValueError(
-            f"min_accumulate must be in [1, max_accumulate={max_accumulate}], got {min_accumulate}"
-        )
-    for name, value, allowed in (("rule", rule, Rule), ("lr_scaling", lr_scaling, LRScaling)):
-        if value not in get_args(allowed):
-            raise ValueError(f"{name} must be one of {get_args(allowed)}, got {value!r}")
-    if not (isinstance(margin, (int, float)) and margin > 0):
-        raise ValueError(f"margin must be a positive number, got {margin!r}")
-    if isinstance(min_steps_between, bool) or not isinstance(min_steps_between, int):
-        raise ValueError(f"min_steps_between must be an int ≥ 0, got {min_steps_between!r}")
-    if min_steps_between < 0:
-        raise ValueError(f"min_steps_between must be an int ≥ 0, got {min_steps_between!r}")
+        self._rules.reference = (float(ref[0]), float(ref[1])) if ref else None
+        self._probing = bool(state_dict.get("probing", False))
+        self._window.saved = state_dict.get("tracker")
+        batching.resume_next(state_dict.get("sampler"))
 
 
 def _refuse(trainer: pl.Trainer, pl_module: pl.LightningModule) -> GradientNoiseScale:
@@ -445,12 +369,13 @@ def _refuse(trainer: pl.Trainer, pl_module: pl.LightningModule) -> GradientNoise
         raise RuntimeError(f"{name}: DeepSpeed owns gradient accumulation; it is not supported")
     if not pl_module.automatic_optimization:
         raise RuntimeError(f"{name}: manual optimization steps on its own schedule; unsupported")
-    if any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks):
+    callbacks = list(getattr(trainer, "callbacks", []))
+    if any(isinstance(c, GradientAccumulationScheduler) for c in callbacks):
         raise RuntimeError(
             f"{name}: a GradientAccumulationScheduler is attached; both would set "
             "accumulate_grad_batches. Remove one of them"
         )
-    found = [c for c in trainer.callbacks if isinstance(c, GradientNoiseScale)]
+    found = [c for c in callbacks if isinstance(c, GradientNoiseScale)]
     if not found:
         raise RuntimeError(
             f"{name} acts on the measured noise scale: add GradientNoiseScale() to the "

@@ -24,7 +24,7 @@ from lightning_gns.estimator import GNSValues
 from lightning_gns.failure import record_failure
 from lightning_gns.norms.sites import Site
 from lightning_gns.publish import point_estimate, publish, read_out, summary, tensorboard_layout
-from lightning_gns.records import MODEL, PRECONDITIONED
+from lightning_gns.records import MODEL, PRECONDITIONED, StepNorms
 from lightning_gns.tracker import GNSTracker, read_together
 from lightning_gns.trainer_setup import (
     build_driver,
@@ -101,6 +101,12 @@ class Readings:
     def left_out(self) -> dict[str, str]:
         """Modules left out of the per-example estimate, with the reason."""
         return dict(self._driver.source.left_out) if self._driver is not None else {}
+
+    def micro_batch_resized(self, size: int) -> None:
+        """The micro-batch was resized on purpose (AdaptiveBatchSize): :attr:`batch_size`
+        follows at once instead of after most of the recent micro-batches."""
+        if self._driver is not None:
+            self._driver.resized(size)
 
     @property
     def batch_size(self) -> float:
@@ -240,8 +246,10 @@ class GradientNoiseScale(Readings, Callback):
         self.layer_values: dict[str, GNSValues] = {}
         self.reads = 0  # read-outs so far (AdaptiveBatchSize acts on each new one)
         self.source_reason = ""
-        self.listeners: list[Callable[[pl.Trainer], None]] = []  # called after each read-out
         self._driver: StepDriver | None = None
+        # Called with each step's record as the tracker gets it (None: skipped), in
+        # on_before_optimizer_step; AdaptiveBatchSize keeps its own window from them.
+        self.step_listeners: list[Callable[[StepNorms | None], None]] = []
         self._state_key: str | None = None
         self._saved: dict[str, Any] | None = None  # checkpoint state until fit start
         self._warned: set[str] = set()
@@ -267,6 +275,7 @@ class GradientNoiseScale(Readings, Callback):
         self._driver, self.source_reason = build_driver(
             trainer, pl_module, self, left_out, self._warn_once
         )
+        self._driver.listeners = self.step_listeners
         self._trainer = trainer
         if self._saved is not None:
             self._restore(self._saved)
@@ -365,8 +374,6 @@ class GradientNoiseScale(Readings, Callback):
         self.reads += 1
         driver.check_nonfinite(self.values)
         publish(trainer, pl_module, self.metrics())
-        for listener in self.listeners:
-            listener(trainer)
 
     # -- checkpoints ----------------------------------------------------------------------
     @override

@@ -67,6 +67,7 @@ class StepDriver:
         self.probe_model: nn.Module | None = None  # probe this model's next forward
         self.allowance: sync.Allowance | None = None  # reads allowed (first step)
         self.followers: list[StepDriver] = []  # second measurements (preconditioned)
+        self.listeners: list[Callable[[StepNorms | None], None]] = []  # each step's record
 
     @property
     def usual(self) -> float:
@@ -147,12 +148,23 @@ class StepDriver:
                 raise
             self.skip(f"{type(err).__name__}: {err}")
             return None
-        self.tracker.record(step)
+        self.record(step)
         return step
+
+    def record(self, step: StepNorms | None) -> None:
+        """Into the tracker, then to every listener (None: a step skipped here)."""
+        self.tracker.record(step)
+        for listener in self.listeners:
+            listener(step)
+
+    def resized(self, size: int) -> None:
+        """The micro-batch was resized on purpose: :attr:`usual` follows at once."""
+        self.recent.clear()
+        self.recent.append(size)
 
     def skip(self, reason: str) -> None:
         """Record this step as skipped, count it, warn once per kind of reason."""
-        self.tracker.record(None)
+        self.record(None)
         self.host_skips += 1
         self.warn(
             "skip:" + reason.split("'")[0],

@@ -25,6 +25,7 @@ PRECONDITIONED_UPPER = "gns/preconditioned/b_simple_upper"
 
 # AdaptiveBatchSize
 ACCUMULATE = "gns/accumulate"
+MICRO_BATCH = "gns/micro_batch"  # AdaptiveBatchSize with a ResizableBatchSampler
 LR_SCALE = "gns/lr_scale"
 LR = "gns/lr"
 BATCH_SIZE_CHANGE = "gns/batch_size_change"  # TensorBoard text

@@ -2,6 +2,7 @@
 
 Usage: python tests/ddp_run.py OUT.json SOURCE ACCUMULATE
        python tests/ddp_run.py OUT.json adaptive 1   (AdaptiveBatchSize; OUT.json.rank<r>)
+       python tests/ddp_run.py OUT.json resizable 1   (the micro-batch grows; OUT.json.rank<r>)
        python tests/ddp_run.py OUT.json collectives 2   (Python-level collectives per step)
        python tests/ddp_run.py OUT.json routed 1   (long-context nanoGPT, simultaneous route)
 (Lightning's strategy="ddp" relaunches this script in new processes, so tests call it in a
@@ -66,6 +67,56 @@ def adaptive(out: str) -> None:
         "steps": history.steps,
         "changes": [c.new for c in ada.changes],
         "lr_scale": ada.lr_scale,
+        "param_sum": float(sum(p.double().sum() for p in module.parameters())),
+    }
+    with open(f"{out}.rank{trainer.global_rank}", "w") as f:
+        json.dump(result, f)
+
+
+class Indexed(pl.LightningModule):
+    """The digits MLP on 100 examples drawn by a ResizableBatchSampler (Lightning puts a
+    DistributedSampler inside it); records each batch's example indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = mlp()
+        self.seen: list[tuple[int, list[int], int]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y, idx = batch
+        self.seen.append((self.current_epoch, idx.tolist(), self.trainer.accumulate_grad_batches))
+        return torch.nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+        from lightning_gns.batching import ResizableBatchSampler
+
+        x, y = digits()
+        data = TensorDataset(x[:100], y[:100], torch.arange(100))
+        return DataLoader(data, batch_sampler=ResizableBatchSampler(RandomSampler(data), 4))
+
+
+def resizable(out: str) -> None:
+    """The micro-batch grows on 2 ranks (LoudNoise: always asked to); every rank writes what
+    it drew, its changes and parameters."""
+    from adaptive_helpers import LoudNoise
+
+    gns = LoudNoise()
+    ada = AdaptiveBatchSize(
+        max_accumulate=2, max_micro_batch=16, rule="lower_bound", check_every_n_steps=3
+    )
+    trainer = ddp_trainer(out, max_epochs=2, callbacks=[gns, ada])
+    module = Indexed()
+    trainer.fit(module)
+    result = {
+        "rank": trainer.global_rank,
+        "seen": module.seen,
+        "changes": [(c.step, c.new_micro, c.new) for c in ada.changes],
+        "batch_size": gns.batch_size,
         "param_sum": float(sum(p.double().sum() for p in module.parameters())),
     }
     with open(f"{out}.rank{trainer.global_rank}", "w") as f:
@@ -184,6 +235,8 @@ def main(out: str, source: str, accumulate: int) -> None:
 if __name__ == "__main__":
     if sys.argv[2] == "adaptive":
         adaptive(sys.argv[1])
+    elif sys.argv[2] == "resizable":
+        resizable(sys.argv[1])
     elif sys.argv[2] == "routed":
         routed(sys.argv[1])
     elif sys.argv[2] == "collectives":

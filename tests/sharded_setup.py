@@ -46,6 +46,22 @@ class Scale(nn.Module):
         return x * self.weight
 
 
+def rank_env(rank: int, port: int, root: object) -> dict[str, str]:
+    """The environment of rank ``rank`` of two processes launched by hand (Lightning reads
+    these), with ``root`` importable."""
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+        "NODE_RANK": "0",
+        "LOCAL_RANK": str(rank),
+    }
+
+
 def net(seed: int = 0) -> nn.Module:
     """Odd sizes: FSDP1 pads a flat parameter's shard, FSDP2 shards rows unevenly."""
     torch.manual_seed(seed)

@@ -1,179 +1,219 @@
-"""AdaptiveBatchSize: the rules, the learning rate it applies, resume, refusals."""
+"""AdaptiveBatchSize in real runs: the rate each step uses, resume, callback order, refusals,
+what it says. The rules themselves: tests/test_growth.py."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import Classifier, mlp, trained_mlp, trainer_kwargs
+from adaptive_helpers import LoudNoise, Small, params
+from helpers import Classifier, mlp, trainer_kwargs
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gns import GradientNoiseScale
-from lightning_gns.adaptive import (
-    AdaptiveBatchSize,
-    goodput_rule,
-    lower_bound_rule,
-    lr_scale,
-    sqrt_rule,
+from lightning_gns.adaptive import AdaptiveBatchSize
+
+
+class RateProbe(Small):
+    """Sets its learning rate the way ``how`` says and records, per optimizer step, the rate
+    its own code meant (``user``), the rate its code saw in the optimizer during the step
+    (``seen``), the rate the update used (plain SGD: Δθ = −η·g, so η = −Δθ·g/|g|²), the
+    accumulation, AdaptiveBatchSize's multiplier and ``gns/lr`` after the step."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(n=256, batch_size=8, lr=0.1)
+        self.how = how
+        self.rows: list[dict] = []
+        self.micro_batches = 0
+        self.meant = 0.1
+        self.seen = math.nan
+        self._before: dict | None = None
+
+    def _groups(self) -> list[dict]:
+        return self.trainer.optimizers[0].param_groups
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self.how == "batch_start":
+            self.meant = 0.05 * (1 + 0.01 * self.global_step)
+            for g in self._groups():
+                g["lr"] = self.meant
+
+    def training_step(self, batch, batch_idx):
+        self.micro_batches += 1
+        self.seen = self._groups()[0]["lr"]
+        if self.how == "set":  # nanoGPT style
+            for g in self._groups():
+                g["lr"] = self.meant = 0.1
+        elif self.how == "decay":
+            self.meant *= 0.97
+            for g in self._groups():
+                g["lr"] *= 0.97
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        if self.how == "exponential":  # chainable: reads the group's rate
+            sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.98)
+        elif self.how == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=0.2, total_steps=200, cycle_momentum=False
+            )
+        else:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        p = self.model[0].weight
+        ada = next(c for c in self.trainer.callbacks if isinstance(c, AdaptiveBatchSize))
+        scheds = self.lr_schedulers()
+        self._before = dict(
+            old=p.detach().clone(),
+            grad=p.grad.detach().clone(),
+            user=scheds.get_last_lr()[0] if scheds is not None else self.meant,
+            seen=self.seen,
+            scale=ada.lr_scale,
+            acc=self.trainer.accumulate_grad_batches,
+        )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._before is None:
+            return
+        row, self._before = self._before, None
+        grad = row.pop("grad")
+        step = self.model[0].weight.detach() - row.pop("old")
+        row["used"] = float(-(step * grad).sum() / grad.square().sum())
+        row["logged"] = float(self.trainer.callback_metrics.get("gns/lr", math.nan))
+        self.rows.append(row)
+
+
+def run_rates(tmp_path, how: str, scaling: str, precision: str = "32-true") -> RateProbe:
+    module = RateProbe(how)
+    gns = LoudNoise()
+    ada = AdaptiveBatchSize(
+        max_accumulate=4, rule="lower_bound", min_steps_between=10, lr_scaling=scaling
+    )
+    kw = trainer_kwargs(tmp_path, max_steps=40, callbacks=[gns, ada], precision=precision)
+    pl.Trainer(**kw).fit(module)
+    assert [c.new for c in ada.changes] == [2, 4], ada.changes
+    return module
+
+
+@pytest.mark.parametrize(
+    "how,scaling,precision",
+    [
+        ("set", "linear", "32-true"),
+        ("set", "linear", "bf16-mixed"),
+        ("decay", "none", "32-true"),
+        ("batch_start", "sqrt", "32-true"),
+        ("exponential", "linear", "32-true"),
+    ],
 )
-from lightning_gns.estimator import GNSValues
+def test_the_rate_used_is_the_users_times_the_documented_multiplier(
+    tmp_path, how, scaling, precision
+) -> None:
+    """Whatever the user's code set (in training_step, on_train_batch_start, a scheduler) is
+    what the step uses, times the multiplier (linear: the batch ratio; sqrt: its root; none:
+    1); the user's code only ever sees its own rate, so its own schedule advances as written.
+    """
+    rows = run_rates(tmp_path, how, scaling, precision).rows
+    expected = {"linear": lambda k: k, "sqrt": math.sqrt, "none": lambda k: 1.0}[scaling]
+    for row in rows:
+        assert row["scale"] == pytest.approx(expected(row["acc"]))
+        assert row["used"] == pytest.approx(row["user"] * row["scale"], rel=1e-3), row
+        # inside the step (the last micro-batch's training_step) it reads its own rate
+        assert row["seen"] == pytest.approx(row["user"] / (0.97 if how == "decay" else 1))
+    if how == "exponential":  # the scheduler compounds its own, unscaled rate
+        for i, row in enumerate(rows):
+            assert row["user"] == pytest.approx(0.1 * 0.98**i, rel=1e-6)
 
 
-def values(b: float, lower: float, upper: float) -> GNSValues:
-    return GNSValues(b, math.nan, lower, upper, 1.0, b, 100, 0, 0, 100.0)
+def test_gns_lr_is_the_rate_of_the_last_step(tmp_path) -> None:
+    """``gns/lr`` in callback_metrics is the rate the step just used, after every step (a
+    OneCycleLR changes it every step, read-outs are every 5)."""
+    rows = run_rates(tmp_path, "onecycle", "linear").rows
+    for row in rows:
+        assert row["logged"] == pytest.approx(row["used"], rel=1e-3), row
+    assert len({round(r["used"], 6) for r in rows}) == len(rows)
 
 
-def test_lower_bound_rule_grows_on_the_bound_and_has_a_dead_band() -> None:
-    assert lower_bound_rule(values(900, 300, 2000), 128, 2, 1.0, shrink=True)[0] == 1
-    assert lower_bound_rule(values(900, 200, 2000), 128, 2, 1.0, shrink=True) is None
-    assert lower_bound_rule(values(900, 300, 2000), 128, 2, 2.0, shrink=True) is None  # margin
-    assert lower_bound_rule(values(40, 30, 60), 128, 2, 1.0, shrink=True)[0] == -1
-    assert lower_bound_rule(values(40, 30, 60), 128, 2, 1.0, shrink=False) is None
-    # between B/2 and 2B: no change either way (no flapping)
-    assert lower_bound_rule(values(128, 100, 200), 128, 2, 1.0, shrink=True) is None
-    unknown = values(math.nan, math.nan, math.nan)
-    assert lower_bound_rule(unknown, 128, 2, 1.0, shrink=True) is None
+def fit_small(root, epochs: int, callbacks, ckpt=None, **ada_kw):
+    """The Small module (100 examples, batches of 8: 13 per epoch, the last of 4) with a
+    LoudNoise monitor; a decision at the end of each epoch's 13 batches."""
+    gns = LoudNoise()
+    ada = AdaptiveBatchSize(max_accumulate=8, rule="lower_bound", check_every_n_steps=13, **ada_kw)
+    module = Small(n=100, batch_size=8)
+    kw = trainer_kwargs(root, max_epochs=epochs, enable_checkpointing=True)
+    trainer = pl.Trainer(**kw, callbacks=[gns, ada, *callbacks])
+    trainer.fit(module, ckpt_path=ckpt)
+    return trainer, ada, module
 
 
-def test_sqrt_rule_follows_the_square_root_of_the_noise_scale() -> None:
-    ref = (32.0, 100.0)
-    assert sqrt_rule(values(400, 380, 420), 32, 2, ref)[0] == 1  # B* = 64
-    assert sqrt_rule(values(150, 140, 160), 32, 2, ref) is None  # B* = 39: within the band
-    assert sqrt_rule(values(20, 19, 21), 32, 2, ref)[0] == -1  # B* = 14
-    assert sqrt_rule(values(400, 100, 1000), 32, 2, ref) is None  # not known: no move
-    assert sqrt_rule(values(400, 380, 420), 32, 2, None) is None
+def test_a_change_decided_before_a_checkpoint_is_applied_after_resume(tmp_path) -> None:
+    """A read-out at the epoch's last batch decides 1 -> 2, to start with the next epoch (the
+    next whole window); a checkpoint at the epoch's end holds it, and the resumed run applies
+    it at the same step as the uninterrupted one: same changes, same parameters."""
+    _, full, full_module = fit_small(tmp_path / "full", 3, [])
+    assert (full.changes[0].step, full.changes[0].new) == (13, 2) and len(full.changes) > 1
+    saver = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    fit_small(tmp_path / "a", 1, [saver])
+    _, resumed, module = fit_small(tmp_path / "b", 3, [], ckpt=str(tmp_path / "ck" / "last.ckpt"))
+    assert [(c.step, c.new) for c in resumed.changes] == [(c.step, c.new) for c in full.changes]
+    torch.testing.assert_close(params(module), params(full_module), rtol=0, atol=1e-6)
 
 
-def test_goodput_rule_weighs_statistical_efficiency_against_time() -> None:
-    big_noise = values(10_000, 9_000, 11_000)
-    # accumulation only repeats micro-batches: without a fixed cost per step it never pays
-    assert goodput_rule(big_noise, 32, 1, 2, timing=(0.0, 1.0)) is None
-    # a fixed cost per step (optimizer, communication) makes a larger batch worth it
-    assert goodput_rule(big_noise, 32, 1, 2, timing=(5.0, 1.0))[0] == 1
-    # ... unless the batch is already beyond the noise scale
-    assert goodput_rule(values(16, 15, 17), 32, 1, 2, timing=(5.0, 1.0)) is None
-    assert goodput_rule(big_noise, 32, 1, 2, timing=None) is None
+@pytest.mark.parametrize("order", ["monitor first", "adaptive first"])
+def test_the_order_of_the_callbacks_does_not_matter(tmp_path, order) -> None:
+    """AdaptiveBatchSize acts on every read-out at the step it is made, whichever callback
+    comes first: the same changes at the same steps, the same parameters."""
+    runs = []
+    for first in (True, False):
+        gns = LoudNoise()
+        ada = AdaptiveBatchSize(max_accumulate=4, rule="lower_bound")
+        callbacks = [gns, ada] if first == (order == "monitor first") else [ada, gns]
+        module = Small(n=64, batch_size=8)
+        pl.Trainer(**trainer_kwargs(tmp_path, max_steps=20, callbacks=callbacks)).fit(module)
+        runs.append(([(c.step, c.new) for c in ada.changes], params(module)))
+    assert runs[0][0] == runs[1][0] == [(6, 2), (11, 4)]  # decided at 5 and 10, then aligned
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
 
 
-def test_lr_scale_rules() -> None:
-    assert lr_scale("linear", 256, 32) == 8
-    assert lr_scale("sqrt", 128, 32) == 2
-    assert lr_scale("none", 256, 32) == 1
-    # AdaScale's gain: ≈ the batch ratio far below B_noise, ≈ 1 far above it
-    assert lr_scale("adascale", 256, 32, b_noise=1e9) == pytest.approx(8, rel=1e-6)
-    assert lr_scale("adascale", 256, 32, b_noise=1e-6) == pytest.approx(1, rel=1e-6)
-    assert 1 < lr_scale("adascale", 256, 32, b_noise=100) < 8
+@pytest.mark.parametrize("adaptive_first", [False, True])
+def test_the_monitor_sees_the_accumulation_adaptive_starts_with(tmp_path, adaptive_first) -> None:
+    """source='micro_batch' needs two micro-batches per step: min_accumulate=2 gives them, in
+    either order of the callbacks."""
+    gns = GradientNoiseScale(source="micro_batch", log_every_n_steps=5)
+    ada = AdaptiveBatchSize(min_accumulate=2, max_accumulate=4, probe=0)
+    callbacks = [ada, gns] if adaptive_first else [gns, ada]
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=callbacks))
+    trainer.fit(Small(n=64, batch_size=8))
+    assert gns.chosen_source == "micro_batch" and trainer.accumulate_grad_batches == 2
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
         (dict(max_accumulate=0), "max_accumulate"),
+        (dict(max_accumulate=2**40), "max_accumulate"),
         (dict(factor=1), "factor"),
+        (dict(factor=10**6), "factor"),
         (dict(min_accumulate=9, max_accumulate=8), "min_accumulate"),
+        (dict(min_accumulate=True), "min_accumulate"),
         (dict(rule="fast"), "rule"),
         (dict(lr_scaling="cubic"), "lr_scaling"),
         (dict(margin=0), "margin"),
+        (dict(margin=math.inf), "margin"),
+        (dict(margin="1"), "margin"),
         (dict(min_steps_between=-1), "min_steps_between"),
+        (dict(shrink="no"), "shrink"),
+        (dict(max_micro_batch=0), "max_micro_batch"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         AdaptiveBatchSize(**kwargs)
-
-
-class Probe(Classifier):
-    """Records, per optimizer step, the accumulation, micro-batches, the scheduler's LR and
-    the LR the step actually applied (plain SGD: Δθ = −η·g)."""
-
-    def __init__(self, **kw) -> None:
-        super().__init__(trained_mlp(), **kw)
-        self.rows: list[dict] = []
-        self.micro = 0
-        self._before: tuple[torch.Tensor, torch.Tensor, float, int] | None = None
-
-    def training_step(self, batch, batch_idx):
-        self.micro += 1
-        return super().training_step(batch, batch_idx)
-
-    def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.01 * s))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        p = self.model[0].weight
-        lr, acc = self.lr_schedulers().get_last_lr()[0], self.trainer.accumulate_grad_batches
-        self._before = (p.detach().clone(), p.grad.detach().clone(), lr, acc)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self._before is None:
-            return
-        old, grad, sched_lr, acc = self._before
-        step = (old - self.model[0].weight.detach()) / grad
-        applied = float(step[grad.abs() > 1e-6].median())
-        end = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        self.rows.append(dict(micro=self.micro, acc=acc, sched=sched_lr, applied=applied, end=end))
-        self._before, self.micro = None, 0
-
-
-def test_batch_and_learning_rate_change_during_a_real_run(tmp_path) -> None:
-    gns = GradientNoiseScale(log_every_n_steps=10)
-    ada = AdaptiveBatchSize(max_accumulate=8, min_steps_between=20, lr_scaling="linear")
-    module = Probe(lr=0.05, batch_size=8)
-    logger = TensorBoardLogger(tmp_path, name="tb")
-    trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path, max_steps=150, callbacks=[gns, ada], logger=logger)
-    )
-    trainer.fit(module)
-    assert [c.new for c in ada.changes] == [2, 4, 8]  # one factor at a time up to the maximum
-    assert trainer.accumulate_grad_batches == 8
-    assert all(c.lr_scale == c.new for c in ada.changes)  # linear: η ∝ B
-    assert [r["acc"] for r in module.rows] == sorted(r["acc"] for r in module.rows)
-    for row in module.rows:  # whole windows only (an epoch ends with a short one)
-        assert row["micro"] == row["acc"] or (row["end"] and row["micro"] < row["acc"])
-    for i, row in enumerate(module.rows):
-        # the scheduler (LambdaLR, closed form) keeps its own rate; the step applies it × scale
-        assert row["sched"] == pytest.approx(0.05 / (1 + 0.01 * i), rel=1e-6)
-    scale = {c.new: c.lr_scale for c in ada.changes} | {1: 1.0}
-    for row in module.rows:  # the step applied the scheduler's rate × the batch's scale
-        assert row["applied"] == pytest.approx(row["sched"] * scale[row["acc"]], rel=1e-3)
-    assert trainer.callback_metrics["gns/accumulate"] == 8
-    assert float(trainer.callback_metrics["gns/lr_scale"]) == 8
-    assert gns.batch_size == 64  # the monitor follows the change
-    events = EventAccumulator(logger.log_dir).Reload()
-    assert any(t.startswith("gns/batch_size_change") for t in events.Tags()["tensors"])
-    assert [e.value for e in events.Scalars("gns/accumulate")][-1] == 8
-    # one continuous estimate: every optimizer step counted, none reset by a change of batch
-    # (the first step runs the per-example structural check and is not counted)
-    assert gns.values.steps + gns.values.skipped == trainer.global_step - 1
-
-
-def test_resume_continues_with_the_same_batch_rate_and_estimate(tmp_path) -> None:
-    def run(epochs: int, root, ckpt=None, callbacks=()):
-        gns = GradientNoiseScale(log_every_n_steps=10)
-        ada = AdaptiveBatchSize(max_accumulate=16, min_steps_between=20)
-        trainer = pl.Trainer(
-            **trainer_kwargs(root, max_epochs=epochs, enable_checkpointing=True),
-            callbacks=[gns, ada, *callbacks],
-        )
-        module = Classifier(trained_mlp(), lr=0.05, batch_size=16, shuffle=False)
-        trainer.fit(module, ckpt_path=ckpt)
-        return trainer, gns, ada
-
-    _, full_gns, full = run(3, tmp_path / "full")
-    run(2, tmp_path / "a", callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)])
-    trainer, gns, resumed = run(3, tmp_path / "b", ckpt=str(tmp_path / "ck" / "last.ckpt"))
-    assert full.changes, "the batch never grew: nothing to resume"
-    assert resumed.changes == full.changes
-    assert resumed.accumulate == full.accumulate == trainer.accumulate_grad_batches
-    assert resumed.lr_scale == full.lr_scale
-    assert gns.values.steps == full_gns.values.steps
-    assert gns.values.b_simple == pytest.approx(full_gns.values.b_simple, rel=1e-6)
 
 
 def test_refuses_what_it_cannot_drive(tmp_path) -> None:
@@ -195,9 +235,36 @@ def test_refuses_what_it_cannot_drive(tmp_path) -> None:
         fit([GradientNoiseScale(), AdaptiveBatchSize()], Manual())
 
 
+def test_says_once_in_plain_words_why_it_waits(tmp_path, caplog) -> None:
+    """No growth for 30 steps: one message says why (B_noise's lower bound against the next
+    batch, or no estimate yet), in words, not once per read-out."""
+    gns = GradientNoiseScale()
+    ada = AdaptiveBatchSize(max_accumulate=4, rule="lower_bound", margin=1e6, check_every_n_steps=2)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=30, callbacks=[gns, ada]))
+        trainer.fit(Small(n=256, batch_size=16))
+    said = [r.getMessage() for r in caplog.records if "AdaptiveBatchSize" in r.getMessage()]
+    assert not ada.changes and ada.waiting is not None and ada.waiting.endswith("waiting")
+    assert 1 <= len(said) <= 2, said  # no estimate yet; then the bound against the batch
+    assert "B_noise is at least" in said[-1] and "1e+06 × the next batch 32" in said[-1], said
+    assert "≥" not in said[-1] and "2B" not in said[-1]
+
+
+def test_says_when_it_is_at_its_largest(tmp_path, caplog) -> None:
+    gns = LoudNoise()
+    ada = AdaptiveBatchSize(max_accumulate=2, rule="lower_bound", check_every_n_steps=2)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        pl.Trainer(**trainer_kwargs(tmp_path, max_steps=12, callbacks=[gns, ada])).fit(Small())
+    said = [r.getMessage() for r in caplog.records if "AdaptiveBatchSize" in r.getMessage()]
+    assert len(said) == 3, said  # the first check had one step: no interval yet
+    assert said[0].endswith("batch 8: no estimate of B_noise yet: waiting")
+    assert "batch 8 -> 16" in said[1] and "because B_noise is at least 1,000,000" in said[1]
+    assert said[2].endswith("but the batch is at its largest: staying")
+
+
 def test_starts_within_its_bounds(tmp_path) -> None:
     gns = GradientNoiseScale(log_every_n_steps=50)
-    ada = AdaptiveBatchSize(min_accumulate=2, max_accumulate=4)
+    ada = AdaptiveBatchSize(min_accumulate=2, max_accumulate=4, probe=0)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[gns, ada]))
     trainer.fit(Classifier(mlp(), batch_size=32))
     assert trainer.accumulate_grad_batches == ada.accumulate == 2  # the trainer said 1

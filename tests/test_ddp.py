@@ -56,6 +56,23 @@ def test_adaptive_batch_size_changes_on_every_rank_together(tmp_path) -> None:
     assert ranks[0]["param_sum"] == pytest.approx(ranks[1]["param_sum"], rel=1e-12)
 
 
+def test_the_micro_batch_grows_on_every_rank_together(tmp_path) -> None:
+    """A ResizableBatchSampler around Lightning's DistributedSampler: both ranks resize at the
+    same step, every step has the same micro-batch size and accumulation on both, and each
+    epoch still draws every example once across the ranks."""
+    run_ddp(tmp_path, "resizable", 1)
+    ranks = [json.loads((tmp_path / f"result.json.rank{r}").read_text()) for r in (0, 1)]
+    assert ranks[0]["changes"] == ranks[1]["changes"]
+    assert [(c[1], c[2]) for c in ranks[0]["changes"]] == [(8, 1), (16, 1), (16, 2)]
+    shape = [[[e, len(i), a] for e, i, a in r["seen"]] for r in ranks]
+    assert shape[0] == shape[1]
+    for epoch in (0, 1):
+        drawn = [i for r in ranks for e, idx, _ in r["seen"] if e == epoch for i in idx]
+        assert sorted(drawn) == list(range(100))
+    assert ranks[0]["batch_size"] == ranks[1]["batch_size"] == 16 * 2 * 2
+    assert ranks[0]["param_sum"] == pytest.approx(ranks[1]["param_sum"], rel=1e-12)
+
+
 def test_one_all_reduce_per_logging_step_and_none_between(tmp_path) -> None:
     """The model's and the preconditioned trackers are read with one reduction together."""
     r = run_ddp(tmp_path, "collectives", 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import subprocess
@@ -134,3 +135,33 @@ def test_lightning_cli_configures_the_callback_from_yaml(tmp_path) -> None:
     acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0})
     acc.Reload()
     assert "gns/b_simple" in acc.Tags()["scalars"]
+
+
+class _AtEpochEnd(pl.Callback):
+    """What EarlyStopping reads at each epoch end (it runs after this one)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        m = trainer.callback_metrics
+        self.seen.append({k: float(m[k]) for k in ("gns/optimal_batch_size", "gns/b_simple_upper")})
+
+
+def test_early_stopping_reads_the_advice_while_b_simple_is_unknown(tmp_path) -> None:
+    """README: gns/optimal_batch_size is readable by EarlyStopping. In the hard regime (a
+    trained model, B_simple not yet known) it must still be a number: EarlyStopping's default
+    check_finite=True would stop the run on a NaN."""
+    from helpers import trained_mlp
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    seen = _AtEpochEnd()
+    stop = EarlyStopping(monitor="gns/optimal_batch_size", mode="max", patience=100)
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=2, log_every_n_steps=20),
+        callbacks=[GradientNoiseScale(), seen, stop],
+    )
+    trainer.fit(Classifier(trained_mlp(), lr=1e-3, batch_size=16))
+    assert trainer.current_epoch == 2 and not trainer.should_stop  # ran every epoch
+    assert not math.isfinite(seen.seen[0]["gns/b_simple_upper"])  # B_simple unknown then
+    assert all(s["gns/optimal_batch_size"] >= 16 for s in seen.seen)  # a number, ≥ the batch

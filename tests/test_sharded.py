@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sharded_setup import N, data, net
+from sharded_setup import N, data, net, rank_env
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -41,17 +40,7 @@ def launch(out: Path, configs: list[str], timeout: float = 900) -> list[dict]:
     root = Path(__file__).resolve().parents[1]
     procs, logs = [], []
     for rank in (0, 1):
-        env = {
-            **os.environ,
-            "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "PYTHONWARNINGS": "ignore",
-            "OMP_NUM_THREADS": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": "2",
-            "NODE_RANK": "0",
-            "LOCAL_RANK": str(rank),
-        }
+        env = rank_env(rank, port, root)
         log = open(out.parent / f"log.rank{rank}", "w")  # noqa: SIM115 - closed below
         logs.append(log)
         cmd = [sys.executable, str(HERE / "sharded_run.py"), str(out), *configs]

@@ -1,0 +1,143 @@
+"""Which batch AdaptiveBatchSize runs at next: the ladder of batches it can take (the user's
+batch × factor^level, micro-batch first, then accumulation) and the decision at a read-out.
+No Lightning here: :mod:`lightning_gns.adaptive` feeds it numbers and applies what it says."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lightning_gns import growth
+from lightning_gns.estimator import GNSValues
+
+PROBE_STEPS = 2  # records the probe averages
+
+# A decision: (accumulation, micro-batch, reason) to change to, the reason to wait, or None.
+Decision = tuple[int, int | None, str] | str | None
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change of the batch: the optimizer steps before it, accumulation and micro-batch
+    before and after (micro-batch None: not resizable), the batch, the LR multiplier, why."""
+
+    step: int
+    old: int
+    new: int
+    batch_size: float
+    lr_scale: float
+    reason: str
+    old_micro: int | None = None
+    new_micro: int | None = None
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A decided change, applied when batch ``index`` of ``epoch`` starts."""
+
+    accumulate: int
+    micro: int | None
+    reason: str
+    noise: float  # what rank 0 knew of B_noise (LR gain, second moment: the same on all ranks)
+    epoch: int
+    index: int
+
+
+@dataclass
+class Ladder:
+    """The batches within reach: ``base`` (the user's accumulation and micro-batch; micro None
+    while not resizable) × factor^level, the micro-batch grown first (up to
+    ``max_micro_batch``; it never shrinks, Lightning's epoch length depends on it), then the
+    accumulation within [min_accumulate, max_accumulate]."""
+
+    factor: int
+    max_accumulate: int
+    max_micro_batch: int | None
+    examples_per_micro: Callable[[], float]  # measured, for a micro-batch not resizable
+    world_size: int = 1
+    min_accumulate: int = 1
+    base: tuple[int, int | None] = (1, None)
+
+    def batch(self, accumulate: int, micro: int | None) -> float:
+        """Examples per optimizer step: micro-batch × accumulation × world size."""
+        per_micro = float(micro) if micro is not None else self.examples_per_micro()
+        return per_micro * accumulate * self.world_size
+
+    def base_batch(self, micro: int | None) -> float:
+        acc, base_micro = self.base
+        return self.batch(acc, base_micro if base_micro is not None else micro)
+
+    def level(self, batch: float, micro: int | None) -> int:
+        return round(math.log(batch / self.base_batch(micro), self.factor))
+
+    def allocate(self, level: int, micro: int | None) -> tuple[int, int | None]:
+        """The accumulation and micro-batch of level ``level`` (``micro``: the current one)."""
+        base_acc, base_micro = self.base
+        micro_levels = 0
+        if micro is not None and base_micro is not None and self.max_micro_batch:
+            while base_micro * self.factor ** (micro_levels + 1) <= self.max_micro_batch:
+                micro_levels += 1
+            level = max(level, round(math.log(micro / base_micro, self.factor)))
+        j = min(max(level, 0), micro_levels)
+        accumulate = base_acc * self.factor ** max(level - j, 0)
+        accumulate = min(max(accumulate, self.min_accumulate), self.max_accumulate)
+        new_micro = base_micro * self.factor**j if base_micro is not None else micro
+        return accumulate, new_micro if micro is not None else None
+
+
+@dataclass
+class Rules:
+    """The rule and its arguments (AdaptiveBatchSize's), and the sqrt rule's reference."""
+
+    rule: str
+    factor: int
+    multiple: float
+    margin: float
+    shrink: bool
+    min_steps_between: int
+    reference: tuple[float, float] | None = None  # (B₀, B_noise₀)
+
+    def decide(
+        self,
+        ladder: Ladder,
+        v: GNSValues,
+        now: tuple[int, int | None],
+        steps_since_change: int | None,
+        timing: tuple[float, float] | None,
+    ) -> Decision:
+        """At a read-out at the batch ``now`` = (accumulation, micro-batch); the steps since
+        the last change (None: none yet)."""
+        batch = ladder.batch(*now)
+        if self.rule == "sqrt" and self.reference is None and v.known:  # no probe
+            self.reference = (batch, v.b_simple)
+        left = self.min_steps_between - (steps_since_change or 0)
+        if steps_since_change is not None and left > 0:
+            return f"{left} more steps before the next change (min_steps_between): waiting"
+        move = growth.move(self.rule, v, batch, self.factor, self.multiple, self.margin,
+                           self.shrink, self.reference, timing)  # fmt: skip
+        if move.steps == 0 or (move.steps < 0 and not self.shrink):
+            return move.reason if move.steps == 0 else None
+        target = ladder.allocate(ladder.level(batch, now[1]) + move.steps, now[1])
+        if target == now:
+            bound = "largest" if move.steps > 0 else "smallest"
+            return f"{move.reason.rsplit(':', 1)[0]}, but the batch is at its {bound}: staying"
+        return (*target, move.reason)
+
+    def after_probe(self, ladder: Ladder, v: GNSValues, now: tuple[int, int | None]) -> Decision:
+        """The probe's records set the batch to go on with (:func:`growth.probe_level`)."""
+        if v.steps < PROBE_STEPS:
+            return None  # not enough records yet (the per-example check step has none)
+        batch = ladder.batch(*now)
+        found = growth.probe_level(v, batch, ladder.base_batch(now[1]), self.factor, self.multiple)
+        if found is None:
+            return None
+        target = ladder.allocate(found[0], now[1])
+        if target == now:
+            return f"{found[1]}: staying"
+        return (*target, f"{found[1]}: going on at {number(ladder.batch(*target))}")
+
+
+def number(x: float) -> str:
+    """A batch as a user reads it (``?`` while unknown)."""
+    return f"{x:,.0f}" if math.isfinite(x) else "?"

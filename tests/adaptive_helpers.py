@@ -1,0 +1,75 @@
+"""Shared by the AdaptiveBatchSize tests: a monitor that always asks for a larger batch, a
+small data module, and a run that records the rate each SGD step used."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from helpers import digits, mlp
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
+from lightning_gns import GradientNoiseScale
+from lightning_gns.records import StepNorms
+
+# Every step: |G|² = 1, tr(Σ) = 10⁶ exactly (B_small 1, B_big 2), so B_noise = 10⁶, known.
+LOUD = StepNorms(torch.tensor([1e6 + 1.0]), torch.tensor([5e5 + 1.0]), 1.0, 1.0, 1.0, 0.5)
+
+
+class _LoudListeners(list):
+    """Listeners that get the loud record instead of the measured one."""
+
+    def __iter__(self):  # noqa: ANN204
+        for listener in list.__iter__(self):
+            yield lambda sample, listener=listener: listener(None if sample is None else LOUD)
+
+
+class LoudNoise(GradientNoiseScale):
+    """Measures as usual, but hands AdaptiveBatchSize a record with B_noise = 10⁶ (known) at
+    every step, so its rules always ask for a larger batch, whatever the model does."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.step_listeners = _LoudListeners()
+
+
+class Small(pl.LightningModule):
+    """The digits MLP on the first ``n`` examples (SGD, fixed order unless ``seed``);
+    ``sampler``: a ResizableBatchSampler class to draw batches with."""
+
+    def __init__(
+        self,
+        n: int = 256,
+        batch_size: int = 8,
+        lr: float = 0.1,
+        seed: int | None = None,
+        sampler: type | None = None,
+        workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model = mlp()
+        self.n, self.batch_size, self.lr, self.seed = n, batch_size, lr, seed
+        self.sampler_cls, self.workers = sampler, workers
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        x, y = digits()
+        data = TensorDataset(x[: self.n], y[: self.n])
+        if self.seed is None:
+            order = SequentialSampler(data)
+        else:
+            order = RandomSampler(data, generator=torch.Generator().manual_seed(self.seed))
+        kw = {"num_workers": self.workers, "persistent_workers": self.workers > 0}
+        if self.sampler_cls is None:
+            return DataLoader(data, batch_size=self.batch_size, sampler=order, **kw)
+        return DataLoader(data, batch_sampler=self.sampler_cls(order, self.batch_size), **kw)
+
+
+def params(module: nn.Module) -> Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])

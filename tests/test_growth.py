@@ -1,0 +1,94 @@
+"""The growth rules of AdaptiveBatchSize as pure functions (lightning_gns/growth.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lightning_gns.estimator import GNSValues
+from lightning_gns.growth import (
+    goodput_rule,
+    lower_bound_rule,
+    lr_scale,
+    noise_rule,
+    probe_level,
+    second_moment_ratio,
+    sqrt_rule,
+)
+
+
+def values(b: float, lower: float, upper: float, steps: int = 100) -> GNSValues:
+    return GNSValues(b, math.nan, lower, upper, 1.0, b, steps, 0, 0, 100.0)
+
+
+UNKNOWN = values(math.nan, math.nan, math.nan)
+
+
+def test_lower_bound_rule_grows_on_the_bound_and_has_a_dead_band() -> None:
+    assert lower_bound_rule(values(900, 300, 2000), 128, 2, 1.0, shrink=True).steps == 1
+    assert lower_bound_rule(values(900, 200, 2000), 128, 2, 1.0, shrink=True).steps == 0
+    assert lower_bound_rule(values(900, 300, 2000), 128, 2, 2.0, shrink=True).steps == 0  # margin
+    assert lower_bound_rule(values(40, 30, 60), 128, 2, 1.0, shrink=True).steps == -1
+    assert lower_bound_rule(values(40, 30, 60), 128, 2, 1.0, shrink=False).steps == 0
+    # between B/2 and 2B: no change either way (no flapping)
+    assert lower_bound_rule(values(128, 100, 200), 128, 2, 1.0, shrink=True).steps == 0
+    move = lower_bound_rule(UNKNOWN, 128, 2, 1.0, shrink=True)
+    assert move.steps == 0 and "no estimate" in move.reason
+
+
+def test_sqrt_rule_follows_the_square_root_of_the_noise_scale() -> None:
+    ref = (32.0, 100.0)
+    assert sqrt_rule(values(400, 380, 420), 32, 2, ref).steps == 1  # B* = 64
+    assert sqrt_rule(values(1600, 1500, 1700), 32, 2, ref).steps == 2  # B* = 128: two factors
+    assert sqrt_rule(values(150, 140, 160), 32, 2, ref).steps == 0  # B* = 39: within the band
+    assert sqrt_rule(values(20, 19, 21), 32, 2, ref).steps == -1  # B* = 14
+    # not known: the lower bound stands in (B* = 32·√(25/100) = 16), never the point estimate
+    assert sqrt_rule(values(400, 25, 1000), 32, 2, ref).steps == -1
+    assert sqrt_rule(values(400, 380, 420), 32, 2, None).steps == 0  # no reference yet
+
+
+def test_noise_rule_follows_a_multiple_of_the_noise_scale() -> None:
+    assert noise_rule(values(300, 290, 310), 32, 2, 1.0, shrink=False).steps == 3  # 256 ≤ 300
+    assert noise_rule(values(300, 290, 310), 32, 2, 0.5, shrink=False).steps == 2  # 128 ≤ 150
+    assert noise_rule(values(40, 38, 42), 32, 2, 1.0, shrink=False).steps == 0
+    assert noise_rule(values(5, 4, 6), 64, 2, 1.0, shrink=True).steps < 0
+    assert noise_rule(values(5, 4, 6), 64, 2, 1.0, shrink=False).steps == 0
+    assert noise_rule(UNKNOWN, 32, 2, 1.0, shrink=True).steps == 0
+
+
+def test_goodput_rule_weighs_statistical_efficiency_against_time() -> None:
+    big_noise = values(10_000, 9_000, 11_000)
+    # a larger batch only repeats or enlarges passes: without a fixed cost per step no gain
+    assert goodput_rule(big_noise, 32, 2, timing=(0.0, 1.0)).steps == 0
+    # a fixed cost per step (optimizer, communication) makes a larger batch worth it
+    assert goodput_rule(big_noise, 32, 2, timing=(5.0, 1.0)).steps == 1
+    # ... unless the batch is already beyond the noise scale
+    assert goodput_rule(values(16, 15, 17), 32, 2, timing=(5.0, 1.0)).steps <= 0
+    assert goodput_rule(big_noise, 32, 2, timing=None).steps == 0
+
+
+def test_probe_picks_the_level_nearest_the_noise_scale() -> None:
+    found = probe_level(values(300, 200, 500, steps=2), 128, 8, 2, 1.0)
+    assert found is not None and found[0] == 5  # 8·2⁵ = 256 is nearest to 300 in log
+    assert "B_noise ≈ 300" in found[1]
+    assert probe_level(values(3, 2, 5, steps=2), 128, 8, 2, 1.0)[0] == 0  # never below base
+    assert probe_level(UNKNOWN, 128, 8, 2, 1.0) is None
+
+
+def test_lr_scale_rules() -> None:
+    assert lr_scale("linear", 256, 32) == 8
+    assert lr_scale("sqrt", 128, 32) == 2
+    assert lr_scale("none", 256, 32) == 1
+    # AdaScale's gain: ≈ the batch ratio far below B_noise, ≈ 1 far above it
+    assert lr_scale("adascale", 256, 32, b_noise=1e9) == pytest.approx(8, rel=1e-6)
+    assert lr_scale("adascale", 256, 32, b_noise=1e-6) == pytest.approx(1, rel=1e-6)
+    assert 1 < lr_scale("adascale", 256, 32, b_noise=100) < 8
+
+
+def test_second_moment_ratio_is_the_expected_square_of_the_batch_gradient() -> None:
+    # E|G_B|² = |G|²(1 + B_noise/B): far below B_noise a k× batch divides it by k
+    assert second_moment_ratio(1e9, 32, 128) == pytest.approx(0.25, rel=1e-6)
+    assert second_moment_ratio(1e-9, 32, 128) == pytest.approx(1.0, rel=1e-6)
+    assert second_moment_ratio(100, 100, 200) == pytest.approx(1.5 / 2.0)
+    assert second_moment_ratio(math.nan, 32, 128) == 1.0
