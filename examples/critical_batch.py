@@ -314,13 +314,15 @@ def sweep(task: Task, batches: list[int], grid: list[float], log: Any) -> dict[i
 RULES = ("lower_bound", "sqrt", "goodput")
 
 
-def adaptive_runs(task: Task, rule: str, b0: int, lr: float, b_max: int) -> dict[str, Any]:
+def adaptive_runs(
+    task: Task, rule: str, b0: int, lr: float, b_max: int, **kwargs: Any
+) -> dict[str, Any]:
     """AdaptiveBatchSize from B = b0 at the LR tuned for b0 (Adam: √ scaling) up to b_max
     (micro-batches up to b_max), default arguments otherwise, over ``task.seeds`` data orders:
     the mean steps, examples and seconds; curves and changes of the first."""
     runs = []
     for seed in range(task.seeds):
-        ada = AdaptiveBatchSize(b_max // b0, rule=rule, max_micro_batch=b_max)  # type: ignore[arg-type]
+        ada = AdaptiveBatchSize(b_max // b0, rule=rule, max_micro_batch=b_max, **kwargs)  # type: ignore[arg-type]
         runs.append(train(task, b0, lr, seed, adaptive=ada, resizable=True))
     out = asdict(runs[0])
     for attr in ("steps", "examples", "seconds"):
@@ -390,6 +392,7 @@ def main() -> None:
     parser.add_argument("--from-json", action="store_true", help="redraw from results.json")
     parser.add_argument("--rules", default=",".join(RULES), help="adaptive rules to run")
     parser.add_argument("--reuse", help="take the fixed-batch sweep from this results.json")
+    parser.add_argument("--multiple", type=float, help="AdaptiveBatchSize(multiple=...)")
     args = parser.parse_args()
     if args.from_json:
         results = json.loads((Path(args.out) / "results.json").read_text())
@@ -424,8 +427,12 @@ def main() -> None:
         b0 = batches[0]
         summary["adaptive"] = {}
         for rule in rules:
-            summary["adaptive"][rule] = adaptive_runs(task, rule, b0, best[b0].lr, batches[-1])
-            a = summary["adaptive"][rule]
+            kwargs = {"multiple": args.multiple} if args.multiple is not None else {}
+            key = rule if not kwargs else f"{rule} ×{args.multiple:g}"
+            summary["adaptive"][key] = adaptive_runs(
+                task, rule, b0, best[b0].lr, batches[-1], **kwargs
+            )
+            a = summary["adaptive"][key]
             log(f"{name}: adaptive ({rule}): steps {a['per_seed_steps']}, mean {a['steps']:.0f}, "
                 f"examples {a['examples']:.0f}")  # fmt: skip
         if "branched" not in summary:
