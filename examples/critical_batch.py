@@ -11,7 +11,7 @@ runs are compared with B_crit. Finally :class:`~lightning_gns.adaptive.AdaptiveB
 starts at the smallest batch and is compared with every fixed batch: steps, examples and
 wall time to the same loss.
 
-    python examples/critical_batch.py            # the full setting, about 15 minutes on 1 core
+    python examples/critical_batch.py            # both tasks side by side, under an hour on 2 cores
     python examples/critical_batch.py --quick    # a small setting (the test suite runs it)
 
 Writes ``table.md``, ``results.json``, ``pareto.png`` and ``adaptive.png`` under ``--out``.
@@ -23,6 +23,8 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import time
 import warnings
@@ -384,6 +386,43 @@ def summarise(task: Task, best: dict[int, Run]) -> dict[str, Any]:
     }
 
 
+def run_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One task: the fixed-batch sweep (or an earlier one, ``--reuse``), the adaptive rules,
+    the branched measurement (one thread)."""
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    batches = [8, 32, 128, 512] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1024]
+    grid = [0.5, 2.0] if args.quick else [0.5, 1.0, 2.0]  # × the LR tuned at B = 32, √-scaled
+    makers = {"digits": digits_task, "charlm": charlm_task}
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    task = makers[name](args.quick)
+    reused = {r["task"]: r for r in json.loads(Path(args.reuse).read_text())} if args.reuse else {}
+    if name in reused:  # the fixed-batch sweep of an earlier run
+        summary = {k: v for k, v in reused[name].items() if k not in ("adaptive",)}
+        best = {int(b): Run(**r) for b, r in summary["runs"].items()}
+    else:
+        best = sweep(task, batches, grid, log)
+        summary = summarise(task, best)
+    b0 = batches[0]
+    summary["adaptive"] = {}
+    for rule in [r for r in args.rules.split(",") if r]:
+        kwargs = {"multiple": args.multiple} if args.multiple is not None else {}
+        key = rule if not kwargs else f"{rule} ×{args.multiple:g}"
+        a = adaptive_runs(task, rule, b0, best[b0].lr, batches[-1], **kwargs)
+        summary["adaptive"][key] = a
+        log(f"{name}: adaptive ({rule}): steps {a['per_seed_steps']}, mean {a['steps']:.0f}, "
+            f"examples {a['examples']:.0f}")  # fmt: skip
+    if "branched" not in summary:
+        ks = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]
+        summary["branched"] = branched(task, 32, best[32].lr, ks, budget=8 * 32 * ks[-1])
+    log(f"{name}: B_crit {summary['b_crit']:.0f} (branched {summary['branched']['b_crit']}),"
+        f" B_simple {summary['b_simple']:.0f}")  # fmt: skip
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small setting (a minute)")
@@ -400,47 +439,15 @@ def main() -> None:
         plot(results, Path(args.out))
         print(table(results))
         return
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    batches = [8, 32, 128, 512] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1024]
-    grid = [0.5, 2.0] if args.quick else [0.5, 1.0, 2.0]  # × the LR tuned at B = 32, √-scaled
-    makers = {"digits": digits_task, "charlm": charlm_task}
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
-    reused = {}
-    if args.reuse:
-        reused = {r["task"]: r for r in json.loads(Path(args.reuse).read_text())}
-    rules = [r for r in args.rules.split(",") if r]
-    results = []
-    for name in args.tasks.split(","):
-        task = makers[name](args.quick)
-        if name in reused:  # the fixed-batch sweep of an earlier run
-            summary = {k: v for k, v in reused[name].items() if k not in ("adaptive",)}
-            best = {int(b): Run(**r) for b, r in summary["runs"].items()}
-        else:
-            best = sweep(task, batches, grid, log)
-            summary = summarise(task, best)
-        b0 = batches[0]
-        summary["adaptive"] = {}
-        for rule in rules:
-            kwargs = {"multiple": args.multiple} if args.multiple is not None else {}
-            key = rule if not kwargs else f"{rule} ×{args.multiple:g}"
-            summary["adaptive"][key] = adaptive_runs(
-                task, rule, b0, best[b0].lr, batches[-1], **kwargs
-            )
-            a = summary["adaptive"][key]
-            log(f"{name}: adaptive ({rule}): steps {a['per_seed_steps']}, mean {a['steps']:.0f}, "
-                f"examples {a['examples']:.0f}")  # fmt: skip
-        if "branched" not in summary:
-            ks = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]
-            summary["branched"] = branched(task, 32, best[32].lr, ks, budget=8 * 32 * ks[-1])
-        log(f"{name}: B_crit {summary['b_crit']:.0f} (branched {summary['branched']['b_crit']}),"
-            f" B_simple {summary['b_simple']:.0f}")  # fmt: skip
-        results.append(summary)
+    names = args.tasks.split(",")
+    if len(names) > 1 and (os.cpu_count() or 1) > 1:  # one process per task, side by side
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(min(len(names), os.cpu_count() or 1)) as pool:
+            results = pool.starmap(run_task, [(name, args) for name in names])
+    else:
+        results = [run_task(name, args) for name in names]
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "table.md").write_text(table(results))
     plot(results, out)
