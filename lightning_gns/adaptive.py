@@ -6,8 +6,9 @@ same per-step records as :class:`~lightning_gns.GradientNoiseScale`, in a window
 at each change of batch, and changes the batch by factors at an optimizer-step boundary: first
 the per-device micro-batch (with a :class:`~lightning_gns.batching.ResizableBatchSampler`, up to
 ``max_micro_batch``), then ``Trainer.accumulate_grad_batches``. The rules are pure functions in
-:mod:`lightning_gns.growth`; the learning rate and Adam's second moment are handled around each
-step (:mod:`lightning_gns.stepping`).
+:mod:`lightning_gns.growth`, the decision and the change in :mod:`lightning_gns.growing`; the
+learning rate and Adam's second moment are handled around each step
+(:mod:`lightning_gns.stepping`).
 """
 
 from __future__ import annotations
@@ -19,26 +20,22 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
 from lightning_gns import _compat, batching, growth, keys
 from lightning_gns.callback import GradientNoiseScale
-from lightning_gns.estimator import GNSValues
-from lightning_gns.growth import LRScaling, Rule, lr_scale
-from lightning_gns.norms.preconditioner import keeps_second_moment
-from lightning_gns.plan import PROBE_STEPS, Change, Decision, Ladder, Pending, Rules, number
-from lightning_gns.publish import publish
-from lightning_gns.schedule import BatchSchedule, change_message
-from lightning_gns.stepping import LRScaler, NoiseWindow, StepTimer, rescale_second_moment
+from lightning_gns.growing import Growing
+from lightning_gns.growth import LRScaling, Rule
+from lightning_gns.plan import Change, Ladder, Rules
+from lightning_gns.schedule import BatchSchedule
+from lightning_gns.stepping import LRScaler, NoiseWindow, StepTimer
 
 __all__ = ["AdaptiveBatchSize", "Change"]
 
 
-class AdaptiveBatchSize(Callback):
+class AdaptiveBatchSize(Growing, Callback):
     r"""Grow the batch as the gradient noise scale grows (needs a
     :class:`~lightning_gns.GradientNoiseScale` in the same ``Trainer``, before or after it).
 
@@ -246,89 +243,6 @@ class AdaptiveBatchSize(Callback):
         done = trainer.global_step + 1  # Lightning counts this step after the hook
         if self._probing or done % self.check_every_n_steps == 0:
             self._decide(trainer, done)
-
-    # -- decisions ------------------------------------------------------------------------
-    def _decide(self, trainer: pl.Trainer, done: int) -> None:
-        """Read the window (one reduction across ranks), let rank 0 choose, every rank takes
-        its choice (one broadcast) and schedules it for the same batch index."""
-        values = self._window.read(sync=trainer.world_size > 1)
-        noise, _ = growth.noise_bound(values)
-        now = self.batches.now
-        if self.lr_scaling == "adascale":  # the gain follows the estimate at every read
-            self._set_lr_scale(trainer, self._ladder.batch(*now), noise)
-        choice = self._choose(values, done) if trainer.is_global_zero else None
-        choice = trainer.strategy.broadcast(choice, src=0)
-        finite = math.isfinite(values.b_simple) and values.b_simple > 0
-        if self._probing and values.steps >= PROBE_STEPS and finite:
-            noise, self._probing = values.b_simple, False  # the probe's record is in
-            self._window.restart()  # B_noise from here on
-            self._set_lr_scale(trainer, self._ladder.batch(*now), noise)
-            if self.rule == "sqrt":
-                target = choice[:2] if isinstance(choice, tuple) else now
-                self._rules.reference = (self._ladder.batch(*target), noise)
-        if isinstance(choice, str):
-            if self.batches.wait(choice):
-                batch = number(self._ladder.batch(*now))
-                rank_zero_info(f"AdaptiveBatchSize: batch {batch}: {choice}")
-        elif choice is not None:
-            ready = _compat.batches_ready(trainer, self._ready)
-            self.batches.schedule(trainer, choice[:2], choice[2], noise, self._sampler, ready)
-        self._publish(trainer)
-
-    def _choose(self, v: GNSValues, done: int) -> Decision:
-        """Rank 0's decision (:mod:`lightning_gns.plan`); none while a change waits."""
-        if self.batches.pending is not None:
-            return None
-        if self._probing:
-            return self._rules.after_probe(self._ladder, v, self.batches.now)
-        since = self.batches.steps_since_change(done)
-        return self._rules.decide(self._ladder, v, self.batches.now, since, self._timer.timing)
-
-    def _apply(self, trainer: pl.Trainer, p: Pending) -> None:
-        """The pending change starts with this batch: accumulation, micro-batch, LR, Adam's
-        second moment, a fresh window, and a line with the reason."""
-        assert self._gns is not None
-        old_batch = self._ladder.batch(*self.batches.now)
-        batch = self._ladder.batch(p.accumulate, p.micro)
-        trainer.accumulate_grad_batches = p.accumulate
-        if p.micro != self.batches.micro and p.micro is not None:
-            self._gns.micro_batch_resized(p.micro)
-        self._timer.reset()
-        adam = ""
-        ratio = growth.second_moment_ratio(p.noise, old_batch, batch)
-        if self.rescale_second_moment and ratio != 1.0:
-            if rescale_second_moment(trainer.optimizers[0], ratio):
-                adam = f", second moment × {ratio:.3g}"
-        self._set_lr_scale(trainer, batch, p.noise)
-        self._window.restart()  # B_noise at the new batch
-        change = self.batches.take(p, trainer.global_step, batch, self.lr_scale)
-        message = change_message(change, old_batch, self._scaling(trainer), adam)
-        rank_zero_info(message)
-        for logger in trainer.loggers:  # the reason, where a logger takes text
-            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-                logger.experiment.add_text(keys.BATCH_SIZE_CHANGE, message, trainer.global_step)
-        self._publish(trainer)
-
-    # -- learning rate, logging -----------------------------------------------------------
-    def _set_lr_scale(self, trainer: pl.Trainer, batch: float, noise: float) -> None:
-        base = self._ladder.base_batch(self.batches.micro)
-        self.lr_scale = lr_scale(self._scaling(trainer), batch, base, noise)
-        if self._lr is not None:
-            self._lr.scale = self.lr_scale
-
-    def _scaling(self, trainer: pl.Trainer) -> str:
-        if self.lr_scaling != "auto":
-            return self.lr_scaling
-        return "sqrt" if keeps_second_moment(trainer.optimizers[0]) else "linear"
-
-    def _publish(self, trainer: pl.Trainer) -> None:
-        accumulate, micro = self.batches.now
-        metrics = {keys.ACCUMULATE: float(accumulate), keys.LR_SCALE: self.lr_scale}
-        if micro is not None:
-            metrics[keys.MICRO_BATCH] = float(micro)
-        if self._lr is not None and math.isfinite(self._lr.applied):
-            metrics[keys.LR] = self._lr.applied
-        publish(trainer, None, metrics)
 
     # -- checkpoints ----------------------------------------------------------------------
     @override
