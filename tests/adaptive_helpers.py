@@ -12,16 +12,23 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Tenso
 from lightning_gns import GradientNoiseScale
 from lightning_gns.records import StepNorms
 
-# Every step: |G|² = 1, tr(Σ) = 10⁶ exactly (B_small 1, B_big 2), so B_noise = 10⁶, known.
-LOUD = StepNorms(torch.tensor([1e6 + 1.0]), torch.tensor([5e5 + 1.0]), 1.0, 1.0, 1.0, 0.5)
+
+def loud(world: int = 1) -> StepNorms:
+    """One process's record of a step with |G|² = 1, tr(Σ) = 10⁶ exactly, so B_noise = 10⁶,
+    known: B_small 1, and B_big 2·W once ``world`` processes' records are pooled (summed);
+    each process holds 1/W of |G_big|² = 1 + 10⁶/(2W)."""
+    big = (1.0 + 1e6 / (2 * world)) / world
+    return StepNorms(torch.tensor([1e6 + 1.0]), torch.tensor([big]), 1.0, 1.0, 1.0, 0.5)
 
 
 class _LoudListeners(list):
     """Listeners that get the loud record instead of the measured one."""
 
     def __iter__(self):  # noqa: ANN204
+        dist = torch.distributed
+        record = loud(dist.get_world_size() if dist.is_initialized() else 1)
         for listener in list.__iter__(self):
-            yield lambda sample, listener=listener: listener(None if sample is None else LOUD)
+            yield lambda sample, listener=listener: listener(None if sample is None else record)
 
 
 class LoudNoise(GradientNoiseScale):

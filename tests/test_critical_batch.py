@@ -31,6 +31,9 @@ def test_quick_experiment_writes_its_table_and_plots(tmp_path) -> None:
     steps = [run["steps"] for run in r["runs"].values()]
     assert all(math.isfinite(s) for s in steps)  # every batch size reached the target
     assert steps == sorted(steps, reverse=True)  # larger batches: fewer steps
-    grown = r["adaptive"]["lower_bound"]["adaptive"]
-    assert grown and grown[-1]["new"] > 1  # the adaptive run changed its batch
+    a = r["adaptive"]["lower_bound"]
+    grown = a["adaptive"]
+    assert grown and grown[-1]["batch_size"] > a["batch"]  # the adaptive run grew its batch
+    assert grown[-1]["new_micro"] > grown[0]["old_micro"]  # micro-batch first (resizable)
+    assert "Pareto front" in (tmp_path / "table.md").read_text()  # the verdict per rule
     assert "B_crit (fit)" in (tmp_path / "table.md").read_text()
