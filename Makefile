@@ -32,14 +32,14 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-# The docs extra too: a test builds the site and opens its pages in Chromium. One thread per
-# process: the tests' models are tiny, and two processes of two threads on two cores thrash.
+# The docs extra too: a test builds the site and opens its pages in Chromium. Two test
+# processes of one thread each: the tests' models are tiny, and two-thread processes thrash.
 test: $(VENV)/.docs chromium
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 # The inner loop: everything but the tests marked slow (about a minute on 2 cores).
 test-fast: $(VENV)/.installed
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not slow"
 
 docs: $(VENV)/.docs
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

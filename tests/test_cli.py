@@ -99,6 +99,7 @@ def test_help_returns_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert "report" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # make test-fast leaves it out (a real fit or subprocess)
 def test_module_entry_point_prints_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_gns.cli", "report", str(tmp_path / "nope")],

@@ -131,6 +131,7 @@ def test_invalid_decay_is_rejected(bad) -> None:
         GNSTracker(ema_decay=bad)
 
 
+@pytest.mark.slow  # make test-fast leaves it out (thousands of simulated runs)
 def test_standard_error_matches_spread_across_runs() -> None:
     """The delta-method SE of the smoothed ratio predicts the spread over independent runs."""
     g, var = synthetic(4)

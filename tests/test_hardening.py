@@ -143,6 +143,7 @@ class StepReport(pl.Callback):
         trainer.callback_metrics["test/optimizer_steps"] = torch.tensor(float(trainer.global_step))
 
 
+@pytest.mark.slow  # make test-fast leaves it out (a real fit or subprocess)
 def test_ddp_spawn_keeps_state_per_process_and_returns_the_estimate(tmp_path, truth) -> None:
     cb = GradientNoiseScale(ema_decay=0.98, source="micro_batch", log_every_n_steps=10)
     trainer = fit(

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 from helpers import Classifier, mlp, trainer_kwargs
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -108,6 +109,7 @@ def test_gns_values_share_the_rows_of_the_users_own_values(tmp_path) -> None:
     assert gns_rows[-1]["epoch"] != ""
 
 
+@pytest.mark.slow  # make test-fast leaves it out (a real fit or subprocess)
 def test_lightning_cli_configures_the_callback_from_yaml(tmp_path) -> None:
     cmd = [
         sys.executable,

@@ -84,6 +84,7 @@ class FixedRMSprop(Classifier):
         return DataLoader(ds, batch_size=32, sampler=sampler)
 
 
+@pytest.mark.slow  # make test-fast leaves it out (a real fit or subprocess)
 def test_preconditioned_estimate_matches_the_exact_value(tmp_path) -> None:
     module = FixedRMSprop()
     x, y = digits()
