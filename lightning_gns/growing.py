@@ -17,7 +17,7 @@ from lightning_gns import _compat, batching, growth, keys
 from lightning_gns.estimator import GNSValues
 from lightning_gns.growth import lr_scale
 from lightning_gns.norms.preconditioner import keeps_second_moment
-from lightning_gns.plan import PROBE_STEPS, Decision, Ladder, Pending, Rules, number
+from lightning_gns.plan import PROBE_STEPS, Decision, Ladder, Pending, Rules, batch_text
 from lightning_gns.publish import publish
 from lightning_gns.schedule import BatchSchedule, change_message
 from lightning_gns.stepping import LRScaler, NoiseWindow, StepTimer, rescale_second_moment
@@ -65,7 +65,7 @@ class Growing:
                 self._rules.reference = (self._ladder.batch(*target), noise)
         if isinstance(choice, str):
             if self.batches.wait(choice):
-                batch = number(self._ladder.batch(*now))
+                batch = batch_text(self._ladder.batch(*now))
                 rank_zero_info(f"AdaptiveBatchSize: batch {batch}: {choice}")
         elif choice is not None:
             ready = _compat.batches_ready(trainer, self._ready)

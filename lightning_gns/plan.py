@@ -135,9 +135,9 @@ class Rules:
         target = ladder.allocate(found[0], now[1])
         if target == now:
             return f"{found[1]}: staying"
-        return (*target, f"{found[1]}: going on at {number(ladder.batch(*target))}")
+        return (*target, f"{found[1]}: going on at {batch_text(ladder.batch(*target))}")
 
 
-def number(x: float) -> str:
+def batch_text(x: float) -> str:
     """A batch as a user reads it (``?`` while unknown)."""
     return f"{x:,.0f}" if math.isfinite(x) else "?"

@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning_gns import _compat
 from lightning_gns.batching import ResizableBatchSampler
-from lightning_gns.plan import Change, Pending, number
+from lightning_gns.plan import Change, Pending, batch_text
 from lightning_gns.stepping import max_over_ranks
 
 
@@ -131,7 +131,7 @@ def change_message(change: Change, old_batch: float, scaling: str, adam: str) ->
     if change.old != change.new:
         parts.append(f"accumulate_grad_batches {change.old} -> {change.new}")
     return (
-        f"AdaptiveBatchSize: step {change.step}: batch {number(old_batch)} -> "
-        f"{number(change.batch_size)} ({', '.join(parts)}), learning rate × "
+        f"AdaptiveBatchSize: step {change.step}: batch {batch_text(old_batch)} -> "
+        f"{batch_text(change.batch_size)} ({', '.join(parts)}), learning rate × "
         f"{change.lr_scale:.4g} ({scaling}{adam}) because {change.reason}"
     )

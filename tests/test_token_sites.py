@@ -48,30 +48,30 @@ def _norms_of_one_batch(model: nn.Module, x: Tensor, y: Tensor, loss) -> tuple[T
         model.zero_grad(set_to_none=True)
 
 
+def _assert_exact_on_four(model, data, loss, rtol: float) -> None:
+    """Nothing left out, and the hooks' per-example squared norms of the first 4 examples equal
+    those of exact per-example gradients."""
+    x, y = data.tensors[0][:4], data.tensors[1][:4]
+    acc, left_out = _norms_of_one_batch(model, x, y, loss)
+    assert left_out == {}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    exact, _ = per_example_sq_norms(model, x, y, loss, params)
+    torch.testing.assert_close(acc.double(), sum(exact.values()), rtol=rtol, atol=0)
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe", "toy_modulelist"])
 def test_per_example_norms_of_moe_models_are_exact(name) -> None:
     """(GPT-OSS is left out: its attention's sinks have no rule and torch.func fails on it;
     its experts' rule is tested in test_moe.py.)"""
     torch.manual_seed(0)
     model, data, loss = MOE_MODELS[name]()
-    model = model.double()
-    x, y = data.tensors[0][:4], data.tensors[1][:4]
-    acc, left_out = _norms_of_one_batch(model, x, y, loss)
-    assert left_out == {}
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    exact, _ = per_example_sq_norms(model, x, y, loss, params)
-    torch.testing.assert_close(acc.double(), sum(exact.values()), rtol=1e-5, atol=0)
+    _assert_exact_on_four(model.double(), data, loss, rtol=1e-5)
 
 
 def test_grouped_mm_experts_in_float32() -> None:
     torch.manual_seed(0)
     model, data, loss = MOE_MODELS["mixtral"](impl="grouped_mm")
-    x, y = data.tensors[0][:4], data.tensors[1][:4]
-    acc, left_out = _norms_of_one_batch(model, x, y, loss)
-    assert left_out == {}
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    exact, _ = per_example_sq_norms(model, x, y, loss, params)
-    torch.testing.assert_close(acc.double(), sum(exact.values()), rtol=1e-4, atol=0)
+    _assert_exact_on_four(model, data, loss, rtol=1e-4)
 
 
 class MixingMoE(ToyMoE):
