@@ -5,9 +5,9 @@ model (tests/moe_zoo.py), random weights, each after 150 Adam steps (so that the
 matter), then frozen; exact B_simple over the 256 examples from per-example gradients (one
 backward each), for the whole model, its MoE parameters, the rest, and each router and
 experts module; the callback's estimate with default settings (``per_layer=True``) after
-``--steps`` steps of batch 16 drawn with replacement.
+``--steps`` steps of batch ``--batch`` drawn with replacement.
 
-    python benchmarks/moe_estimate.py [--steps 1000] [--only mixtral]
+    python benchmarks/moe_estimate.py [--steps 1000] [--batch 16] [--only mixtral]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def exact(per: torch.Tensor, cols: torch.Tensor) -> tuple[float, float]:
     return float((per[:, cols] - g).square().sum(1).mean() / g2), float(g2)
 
 
-def row(name: str, steps: int) -> str:
+def row(name: str, steps: int, batch: int) -> str:
     """The table's row for one model."""
     model, data, loss = trained(name)
     per = per_example_grads(model, data, loss)
@@ -57,7 +57,7 @@ def row(name: str, steps: int) -> str:
         layers = sorted({n.rsplit(".", 1)[0] for n in moe if ".gate." in n})
     cb = GradientNoiseScale(per_layer=True)
     kw = trainer_kwargs(tempfile.mkdtemp(), max_steps=steps, log_every_n_steps=100)
-    pl.Trainer(**kw, callbacks=[cb]).fit(ZooModule(model, data, loss, 16))
+    pl.Trainer(**kw, callbacks=[cb]).fit(ZooModule(model, data, loss, batch, epoch=batch * steps))
     per_layer = []
     for layer in layers:
         truth, _ = exact(per, cols(lambda n, m=layer: n.rsplit(".", 1)[0] == m))
@@ -72,6 +72,7 @@ def row(name: str, steps: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--only", default="mixtral,qwen2_moe,olmoe,toy_modulelist")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -83,8 +84,8 @@ def main() -> None:
     t0 = time.time()
     for name in args.only.split(","):
         assert name in MOE_MODELS, name
-        print(row(name, args.steps), flush=True)
-    print(f"\n{args.steps} steps of batch 16 per model; {time.time() - t0:.0f} s")
+        print(row(name, args.steps, args.batch), flush=True)
+    print(f"\n{args.steps} steps of batch {args.batch} per model; {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

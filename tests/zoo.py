@@ -175,9 +175,13 @@ def exact(model: nn.Module, data: TensorDataset, loss: Callable) -> dict[str, fl
 class ZooModule(pl.LightningModule):
     """Frozen training (SGD, learning rate 0) with batches drawn with replacement."""
 
-    def __init__(self, model: nn.Module, data: TensorDataset, loss: Callable, batch: int) -> None:
+    def __init__(
+        self, model: nn.Module, data: TensorDataset, loss: Callable, batch: int, epoch: int = 0
+    ) -> None:
+        """``epoch``: examples drawn per epoch (the data set's size if 0)."""
         super().__init__()
         self.model, self.data, self.loss, self.batch = model, data, loss, batch
+        self.epoch = epoch or len(data)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self.loss(self.model, *batch)
@@ -188,6 +192,6 @@ class ZooModule(pl.LightningModule):
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(0)
         sampler = RandomSampler(
-            self.data, replacement=True, num_samples=len(self.data), generator=gen
+            self.data, replacement=True, num_samples=self.epoch, generator=gen
         )
         return DataLoader(self.data, batch_size=self.batch, sampler=sampler)

@@ -94,9 +94,11 @@ class _Pairs:
         self.dz, self.h, self.c = self._unsort(dz), self._unsort(h.detach()), c
 
     def _unsort(self, v: Tensor) -> Tensor:
-        out = torch.empty_like(v)
-        out[self.order] = v
-        return out
+        """Rows back in pair order: a row gather (``out[order] = v``, an index_put, is slower)."""
+        if not hasattr(self, "_back"):
+            self._back = torch.empty_like(self.order)
+            self._back[self.order] = torch.arange(len(self.order), device=self.order.device)
+        return v.index_select(0, self._back)
 
 
 def _as_right_factors(module: Experts, dt: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -208,8 +210,11 @@ def routed_padded(
     src = torch.div(order, k, rounding_mode="floor") if a.shape[1] == t else order
     # a dump slot past the end takes the sentinels (no boolean indexing: no host read)
     slot = torch.where(keep, slot, b * num * cap)
-    pa = a.new_zeros(b * num * cap + 1, d_a).index_copy_(0, slot, a[ex, src].reshape(-1, d_a))
-    pg = g.new_zeros(b * num * cap + 1, d_g).index_copy_(0, slot, g[ex, order].reshape(-1, d_g))
+    rows_a, rows_g = (ex * a.shape[1] + src).reshape(-1), (ex * tk + order).reshape(-1)
+    pa = a.new_zeros(b * num * cap + 1, d_a)
+    pa.index_copy_(0, slot, a.reshape(-1, d_a).index_select(0, rows_a))
+    pg = g.new_zeros(b * num * cap + 1, d_g)
+    pg.index_copy_(0, slot, g.reshape(-1, d_g).index_select(0, rows_g))
     pa, pg = pa[:-1].view(b * num, cap, d_a), pg[:-1].view(b * num, cap, d_g)
     if cap * (d_a + d_g) < d_a * d_g:
         sq = (torch.bmm(pa, pa.mT) * torch.bmm(pg, pg.mT)).sum((1, 2))
