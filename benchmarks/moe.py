@@ -142,7 +142,7 @@ def measure(make: Callable[[], nn.Module], b: int, t: int, d: int, repeats: int)
     shares: dict[str, list[float]] = {}
     for i in range(repeats + 2):
         p = plain_step(model, x, r)
-        hooks = HandHooks(model, b)
+        hooks = HandHooks(model, b, tap=True)
         (model(x) * r).sum().backward()
         model.zero_grad(set_to_none=True)
         hooks.remove()

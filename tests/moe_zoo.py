@@ -188,10 +188,15 @@ class HandHooks:
     """Saves, for every module owning MoE parameters, its forward's inputs and outputs and the
     gradients of the outputs; for every module called on gathered rows, their tokens."""
 
-    def __init__(self, model: nn.Module, batch: int) -> None:
+    def __init__(self, model: nn.Module, batch: int, tap: bool = False) -> None:
+        """``tap``: stacked experts keep their forward's z for their rule, as the callback's
+        hooks do (``moe.GateTap``)."""
         self.batch = batch
         names = {n.rsplit(".", 1)[0] for n in moe_parameters(model)}
         self.modules = {n: m for n, m in model.named_modules() if n in names}
+        for m in self.modules.values():
+            if tap and moe.token_rule_for(m) is not None:
+                moe.tap_gate(m)
         self.calls: dict[str, dict[str, Any]] = {}
         self.rows: dict[str, tuple[Tensor, int]] = {}  # module -> (token of each row, T)
         self.handles = [
@@ -217,6 +222,7 @@ class HandHooks:
         leaves, spec = tree_flatten(out)
         leaves = [_fresh(t) for t in leaves]
         rec: dict[str, Any] = {"args": args, "kwargs": kwargs, "outs": leaves, "grads": {}}
+        rec["z"] = moe.gate_input(module)
         for i, t in enumerate(leaves):
             if isinstance(t, Tensor) and t.requires_grad:
                 t.register_hook(partial(_keep, rec["grads"], i))
@@ -226,6 +232,8 @@ class HandHooks:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        for m in self.modules.values():
+            moe.untap_gate(m)
 
     def row_map(self, name: str, x: Tensor) -> tokens.TokenMap | None:
         """Tokens of x's rows: its own map, or the nearest enclosing module's (a shared
@@ -253,7 +261,7 @@ class HandHooks:
             x = args[0] if args else next(iter(kwargs.values()))
             rule = moe.token_rule_for(module)
             if rule is not None:
-                got = rule(module, args, kwargs, g, b)
+                got = rule(module, args, kwargs, g, b, rec["z"])
             elif isinstance(module, nn.Linear):
                 got = self._linear(name, module, x, g)
             else:

@@ -5,6 +5,8 @@ so that the gradients reaching the MoE layers are realistic."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -249,3 +251,50 @@ def test_experts_alone_with_expert_parallel_sentinels(dtype, form, monkeypatch) 
     rtol = 1e-10 if dtype == torch.float64 else 1e-4
     for name in params:
         torch.testing.assert_close(got[name].double(), exact[name], rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_a_z_whose_rows_do_not_match_poisons_the_norms(name) -> None:
+    """After the check, the rule takes the forward's z without reading anything back: rows
+    out of place make every norm NaN (the step is dropped and counted), never a wrong value;
+    the right z gives the recomputation's norms (GPT-OSS: biases in z, a gate of its own)."""
+    torch.manual_seed(0)
+    model, data, loss = MOE_MODELS[name](impl="grouped_mm")
+    x, y = data.tensors[0][:4], data.tensors[1][:4]
+    hooks = HandHooks(model, 4, tap=True)
+    try:
+        loss(model, x, y).backward()
+    finally:
+        hooks.remove()
+    key = next(k for k, m in hooks.modules.items() if moe.is_stacked_experts(m))
+    module, call = hooks.modules[key], hooks.calls[key]
+    z = call["z"]
+    assert z is not None and "_apply_gate" not in module.__dict__
+    args, kwargs, g = call["args"], call["kwargs"], call["grads"][0]
+    plain = moe.stacked_experts_norm(module, args, kwargs, g, 4)
+    taken = moe.stacked_experts_norm(module, args, kwargs, g, 4, z)
+    shuffled = moe.stacked_experts_norm(module, args, kwargs, g, 4, z.roll(1, 0))
+    for name in plain:
+        torch.testing.assert_close(taken[name], plain[name], rtol=1e-4, atol=0)
+        assert shuffled[name].isnan().all()
+
+
+def test_a_tapped_model_copies_without_the_kept_activations() -> None:
+    """``copy.deepcopy`` (or pickling) of a model while hooked: the copy's gate is its own,
+    keeps nothing from the original's forward, and computes the same outputs."""
+    torch.manual_seed(0)
+    model, data, _ = MOE_MODELS["mixtral"](impl="grouped_mm")
+    experts = [m for m in model.modules() if moe.is_stacked_experts(m)]
+    for m in experts:
+        moe.tap_gate(m)
+    x = data.tensors[0][:2]
+    out = model(x).logits
+    assert all(m.__dict__["_apply_gate"].z is not None for m in experts)
+    clone = copy.deepcopy(model)
+    for m in (m for m in clone.modules() if moe.is_stacked_experts(m)):
+        tap = m.__dict__["_apply_gate"]
+        assert tap.module is m and tap.z is None and tap.calls == 0
+    torch.testing.assert_close(clone(x).logits, out)
+    for m in experts:
+        moe.untap_gate(m)
+    assert not [m for m in model.modules() if "_apply_gate" in m.__dict__]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from zoo import ZooModule, per_example_grads
 
 from lightning_gns import GradientNoiseScale, forbid_host_sync
-from lightning_gns.norms import PerExampleNorms, tokens
+from lightning_gns.norms import PerExampleNorms, moe, tokens
 from lightning_gns.norms.site_hooks import NOT_FROM_BATCH
 
 pytest.importorskip("transformers")
@@ -48,11 +48,13 @@ def _norms_of_one_batch(model: nn.Module, x: Tensor, y: Tensor, loss) -> tuple[T
         model.zero_grad(set_to_none=True)
 
 
-def _assert_exact_on_four(model, data, loss, rtol: float) -> None:
+def _assert_exact_on_four(model, data, loss, rtol: float, counted: list[int] | None = None) -> None:
     """Nothing left out, and the hooks' per-example squared norms of the first 4 examples equal
-    those of exact per-example gradients."""
+    those of exact per-example gradients (``counted``: a counter that stops before those)."""
     x, y = data.tensors[0][:4], data.tensors[1][:4]
     acc, left_out = _norms_of_one_batch(model, x, y, loss)
+    if counted is not None:
+        counted.append(counted[0])
     assert left_out == {}
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     exact, _ = per_example_sq_norms(model, x, y, loss, params)
@@ -72,6 +74,48 @@ def test_grouped_mm_experts_in_float32() -> None:
     torch.manual_seed(0)
     model, data, loss = MOE_MODELS["mixtral"](impl="grouped_mm")
     _assert_exact_on_four(model, data, loss, rtol=1e-4)
+
+
+def _count_grouped(monkeypatch) -> list[int]:
+    """Counts the experts rule's grouped products (two per call when it recomputes z, one
+    when it takes the forward's)."""
+    calls = [0]
+    grouped = moe._grouped
+
+    def counted(*args):  # noqa: ANN002, ANN202
+        calls[0] += 1
+        return grouped(*args)
+
+    monkeypatch.setattr(moe, "_grouped", counted)
+    return calls
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_the_experts_rule_takes_the_forwards_z(impl, monkeypatch) -> None:
+    """transformers' ``grouped_mm`` (its default) and ``batched_mm`` call the experts' gate
+    once per forward: the rule takes z from it (moe.GateTap) instead of recomputing the up
+    projection, and stays exact. Two layers, three rule calls each (the check's norms and
+    gradient, one more micro-batch's norms): 6 grouped products (dh only), not 12."""
+    calls = _count_grouped(monkeypatch)
+    torch.manual_seed(0)
+    model, data, loss = MOE_MODELS["mixtral"](impl=impl)
+    _assert_exact_on_four(model, data, loss, rtol=1e-4, counted=calls)
+    assert calls[1] == 6
+    assert not [m for m in model.modules() if "_apply_gate" in m.__dict__]  # detached
+
+
+def test_a_forward_z_in_rows_the_rule_does_not_expect_is_dropped(monkeypatch) -> None:
+    """If the forward's rows are not in the order the rule expects (an implementation
+    changed), the structural check finds it (one projection per row) and the rule recomputes
+    z for the rest of the run: exact; per layer the check's 1 + 1 + 2 grouped products (its
+    norms and gradient with z, the gradient again without), then 2 per micro-batch."""
+    calls = _count_grouped(monkeypatch)
+    rows = moe._forward_rows
+    monkeypatch.setattr(moe, "_forward_rows", lambda m, idx: rows(m, idx).flip(0))
+    torch.manual_seed(0)
+    model, data, loss = MOE_MODELS["mixtral"](impl="grouped_mm")
+    _assert_exact_on_four(model, data, loss, rtol=1e-4, counted=calls)
+    assert calls[1] == 12
 
 
 class MixingMoE(ToyMoE):
@@ -207,7 +251,7 @@ def test_modulelist_experts_are_covered_with_default_settings(tmp_path) -> None:
     assert cb.values.skipped == 0
 
 
-@pytest.mark.parametrize("name", ["mixtral", "toy_modulelist"])
+@pytest.mark.parametrize("name", ["mixtral", "mixtral_grouped_mm", "toy_modulelist"])
 def test_the_moe_path_reads_nothing_back_between_logging_steps(name, tmp_path, monkeypatch):
     """Stacked experts and gathered rows through the callback under forbid_host_sync: on a CPU
     their group sizes are read on purpose (free there, declared through
@@ -218,7 +262,10 @@ def test_the_moe_path_reads_nothing_back_between_logging_steps(name, tmp_path, m
         if not declared:
             monkeypatch.setattr(tokens, "allowed", _not_allowed)
         torch.manual_seed(0)
-        model, data, loss = MOE_MODELS[name]()
+        if name == "mixtral_grouped_mm":  # the forward's z taken (moe.GateTap)
+            model, data, loss = MOE_MODELS["mixtral"](impl="grouped_mm")
+        else:
+            model, data, loss = MOE_MODELS[name]()
         cb = GradientNoiseScale(log_every_n_steps=1000)  # no logging step inside
         with forbid_host_sync(raise_at_exit=False) as seen:
             trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3), callbacks=[cb])

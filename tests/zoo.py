@@ -191,7 +191,5 @@ class ZooModule(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(0)
-        sampler = RandomSampler(
-            self.data, replacement=True, num_samples=self.epoch, generator=gen
-        )
+        sampler = RandomSampler(self.data, replacement=True, num_samples=self.epoch, generator=gen)
         return DataLoader(self.data, batch_size=self.batch, sampler=sampler)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -67,7 +68,9 @@ class _Pairs:
     pre-activation gradient dz, activation h and down-output gradient c = w·g, in pair order
     (token-major), plus the expert of each pair (E for the sentinels of expert parallelism)."""
 
-    def __init__(self, module: Experts, args: tuple, kwargs: dict, g: Tensor) -> None:
+    def __init__(
+        self, module: Experts, args: tuple, kwargs: dict, g: Tensor, z_in: Tensor | None = None
+    ) -> None:
         x, idx, w = _experts_inputs(module, args, kwargs)
         dt = acc_dtype(g)
         self.n, self.k = idx.shape
@@ -82,16 +85,43 @@ class _Pairs:
         counts = _bincount(self.key, self.num + 1)[: self.num]
         up, down = _as_right_factors(module, dt)
         xs, cs = self.x[tok[self.order]], c[self.order]
-        z = _grouped(xs, up, counts, valid[self.order])
-        if module.has_bias:
-            bias = module.gate_up_proj_bias if module.has_gate else module.up_proj_bias
-            z = z + bias.detach().to(dt)[self.key[self.order].clamp(max=self.num - 1)]
+        self.z_ok: Tensor | None = None  # the forward's z matched x·up (a 0-d bool), or None
+        expert = self.key[self.order].clamp(max=self.num - 1)
+        bias = (
+            (module.gate_up_proj_bias if module.has_gate else module.up_proj_bias)
+            if (module.has_bias)
+            else None
+        )
+        bias = None if bias is None else bias.detach().to(dt)[expert]
+        z = None if z_in is None else self._from_forward(module, z_in, idx, xs, up, bias, dt)
+        if z is None:
+            z = _grouped(xs, up, counts, valid[self.order])
+            z = z if bias is None else z + bias
         dh = _grouped(cs, down, counts, valid[self.order])
         with torch.enable_grad():
             zl = z.detach().requires_grad_()
-            h = module._apply_gate(zl) if module.has_gate else module.act_fn(zl)
+            h = _gate(module)(zl) if module.has_gate else module.act_fn(zl)
             (dz,) = torch.autograd.grad(h, zl, dh)
         self.dz, self.h, self.c = self._unsort(dz), self._unsort(h.detach()), c
+
+    def _from_forward(
+        self, module: Experts, z_in: Tensor, idx: Tensor, xs: Tensor, up: Tensor,
+        bias: Tensor | None, dt: torch.dtype,
+    ) -> Tensor | None:  # fmt: skip
+        """The forward's own z (:class:`GateTap`) in this pair order, and ``z_ok``: one
+        projection of every row (on a fixed vector of cosines) against x·up[e] (+ bias), a
+        check of the order that costs (d + 2f) per row and reads nothing back."""
+        rows = _forward_rows(module, idx)
+        if rows is None or z_in.dim() != 2 or z_in.shape[0] != rows.numel():
+            return None
+        z = z_in.index_select(0, rows[self.order]).to(dt)
+        v = torch.cos(torch.arange(z.shape[1], device=z.device, dtype=dt) * 2.39996)
+        pred = (xs * (up @ v)[self.key[self.order].clamp(max=self.num - 1)]).sum(1)
+        pred = pred if bias is None else pred + bias @ v
+        valid = self.key[self.order] < self.num
+        err = torch.where(valid, z @ v - pred, 0).square().sum()
+        self.z_ok = err <= 1e-3 * torch.where(valid, pred, 0).square().sum()
+        return z
 
     def _unsort(self, v: Tensor) -> Tensor:
         """Rows back in pair order: a row gather (``out[order] = v``, an index_put, is slower)."""
@@ -99,6 +129,71 @@ class _Pairs:
             self._back = torch.empty_like(self.order)
             self._back[self.order] = torch.arange(len(self.order), device=self.order.device)
         return v.index_select(0, self._back)
+
+
+class GateTap:
+    """A hooked stacked-experts module's ``_apply_gate``: the class's own gate, keeping its
+    input z (the up projection, one row per (token, k) pair) so that the rule need not
+    recompute it. Used when the forward calls it once (``grouped_mm``, transformers' default,
+    and ``batched_mm``); the eager loop calls it per expert, and the rule recomputes z."""
+
+    def __init__(self, module: Experts) -> None:
+        self.module: Experts = module
+        self.calls = 0
+        self.z: Tensor | None = None
+        self.usable = True  # the structural check found the forward's rows where expected
+
+    def __call__(self, z: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self.calls, self.z = self.calls + 1, z.detach()
+        return type(self.module)._apply_gate(self.module, z)
+
+    def take(self) -> Tensor | None:
+        """z of the forward since the last take, if it called the gate once."""
+        z = self.z if self.calls == 1 and self.usable else None
+        self.calls, self.z = 0, None
+        return z
+
+    def __getstate__(self) -> dict:  # a copy of the model keeps no activations
+        return {**self.__dict__, "calls": 0, "z": None}
+
+
+def tap_gate(module: nn.Module) -> None:
+    """Give a gated stacked-experts module a :class:`GateTap` (not if its gate is replaced)."""
+    if getattr(module, "has_gate", False) and "_apply_gate" not in module.__dict__:
+        module.__dict__["_apply_gate"] = GateTap(module)
+
+
+def untap_gate(module: nn.Module) -> None:
+    if isinstance(module.__dict__.get("_apply_gate"), GateTap):
+        del module.__dict__["_apply_gate"]
+
+
+def _gate(module: Experts) -> Callable[[Tensor], Tensor]:
+    """The module's gate, not through its :class:`GateTap` (the rule's own calls keep nothing)."""
+    gate = module._apply_gate
+    return partial(type(module)._apply_gate, module) if isinstance(gate, GateTap) else gate
+
+
+def gate_input(module: nn.Module) -> Tensor | None:
+    """The z a :class:`GateTap` kept in this forward (and forget it), or None."""
+    tap = module.__dict__.get("_apply_gate")
+    return tap.take() if isinstance(tap, GateTap) else None
+
+
+def _forward_rows(module: Experts, idx: Tensor) -> Tensor | None:
+    """The row of the forward's z of each (token, k) pair: ``grouped_mm`` sorts the pairs by
+    expert (``torch.sort``, as here), ``batched_mm`` keeps them; None for other forwards."""
+    impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    n = idx.numel()
+    if impl == "batched_mm":
+        return torch.arange(n, device=idx.device)
+    if impl != "grouped_mm":
+        return None
+    perm = torch.sort(idx.reshape(-1))[1]
+    rows = torch.empty_like(perm)
+    rows[perm] = torch.arange(n, device=idx.device)
+    return rows
 
 
 def _as_right_factors(module: Experts, dt: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -294,11 +389,13 @@ def _bias_sq_norm(v: Tensor, key: Tensor, num: int, batch: int) -> Tensor:
 
 
 def stacked_experts_norm(
-    module: Experts, args: tuple, kwargs: dict, g: Tensor, batch: int
+    module: Experts, args: tuple, kwargs: dict, g: Tensor, batch: int, z: Tensor | None = None
 ) -> dict[str, Tensor]:
     """Per-example squared norms (B,) of a stacked-experts module's parameters, by name, from
-    its forward's inputs (hidden (B·T, d), top_k_index, top_k_weights) and output gradient."""
-    pairs = _Pairs(module, args, kwargs, g)
+    its forward's inputs (hidden (B·T, d), top_k_index, top_k_weights), output gradient and,
+    if kept (:class:`GateTap`), its z: NaN (the step is dropped) if z's rows are not where
+    the structural check found them."""
+    pairs = _Pairs(module, args, kwargs, g, z)
     n, k, num = pairs.n, pairs.k, pairs.num
     if n % batch:
         raise ValueError(f"{n} tokens do not split into {batch} examples")
@@ -316,15 +413,23 @@ def stacked_experts_norm(
         p = getattr(module, name, None)
         if isinstance(p, Tensor) and p.requires_grad:
             out[name] = _bias_sq_norm(v, pairs.key, num, batch)
+    if pairs.z_ok is not None:
+        out = {k: torch.where(pairs.z_ok, v, torch.nan) for k, v in out.items()}
     return out
 
 
 def stacked_experts_grads(
-    module: Experts, args: tuple, kwargs: dict, g: Tensor
+    module: Experts, args: tuple, kwargs: dict, g: Tensor, z: Tensor | None = None
 ) -> dict[str, Tensor]:
     """The module's whole gradient from the rule's own recomputation, for the structural check:
-    it equals autograd's only if the rule models the module (gate, layout, routing weight)."""
-    pairs = _Pairs(module, args, kwargs, g)
+    it equals autograd's only if the rule models the module (gate, layout, routing weight).
+    A kept z whose rows are not where expected is dropped for the run (a read, once)."""
+    pairs = _Pairs(module, args, kwargs, g, z)
+    if pairs.z_ok is not None and not bool(pairs.z_ok):
+        tap = module.__dict__.get("_apply_gate")
+        if isinstance(tap, GateTap):
+            tap.usable = False
+        pairs = _Pairs(module, args, kwargs, g)
     num, k = pairs.num, pairs.k
     tok = torch.arange(pairs.n, device=g.device).repeat_interleave(k)
     up = "gate_up_proj" if module.has_gate else "up_proj"
@@ -343,8 +448,9 @@ def stacked_experts_grads(
     return out
 
 
-TokenRule = Callable[[nn.Module, tuple, dict, Tensor, int], dict[str, Tensor]]
-"""``rule(module, args, kwargs, grad_output, batch) -> {parameter name: (B,)}``."""
+TokenRule = Callable[..., dict[str, Tensor]]
+"""``rule(module, args, kwargs, grad_output, batch, z) -> {parameter name: (B,)}``, z the
+forward's own gate input or None."""
 
 
 def token_rule_for(module: nn.Module) -> TokenRule | None:

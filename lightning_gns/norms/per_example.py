@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_gns.norms import site_hooks
+from lightning_gns.norms import moe, site_hooks
 from lightning_gns.norms.check import StructuralCheck
 from lightning_gns.norms.record import MicroBatchRecord
 from lightning_gns.norms.simultaneous import can_route, qualifies, route, unroute
@@ -123,6 +123,8 @@ class PerExampleNorms:
             if site.generic:
                 hook = site_hooks.generic_hook(self, site)
                 site.handle = site.module.register_forward_hook(hook, with_kwargs=True)
+                if moe.token_rule_for(site.module) is not None:
+                    moe.tap_gate(site.module)  # the experts' z, kept for their rule
                 continue
             site.handle = site.module.register_forward_hook(site_hooks.forward_hook(self, site))
             if self.simultaneous and not site.shared and can_route(site.module):
@@ -185,6 +187,7 @@ class PerExampleNorms:
 
     # -- the simultaneous route (norms/simultaneous.py) -----------------------------------
     def _unroute(self, site: Site) -> None:
+        moe.untap_gate(site.module)
         if site.routed:
             unroute(site.module)
             site.routed = False
