@@ -20,7 +20,7 @@ from moe_zoo import (
 )
 from torch import Tensor, nn
 
-from lightning_gns.norms import moe, tokens
+from lightning_gns.norms import moe, moe_forms, tokens
 
 pytest.importorskip("transformers")
 
@@ -57,12 +57,22 @@ def test_the_experts_rule_does_not_depend_on_the_experts_implementation(impl) ->
     _compare("mixtral", impl=impl, dtype=torch.float32, rtol=2e-4)
 
 
-FORMS = {
-    "grouped": moe.routed_grouped,
-    "masked_gram": moe.routed_masked_gram,
-    "padded_to_largest_group": moe.routed_padded,
-    "padded_to_T": lambda a, g, key, num, t, k: moe.routed_padded(a, g, key, num, t, k, t),
+FORMS = {  # the form, and its slots per (example, expert) group (None: the largest group)
+    "grouped": ("grouped", None),
+    "masked_gram": ("masked", None),
+    "padded_to_largest_group": ("padded", None),
+    "padded_to_T": ("padded", "T"),
 }
+
+
+def _force(monkeypatch, form: str) -> None:
+    """The experts rule takes ``form`` whatever its cost."""
+    name, cap = FORMS[form]
+
+    def chosen(key, num, t, *rest):  # noqa: ANN001, ANN002, ANN202
+        return name, t if cap == "T" else moe_forms.largest_group(key, num)
+
+    monkeypatch.setattr(moe_forms, "choose_form", chosen)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -74,8 +84,8 @@ def test_the_exact_forms_agree(monkeypatch, dtype) -> None:
     model = model.to(dtype)
     x, y = data.tensors[0][:4], data.tensors[1][:4]
     got = {}
-    for name, form in FORMS.items():
-        monkeypatch.setattr(moe, "_routed_sq_norm", form)
+    for name in FORMS:
+        _force(monkeypatch, name)
         got[name] = rule_sq_norms(model, x, y, loss)
     first, *others = got.values()
     rtol = 1e-10 if dtype == torch.float64 else 1e-4
@@ -223,7 +233,7 @@ def test_experts_alone_with_expert_parallel_sentinels(dtype, form, monkeypatch) 
     """Index E marks a pair another rank serves (expert parallelism): the experts skip it,
     and so does the rule, in each form. float64 takes the loops over experts, float32
     ``F.grouped_mm``."""
-    monkeypatch.setattr(moe, "_routed_sq_norm", FORMS[form])
+    _force(monkeypatch, form)
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
@@ -298,3 +308,30 @@ def test_a_tapped_model_copies_without_the_kept_activations() -> None:
     for m in experts:
         moe.untap_gate(m)
     assert not [m for m in model.modules() if "_apply_gate" in m.__dict__]
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_the_forms_in_pair_order_with_sentinels(per_token) -> None:
+    """The pair-order forms (the grouped form's fallback off a CPU is padded to T) against
+    the per-(example, expert) gradients built by hand, sentinels (index E) included."""
+    torch.manual_seed(0)
+    b, t, k, num, d_a, d_g = 3, 6, 2, 4, 5, 7
+    key = torch.stack([torch.stack([torch.randperm(num)[:k] for _ in range(t)]) for _ in range(b)])
+    key = key.reshape(b, t * k)
+    key[0, 3] = key[2, 0] = num
+    a = torch.randn(b, t if per_token else t * k, d_a, dtype=torch.float64)
+    g = torch.randn(b, t * k, d_g, dtype=torch.float64)
+    rows = a.repeat_interleave(k, 1) if per_token else a
+    want = torch.stack(
+        [
+            sum((g[j, key[j] == e].mT @ rows[j, key[j] == e]).square().sum() for e in range(num))
+            for j in range(b)
+        ]
+    )
+    for got in (
+        moe_forms.routed_padded(a, g, key, num, t, k),
+        moe_forms.routed_padded(a, g, key, num, t, k, t),
+        moe_forms.routed_masked_gram(a, g, key, num, t, k),
+        moe_forms.routed_grouped(a, g, key, num, t, k),
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_gns.norms import moe_forms as forms
 from lightning_gns.norms.tokens import acc_dtype, reading_host_tensor
 
 Experts = Any
@@ -64,9 +65,11 @@ def _experts_inputs(module: Experts, args: tuple, kwargs: dict) -> tuple[Tensor,
 
 
 class _Pairs:
-    """Every (token, k) pair of one experts call, recomputed expert by expert: its input x,
-    pre-activation gradient dz, activation h and down-output gradient c = w·g, in pair order
-    (token-major), plus the expert of each pair (E for the sentinels of expert parallelism)."""
+    """Every (token, k) pair of one experts call, sorted by expert (stable: within an expert,
+    by token): its input x, pre-activation z, gradient dz, activation h and down-output
+    gradient c = w·g, and its expert (E for the sentinels of expert parallelism); ``dz``,
+    ``h``, ``c``, ``key`` in pair order (token-major) on demand. z is the forward's
+    (:class:`GateTap`) or recomputed expert by expert."""
 
     def __init__(
         self, module: Experts, args: tuple, kwargs: dict, g: Tensor, z_in: Tensor | None = None
@@ -78,35 +81,37 @@ class _Pairs:
         e = idx.reshape(-1).long()
         self.key = torch.where((e >= 0) & (e < self.num), e, self.num)
         self.x = x.detach().to(dt)
-        valid = self.key < self.num
-        tok = torch.arange(self.n, device=x.device).repeat_interleave(self.k)
-        c = w.detach().reshape(-1, 1).to(dt) * valid.unsqueeze(1) * g.detach().to(dt)[tok]
         self.order = torch.argsort(self.key, stable=True)
-        counts = _bincount(self.key, self.num + 1)[: self.num]
+        self.key_s = self.key[self.order]
+        valid = self.key_s < self.num
+        tok = torch.div(self.order, self.k, rounding_mode="floor")
+        w_s = w.detach().reshape(-1, 1).to(dt)[self.order] * valid.unsqueeze(1)
+        self.c_s = w_s * g.detach().to(dt)[tok]
+        self.x_s = self.x[tok]
+        counts = forms.bincount(self.key, self.num + 1)[: self.num]
         up, down = _as_right_factors(module, dt)
-        xs, cs = self.x[tok[self.order]], c[self.order]
         self.z_ok: Tensor | None = None  # the forward's z matched x·up (a 0-d bool), or None
-        expert = self.key[self.order].clamp(max=self.num - 1)
-        bias = (
-            (module.gate_up_proj_bias if module.has_gate else module.up_proj_bias)
-            if (module.has_bias)
-            else None
-        )
-        bias = None if bias is None else bias.detach().to(dt)[expert]
-        z = None if z_in is None else self._from_forward(module, z_in, idx, xs, up, bias, dt)
+        expert = self.key_s.clamp(max=self.num - 1)
+        bias = getattr(module, "gate_up_proj_bias" if module.has_gate else "up_proj_bias", None)
+        bias = bias.detach().to(dt)[expert] if module.has_bias else None
+        z = None if z_in is None else self._from_forward(module, z_in, idx, up, bias, dt)
         if z is None:
-            z = _grouped(xs, up, counts, valid[self.order])
+            z = _grouped(self.x_s, up, counts, valid)
             z = z if bias is None else z + bias
-        dh = _grouped(cs, down, counts, valid[self.order])
+        dh = _grouped(self.c_s, down, counts, valid)
         with torch.enable_grad():
             zl = z.detach().requires_grad_()
             h = _gate(module)(zl) if module.has_gate else module.act_fn(zl)
             (dz,) = torch.autograd.grad(h, zl, dh)
-        self.dz, self.h, self.c = self._unsort(dz), self._unsort(h.detach()), c
+        self.dz_s, self.h_s = dz, h.detach()
+
+    def example_s(self, batch: int) -> Tensor:
+        """The example of each sorted pair."""
+        return torch.div(self.order, self.n // batch * self.k, rounding_mode="floor")
 
     def _from_forward(
-        self, module: Experts, z_in: Tensor, idx: Tensor, xs: Tensor, up: Tensor,
-        bias: Tensor | None, dt: torch.dtype,
+        self, module: Experts, z_in: Tensor, idx: Tensor, up: Tensor, bias: Tensor | None,
+        dt: torch.dtype,
     ) -> Tensor | None:  # fmt: skip
         """The forward's own z (:class:`GateTap`) in this pair order, and ``z_ok``: one
         projection of every row (on a fixed vector of cosines) against x·up[e] (+ bias), a
@@ -116,15 +121,15 @@ class _Pairs:
             return None
         z = z_in.index_select(0, rows[self.order]).to(dt)
         v = torch.cos(torch.arange(z.shape[1], device=z.device, dtype=dt) * 2.39996)
-        pred = (xs * (up @ v)[self.key[self.order].clamp(max=self.num - 1)]).sum(1)
+        pred = (self.x_s * (up @ v)[self.key_s.clamp(max=self.num - 1)]).sum(1)
         pred = pred if bias is None else pred + bias @ v
-        valid = self.key[self.order] < self.num
+        valid = self.key_s < self.num
         err = torch.where(valid, z @ v - pred, 0).square().sum()
         self.z_ok = err <= 1e-3 * torch.where(valid, pred, 0).square().sum()
         return z
 
-    def _unsort(self, v: Tensor) -> Tensor:
-        """Rows back in pair order: a row gather (``out[order] = v``, an index_put, is slower)."""
+    def unsorted(self, v: Tensor) -> Tensor:
+        """Rows of a sorted tensor back in pair order (a row gather)."""
         if not hasattr(self, "_back"):
             self._back = torch.empty_like(self.order)
             self._back[self.order] = torch.arange(len(self.order), device=self.order.device)
@@ -206,14 +211,6 @@ def _as_right_factors(module: Experts, dt: torch.dtype) -> tuple[Tensor, Tensor]
     return up.mT, down
 
 
-def _bincount(key: Tensor, size: int) -> Tensor:
-    """``torch.bincount`` into ``size`` bins without its host read on CUDA (it sizes its output
-    from the largest value)."""
-    return torch.zeros(size, dtype=torch.long, device=key.device).scatter_add_(
-        0, key, torch.ones_like(key)
-    )
-
-
 def _grouped(x: Tensor, w: Tensor, counts: Tensor, valid: Tensor) -> Tensor:
     """Rows of ``x`` sorted by expert (``counts[e]`` rows each, then the sentinels) times their
     expert's ``w[e]``; sentinel rows 0. ``F.grouped_mm`` where it runs (no host read); else on
@@ -243,151 +240,6 @@ def _grouped(x: Tensor, w: Tensor, counts: Tensor, valid: Tensor) -> Tensor:
     return out
 
 
-def _gram(v: Tensor, t: int, k: int) -> Tensor:
-    """Pairwise dot products (B, T·k, T·k) of v: (B, T, D) per token, or (B, T·k, D) per pair."""
-    b = v.shape[0]
-    gram = torch.bmm(v, v.mT)
-    if v.shape[1] == t and k > 1:
-        gram = gram[:, :, None, :, None].expand(b, t, k, t, k).reshape(b, t * k, t * k)
-    return gram
-
-
-def _routed_sq_norm(a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int) -> Tensor:
-    """Σ_e |Σ_{pairs of example b routed to e} g a^T|² per example; a, g (B, T, D) per token or
-    (B, T·k, D) per pair (not both per token), ``key`` (B, T·k) the expert of each pair. The
-    cheapest exact form by its count of multiply-adds (as the dense Linear rule chooses between
-    Gram and materialised): a Gram over each example's pairs masked to equal experts; each
-    (example, expert) group's pairs padded to a common length C, then Gram or materialised per
-    group; or (not on a CPU, whose grouped product is slow) each group's gradient materialised
-    by one grouped product. On a CPU, C is the largest group (a host read, free there); elsewhere
-    C = T (nothing read back)."""
-    d_a, d_g, tk = a.shape[-1], g.shape[-1], t * k
-    cpu = key.device.type == "cpu"
-    cap = _largest_group(key, num) if cpu else t
-    masked = (t * t if a.shape[1] == t else tk * tk) * d_a + tk * tk * (d_g + 3)
-    padded = num * cap * (min(cap * (d_a + d_g), d_a * d_g) + d_a + d_g)
-    grouped = tk * d_a * d_g + (num + 1) * d_a * d_g + tk * (d_a + d_g)
-    if not cpu and grouped < min(masked, padded):
-        return routed_grouped(a, g, key, num, t, k)
-    if padded < masked:
-        return routed_padded(a, g, key, num, t, k, cap)
-    return routed_masked_gram(a, g, key, num, t, k)
-
-
-def _largest_group(key: Tensor, num: int) -> int:
-    """The most pairs one example sends one expert (a host read)."""
-    counts = torch.zeros(key.shape[0], num + 1, dtype=torch.long, device=key.device)
-    counts.scatter_add_(1, key, torch.ones_like(key))
-    with reading_host_tensor(counts):
-        return max(1, int(counts[:, :num].max()))
-
-
-def routed_padded(
-    a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int, cap: int | None = None
-) -> Tensor:
-    """:func:`_routed_sq_norm` with each (example, expert) group's pairs placed in ``cap`` slots
-    (zeros after its own; ``cap`` ≥ the largest group, which None reads back from the device),
-    then per group the Gram or the materialised form, the cheaper: cost
-    B·E·cap·min(cap·(d_a + d_g), d_a·d_g). With ``cap`` = T nothing is read back (a token
-    sends each expert at most one pair)."""
-    b, d_a, d_g = a.shape[0], a.shape[-1], g.shape[-1]
-    tk = t * k
-    cap = _largest_group(key, num) if cap is None else cap
-    counts = torch.zeros(b, num + 1, dtype=torch.long, device=key.device)
-    counts.scatter_add_(1, key, torch.ones_like(key))
-    order = torch.argsort(key, dim=1, stable=True)  # by expert within each example
-    sk = torch.gather(key, 1, order)
-    start = torch.cumsum(counts, 1) - counts
-    pos = torch.arange(tk, device=key.device) - torch.gather(start, 1, sk)
-    ex = torch.arange(b, device=key.device).unsqueeze(1).expand(b, tk)
-    keep = (sk < num).reshape(-1)  # the sentinels' pairs: no gradient
-    slot = ((ex * num + sk.clamp(max=num - 1)) * cap + pos).reshape(-1)
-    src = torch.div(order, k, rounding_mode="floor") if a.shape[1] == t else order
-    # a dump slot past the end takes the sentinels (no boolean indexing: no host read)
-    slot = torch.where(keep, slot, b * num * cap)
-    rows_a, rows_g = (ex * a.shape[1] + src).reshape(-1), (ex * tk + order).reshape(-1)
-    pa = a.new_zeros(b * num * cap + 1, d_a)
-    pa.index_copy_(0, slot, a.reshape(-1, d_a).index_select(0, rows_a))
-    pg = g.new_zeros(b * num * cap + 1, d_g)
-    pg.index_copy_(0, slot, g.reshape(-1, d_g).index_select(0, rows_g))
-    pa, pg = pa[:-1].view(b * num, cap, d_a), pg[:-1].view(b * num, cap, d_g)
-    if cap * (d_a + d_g) < d_a * d_g:
-        sq = (torch.bmm(pa, pa.mT) * torch.bmm(pg, pg.mT)).sum((1, 2))
-    else:
-        sq = torch.linalg.vector_norm(torch.bmm(pg.mT, pa), dim=(1, 2)).square()
-    return sq.view(b, num).sum(1)
-
-
-_HELD = 1 << 25  # (example, expert) gradient elements held at once by routed_grouped, at most
-
-
-def routed_grouped(a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int) -> Tensor:
-    """:func:`_routed_sq_norm` with each (example, expert) gradient Σ g a^T materialised: each
-    example's pairs sorted by expert, then one grouped product over the (example, expert)
-    groups (``F.grouped_mm``, no host read; else on a CPU a loop over the groups, elsewhere
-    :func:`routed_padded` with T slots). Cost B·T·k·d_a·d_g, the weight gradient's own;
-    examples in chunks of at most ``_HELD`` elements (or one)."""
-    b, d_a, d_g = a.shape[0], a.shape[-1], g.shape[-1]
-    order = torch.argsort(key, dim=1, stable=True)  # (B, T·k): by expert within each example
-    src = torch.div(order, k, rounding_mode="floor") if a.shape[1] == t else order
-    sa = torch.gather(a, 1, src.unsqueeze(-1).expand(-1, -1, d_a))
-    sg = torch.gather(g, 1, order.unsqueeze(-1).expand(-1, -1, d_g))
-    counts = torch.zeros(b, num + 1, dtype=torch.long, device=key.device)
-    counts.scatter_add_(1, key, torch.ones_like(key))
-    chunk = max(1, _HELD // ((num + 1) * d_a * d_g))
-    parts = []
-    for b0 in range(0, b, chunk):
-        b1 = min(b, b0 + chunk)
-        n = counts[b0:b1].reshape(-1)
-        per = _grouped_outer(sg[b0:b1].reshape(-1, d_g), sa[b0:b1].reshape(-1, d_a), n)
-        if per is None:  # no grouped product off the CPU: padded groups, as exact
-            return routed_padded(a, g, key, num, t, k, t)
-        per = per.view(b1 - b0, num + 1, -1)[:, :num]  # the sentinels' group: no gradient
-        parts.append(
-            torch.where(n.view(b1 - b0, num + 1, 1)[:, :num] > 0, per, 0).pow(2).sum((1, 2))
-        )
-    return torch.cat(parts)
-
-
-def _grouped_outer(g: Tensor, a: Tensor, counts: Tensor) -> Tensor | None:
-    """Σ g_r a_r^T over each group of consecutive rows (``counts[i]`` rows): (G, d_g, d_a).
-    ``F.grouped_mm``, else on a CPU a loop over the groups (a read of the counts, free there);
-    None elsewhere (a loop would wait for the device)."""
-    if hasattr(F, "grouped_mm") and g.dtype in (torch.float32, torch.bfloat16):
-        try:
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            return F.grouped_mm(g.mT, a, offs=offs)
-        except RuntimeError:  # unaligned strides, an older GPU: the loop is as exact
-            pass
-    if g.device.type != "cpu":
-        return None
-    out = g.new_zeros(counts.shape[0], g.shape[1], a.shape[1])
-    with reading_host_tensor(counts):
-        sizes = counts.tolist()
-    start = 0
-    for i, n in enumerate(sizes):
-        if n:
-            out[i] = g[start : start + n].mT @ a[start : start + n]
-        start += n
-    return out
-
-
-def routed_masked_gram(a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int) -> Tensor:
-    """:func:`_routed_sq_norm` as Σ_{s,s'} [e_s = e_s'] (a_s·a_s')(g_s·g_s') over each example's
-    pairs: cost B·(T·k)²·(d_a + d_g), whatever the number of experts."""
-    same = (key[:, :, None] == key[:, None, :]) & (key < num).unsqueeze(2)
-    return (_gram(a, t, k) * _gram(g, t, k) * same).sum((1, 2))
-
-
-def _bias_sq_norm(v: Tensor, key: Tensor, num: int, batch: int) -> Tensor:
-    """Σ_e |Σ_{pairs of example b routed to e} v|² per example; v (B·T·k, D) in pair order."""
-    ex = torch.arange(batch, device=v.device).repeat_interleave(key.numel() // batch)
-    slot = ex * (num + 1) + key
-    sums = v.new_zeros(batch * (num + 1), v.shape[1]).index_add_(0, slot, v)
-    sums = sums.view(batch, num + 1, -1)[:, :num]
-    return sums.pow(2).sum((1, 2))
-
-
 def stacked_experts_norm(
     module: Experts, args: tuple, kwargs: dict, g: Tensor, batch: int, z: Tensor | None = None
 ) -> dict[str, Tensor]:
@@ -400,19 +252,33 @@ def stacked_experts_norm(
     if n % batch:
         raise ValueError(f"{n} tokens do not split into {batch} examples")
     t = n // batch
-    key = pairs.key.view(batch, t * k)
+    key, example = pairs.key.view(batch, t * k), pairs.example_s(batch)
     up = "gate_up_proj" if module.has_gate else "up_proj"
+
+    def routed(
+        a_s: Tensor, g_s: Tensor, a: Callable[[], Tensor], g: Callable[[], Tensor]
+    ) -> Tensor:
+        """The padded form straight from the sorted pairs; the others in pair order."""
+        per_token = a_s is pairs.x_s
+        form, cap = forms.choose_form(key, num, t, k, a_s.shape[1], g_s.shape[1], per_token)
+        if form == "padded":
+            return forms.padded_sq_norm(a_s, g_s, example, pairs.key_s, batch, num, cap)
+        other = forms.routed_grouped if form == "grouped" else forms.routed_masked_gram
+        return other(a(), g(), key, num, t, k)
+
+    def paired(v: Tensor) -> Callable[[], Tensor]:
+        return lambda: pairs.unsorted(v).view(batch, t * k, -1)
+
     out: dict[str, Tensor] = {}
     if getattr(module, up).requires_grad:
-        x = pairs.x.view(batch, t, -1)
-        out[up] = _routed_sq_norm(x, pairs.dz.view(batch, t * k, -1), key, num, t, k)
+        x = lambda: pairs.x.view(batch, t, -1)  # noqa: E731 - per token
+        out[up] = routed(pairs.x_s, pairs.dz_s, x, paired(pairs.dz_s))
     if module.down_proj.requires_grad:
-        h, c = pairs.h.view(batch, t * k, -1), pairs.c.view(batch, t * k, -1)
-        out["down_proj"] = _routed_sq_norm(h, c, key, num, t, k)
-    for name, v in ((f"{up}_bias", pairs.dz), ("down_proj_bias", pairs.c)):
+        out["down_proj"] = routed(pairs.h_s, pairs.c_s, paired(pairs.h_s), paired(pairs.c_s))
+    for name, v in ((f"{up}_bias", pairs.dz_s), ("down_proj_bias", pairs.c_s)):
         p = getattr(module, name, None)
         if isinstance(p, Tensor) and p.requires_grad:
-            out[name] = _bias_sq_norm(v, pairs.key, num, batch)
+            out[name] = forms.bias_sq_norm(v, example, pairs.key_s, batch, num)
     if pairs.z_ok is not None:
         out = {k: torch.where(pairs.z_ok, v, torch.nan) for k, v in out.items()}
     return out
@@ -430,20 +296,16 @@ def stacked_experts_grads(
         if isinstance(tap, GateTap):
             tap.usable = False
         pairs = _Pairs(module, args, kwargs, g)
-    num, k = pairs.num, pairs.k
-    tok = torch.arange(pairs.n, device=g.device).repeat_interleave(k)
+    num, key = pairs.num, pairs.key_s
     up = "gate_up_proj" if module.has_gate else "up_proj"
     out: dict[str, Tensor] = {}
-    for name, a, v in ((up, pairs.x[tok], pairs.dz), ("down_proj", pairs.h, pairs.c)):
+    for name, a, v in ((up, pairs.x_s, pairs.dz_s), ("down_proj", pairs.h_s, pairs.c_s)):
         w = getattr(module, name)
-        per = torch.stack(
-            [(v * (pairs.key == e).unsqueeze(1)).mT @ a for e in range(num)]
-        )  # (E, d_out, d_in)
-        out[name] = per.mT if module.is_transposed else per
+        per = torch.stack([(v * (key == e).unsqueeze(1)).mT @ a for e in range(num)])
+        out[name] = per.mT if module.is_transposed else per  # (E, d_out, d_in) before
         bias = getattr(module, f"{name}_bias", None)
         if isinstance(bias, Tensor):
-            slot = pairs.key.clamp(max=num)
-            out[f"{name}_bias"] = v.new_zeros(num + 1, v.shape[1]).index_add_(0, slot, v)[:num]
+            out[f"{name}_bias"] = v.new_zeros(num + 1, v.shape[1]).index_add_(0, key, v)[:num]
         assert out[name].shape == w.shape
     return out
 

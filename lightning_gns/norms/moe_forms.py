@@ -1,0 +1,171 @@
+"""Exact forms of the stacked experts' per-example squared norms (:mod:`lightning_gns.norms.moe`):
+
+    |∂ℓ_b/∂W|² = Σ_e |Σ_{pairs s of example b routed to e} g_s a_sᵀ|²
+
+for a weight W of the experts, a_s its input and g_s its output gradient at (token, k) pair s.
+Three forms, the cheapest by its count of multiply-adds (:func:`choose_form`, as the dense
+Linear rule chooses between Gram and materialised): a Gram over each example's pairs masked
+to equal experts; each (example, expert) group's pairs padded to a common length C, then Gram
+or materialised per group; each group's gradient materialised by one grouped product (not on
+a CPU, whose ``grouped_mm`` is slow). On a CPU, C is the largest group (a host read, free
+there); elsewhere C = T (a token sends each expert at most one pair; nothing read back).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_gns.norms.tokens import reading_host_tensor
+
+_HELD = 1 << 25  # (example, expert) gradient elements held at once by routed_grouped, at most
+
+
+def bincount(key: Tensor, size: int) -> Tensor:
+    """``torch.bincount`` into ``size`` bins without its host read on CUDA (it sizes its output
+    from the largest value)."""
+    return torch.zeros(size, dtype=torch.long, device=key.device).scatter_add_(
+        0, key, torch.ones_like(key)
+    )
+
+
+def choose_form(
+    key: Tensor, num: int, t: int, k: int, d_a: int, d_g: int, a_per_token: bool
+) -> tuple[str, int]:
+    """("grouped" | "masked" | "padded", C) for pairs with experts ``key`` (B, T·k) (``num``:
+    none, a sentinel of expert parallelism), by the forms' counts of multiply-adds."""
+    cpu = key.device.type == "cpu"
+    cap = largest_group(key, num) if cpu else t
+    tk = t * k
+    masked = (t * t if a_per_token else tk * tk) * d_a + tk * tk * (d_g + 3)
+    padded = num * cap * (min(cap * (d_a + d_g), d_a * d_g) + d_a + d_g)
+    grouped = tk * d_a * d_g + (num + 1) * d_a * d_g + tk * (d_a + d_g)
+    if not cpu and grouped < min(masked, padded):
+        return "grouped", cap
+    return ("padded", cap) if padded < masked else ("masked", cap)
+
+
+def largest_group(key: Tensor, num: int) -> int:
+    """The most pairs one example sends one expert (a host read)."""
+    counts = torch.zeros(key.shape[0], num + 1, dtype=torch.long, device=key.device)
+    counts.scatter_add_(1, key, torch.ones_like(key))
+    with reading_host_tensor(counts):
+        return max(1, int(counts[:, :num].max()))
+
+
+def padded_sq_norm(
+    a: Tensor, g: Tensor, example: Tensor, expert: Tensor, batch: int, num: int, cap: int
+) -> Tensor:
+    """The padded form from rows in any order: a (S, d_a), g (S, d_g), the example and expert
+    (``num``: none) of each row; each (example, expert) group's rows in ``cap`` ≥ its size
+    slots (zeros after its own), then per group the Gram or the materialised form, the
+    cheaper: cost B·E·cap·min(cap·(d_a + d_g), d_a·d_g)."""
+    d_a, d_g, n = a.shape[1], g.shape[1], a.shape[0]
+    gid = example * (num + 1) + expert  # the sentinels: a group of their own per example
+    order = torch.argsort(gid, stable=True)
+    counts = bincount(gid, batch * (num + 1))
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(gid)
+    pos[order] = torch.arange(n, device=gid.device) - start[gid[order]]
+    # a dump slot past the end takes the sentinels (no boolean indexing: no host read)
+    real = (example * num + expert.clamp(max=num - 1)) * cap + pos
+    slot = torch.where(expert < num, real, batch * num * cap)
+    pa = a.new_zeros(batch * num * cap + 1, d_a).index_copy_(0, slot, a)
+    pg = g.new_zeros(batch * num * cap + 1, d_g).index_copy_(0, slot, g)
+    pa, pg = pa[:-1].view(batch * num, cap, d_a), pg[:-1].view(batch * num, cap, d_g)
+    if cap * (d_a + d_g) < d_a * d_g:
+        sq = (torch.bmm(pa, pa.mT) * torch.bmm(pg, pg.mT)).sum((1, 2))
+    else:
+        sq = torch.linalg.vector_norm(torch.bmm(pg.mT, pa), dim=(1, 2)).square()
+    return sq.view(batch, num).sum(1)
+
+
+def _per_pair(a: Tensor, t: int, k: int) -> Tensor:
+    """(B, T·k, D) rows per pair from (B, T, D) per token or already per pair."""
+    return a.repeat_interleave(k, dim=1) if a.shape[1] == t and k > 1 else a
+
+
+def routed_padded(
+    a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int, cap: int | None = None
+) -> Tensor:
+    """The padded form on (B, T, D) per token or (B, T·k, D) per pair, ``key`` (B, T·k);
+    ``cap`` None: the largest group (read back)."""
+    b, tk = key.shape
+    cap = largest_group(key, num) if cap is None else cap
+    example = torch.arange(b, device=key.device).repeat_interleave(tk)
+    rows_a, rows_g = _per_pair(a, t, k).reshape(b * tk, -1), g.reshape(b * tk, -1)
+    return padded_sq_norm(rows_a, rows_g, example, key.reshape(-1), b, num, cap)
+
+
+def routed_grouped(a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int) -> Tensor:
+    """The grouped form: each example's pairs sorted by expert, then one grouped product over
+    the (example, expert) groups (``F.grouped_mm``, no host read; else on a CPU a loop over the
+    groups, elsewhere :func:`routed_padded` with T slots). Cost B·T·k·d_a·d_g, the weight
+    gradient's own; examples in chunks of at most ``_HELD`` elements (or one)."""
+    b, d_a, d_g = a.shape[0], a.shape[-1], g.shape[-1]
+    order = torch.argsort(key, dim=1, stable=True)  # (B, T·k): by expert within each example
+    src = torch.div(order, k, rounding_mode="floor") if a.shape[1] == t else order
+    sa = torch.gather(a, 1, src.unsqueeze(-1).expand(-1, -1, d_a))
+    sg = torch.gather(g, 1, order.unsqueeze(-1).expand(-1, -1, d_g))
+    counts = torch.zeros(b, num + 1, dtype=torch.long, device=key.device)
+    counts.scatter_add_(1, key, torch.ones_like(key))
+    chunk = max(1, _HELD // ((num + 1) * d_a * d_g))
+    parts = []
+    for b0 in range(0, b, chunk):
+        b1 = min(b, b0 + chunk)
+        n = counts[b0:b1].reshape(-1)
+        per = _grouped_outer(sg[b0:b1].reshape(-1, d_g), sa[b0:b1].reshape(-1, d_a), n)
+        if per is None:  # no grouped product off the CPU: padded groups, as exact
+            return routed_padded(a, g, key, num, t, k, t)
+        per = per.view(b1 - b0, num + 1, -1)[:, :num]  # the sentinels' group: no gradient
+        parts.append(
+            torch.where(n.view(b1 - b0, num + 1, 1)[:, :num] > 0, per, 0).pow(2).sum((1, 2))
+        )
+    return torch.cat(parts)
+
+
+def _grouped_outer(g: Tensor, a: Tensor, counts: Tensor) -> Tensor | None:
+    """Σ g_r a_rᵀ over each group of consecutive rows (``counts[i]`` rows): (G, d_g, d_a).
+    ``F.grouped_mm``, else on a CPU a loop over the groups (a read of the counts, free there);
+    None elsewhere (a loop would wait for the device)."""
+    if hasattr(F, "grouped_mm") and g.dtype in (torch.float32, torch.bfloat16):
+        try:
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            return F.grouped_mm(g.mT, a, offs=offs)
+        except RuntimeError:  # unaligned strides, an older GPU: the loop is as exact
+            pass
+    if g.device.type != "cpu":
+        return None
+    out = g.new_zeros(counts.shape[0], g.shape[1], a.shape[1])
+    with reading_host_tensor(counts):
+        sizes = counts.tolist()
+    start = 0
+    for i, n in enumerate(sizes):
+        if n:
+            out[i] = g[start : start + n].mT @ a[start : start + n]
+        start += n
+    return out
+
+
+def _gram(v: Tensor, t: int, k: int) -> Tensor:
+    """Pairwise dot products (B, T·k, T·k) of v: (B, T, D) per token, or (B, T·k, D) per pair."""
+    b = v.shape[0]
+    gram = torch.bmm(v, v.mT)
+    if v.shape[1] == t and k > 1:
+        gram = gram[:, :, None, :, None].expand(b, t, k, t, k).reshape(b, t * k, t * k)
+    return gram
+
+
+def routed_masked_gram(a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int) -> Tensor:
+    """The masked Gram form, Σ_{s,s'} [e_s = e_s'] (a_s·a_s')(g_s·g_s') over each example's
+    pairs: cost B·(T·k)²·(d_a + d_g), whatever the number of experts."""
+    same = (key[:, :, None] == key[:, None, :]) & (key < num).unsqueeze(2)
+    return (_gram(a, t, k) * _gram(g, t, k) * same).sum((1, 2))
+
+
+def bias_sq_norm(v: Tensor, example: Tensor, expert: Tensor, batch: int, num: int) -> Tensor:
+    """Σ_e |Σ_{rows of example b routed to e} v|² per example; rows of v (S, D) in any order."""
+    slot = example * (num + 1) + expert
+    sums = v.new_zeros(batch * (num + 1), v.shape[1]).index_add_(0, slot, v)
+    return sums.view(batch, num + 1, -1)[:, :num].pow(2).sum((1, 2))
