@@ -5,14 +5,15 @@ One module holds every expert as 3-D parameters: ``gate_up_proj`` (E, 2f, d) (or
 (E, f, d) without a gate; (E, d, 2f) when stored transposed), ``down_proj`` (E, d, f), optional
 biases (E, ·); it is called as ``experts(x (N, d), top_k_index (N, k), top_k_weights (N, k))``
 on the N = B·T flattened tokens, and out_t = Σ_k w_tk · down[e_tk](gate(up[e_tk] x_t)): the
-routing weight multiplies each expert's output. :class:`_Pairs` recomputes every (token, k)
-pair's pre-activation z and activation h expert by expert (``F.grouped_mm``, as the experts'
-own forward, or a loop over the experts with one host read of their token counts) and
-back-propagates c = w·g through down and the module's own gate (``_apply_gate`` / ``act_fn``)
-to dz. A parameter's per-example gradient is then a sum over the example's pairs routed to
-each expert: |Σ c h^T|² for down, |Σ dz x^T|² for up,
-summed over experts (:func:`_routed_sq_norm` takes the cheapest of three exact forms).
-:func:`stacked_experts_grads` gives the whole gradient from the same recomputation, for the
+routing weight multiplies each expert's output. :class:`_Pairs` takes every (token, k) pair's
+pre-activation z from the forward (:class:`GateTap`, when the forward calls the gate once:
+``grouped_mm``, ``batched_mm``) or recomputes it expert by expert (``F.grouped_mm``, as the
+experts' own forward, or a loop over the experts with one host read of their token counts),
+and back-propagates c = w·g through down and the module's own gate (``_apply_gate`` /
+``act_fn``) to h and dz. A parameter's per-example gradient is then a sum over the example's
+pairs routed to each expert: |Σ c hᵀ|² for down, |Σ dz xᵀ|² for up, summed over experts (the
+cheapest of three exact forms, :mod:`lightning_gns.norms.moe_forms`).
+:func:`stacked_experts_grads` gives the whole gradient from the same pairs, for the
 structural check: it equals autograd's only if the rule models the module.
 """
 
@@ -93,7 +94,9 @@ class _Pairs:
         self.z_ok: Tensor | None = None  # the forward's z matched x·up (a 0-d bool), or None
         expert = self.key_s.clamp(max=self.num - 1)
         bias = getattr(module, "gate_up_proj_bias" if module.has_gate else "up_proj_bias", None)
-        bias = bias.detach().to(dt)[expert] if module.has_bias else None
+        bias = (
+            bias.detach().to(dt)[expert] if module.has_bias and isinstance(bias, Tensor) else None
+        )
         z = None if z_in is None else self._from_forward(module, z_in, idx, up, bias, dt)
         if z is None:
             z = _grouped(self.x_s, up, counts, valid)
