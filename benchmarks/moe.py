@@ -4,8 +4,9 @@ Each block alone (random weights, float32, CPU), a batch of B examples of T toke
 forward + backward of the block is timed, then the rules of ``lightning_gns.norms.moe`` /
 ``tokens`` on the inputs and output gradients saved from that step (hooked by hand as in
 tests/moe_zoo.py), interleaved, median of repeats. The table gives both and their ratio, per
-layout, with the router's and the experts' shares; the dense rows are a SwiGLU MLP of Linears
-with the same active width (k experts' worth) under the dense Linear rule, for comparison.
+layout, with the router's and the experts' shares (and, where the experts' forward gives the
+rule its z, the experts' share had the rule recomputed it); the dense rows are a SwiGLU MLP
+of Linears with the same active width (k experts' worth) under the dense Linear rule.
 
     python benchmarks/moe.py [--repeats 15] [--batch 8] [--seq 128] [--width 256]
 """
@@ -98,7 +99,8 @@ def plain_step(model: nn.Module, x: Tensor, r: Tensor) -> float:
 
 
 def rule_times(hooks: HandHooks) -> dict[str, float]:
-    """Seconds of the rules, by the module class they cover."""
+    """Seconds of the rules, by the module class they cover; "z recomputed": the stacked
+    experts' rule again without the forward's z (as under the eager loop or checkpointing)."""
     out: dict[str, float] = {}
     names = list(hooks.modules)
     every = dict(hooks.modules)
@@ -108,6 +110,13 @@ def rule_times(hooks: HandHooks) -> dict[str, float]:
         hooks.norms()
         kind = type(every[name]).__name__
         out[kind] = out.get(kind, 0.0) + time.perf_counter() - t
+        z = hooks.calls[name].get("z")
+        if z is not None:
+            hooks.calls[name]["z"] = None
+            t = time.perf_counter()
+            hooks.norms()
+            out["z recomputed"] = out.get("z recomputed", 0.0) + time.perf_counter() - t
+            hooks.calls[name]["z"] = z
     hooks.modules = every
     return out
 
@@ -149,7 +158,7 @@ def measure(make: Callable[[], nn.Module], b: int, t: int, d: int, repeats: int)
         times = rule_times(hooks)
         if i >= 2:  # warm-up
             plain.append(p)
-            rules.append(sum(times.values()))
+            rules.append(sum(v for k, v in times.items() if k != "z recomputed"))
             for k, v in times.items():
                 shares.setdefault(k, []).append(v)
     return {
