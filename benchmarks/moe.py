@@ -5,7 +5,8 @@ forward + backward of the block is timed, then the rules of ``lightning_gns.norm
 ``tokens`` on the inputs and output gradients saved from that step (hooked by hand as in
 tests/moe_zoo.py), interleaved, median of repeats. The table gives both and their ratio, per
 layout, with the router's and the experts' shares (and, where the experts' forward gives the
-rule its z, the experts' share had the rule recomputed it); the dense rows are a SwiGLU MLP
+rule its gate's input, output and gradient, the experts' share had the rule recomputed them);
+the dense rows are a SwiGLU MLP
 of Linears with the same active width (k experts' worth) under the dense Linear rule.
 
     python benchmarks/moe.py [--repeats 15] [--batch 8] [--seq 128] [--width 256]
@@ -99,8 +100,8 @@ def plain_step(model: nn.Module, x: Tensor, r: Tensor) -> float:
 
 
 def rule_times(hooks: HandHooks) -> dict[str, float]:
-    """Seconds of the rules, by the module class they cover; "z recomputed": the stacked
-    experts' rule again without the forward's z (as under the eager loop or checkpointing)."""
+    """Seconds of the rules, by the module class they cover; "recomputed": the stacked experts'
+    rule again without the forward's gate call (as under the eager loop or checkpointing)."""
     out: dict[str, float] = {}
     names = list(hooks.modules)
     every = dict(hooks.modules)
@@ -110,13 +111,13 @@ def rule_times(hooks: HandHooks) -> dict[str, float]:
         hooks.norms()
         kind = type(every[name]).__name__
         out[kind] = out.get(kind, 0.0) + time.perf_counter() - t
-        z = hooks.calls[name].get("z")
-        if z is not None:
-            hooks.calls[name]["z"] = None
+        kept = hooks.calls[name].get("gate")
+        if kept is not None:
+            hooks.calls[name]["gate"] = None
             t = time.perf_counter()
             hooks.norms()
-            out["z recomputed"] = out.get("z recomputed", 0.0) + time.perf_counter() - t
-            hooks.calls[name]["z"] = z
+            out["recomputed"] = out.get("recomputed", 0.0) + time.perf_counter() - t
+            hooks.calls[name]["gate"] = kept
     hooks.modules = every
     return out
 
@@ -158,7 +159,7 @@ def measure(make: Callable[[], nn.Module], b: int, t: int, d: int, repeats: int)
         times = rule_times(hooks)
         if i >= 2:  # warm-up
             plain.append(p)
-            rules.append(sum(v for k, v in times.items() if k != "z recomputed"))
+            rules.append(sum(v for k, v in times.items() if k != "recomputed"))
             for k, v in times.items():
                 shares.setdefault(k, []).append(v)
     return {

@@ -189,7 +189,7 @@ class HandHooks:
     gradients of the outputs; for every module called on gathered rows, their tokens."""
 
     def __init__(self, model: nn.Module, batch: int, tap: bool = False) -> None:
-        """``tap``: stacked experts keep their forward's z for their rule, as the callback's
+        """``tap``: stacked experts keep their gate's call for their rule, as the callback's
         hooks do (``moe.GateTap``)."""
         self.batch = batch
         names = {n.rsplit(".", 1)[0] for n in moe_parameters(model)}
@@ -222,7 +222,7 @@ class HandHooks:
         leaves, spec = tree_flatten(out)
         leaves = [_fresh(t) for t in leaves]
         rec: dict[str, Any] = {"args": args, "kwargs": kwargs, "outs": leaves, "grads": {}}
-        rec["z"] = moe.gate_input(module)
+        rec["gate"] = moe.gate_call(module)
         for i, t in enumerate(leaves):
             if isinstance(t, Tensor) and t.requires_grad:
                 t.register_hook(partial(_keep, rec["grads"], i))
@@ -261,7 +261,7 @@ class HandHooks:
             x = args[0] if args else next(iter(kwargs.values()))
             rule = moe.token_rule_for(module)
             if rule is not None:
-                got = rule(module, args, kwargs, g, b, rec["z"])
+                got = rule(module, args, kwargs, g, b, rec["gate"])
             elif isinstance(module, nn.Linear):
                 got = self._linear(name, module, x, g)
             else:

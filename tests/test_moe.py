@@ -264,10 +264,11 @@ def test_experts_alone_with_expert_parallel_sentinels(dtype, form, monkeypatch) 
 
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
-def test_a_z_whose_rows_do_not_match_poisons_the_norms(name) -> None:
-    """After the check, the rule takes the forward's z without reading anything back: rows
-    out of place make every norm NaN (the step is dropped and counted), never a wrong value;
-    the right z gives the recomputation's norms (GPT-OSS: biases in z, a gate of its own)."""
+def test_a_gate_call_whose_rows_do_not_match_poisons_the_norms(name) -> None:
+    """After the check, the rule takes the forward's gate call (z, h, and dz from backward)
+    without reading anything back: rows out of place make every norm NaN (the step is dropped
+    and counted), never a wrong value; the right call gives the recomputation's norms (GPT-OSS:
+    biases in z, a gate of its own)."""
     torch.manual_seed(0)
     model, data, loss = MOE_MODELS[name](impl="grouped_mm")
     x, y = data.tensors[0][:4], data.tensors[1][:4]
@@ -277,13 +278,15 @@ def test_a_z_whose_rows_do_not_match_poisons_the_norms(name) -> None:
     finally:
         hooks.remove()
     key = next(k for k, m in hooks.modules.items() if moe.is_stacked_experts(m))
-    module, call = hooks.modules[key], hooks.calls[key]
-    z = call["z"]
-    assert z is not None and "_apply_gate" not in module.__dict__
-    args, kwargs, g = call["args"], call["kwargs"], call["grads"][0]
+    module, rec = hooks.modules[key], hooks.calls[key]
+    call = rec["gate"]
+    assert call is not None and call.dz is not None and "_apply_gate" not in module.__dict__
+    args, kwargs, g = rec["args"], rec["kwargs"], rec["grads"][0]
     plain = moe.stacked_experts_norm(module, args, kwargs, g, 4)
-    taken = moe.stacked_experts_norm(module, args, kwargs, g, 4, z)
-    shuffled = moe.stacked_experts_norm(module, args, kwargs, g, 4, z.roll(1, 0))
+    taken = moe.stacked_experts_norm(module, args, kwargs, g, 4, call)
+    moved = moe.GateCall(call.z.roll(1, 0), call.h.roll(1, 0))
+    moved.keep_dz(call.dz.roll(1, 0))
+    shuffled = moe.stacked_experts_norm(module, args, kwargs, g, 4, moved)
     for name in plain:
         torch.testing.assert_close(taken[name], plain[name], rtol=1e-4, atol=0)
         assert shuffled[name].isnan().all()
@@ -299,11 +302,11 @@ def test_a_tapped_model_copies_without_the_kept_activations() -> None:
         moe.tap_gate(m)
     x = data.tensors[0][:2]
     out = model(x).logits
-    assert all(m.__dict__["_apply_gate"].z is not None for m in experts)
+    assert all(m.__dict__["_apply_gate"].call is not None for m in experts)
     clone = copy.deepcopy(model)
     for m in (m for m in clone.modules() if moe.is_stacked_experts(m)):
         tap = m.__dict__["_apply_gate"]
-        assert tap.module is m and tap.z is None and tap.calls == 0
+        assert tap.module is m and tap.call is None and tap.calls == 0
     torch.testing.assert_close(clone(x).logits, out)
     for m in experts:
         moe.untap_gate(m)

@@ -77,8 +77,8 @@ def test_grouped_mm_experts_in_float32() -> None:
 
 
 def _count_grouped(monkeypatch) -> list[int]:
-    """Counts the experts rule's grouped products (two per call when it recomputes z, one
-    when it takes the forward's)."""
+    """Counts the experts rule's grouped products (two per call when it recomputes the
+    experts' projections, none when it takes the forward's gate call)."""
     calls = [0]
     grouped = moe._grouped
 
@@ -91,31 +91,32 @@ def _count_grouped(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
-def test_the_experts_rule_takes_the_forwards_z(impl, monkeypatch) -> None:
+def test_the_experts_rule_takes_the_forwards_gate_call(impl, monkeypatch) -> None:
     """transformers' ``grouped_mm`` (its default) and ``batched_mm`` call the experts' gate
-    once per forward: the rule takes z from it (moe.GateTap) instead of recomputing the up
-    projection, and stays exact. Two layers, three rule calls each (the check's norms and
-    gradient, one more micro-batch's norms): 6 grouped products (dh only), not 12."""
+    once per forward: the rule takes its input z, output h and (from backward) z's gradient
+    (moe.GateTap) instead of recomputing the up and down projections, and stays exact: no
+    grouped product in two layers' three rule calls (the check's norms and gradient, one more
+    micro-batch's norms), against 12 when recomputing."""
     calls = _count_grouped(monkeypatch)
     torch.manual_seed(0)
     model, data, loss = MOE_MODELS["mixtral"](impl=impl)
     _assert_exact_on_four(model, data, loss, rtol=1e-4, counted=calls)
-    assert calls[1] == 6
+    assert calls[1] == 0
     assert not [m for m in model.modules() if "_apply_gate" in m.__dict__]  # detached
 
 
-def test_a_forward_z_in_rows_the_rule_does_not_expect_is_dropped(monkeypatch) -> None:
+def test_a_gate_call_in_rows_the_rule_does_not_expect_is_dropped(monkeypatch) -> None:
     """If the forward's rows are not in the order the rule expects (an implementation
     changed), the structural check finds it (one projection per row) and the rule recomputes
-    z for the rest of the run: exact; per layer the check's 1 + 1 + 2 grouped products (its
-    norms and gradient with z, the gradient again without), then 2 per micro-batch."""
+    for the rest of the run: exact; per layer the check's gradient again without the call (2
+    grouped products), then 2 per micro-batch."""
     calls = _count_grouped(monkeypatch)
     rows = moe._forward_rows
     monkeypatch.setattr(moe, "_forward_rows", lambda m, idx: rows(m, idx).flip(0))
     torch.manual_seed(0)
     model, data, loss = MOE_MODELS["mixtral"](impl="grouped_mm")
     _assert_exact_on_four(model, data, loss, rtol=1e-4, counted=calls)
-    assert calls[1] == 12
+    assert calls[1] == 8
 
 
 class MixingMoE(ToyMoE):

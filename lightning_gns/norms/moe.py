@@ -69,11 +69,11 @@ class _Pairs:
     """Every (token, k) pair of one experts call, sorted by expert (stable: within an expert,
     by token): its input x, pre-activation z, gradient dz, activation h and down-output
     gradient c = w·g, and its expert (E for the sentinels of expert parallelism); ``dz``,
-    ``h``, ``c``, ``key`` in pair order (token-major) on demand. z is the forward's
-    (:class:`GateTap`) or recomputed expert by expert."""
+    ``h``, ``c``, ``key`` in pair order (token-major) on demand. z, h and dz are the
+    forward's and backward's (:class:`GateCall`) or recomputed expert by expert."""
 
     def __init__(
-        self, module: Experts, args: tuple, kwargs: dict, g: Tensor, z_in: Tensor | None = None
+        self, module: Experts, args: tuple, kwargs: dict, g: Tensor, call: GateCall | None = None
     ) -> None:
         x, idx, w = _experts_inputs(module, args, kwargs)
         dt = acc_dtype(g)
@@ -97,8 +97,14 @@ class _Pairs:
         bias = (
             bias.detach().to(dt)[expert] if module.has_bias and isinstance(bias, Tensor) else None
         )
-        z = None if z_in is None else self._from_forward(module, z_in, idx, up, bias, dt)
-        if z is None:
+        rows = None if call is None else self._from_forward(module, call, idx, up, bias, dt)
+        if rows is not None and call is not None and call.dz is not None:
+            self.h_s = call.h.index_select(0, rows).to(dt)
+            self.dz_s = call.dz.index_select(0, rows).to(dt)
+            return
+        if rows is not None and call is not None:
+            z = call.z.index_select(0, rows).to(dt)
+        else:
             z = _grouped(self.x_s, up, counts, valid)
             z = z if bias is None else z + bias
         dh = _grouped(self.c_s, down, counts, valid)
@@ -113,23 +119,24 @@ class _Pairs:
         return torch.div(self.order, self.n // batch * self.k, rounding_mode="floor")
 
     def _from_forward(
-        self, module: Experts, z_in: Tensor, idx: Tensor, up: Tensor, bias: Tensor | None,
+        self, module: Experts, call: GateCall, idx: Tensor, up: Tensor, bias: Tensor | None,
         dt: torch.dtype,
     ) -> Tensor | None:  # fmt: skip
-        """The forward's own z (:class:`GateTap`) in this pair order, and ``z_ok``: one
-        projection of every row (on a fixed vector of cosines) against x·up[e] (+ bias), a
+        """The row of the forward's :class:`GateCall` of each sorted pair, and ``z_ok``: one
+        projection of every row of z (on a fixed vector of cosines) against x·up[e] (+ bias), a
         check of the order that costs (d + 2f) per row and reads nothing back."""
         rows = _forward_rows(module, idx)
-        if rows is None or z_in.dim() != 2 or z_in.shape[0] != rows.numel():
+        if rows is None or call.z.dim() != 2 or call.z.shape[0] != rows.numel():
             return None
-        z = z_in.index_select(0, rows[self.order]).to(dt)
-        v = torch.cos(torch.arange(z.shape[1], device=z.device, dtype=dt) * 2.39996)
+        rows = rows[self.order]
+        v = torch.cos(torch.arange(call.z.shape[1], device=rows.device, dtype=dt) * 2.39996)
+        got = call.z.index_select(0, rows).to(dt) @ v
         pred = (self.x_s * (up @ v)[self.key_s.clamp(max=self.num - 1)]).sum(1)
         pred = pred if bias is None else pred + bias @ v
         valid = self.key_s < self.num
-        err = torch.where(valid, z @ v - pred, 0).square().sum()
+        err = torch.where(valid, got - pred, 0).square().sum()
         self.z_ok = err <= 1e-3 * torch.where(valid, pred, 0).square().sum()
-        return z
+        return rows
 
     def unsorted(self, v: Tensor) -> Tensor:
         """Rows of a sorted tensor back in pair order (a row gather)."""
@@ -139,31 +146,47 @@ class _Pairs:
         return v.index_select(0, self._back)
 
 
+class GateCall:
+    """One forward's call of the experts' gate: its input z (the up projection) and output h,
+    one row per (token, k) pair in the forward's order, and z's gradient dz once backward has
+    passed it (None before, or if z needs no gradient)."""
+
+    def __init__(self, z: Tensor, h: Tensor) -> None:
+        self.z, self.h = z, h
+        self.dz: Tensor | None = None
+
+    def keep_dz(self, dz: Tensor) -> None:
+        self.dz = dz.detach()
+
+
 class GateTap:
     """A hooked stacked-experts module's ``_apply_gate``: the class's own gate, keeping its
-    input z (the up projection, one row per (token, k) pair) so that the rule need not
-    recompute it. Used when the forward calls it once (``grouped_mm``, transformers' default,
-    and ``batched_mm``); the eager loop calls it per expert, and the rule recomputes z."""
+    :class:`GateCall` so that the rule need not recompute the experts' projections. Used when
+    the forward calls it once (``grouped_mm``, transformers' default, and ``batched_mm``);
+    the eager loop calls it per expert, and the rule recomputes them."""
 
     def __init__(self, module: Experts) -> None:
         self.module: Experts = module
         self.calls = 0
-        self.z: Tensor | None = None
+        self.call: GateCall | None = None
         self.usable = True  # the structural check found the forward's rows where expected
 
     def __call__(self, z: Tensor) -> Tensor:
+        h = type(self.module)._apply_gate(self.module, z)
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self.calls, self.z = self.calls + 1, z.detach()
-        return type(self.module)._apply_gate(self.module, z)
+            self.calls, self.call = self.calls + 1, GateCall(z.detach(), h.detach())
+            if z.requires_grad:
+                z.register_hook(self.call.keep_dz)
+        return h
 
-    def take(self) -> Tensor | None:
-        """z of the forward since the last take, if it called the gate once."""
-        z = self.z if self.calls == 1 and self.usable else None
-        self.calls, self.z = 0, None
-        return z
+    def take(self) -> GateCall | None:
+        """The forward's call since the last take, if it called the gate once."""
+        call = self.call if self.calls == 1 and self.usable else None
+        self.calls, self.call = 0, None
+        return call
 
     def __getstate__(self) -> dict:  # a copy of the model keeps no activations
-        return {**self.__dict__, "calls": 0, "z": None}
+        return {**self.__dict__, "calls": 0, "call": None}
 
 
 def tap_gate(module: nn.Module) -> None:
@@ -183,8 +206,8 @@ def _gate(module: Experts) -> Callable[[Tensor], Tensor]:
     return partial(type(module)._apply_gate, module) if isinstance(gate, GateTap) else gate
 
 
-def gate_input(module: nn.Module) -> Tensor | None:
-    """The z a :class:`GateTap` kept in this forward (and forget it), or None."""
+def gate_call(module: nn.Module) -> GateCall | None:
+    """The :class:`GateCall` a :class:`GateTap` kept in this forward (and forget it), or None."""
     tap = module.__dict__.get("_apply_gate")
     return tap.take() if isinstance(tap, GateTap) else None
 
@@ -244,13 +267,13 @@ def _grouped(x: Tensor, w: Tensor, counts: Tensor, valid: Tensor) -> Tensor:
 
 
 def stacked_experts_norm(
-    module: Experts, args: tuple, kwargs: dict, g: Tensor, batch: int, z: Tensor | None = None
+    module: Experts, args: tuple, kwargs: dict, g: Tensor, batch: int, call: GateCall | None = None
 ) -> dict[str, Tensor]:
     """Per-example squared norms (B,) of a stacked-experts module's parameters, by name, from
     its forward's inputs (hidden (B·T, d), top_k_index, top_k_weights), output gradient and,
-    if kept (:class:`GateTap`), its z: NaN (the step is dropped) if z's rows are not where
-    the structural check found them."""
-    pairs = _Pairs(module, args, kwargs, g, z)
+    if kept (:class:`GateTap`), its gate's call: NaN (the step is dropped) if the call's rows
+    are not where the structural check found them."""
+    pairs = _Pairs(module, args, kwargs, g, call)
     n, k, num = pairs.n, pairs.k, pairs.num
     if n % batch:
         raise ValueError(f"{n} tokens do not split into {batch} examples")
@@ -288,12 +311,12 @@ def stacked_experts_norm(
 
 
 def stacked_experts_grads(
-    module: Experts, args: tuple, kwargs: dict, g: Tensor, z: Tensor | None = None
+    module: Experts, args: tuple, kwargs: dict, g: Tensor, call: GateCall | None = None
 ) -> dict[str, Tensor]:
     """The module's whole gradient from the rule's own recomputation, for the structural check:
     it equals autograd's only if the rule models the module (gate, layout, routing weight).
-    A kept z whose rows are not where expected is dropped for the run (a read, once)."""
-    pairs = _Pairs(module, args, kwargs, g, z)
+    A kept call whose rows are not where expected is dropped for the run (a read, once)."""
+    pairs = _Pairs(module, args, kwargs, g, call)
     if pairs.z_ok is not None and not bool(pairs.z_ok):
         tap = module.__dict__.get("_apply_gate")
         if isinstance(tap, GateTap):
@@ -314,8 +337,8 @@ def stacked_experts_grads(
 
 
 TokenRule = Callable[..., dict[str, Tensor]]
-"""``rule(module, args, kwargs, grad_output, batch, z) -> {parameter name: (B,)}``, z the
-forward's own gate input or None."""
+"""``rule(module, args, kwargs, grad_output, batch, call) -> {parameter name: (B,)}``, call the
+forward's :class:`GateCall` or None."""
 
 
 def token_rule_for(module: nn.Module) -> TokenRule | None:

@@ -28,7 +28,7 @@ from lightning_gns.norms.generic import (
     rebuild,
     replaying,
 )
-from lightning_gns.norms.moe import gate_input
+from lightning_gns.norms.moe import gate_call
 from lightning_gns.norms.positions import (
     broadcast_positions,
     expand_positions,
@@ -200,7 +200,7 @@ def generic_hook(norms: Norms, site: Site) -> Hook:
     """The forward hook of a site without a rule: keep its inputs and its outputs' gradients."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
-        z = gate_input(module)  # stacked experts: their z, taken at every call
+        call = gate_call(module)  # stacked experts: their gate's call, taken at every call
         if is_replaying() or not torch.is_grad_enabled():
             return None
         leaves = leaves_of(output)
@@ -216,8 +216,8 @@ def generic_hook(norms: Norms, site: Site) -> Hook:
         site.seen.inputs, site.seen.outputs = (args, kwargs), fresh
         site.seen.live = _live_copies(module, site)
         site.seen.tokens = norms.scopes.map_for(site.name, first_tensor((args, kwargs)))
-        # (under activation checkpointing z would outlive the block: the rule recomputes it)
-        site.seen.gate_input = None if saving_through_hooks() else z
+        # (under activation checkpointing it would outlive the block: the rule recomputes it)
+        site.seen.gate_call = None if saving_through_hooks() else call
         if norms.checking:
             shared = _not_from_batch(norms, (args, kwargs))
             if shared is True:

@@ -85,7 +85,7 @@ class Seen:
     live: dict[str, Tensor] = field(default_factory=dict)  # generic: the tensors the forward
     # used (FSDP2 unshards parameters for the forward only; elsewhere the parameters)
     tokens: TokenMap | None = None  # its rows are flattened or gathered tokens (MoE)
-    gate_input: Tensor | None = None  # stacked experts: their forward's z (moe.GateTap)
+    gate_call: Any = None  # stacked experts: their gate's moe.GateCall (moe.GateTap)
 
 
 @dataclass

@@ -136,7 +136,7 @@ def token_site_norms(site: Site, batch: int) -> Tensor:
     rule = moe.token_rule_for(site.module)
     if rule is not None:
         args, kwargs = seen.inputs
-        got = rule(site.module, args, kwargs, seen.out_grads[0], batch, seen.gate_input)
+        got = rule(site.module, args, kwargs, seen.out_grads[0], batch, seen.gate_call)
         return torch.stack(list(got.values())).sum(0)
     params = {**site.params, **seen.live}
     args = (seen.inputs, seen.outputs, seen.out_grads, batch, t, site.shared_inputs)
@@ -151,7 +151,7 @@ def token_local_grads(site: Site) -> dict[str, Tensor] | None:
     if seen.tokens is None or moe.token_rule_for(site.module) is None or seen.inputs is None:
         return None
     args, kwargs = seen.inputs
-    got = moe.stacked_experts_grads(site.module, args, kwargs, seen.out_grads[0], seen.gate_input)
+    got = moe.stacked_experts_grads(site.module, args, kwargs, seen.out_grads[0], seen.gate_call)
     return {k: v.float() for k, v in got.items() if k in site.params}
 
 
