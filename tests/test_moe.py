@@ -265,7 +265,7 @@ def test_experts_alone_with_expert_parallel_sentinels(dtype, form, monkeypatch) 
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
 def test_a_gate_call_whose_rows_do_not_match_poisons_the_norms(name) -> None:
-    """After the check, the rule takes the forward's gate call (z, h, and dz from backward)
+    """After the check, the rule takes the forward's gate call (z·v, h, and dz from backward)
     without reading anything back: rows out of place make every norm NaN (the step is dropped
     and counted), never a wrong value; the right call gives the recomputation's norms (GPT-OSS:
     biases in z, a gate of its own)."""
@@ -284,7 +284,7 @@ def test_a_gate_call_whose_rows_do_not_match_poisons_the_norms(name) -> None:
     args, kwargs, g = rec["args"], rec["kwargs"], rec["grads"][0]
     plain = moe.stacked_experts_norm(module, args, kwargs, g, 4)
     taken = moe.stacked_experts_norm(module, args, kwargs, g, 4, call)
-    moved = moe.GateCall(call.z.roll(1, 0), call.h.roll(1, 0))
+    moved = moe.GateCall(call.zv.roll(1, 0), call.h.roll(1, 0))
     moved.keep_dz(call.dz.roll(1, 0))
     shuffled = moe.stacked_experts_norm(module, args, kwargs, g, 4, moved)
     for name in plain:

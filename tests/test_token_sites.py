@@ -19,7 +19,7 @@ from moe_zoo import MOE_MODELS, ToyMoE, moe_parameters, per_example_sq_norms, tr
 from torch import Tensor, nn
 from zoo import ZooModule, per_example_grads
 
-from lightning_gns import GradientNoiseScale, forbid_host_sync
+from lightning_gns import GradientNoiseScale, _compat, forbid_host_sync
 from lightning_gns.norms import PerExampleNorms, moe, tokens
 from lightning_gns.norms.site_hooks import NOT_FROM_BATCH
 
@@ -96,12 +96,23 @@ def test_the_experts_rule_takes_the_forwards_gate_call(impl, monkeypatch) -> Non
     once per forward: the rule takes its input z, output h and (from backward) z's gradient
     (moe.GateTap) instead of recomputing the up and down projections, and stays exact: no
     grouped product in two layers' three rule calls (the check's norms and gradient, one more
-    micro-batch's norms), against 12 when recomputing."""
+    micro-batch's norms), against 12 when recomputing. After the check the norms are computed
+    as soon as backward has passed each layer's gate, and the call's tensors dropped."""
     calls = _count_grouped(monkeypatch)
+    in_backward = []
+    rule = moe.stacked_experts_norm
+
+    def noted(*args):  # noqa: ANN002, ANN202
+        in_backward.append(_compat.in_backward_pass())
+        return rule(*args)
+
+    monkeypatch.setattr(moe, "stacked_experts_norm", noted)
     torch.manual_seed(0)
     model, data, loss = MOE_MODELS["mixtral"](impl=impl)
     _assert_exact_on_four(model, data, loss, rtol=1e-4, counted=calls)
     assert calls[1] == 0
+    # after the check, each layer's norms as backward passes its gate (nothing kept after)
+    assert in_backward[:4] == [False, False, True, True]
     assert not [m for m in model.modules() if "_apply_gate" in m.__dict__]  # detached
 
 

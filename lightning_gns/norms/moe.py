@@ -102,11 +102,8 @@ class _Pairs:
             self.h_s = call.h.index_select(0, rows).to(dt)
             self.dz_s = call.dz.index_select(0, rows).to(dt)
             return
-        if rows is not None and call is not None:
-            z = call.z.index_select(0, rows).to(dt)
-        else:
-            z = _grouped(self.x_s, up, counts, valid)
-            z = z if bias is None else z + bias
+        z = _grouped(self.x_s, up, counts, valid)
+        z = z if bias is None else z + bias
         dh = _grouped(self.c_s, down, counts, valid)
         with torch.enable_grad():
             zl = z.detach().requires_grad_()
@@ -122,15 +119,15 @@ class _Pairs:
         self, module: Experts, call: GateCall, idx: Tensor, up: Tensor, bias: Tensor | None,
         dt: torch.dtype,
     ) -> Tensor | None:  # fmt: skip
-        """The row of the forward's :class:`GateCall` of each sorted pair, and ``z_ok``: one
-        projection of every row of z (on a fixed vector of cosines) against x·up[e] (+ bias), a
-        check of the order that costs (d + 2f) per row and reads nothing back."""
+        """The row of the forward's :class:`GateCall` of each sorted pair, and ``z_ok``: the
+        projection of every row of z on :func:`probe_vector` against x·(up[e]·v) (+ bias), a
+        check of the order that costs d per row and reads nothing back."""
         rows = _forward_rows(module, idx)
-        if rows is None or call.z.dim() != 2 or call.z.shape[0] != rows.numel():
+        if rows is None or call.zv.shape != rows.shape:
             return None
         rows = rows[self.order]
-        v = torch.cos(torch.arange(call.z.shape[1], device=rows.device, dtype=dt) * 2.39996)
-        got = call.z.index_select(0, rows).to(dt) @ v
+        v = probe_vector(up.shape[2], call.zv.dtype, up.device).to(dt)
+        got = call.zv.index_select(0, rows).to(dt)
         pred = (self.x_s * (up @ v)[self.key_s.clamp(max=self.num - 1)]).sum(1)
         pred = pred if bias is None else pred + bias @ v
         valid = self.key_s < self.num
@@ -146,17 +143,26 @@ class _Pairs:
         return v.index_select(0, self._back)
 
 
-class GateCall:
-    """One forward's call of the experts' gate: its input z (the up projection) and output h,
-    one row per (token, k) pair in the forward's order, and z's gradient dz once backward has
-    passed it (None before, or if z needs no gradient)."""
+def probe_vector(width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A fixed vector (cosines) on which the rows of z are projected to check their order."""
+    return torch.cos(torch.arange(width, device=device, dtype=torch.float32) * 2.39996).to(dtype)
 
-    def __init__(self, z: Tensor, h: Tensor) -> None:
-        self.z, self.h = z, h
+
+class GateCall:
+    """One forward's call of the experts' gate, one row per (token, k) pair in the forward's
+    order: z (its input, the up projection) projected on :func:`probe_vector`, its output h,
+    and z's gradient dz once backward has passed it (None before, or if z needs no gradient);
+    ``then(call)`` runs at that moment."""
+
+    def __init__(self, zv: Tensor, h: Tensor) -> None:
+        self.zv, self.h = zv, h
         self.dz: Tensor | None = None
+        self.then: Callable[[GateCall], None] | None = None
 
     def keep_dz(self, dz: Tensor) -> None:
         self.dz = dz.detach()
+        if self.then is not None:
+            self.then(self)
 
 
 class GateTap:
@@ -173,8 +179,9 @@ class GateTap:
 
     def __call__(self, z: Tensor) -> Tensor:
         h = type(self.module)._apply_gate(self.module, z)
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self.calls, self.call = self.calls + 1, GateCall(z.detach(), h.detach())
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and z.dim() == 2:
+            zv = z.detach() @ probe_vector(z.shape[1], z.dtype, z.device)
+            self.calls, self.call = self.calls + 1, GateCall(zv, h.detach())
             if z.requires_grad:
                 z.register_hook(self.call.keep_dz)
         return h

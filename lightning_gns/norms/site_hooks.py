@@ -39,7 +39,12 @@ from lightning_gns.norms.positions import (
 )
 from lightning_gns.norms.record import MicroBatchRecord
 from lightning_gns.norms.sites import Site
-from lightning_gns.norms.token_sites import TokenScopes, first_tensor, token_site_norms
+from lightning_gns.norms.token_sites import (
+    TokenScopes,
+    first_tensor,
+    norms_when_backward_passes,
+    token_site_norms,
+)
 from lightning_gns.norms.tokens import as_examples, to_examples
 from lightning_gns.sync import on_step_path
 
@@ -218,6 +223,8 @@ def generic_hook(norms: Norms, site: Site) -> Hook:
         site.seen.tokens = norms.scopes.map_for(site.name, first_tensor((args, kwargs)))
         # (under activation checkpointing it would outlive the block: the rule recomputes it)
         site.seen.gate_call = None if saving_through_hooks() else call
+        if call is not None and site.seen.gate_call is not None and not norms.checking:
+            call.then = norms_when_backward_passes(site, norms.record.batch_size)
         if norms.checking:
             shared = _not_from_batch(norms, (args, kwargs))
             if shared is True:

@@ -86,6 +86,7 @@ class Seen:
     # used (FSDP2 unshards parameters for the forward only; elsewhere the parameters)
     tokens: TokenMap | None = None  # its rows are flattened or gathered tokens (MoE)
     gate_call: Any = None  # stacked experts: their gate's moe.GateCall (moe.GateTap)
+    early: Tensor | None = None  # stacked experts: their norms, computed during backward
 
 
 @dataclass

@@ -16,13 +16,14 @@ flattened tokens; :func:`token_check_problem` is the structural check's extra te
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gns.norms import moe, tokens
+from lightning_gns.norms.generic import replaying
 from lightning_gns.norms.rules import norm_rule_for
 from lightning_gns.sync import on_step_path
 
@@ -133,6 +134,8 @@ def token_site_norms(site: Site, batch: int) -> Tensor:
     rows, t = seen.tokens
     if rows is not None:
         raise ValueError("a module without a rule is called on gathered rows")
+    if seen.early is not None:
+        return seen.early
     rule = moe.token_rule_for(site.module)
     if rule is not None:
         args, kwargs = seen.inputs
@@ -141,6 +144,30 @@ def token_site_norms(site: Site, batch: int) -> Tensor:
     params = {**site.params, **seen.live}
     args = (seen.inputs, seen.outputs, seen.out_grads, batch, t, site.shared_inputs)
     return tokens.token_generic_sq_norms(site.module, params, *args)
+
+
+def norms_when_backward_passes(site: Site, batch: int | None) -> Callable[[Any], None]:
+    """For a stacked-experts site's :class:`~lightning_gns.norms.moe.GateCall` after the
+    structural check: its norms as soon as backward has passed the experts' gate, and the
+    call's tensors dropped, so that no layer's z, h and dz outlive its own backward (any
+    failure leaves them to the rule after backward, as usual)."""
+
+    def run(call: Any) -> None:
+        seen = site.seen
+        if batch is None or seen.inputs is None or 0 not in seen.out_grads:
+            return
+        try:
+            with replaying():
+                args, kwargs = seen.inputs
+                got = moe.stacked_experts_norm(
+                    site.module, args, kwargs, seen.out_grads[0], batch, call
+                )
+        except Exception:  # noqa: BLE001 - never break the user's backward
+            return
+        seen.early = torch.stack(list(got.values())).sum(0)
+        seen.gate_call = call.h = call.dz = None
+
+    return on_step_path(run)
 
 
 def token_local_grads(site: Site) -> dict[str, Tensor] | None:
