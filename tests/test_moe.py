@@ -6,6 +6,7 @@ so that the gradients reaching the MoE layers are realistic."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -293,8 +294,9 @@ def test_a_gate_call_whose_rows_do_not_match_poisons_the_norms(name) -> None:
 
 
 def test_a_tapped_model_copies_without_the_kept_activations() -> None:
-    """``copy.deepcopy`` (or pickling) of a model while hooked: the copy's gate is its own,
-    keeps nothing from the original's forward, and computes the same outputs."""
+    """``copy.deepcopy`` or pickling of a model while hooked (an EMA copy, ``torch.save``): the
+    copy's gate is its own, keeps nothing from the original's forward nor records its own,
+    and computes the same outputs."""
     torch.manual_seed(0)
     model, data, _ = MOE_MODELS["mixtral"](impl="grouped_mm")
     experts = [m for m in model.modules() if moe.is_stacked_experts(m)]
@@ -302,12 +304,12 @@ def test_a_tapped_model_copies_without_the_kept_activations() -> None:
         moe.tap_gate(m)
     x = data.tensors[0][:2]
     out = model(x).logits
-    assert all(m.__dict__["_apply_gate"].call is not None for m in experts)
-    clone = copy.deepcopy(model)
-    for m in (m for m in clone.modules() if moe.is_stacked_experts(m)):
-        tap = m.__dict__["_apply_gate"]
-        assert tap.module is m and tap.call is None and tap.calls == 0
-    torch.testing.assert_close(clone(x).logits, out)
+    assert all(len(m.__dict__["_apply_gate"].kept) == 1 for m in experts)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        taps = [m.__dict__["_apply_gate"] for m in clone.modules() if moe.is_stacked_experts(m)]
+        assert all(tap.kept == [] and not tap.active for tap in taps)
+        torch.testing.assert_close(clone(x).logits, out)
+        assert all(tap.kept == [] for tap in taps)
     for m in experts:
         moe.untap_gate(m)
     assert not [m for m in model.modules() if "_apply_gate" in m.__dict__]

@@ -93,11 +93,11 @@ def _count_grouped(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 def test_the_experts_rule_takes_the_forwards_gate_call(impl, monkeypatch) -> None:
     """transformers' ``grouped_mm`` (its default) and ``batched_mm`` call the experts' gate
-    once per forward: the rule takes its input z, output h and (from backward) z's gradient
-    (moe.GateTap) instead of recomputing the up and down projections, and stays exact: no
-    grouped product in two layers' three rule calls (the check's norms and gradient, one more
-    micro-batch's norms), against 12 when recomputing. After the check the norms are computed
-    as soon as backward has passed each layer's gate, and the call's tensors dropped."""
+    once per forward: the rule takes its input z (projected), output h and (from backward) z's
+    gradient (moe.GateTap) instead of recomputing the up and down projections, and stays
+    exact. Two layers: the check's norms take the call, its gradients recompute (2 grouped
+    products each), the next micro-batch's norms take the call as soon as backward has passed
+    each layer's gate: 4 grouped products, against 12 when recomputing."""
     calls = _count_grouped(monkeypatch)
     in_backward = []
     rule = moe.stacked_experts_norm
@@ -110,24 +110,24 @@ def test_the_experts_rule_takes_the_forwards_gate_call(impl, monkeypatch) -> Non
     torch.manual_seed(0)
     model, data, loss = MOE_MODELS["mixtral"](impl=impl)
     _assert_exact_on_four(model, data, loss, rtol=1e-4, counted=calls)
-    assert calls[1] == 0
-    # after the check, each layer's norms as backward passes its gate (nothing kept after)
-    assert in_backward[:4] == [False, False, True, True]
+    assert calls[1] == 4  # the check's gradients only, rebuilt by the rule's own recomputation
+    # after the check, each layer's norms as backward passes its gate, none after backward
+    assert in_backward == [False, False, True, True]
     assert not [m for m in model.modules() if "_apply_gate" in m.__dict__]  # detached
 
 
 def test_a_gate_call_in_rows_the_rule_does_not_expect_is_dropped(monkeypatch) -> None:
     """If the forward's rows are not in the order the rule expects (an implementation
-    changed), the structural check finds it (one projection per row) and the rule recomputes
-    for the rest of the run: exact; per layer the check's gradient again without the call (2
-    grouped products), then 2 per micro-batch."""
+    changed), the first use finds it (one projection per row, read once) and the rule
+    recomputes for the rest of the run: exact; per layer 2 grouped products for each of the
+    check's norms, its gradients, and the next micro-batch's norms."""
     calls = _count_grouped(monkeypatch)
     rows = moe._forward_rows
     monkeypatch.setattr(moe, "_forward_rows", lambda m, idx: rows(m, idx).flip(0))
     torch.manual_seed(0)
     model, data, loss = MOE_MODELS["mixtral"](impl="grouped_mm")
     _assert_exact_on_four(model, data, loss, rtol=1e-4, counted=calls)
-    assert calls[1] == 8
+    assert calls[1] == 12
 
 
 class MixingMoE(ToyMoE):
@@ -328,16 +328,18 @@ def test_flattened_rows_not_computed_from_the_batch_are_left_out() -> None:
     assert norms.left_out == {"proj": NOT_FROM_BATCH}
 
 
-def test_activation_checkpointing_gives_the_same_estimate(tmp_path) -> None:
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+def test_activation_checkpointing_gives_the_same_estimate(impl, tmp_path) -> None:
     """Qwen2-MoE with Hugging Face gradient checkpointing, reentrant or not: the Linears on
     flattened tokens (its shared expert and that expert's gate) go through the taps
     (non-reentrant) or are hooked in the recompute (reentrant); every parameter stays
     covered, no step is skipped, and the estimate equals the one without checkpointing on the
-    same batches."""
+    same batches. ``grouped_mm``: the experts' gate call is taken without checkpointing and
+    not kept under it (the rule recomputes)."""
     results = {}
     for mode in ("off", "non-reentrant", "reentrant"):
         torch.manual_seed(0)
-        model, data, loss = MOE_MODELS["qwen2_moe"]()
+        model, data, loss = MOE_MODELS["qwen2_moe"](impl=impl)
         if mode != "off":
             kwargs = {"use_reentrant": mode == "reentrant"}
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
@@ -349,3 +351,52 @@ def test_activation_checkpointing_gives_the_same_estimate(tmp_path) -> None:
         results[mode] = (cb.grad_norm_sq, cb.values.grad_variance)
     for mode in ("non-reentrant", "reentrant"):
         assert results[mode] == pytest.approx(results["off"], rel=1e-4), mode
+
+
+def test_experts_frozen_after_the_check_do_not_break_backward() -> None:
+    """Experts frozen after the structural check (staged fine-tuning) while their input still
+    needs a gradient: the rule has nothing to measure, and neither the norms taken as
+    backward passes the gate nor those after backward may raise into the user's step."""
+    torch.manual_seed(0)
+    model, data, loss = MOE_MODELS["mixtral"](impl="grouped_mm")
+    x, y = data.tensors[0][:4], data.tensors[1][:4]
+    norms = PerExampleNorms(model)
+    norms.attach()
+    try:
+        norms.start_micro_batch(4)
+        norms.start_check()
+        loss(model, x, y).backward()
+        norms.close_micro_batch()
+        for m in model.modules():
+            if moe.is_stacked_experts(m):
+                m.requires_grad_(False)
+        norms.start_micro_batch(4)
+        loss(model, x, y).backward()
+        norms.close_micro_batch()  # the step may be dropped; nothing raises
+    finally:
+        norms.detach()
+
+
+def test_rows_out_of_place_after_a_resume_fall_back_to_recomputing(monkeypatch) -> None:
+    """A resumed fit skips the structural check: the first step reads the order check once
+    and, the rows being out of place, recomputes (exact) instead of dropping every step."""
+    rows = moe._forward_rows
+    monkeypatch.setattr(moe, "_forward_rows", lambda m, idx: rows(m, idx).flip(0))
+    torch.manual_seed(0)
+    model, data, loss = MOE_MODELS["mixtral"](impl="grouped_mm")
+    x, y = data.tensors[0][:4], data.tensors[1][:4]
+    norms = PerExampleNorms(model)
+    norms.attach()
+    try:
+        norms.start_micro_batch(4)  # no check, as after a resume
+        (loss(model, x, y) * 4).backward()
+        acc, _, bad = norms.close_micro_batch()
+        taps = [m.__dict__["_apply_gate"] for m in model.modules() if moe.is_stacked_experts(m)]
+    finally:
+        norms.detach()
+        model.zero_grad(set_to_none=True)
+    assert bad is None and acc.isfinite().all()
+    assert all(tap.verified and not tap.usable for tap in taps)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    exact, _ = per_example_sq_norms(model, x, y, loss, params)
+    torch.testing.assert_close(acc.double(), sum(exact.values()), rtol=1e-4, atol=0)

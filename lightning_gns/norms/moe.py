@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_gns._compat import saving_through_hooks
 from lightning_gns.norms import moe_forms as forms
 from lightning_gns.norms.tokens import acc_dtype, reading_host_tensor
 
@@ -98,7 +99,7 @@ class _Pairs:
             bias.detach().to(dt)[expert] if module.has_bias and isinstance(bias, Tensor) else None
         )
         rows = None if call is None else self._from_forward(module, call, idx, up, bias, dt)
-        if rows is not None and call is not None and call.dz is not None:
+        if rows is not None and call is not None and call.dz is not None and call.h is not None:
             self.h_s = call.h.index_select(0, rows).to(dt)
             self.dz_s = call.dz.index_select(0, rows).to(dt)
             return
@@ -123,16 +124,18 @@ class _Pairs:
         projection of every row of z on :func:`probe_vector` against x·(up[e]·v) (+ bias), a
         check of the order that costs d per row and reads nothing back."""
         rows = _forward_rows(module, idx)
-        if rows is None or call.zv.shape != rows.shape:
+        zv = call.zv
+        if rows is None or zv is None or call.h is None or zv.shape != rows.shape:
             return None
         rows = rows[self.order]
-        v = probe_vector(up.shape[2], call.zv.dtype, up.device).to(dt)
-        got = call.zv.index_select(0, rows).to(dt)
+        v = probe_vector(up.shape[2], zv.dtype, up.device).to(dt)
+        got = zv.index_select(0, rows).to(dt)
         pred = (self.x_s * (up @ v)[self.key_s.clamp(max=self.num - 1)]).sum(1)
         pred = pred if bias is None else pred + bias @ v
         valid = self.key_s < self.num
-        err = torch.where(valid, got - pred, 0).square().sum()
-        self.z_ok = err <= 1e-3 * torch.where(valid, pred, 0).square().sum()
+        sq = torch.where(valid, pred, 0).square()
+        scale = sq.sum() / valid.sum().clamp(min=1)  # each row against its own size and the mean
+        self.z_ok = (torch.where(valid, got - pred, 0).square() <= 1e-3 * (sq + scale)).all()
         return rows
 
     def unsorted(self, v: Tensor) -> Tensor:
@@ -152,48 +155,81 @@ class GateCall:
     """One forward's call of the experts' gate, one row per (token, k) pair in the forward's
     order: z (its input, the up projection) projected on :func:`probe_vector`, its output h,
     and z's gradient dz once backward has passed it (None before, or if z needs no gradient);
-    ``then(call)`` runs at that moment."""
+    ``then(call)`` runs at that moment, once. :meth:`drop` lets go of every tensor."""
 
     def __init__(self, zv: Tensor, h: Tensor) -> None:
-        self.zv, self.h = zv, h
+        self.zv: Tensor | None = zv
+        self.h: Tensor | None = h
         self.dz: Tensor | None = None
         self.then: Callable[[GateCall], None] | None = None
+        self.dropped = False
 
     def keep_dz(self, dz: Tensor) -> None:
+        if self.dropped:
+            return
         self.dz = dz.detach()
-        if self.then is not None:
-            self.then(self)
+        then, self.then = self.then, None
+        if then is not None:
+            then(self)
+
+    def drop(self) -> None:
+        self.zv = self.h = self.dz = self.then = None
+        self.dropped = True
 
 
 class GateTap:
     """A hooked stacked-experts module's ``_apply_gate``: the class's own gate, keeping its
     :class:`GateCall` so that the rule need not recompute the experts' projections. Used when
     the forward calls it once (``grouped_mm``, transformers' default, and ``batched_mm``);
-    the eager loop calls it per expert, and the rule recomputes them."""
+    the eager loop calls it per expert, and the rule recomputes them. Nothing is kept where
+    it would outlive the layer's backward (activation checkpointing, offloading), once the
+    rule found the forward's rows out of place (``usable``), or in a copy of the model."""
 
     def __init__(self, module: Experts) -> None:
         self.module: Experts = module
-        self.calls = 0
-        self.call: GateCall | None = None
-        self.usable = True  # the structural check found the forward's rows where expected
+        self.kept: list[GateCall] = []  # this forward's calls
+        self.usable = True  # the forward's rows are where the rule expects them
+        self.verified = False  # ... which a read has confirmed (the check, or the first step)
+        self.active = True  # False in a copy of the model: the class's gate, nothing kept
+        self._probe: Tensor | None = None
 
     def __call__(self, z: Tensor) -> Tensor:
         h = type(self.module)._apply_gate(self.module, z)
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and z.dim() == 2:
-            zv = z.detach() @ probe_vector(z.shape[1], z.dtype, z.device)
-            self.calls, self.call = self.calls + 1, GateCall(zv, h.detach())
-            if z.requires_grad:
-                z.register_hook(self.call.keep_dz)
+        if self.active and self.usable and self._recording(z):
+            try:
+                call = GateCall(z.detach() @ self._probe_for(z), h.detach())
+            except Exception:  # noqa: BLE001 - never break the user's forward (a DTensor, …)
+                call = GateCall(z.new_zeros(0), z.new_zeros(0))
+                call.drop()
+            self.kept.append(call)
+            if z.requires_grad and not call.dropped:
+                z.register_hook(call.keep_dz)
         return h
 
-    def take(self) -> GateCall | None:
-        """The forward's call since the last take, if it called the gate once."""
-        call = self.call if self.calls == 1 and self.usable else None
-        self.calls, self.call = 0, None
-        return call
+    @staticmethod
+    def _recording(z: Tensor) -> bool:
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or z.dim() != 2:
+            return False
+        return not saving_through_hooks()
 
-    def __getstate__(self) -> dict:  # a copy of the model keeps no activations
-        return {**self.__dict__, "calls": 0, "call": None}
+    def _probe_for(self, z: Tensor) -> Tensor:
+        p = self._probe
+        if p is None or p.shape[0] != z.shape[1] or p.dtype != z.dtype or p.device != z.device:
+            p = self._probe = probe_vector(z.shape[1], z.dtype, z.device)
+        return p
+
+    def take(self) -> GateCall | None:
+        """The forward's call since the last take, if it called the gate once; any other is
+        dropped."""
+        kept, self.kept = self.kept, []
+        if len(kept) == 1 and self.usable and not kept[0].dropped:
+            return kept[0]
+        for call in kept:
+            call.drop()
+        return None
+
+    def __getstate__(self) -> dict:  # a copy of the model keeps nothing and records nothing
+        return {**self.__dict__, "kept": [], "active": False, "_probe": None}
 
 
 def tap_gate(module: nn.Module) -> None:
@@ -273,14 +309,33 @@ def _grouped(x: Tensor, w: Tensor, counts: Tensor, valid: Tensor) -> Tensor:
     return out
 
 
+def _pairs_of(
+    module: Experts, args: tuple, kwargs: dict, g: Tensor, call: GateCall | None
+) -> _Pairs:
+    """:class:`_Pairs` from the forward's call. At its first use (the structural check, or the
+    first step after a resume) the order check is read once: rows out of place, the tap keeps
+    nothing more and the pairs are recomputed."""
+    pairs = _Pairs(module, args, kwargs, g, call)
+    tap = module.__dict__.get("_apply_gate")
+    if pairs.z_ok is None or not isinstance(tap, GateTap) or tap.verified:
+        return pairs
+    with reading_host_tensor(pairs.z_ok):  # declared on a CPU; on a device once per fit
+        ok = bool(pairs.z_ok)
+    tap.verified = True
+    if ok:
+        return pairs
+    tap.usable = False
+    return _Pairs(module, args, kwargs, g)
+
+
 def stacked_experts_norm(
     module: Experts, args: tuple, kwargs: dict, g: Tensor, batch: int, call: GateCall | None = None
 ) -> dict[str, Tensor]:
     """Per-example squared norms (B,) of a stacked-experts module's parameters, by name, from
     its forward's inputs (hidden (B·T, d), top_k_index, top_k_weights), output gradient and,
     if kept (:class:`GateTap`), its gate's call: NaN (the step is dropped) if the call's rows
-    are not where the structural check found them."""
-    pairs = _Pairs(module, args, kwargs, g, call)
+    are not where they were found at the first use."""
+    pairs = _pairs_of(module, args, kwargs, g, call)
     n, k, num = pairs.n, pairs.k, pairs.num
     if n % batch:
         raise ValueError(f"{n} tokens do not split into {batch} examples")
@@ -322,13 +377,8 @@ def stacked_experts_grads(
 ) -> dict[str, Tensor]:
     """The module's whole gradient from the rule's own recomputation, for the structural check:
     it equals autograd's only if the rule models the module (gate, layout, routing weight).
-    A kept call whose rows are not where expected is dropped for the run (a read, once)."""
-    pairs = _Pairs(module, args, kwargs, g, call)
-    if pairs.z_ok is not None and not bool(pairs.z_ok):
-        tap = module.__dict__.get("_apply_gate")
-        if isinstance(tap, GateTap):
-            tap.usable = False
-        pairs = _Pairs(module, args, kwargs, g)
+    A kept call whose rows are not where expected is not used again (a read, once)."""
+    pairs = _pairs_of(module, args, kwargs, g, call)
     num, key = pairs.num, pairs.key_s
     up = "gate_up_proj" if module.has_gate else "up_proj"
     out: dict[str, Tensor] = {}

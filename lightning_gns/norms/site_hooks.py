@@ -206,6 +206,13 @@ def generic_hook(norms: Norms, site: Site) -> Hook:
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         call = gate_call(module)  # stacked experts: their gate's call, taken at every call
+        try:
+            return keep(module, args, kwargs, output, call)
+        finally:
+            if call is not None and site.seen.gate_call is not call:
+                call.drop()  # not kept: nothing of it outlives the forward
+
+    def keep(module: nn.Module, args: tuple, kwargs: dict, output: object, call: Any) -> object:
         if is_replaying() or not torch.is_grad_enabled():
             return None
         leaves = leaves_of(output)
@@ -221,9 +228,8 @@ def generic_hook(norms: Norms, site: Site) -> Hook:
         site.seen.inputs, site.seen.outputs = (args, kwargs), fresh
         site.seen.live = _live_copies(module, site)
         site.seen.tokens = norms.scopes.map_for(site.name, first_tensor((args, kwargs)))
-        # (under activation checkpointing it would outlive the block: the rule recomputes it)
-        site.seen.gate_call = None if saving_through_hooks() else call
-        if call is not None and site.seen.gate_call is not None and not norms.checking:
+        site.seen.gate_call = call
+        if call is not None and not norms.checking:
             call.then = norms_when_backward_passes(site, norms.record.batch_size)
         if norms.checking:
             shared = _not_from_batch(norms, (args, kwargs))

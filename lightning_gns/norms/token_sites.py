@@ -139,7 +139,12 @@ def token_site_norms(site: Site, batch: int) -> Tensor:
     rule = moe.token_rule_for(site.module)
     if rule is not None:
         args, kwargs = seen.inputs
-        got = rule(site.module, args, kwargs, seen.out_grads[0], batch, seen.gate_call)
+        call, seen.gate_call = seen.gate_call, None
+        try:
+            got = rule(site.module, args, kwargs, seen.out_grads[0], batch, call)
+        finally:
+            if call is not None:
+                call.drop()
         return torch.stack(list(got.values())).sum(0)
     params = {**site.params, **seen.live}
     args = (seen.inputs, seen.outputs, seen.out_grads, batch, t, site.shared_inputs)
@@ -156,16 +161,17 @@ def norms_when_backward_passes(site: Site, batch: int | None) -> Callable[[Any],
         seen = site.seen
         if batch is None or seen.inputs is None or 0 not in seen.out_grads:
             return
+        g, (args, kwargs) = seen.out_grads[0], seen.inputs
         try:
-            with replaying():
-                args, kwargs = seen.inputs
-                got = moe.stacked_experts_norm(
-                    site.module, args, kwargs, seen.out_grads[0], batch, call
-                )
-        except Exception:  # noqa: BLE001 - never break the user's backward
+            with replaying(), torch.autocast(g.device.type, enabled=False):
+                got = moe.stacked_experts_norm(site.module, args, kwargs, g, batch, call)
+                if not got:  # no trainable parameter left (frozen since the check)
+                    return
+                seen.early = torch.stack(list(got.values())).sum(0)
+        except Exception:  # noqa: BLE001 - never break the user's backward: after it, as usual
             return
-        seen.early = torch.stack(list(got.values())).sum(0)
-        seen.gate_call = call.h = call.dz = None
+        seen.gate_call = None
+        call.drop()
 
     return on_step_path(run)
 
