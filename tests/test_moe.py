@@ -71,7 +71,7 @@ def _force(monkeypatch, form: str) -> None:
     name, cap = FORMS[form]
 
     def chosen(key, num, t, *rest):  # noqa: ANN001, ANN002, ANN202
-        return name, t if cap == "T" else moe_forms.largest_group(key, num)
+        return name, t if cap == "T" else moe_forms.largest_group(key, num), 1  # one at a time
 
     monkeypatch.setattr(moe_forms, "choose_form", chosen)
 
@@ -333,10 +333,29 @@ def test_the_forms_in_pair_order_with_sentinels(per_token) -> None:
             for j in range(b)
         ]
     )
+    example = torch.arange(b).repeat_interleave(t * k)
+    rows_a = rows.reshape(b * t * k, d_a)
     for got in (
         moe_forms.routed_padded(a, g, key, num, t, k),
         moe_forms.routed_padded(a, g, key, num, t, k, t),
         moe_forms.routed_masked_gram(a, g, key, num, t, k),
+        moe_forms.routed_masked_gram(a, g, key, num, t, k, chunk=2),
         moe_forms.routed_grouped(a, g, key, num, t, k),
+        moe_forms.padded_sq_norm(
+            rows_a, g.reshape(-1, d_g), example, key.reshape(-1), b, num, t, chunk=2
+        ),
     ):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+
+
+def test_the_forms_buffers_are_budgeted(monkeypatch) -> None:
+    """Only forms whose buffers for one example fit in the budget compete, over as many
+    examples at once as fit; if none fits, the smallest buffers win (at Mixtral-8x7B's sizes
+    on a device: the masked Gram, 0.2 G elements, not the grouped form's 1.1 G)."""
+    key = torch.zeros(4, 16 * 2, dtype=torch.long)
+    assert moe_forms.choose_form(key, 8, 16, 2, 32, 96, True)[2] >= 4  # all at once
+    monkeypatch.setattr(moe_forms, "_HELD", 1)  # nothing fits
+    assert moe_forms.choose_form(key, 8, 16, 2, 32, 96, True)[2] == 1
+    big = torch.zeros(1, 4096 * 2, dtype=torch.long, device="meta")
+    monkeypatch.setattr(moe_forms, "_HELD", 1 << 25)
+    assert moe_forms.choose_form(big, 8, 4096, 2, 4096, 2 * 14336, True)[0] == "masked"

@@ -348,11 +348,13 @@ def stacked_experts_norm(
     ) -> Tensor:
         """The padded form straight from the sorted pairs; the others in pair order."""
         per_token = a_s is pairs.x_s
-        form, cap = forms.choose_form(key, num, t, k, a_s.shape[1], g_s.shape[1], per_token)
+        d_a, d_g = a_s.shape[1], g_s.shape[1]
+        form, cap, chunk = forms.choose_form(key, num, t, k, d_a, d_g, per_token)
         if form == "padded":
-            return forms.padded_sq_norm(a_s, g_s, example, pairs.key_s, batch, num, cap)
-        other = forms.routed_grouped if form == "grouped" else forms.routed_masked_gram
-        return other(a(), g(), key, num, t, k)
+            return forms.padded_sq_norm(a_s, g_s, example, pairs.key_s, batch, num, cap, chunk)
+        if form == "grouped":
+            return forms.routed_grouped(a(), g(), key, num, t, k)
+        return forms.routed_masked_gram(a(), g(), key, num, t, k, chunk)
 
     def paired(v: Tensor) -> Callable[[], Tensor]:
         return lambda: pairs.unsorted(v).view(batch, t * k, -1)

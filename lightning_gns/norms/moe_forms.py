@@ -9,6 +9,8 @@ to equal experts; each (example, expert) group's pairs padded to a common length
 or materialised per group; each group's gradient materialised by one grouped product (not on
 a CPU, whose ``grouped_mm`` is slow). On a CPU, C is the largest group (a host read, free
 there); elsewhere C = T (a token sends each expert at most one pair; nothing read back).
+Only the forms whose buffers for one example fit in ``_HELD`` elements compete (if none
+does, the one with the smallest buffers runs), over as many examples at once as fit.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import Tensor
 
 from lightning_gns.norms.tokens import reading_host_tensor
 
-_HELD = 1 << 25  # (example, expert) gradient elements held at once by routed_grouped, at most
+_HELD = 1 << 25  # elements a form's buffers hold at once, at most (but one example's)
 
 
 def bincount(key: Tensor, size: int) -> Tensor:
@@ -32,18 +34,29 @@ def bincount(key: Tensor, size: int) -> Tensor:
 
 def choose_form(
     key: Tensor, num: int, t: int, k: int, d_a: int, d_g: int, a_per_token: bool
-) -> tuple[str, int]:
-    """("grouped" | "masked" | "padded", C) for pairs with experts ``key`` (B, T·k) (``num``:
-    none, a sentinel of expert parallelism), by the forms' counts of multiply-adds."""
+) -> tuple[str, int, int]:
+    """("grouped" | "masked" | "padded", C, examples at once) for pairs with experts ``key``
+    (B, T·k) (``num``: none, a sentinel of expert parallelism): the fewest multiply-adds among
+    the forms whose buffers for one example fit in ``_HELD`` elements (else the smallest
+    buffers), as many examples at once as fit."""
     cpu = key.device.type == "cpu"
     cap = largest_group(key, num) if cpu else t
     tk = t * k
-    masked = (t * t if a_per_token else tk * tk) * d_a + tk * tk * (d_g + 3)
-    padded = num * cap * (min(cap * (d_a + d_g), d_a * d_g) + d_a + d_g)
-    grouped = tk * d_a * d_g + (num + 1) * d_a * d_g + tk * (d_a + d_g)
-    if not cpu and grouped < min(masked, padded):
-        return "grouped", cap
-    return ("padded", cap) if padded < masked else ("masked", cap)
+    gram = cap * (d_a + d_g) < d_a * d_g
+    work = {
+        "masked": (t * t if a_per_token else tk * tk) * d_a + tk * tk * (d_g + 3),
+        "padded": num * cap * (min(cap * (d_a + d_g), d_a * d_g) + d_a + d_g),
+    }
+    held = {
+        "masked": 3 * tk * tk,
+        "padded": num * cap * (d_a + d_g) + (2 * num * cap * cap if gram else num * d_a * d_g),
+    }
+    if not cpu:  # (a CPU's grouped product is slow)
+        work["grouped"] = tk * d_a * d_g + (num + 1) * d_a * d_g + tk * (d_a + d_g)
+        held["grouped"] = (num + 1) * d_a * d_g + tk * (d_a + d_g)
+    fits = [f for f in work if held[f] <= _HELD]
+    form = min(fits, key=work.__getitem__) if fits else min(held, key=held.__getitem__)
+    return form, cap, max(1, _HELD // held[form])
 
 
 def largest_group(key: Tensor, num: int) -> int:
@@ -55,12 +68,19 @@ def largest_group(key: Tensor, num: int) -> int:
 
 
 def padded_sq_norm(
-    a: Tensor, g: Tensor, example: Tensor, expert: Tensor, batch: int, num: int, cap: int
+    a: Tensor,
+    g: Tensor,
+    example: Tensor,
+    expert: Tensor,
+    batch: int,
+    num: int,
+    cap: int,
+    chunk: int | None = None,
 ) -> Tensor:
     """The padded form from rows in any order: a (S, d_a), g (S, d_g), the example and expert
     (``num``: none) of each row; each (example, expert) group's rows in ``cap`` ≥ its size
     slots (zeros after its own), then per group the Gram or the materialised form, the
-    cheaper: cost B·E·cap·min(cap·(d_a + d_g), d_a·d_g)."""
+    cheaper: cost B·E·cap·min(cap·(d_a + d_g), d_a·d_g); ``chunk`` examples at once."""
     d_a, d_g, n = a.shape[1], g.shape[1], a.shape[0]
     gid = example * (num + 1) + expert  # the sentinels: a group of their own per example
     order = torch.argsort(gid, stable=True)
@@ -68,17 +88,24 @@ def padded_sq_norm(
     start = torch.cumsum(counts, 0) - counts
     pos = torch.empty_like(gid)
     pos[order] = torch.arange(n, device=gid.device) - start[gid[order]]
-    # a dump slot past the end takes the sentinels (no boolean indexing: no host read)
-    real = (example * num + expert.clamp(max=num - 1)) * cap + pos
-    slot = torch.where(expert < num, real, batch * num * cap)
-    pa = a.new_zeros(batch * num * cap + 1, d_a).index_copy_(0, slot, a)
-    pg = g.new_zeros(batch * num * cap + 1, d_g).index_copy_(0, slot, g)
-    pa, pg = pa[:-1].view(batch * num, cap, d_a), pg[:-1].view(batch * num, cap, d_g)
-    if cap * (d_a + d_g) < d_a * d_g:
-        sq = (torch.bmm(pa, pa.mT) * torch.bmm(pg, pg.mT)).sum((1, 2))
-    else:
-        sq = torch.linalg.vector_norm(torch.bmm(pg.mT, pa), dim=(1, 2)).square()
-    return sq.view(batch, num).sum(1)
+    real = expert < num
+    chunk = batch if chunk is None else chunk
+    parts = []
+    for b0 in range(0, batch, chunk):
+        m = min(chunk, batch - b0)
+        mine = real & (example >= b0) & (example < b0 + m)
+        # a dump slot past the end takes every other row (no boolean indexing: no host read)
+        local = ((example - b0) * num + expert.clamp(max=num - 1)) * cap + pos
+        slot = torch.where(mine, local, m * num * cap)
+        pa = a.new_zeros(m * num * cap + 1, d_a).index_copy_(0, slot, a)
+        pg = g.new_zeros(m * num * cap + 1, d_g).index_copy_(0, slot, g)
+        pa, pg = pa[:-1].view(m * num, cap, d_a), pg[:-1].view(m * num, cap, d_g)
+        if cap * (d_a + d_g) < d_a * d_g:
+            sq = (torch.bmm(pa, pa.mT) * torch.bmm(pg, pg.mT)).sum((1, 2))
+        else:
+            sq = torch.linalg.vector_norm(torch.bmm(pg.mT, pa), dim=(1, 2)).square()
+        parts.append(sq.view(m, num).sum(1))
+    return torch.cat(parts)
 
 
 def _per_pair(a: Tensor, t: int, k: int) -> Tensor:
@@ -157,11 +184,20 @@ def _gram(v: Tensor, t: int, k: int) -> Tensor:
     return gram
 
 
-def routed_masked_gram(a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int) -> Tensor:
+def routed_masked_gram(
+    a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int, chunk: int | None = None
+) -> Tensor:
     """The masked Gram form, Σ_{s,s'} [e_s = e_s'] (a_s·a_s')(g_s·g_s') over each example's
-    pairs: cost B·(T·k)²·(d_a + d_g), whatever the number of experts."""
-    same = (key[:, :, None] == key[:, None, :]) & (key < num).unsqueeze(2)
-    return (_gram(a, t, k) * _gram(g, t, k) * same).sum((1, 2))
+    pairs: cost B·(T·k)²·(d_a + d_g), whatever the number of experts; ``chunk`` examples at
+    once."""
+    chunk = key.shape[0] if chunk is None else chunk
+    parts = []
+    for b0 in range(0, key.shape[0], chunk):
+        kb = key[b0 : b0 + chunk]
+        same = (kb[:, :, None] == kb[:, None, :]) & (kb < num).unsqueeze(2)
+        grams = _gram(a[b0 : b0 + chunk], t, k) * _gram(g[b0 : b0 + chunk], t, k)
+        parts.append((grams * same).sum((1, 2)))
+    return torch.cat(parts)
 
 
 def bias_sq_norm(v: Tensor, example: Tensor, expert: Tensor, batch: int, num: int) -> Tensor:
