@@ -353,15 +353,20 @@ def test_activation_checkpointing_gives_the_same_estimate(impl, tmp_path) -> Non
         assert results[mode] == pytest.approx(results["off"], rel=1e-4), mode
 
 
+def _hooked_grouped_mixtral() -> tuple:
+    """Mixtral (``grouped_mm``), 4 examples, and per-example hooks attached."""
+    torch.manual_seed(0)
+    model, data, loss = MOE_MODELS["mixtral"](impl="grouped_mm")
+    norms = PerExampleNorms(model)
+    norms.attach()
+    return model, data.tensors[0][:4], data.tensors[1][:4], loss, norms
+
+
 def test_experts_frozen_after_the_check_do_not_break_backward() -> None:
     """Experts frozen after the structural check (staged fine-tuning) while their input still
     needs a gradient: the rule has nothing to measure, and neither the norms taken as
     backward passes the gate nor those after backward may raise into the user's step."""
-    torch.manual_seed(0)
-    model, data, loss = MOE_MODELS["mixtral"](impl="grouped_mm")
-    x, y = data.tensors[0][:4], data.tensors[1][:4]
-    norms = PerExampleNorms(model)
-    norms.attach()
+    model, x, y, loss, norms = _hooked_grouped_mixtral()
     try:
         norms.start_micro_batch(4)
         norms.start_check()
@@ -382,11 +387,7 @@ def test_rows_out_of_place_after_a_resume_fall_back_to_recomputing(monkeypatch) 
     and, the rows being out of place, recomputes (exact) instead of dropping every step."""
     rows = moe._forward_rows
     monkeypatch.setattr(moe, "_forward_rows", lambda m, idx: rows(m, idx).flip(0))
-    torch.manual_seed(0)
-    model, data, loss = MOE_MODELS["mixtral"](impl="grouped_mm")
-    x, y = data.tensors[0][:4], data.tensors[1][:4]
-    norms = PerExampleNorms(model)
-    norms.attach()
+    model, x, y, loss, norms = _hooked_grouped_mixtral()
     try:
         norms.start_micro_batch(4)  # no check, as after a resume
         (loss(model, x, y) * 4).backward()
