@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lightning_gns._compat import saving_through_hooks
 from lightning_gns.norms import moe_forms as forms
-from lightning_gns.norms.tokens import acc_dtype, reading_host_tensor
+from lightning_gns.norms.tokens import acc_dtype, bincount, reading_host_tensor
 
 Experts = Any
 """A stacked-experts module (:func:`is_stacked_experts`): its attributes are read by name."""
@@ -90,7 +90,6 @@ class _Pairs:
         w_s = w.detach().reshape(-1, 1).to(dt)[self.order] * valid.unsqueeze(1)
         self.c_s = w_s * g.detach().to(dt)[tok]
         self.x_s = self.x[tok]
-        counts = forms.bincount(self.key, self.num + 1)[: self.num]
         up, down = _as_right_factors(module, dt)
         self.z_ok: Tensor | None = None  # the forward's z matched x·up (a 0-d bool), or None
         expert = self.key_s.clamp(max=self.num - 1)
@@ -98,11 +97,13 @@ class _Pairs:
         bias = (
             bias.detach().to(dt)[expert] if module.has_bias and isinstance(bias, Tensor) else None
         )
-        rows = None if call is None else self._from_forward(module, call, idx, up, bias, dt)
-        if rows is not None and call is not None and call.dz is not None and call.h is not None:
-            self.h_s = call.h.index_select(0, rows).to(dt)
-            self.dz_s = call.dz.index_select(0, rows).to(dt)
-            return
+        if call is not None and call.dz is not None and call.h is not None:  # backward passed
+            rows = self._from_forward(module, call, idx, up, bias, dt)
+            if rows is not None:
+                self.h_s = call.h.index_select(0, rows).to(dt)
+                self.dz_s = call.dz.index_select(0, rows).to(dt)
+                return
+        counts = bincount(self.key, self.num + 1)[: self.num]
         z = _grouped(self.x_s, up, counts, valid)
         z = z if bias is None else z + bias
         dh = _grouped(self.c_s, down, counts, valid)
@@ -125,7 +126,7 @@ class _Pairs:
         check of the order that costs d per row and reads nothing back."""
         rows = _forward_rows(module, idx)
         zv = call.zv
-        if rows is None or zv is None or call.h is None or zv.shape != rows.shape:
+        if rows is None or zv is None or zv.shape != rows.shape:
             return None
         rows = rows[self.order]
         v = probe_vector(up.shape[2], zv.dtype, up.device).to(dt)
@@ -141,8 +142,7 @@ class _Pairs:
     def unsorted(self, v: Tensor) -> Tensor:
         """Rows of a sorted tensor back in pair order (a row gather)."""
         if not hasattr(self, "_back"):
-            self._back = torch.empty_like(self.order)
-            self._back[self.order] = torch.arange(len(self.order), device=self.order.device)
+            self._back = _inverse(self.order)
         return v.index_select(0, self._back)
 
 
@@ -157,7 +157,7 @@ class GateCall:
     and z's gradient dz once backward has passed it (None before, or if z needs no gradient);
     ``then(call)`` runs at that moment, once. :meth:`drop` lets go of every tensor."""
 
-    def __init__(self, zv: Tensor, h: Tensor) -> None:
+    def __init__(self, zv: Tensor | None, h: Tensor | None) -> None:
         self.zv: Tensor | None = zv
         self.h: Tensor | None = h
         self.dz: Tensor | None = None
@@ -199,7 +199,7 @@ class GateTap:
             try:
                 call = GateCall(z.detach() @ self._probe_for(z), h.detach())
             except Exception:  # noqa: BLE001 - never break the user's forward (a DTensor, …)
-                call = GateCall(z.new_zeros(0), z.new_zeros(0))
+                call = GateCall(None, None)
                 call.drop()
             self.kept.append(call)
             if z.requires_grad and not call.dropped:
@@ -264,10 +264,14 @@ def _forward_rows(module: Experts, idx: Tensor) -> Tensor | None:
         return torch.arange(n, device=idx.device)
     if impl != "grouped_mm":
         return None
-    perm = torch.sort(idx.reshape(-1))[1]
-    rows = torch.empty_like(perm)
-    rows[perm] = torch.arange(n, device=idx.device)
-    return rows
+    return _inverse(torch.sort(idx.reshape(-1))[1])
+
+
+def _inverse(perm: Tensor) -> Tensor:
+    """The inverse of a permutation: where each element went."""
+    out = torch.empty_like(perm)
+    out[perm] = torch.arange(perm.numel(), device=perm.device)
+    return out
 
 
 def _as_right_factors(module: Experts, dt: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -375,12 +379,12 @@ def stacked_experts_norm(
 
 
 def stacked_experts_grads(
-    module: Experts, args: tuple, kwargs: dict, g: Tensor, call: GateCall | None = None
+    module: Experts, args: tuple, kwargs: dict, g: Tensor
 ) -> dict[str, Tensor]:
     """The module's whole gradient from the rule's own recomputation, for the structural check:
     it equals autograd's only if the rule models the module (gate, layout, routing weight).
-    A kept call whose rows are not where expected is not used again (a read, once)."""
-    pairs = _pairs_of(module, args, kwargs, g, call)
+    (The check's norms, computed before, have used and dropped the forward's gate call.)"""
+    pairs = _Pairs(module, args, kwargs, g)
     num, key = pairs.num, pairs.key_s
     up = "gate_up_proj" if module.has_gate else "up_proj"
     out: dict[str, Tensor] = {}

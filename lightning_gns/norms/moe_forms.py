@@ -19,17 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_gns.norms.tokens import reading_host_tensor
+from lightning_gns.norms.tokens import rank_in_group, reading_host_tensor
 
 _HELD = 1 << 25  # elements a form's buffers hold at once, at most (but one example's)
 
 
-def bincount(key: Tensor, size: int) -> Tensor:
-    """``torch.bincount`` into ``size`` bins without its host read on CUDA (it sizes its output
-    from the largest value)."""
-    return torch.zeros(size, dtype=torch.long, device=key.device).scatter_add_(
-        0, key, torch.ones_like(key)
-    )
+def _group_sizes(key: Tensor, num: int) -> Tensor:
+    """(B, E + 1): how many pairs each example sends each expert (the last: the sentinels)."""
+    counts = torch.zeros(key.shape[0], num + 1, dtype=torch.long, device=key.device)
+    return counts.scatter_add_(1, key, torch.ones_like(key))
 
 
 def choose_form(
@@ -61,8 +59,7 @@ def choose_form(
 
 def largest_group(key: Tensor, num: int) -> int:
     """The most pairs one example sends one expert (a host read)."""
-    counts = torch.zeros(key.shape[0], num + 1, dtype=torch.long, device=key.device)
-    counts.scatter_add_(1, key, torch.ones_like(key))
+    counts = _group_sizes(key, num)
     with reading_host_tensor(counts):
         return max(1, int(counts[:, :num].max()))
 
@@ -81,13 +78,9 @@ def padded_sq_norm(
     (``num``: none) of each row; each (example, expert) group's rows in ``cap`` ≥ its size
     slots (zeros after its own), then per group the Gram or the materialised form, the
     cheaper: cost B·E·cap·min(cap·(d_a + d_g), d_a·d_g); ``chunk`` examples at once."""
-    d_a, d_g, n = a.shape[1], g.shape[1], a.shape[0]
-    gid = example * (num + 1) + expert  # the sentinels: a group of their own per example
-    order = torch.argsort(gid, stable=True)
-    counts = bincount(gid, batch * (num + 1))
-    start = torch.cumsum(counts, 0) - counts
-    pos = torch.empty_like(gid)
-    pos[order] = torch.arange(n, device=gid.device) - start[gid[order]]
+    d_a, d_g = a.shape[1], g.shape[1]
+    # the sentinels: a group of their own per example
+    pos, _ = rank_in_group(example * (num + 1) + expert, batch * (num + 1))
     real = expert < num
     chunk = batch if chunk is None else chunk
     parts = []
@@ -135,8 +128,7 @@ def routed_grouped(a: Tensor, g: Tensor, key: Tensor, num: int, t: int, k: int) 
     src = torch.div(order, k, rounding_mode="floor") if a.shape[1] == t else order
     sa = torch.gather(a, 1, src.unsqueeze(-1).expand(-1, -1, d_a))
     sg = torch.gather(g, 1, order.unsqueeze(-1).expand(-1, -1, d_g))
-    counts = torch.zeros(b, num + 1, dtype=torch.long, device=key.device)
-    counts.scatter_add_(1, key, torch.ones_like(key))
+    counts = _group_sizes(key, num)
     chunk = max(1, _HELD // ((num + 1) * d_a * d_g))
     parts = []
     for b0 in range(0, b, chunk):

@@ -184,7 +184,7 @@ def token_local_grads(site: Site) -> dict[str, Tensor] | None:
     if seen.tokens is None or moe.token_rule_for(site.module) is None or seen.inputs is None:
         return None
     args, kwargs = seen.inputs
-    got = moe.stacked_experts_grads(site.module, args, kwargs, seen.out_grads[0], seen.gate_call)
+    got = moe.stacked_experts_grads(site.module, args, kwargs, seen.out_grads[0])
     return {k: v.float() for k, v in got.items() if k in site.params}
 
 

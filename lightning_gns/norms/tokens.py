@@ -166,14 +166,29 @@ def token_map(x: Tensor, batch: int) -> TokenMap | None:
     if rows.device.type != "cpu" or rows.numel() == 0:
         return rows, t
     example = torch.div(rows, t, rounding_mode="floor")
-    counts = torch.bincount(example, minlength=batch)
+    pos, counts = rank_in_group(example, batch)
     with reading_host_tensor(counts):
         width = int(counts.max())
-    order = torch.argsort(example, stable=True)
-    first = torch.cumsum(counts, 0) - counts
-    pos = torch.empty_like(rows)
-    pos[order] = torch.arange(rows.numel(), device=rows.device) - first[example[order]]
     return example * width + pos, width
+
+
+def bincount(key: Tensor, size: int) -> Tensor:
+    """``torch.bincount`` into ``size`` bins without its host read on CUDA (it sizes its output
+    from the largest value)."""
+    return torch.zeros(size, dtype=torch.long, device=key.device).scatter_add_(
+        0, key, torch.ones_like(key)
+    )
+
+
+def rank_in_group(group: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Each row's rank among the rows of its group (0, 1, … in row order), and the size of
+    each of the ``groups`` groups; nothing read back."""
+    counts = bincount(group, groups)
+    order = torch.argsort(group, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(group)
+    pos[order] = torch.arange(group.numel(), device=group.device) - first[group[order]]
+    return pos, counts
 
 
 def to_examples(x: Tensor, tokens: TokenMap, batch: int) -> Tensor:
