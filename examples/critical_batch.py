@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_gns import GradientNoiseScale
 from lightning_gns.adaptive import AdaptiveBatchSize
-from lightning_gns.batching import ResizableBatchSampler
+from lightning_gns.adaptive.sampler import ResizableBatchSampler
 from lightning_gns.estimator import GNSValues
 
 # -- tasks --------------------------------------------------------------------------------

@@ -2,11 +2,11 @@
 
 from typing import Any
 
-from lightning_gns.adaptive import AdaptiveBatchSize
+from lightning_gns.adaptive import AdaptiveBatchSize, ResizableBatchSampler
 from lightning_gns.analyzer import GradientNoiseAnalyzer
 from lightning_gns.callback import GradientNoiseScale
 from lightning_gns.estimator import GNSValues
-from lightning_gns.sync import forbid_host_sync
+from lightning_gns.host_sync import forbid_host_sync
 from lightning_gns.tracker import GNSTracker
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "GNSValues",
     "GradientNoiseAnalyzer",
     "GradientNoiseScale",
+    "ResizableBatchSampler",
     "__version__",
     "forbid_host_sync",
     "read_metrics",
@@ -26,7 +27,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """``read_metrics`` needs pandas: imported when first used, not with the package."""
     if name == "read_metrics":
-        from lightning_gns.logs import read_metrics
+        from lightning_gns.report.logs import read_metrics
 
         return read_metrics
     raise AttributeError(f"module 'lightning_gns' has no attribute {name!r}")

@@ -19,12 +19,11 @@ from torch import Tensor, nn
 
 from lightning_gns import advice
 from lightning_gns._compat import DROPOUT
-from lightning_gns.choice import choose_source
 from lightning_gns.driver import StepDriver
 from lightning_gns.norms.sites import coupled_modules
 from lightning_gns.publish import point_estimate
 from lightning_gns.records import MODEL, SkipStep, Units
-from lightning_gns.sources import PerExampleSource
+from lightning_gns.sources import PerExampleSource, choose_source
 from lightning_gns.tracker import GNSTracker
 
 _REDUCTIONS = ("mean", "sum", "batchmean")

@@ -1,6 +1,6 @@
 """The Lightning callback: Lightning glue around the step driver (:mod:`lightning_gns.driver`).
 
-It chooses a source (:mod:`lightning_gns.choice`), sizes each micro-batch, hands every
+It chooses a source (:mod:`lightning_gns.sources`), sizes each micro-batch, hands every
 optimizer step to the driver, reads the tracker at logging steps (one all-reduce) and
 publishes the values (:mod:`lightning_gns.publish`).
 """
@@ -18,12 +18,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_gns import keys, sync
+from lightning_gns import host_sync, keys
 from lightning_gns.driver import StepDriver
 from lightning_gns.estimator import GNSValues
-from lightning_gns.failure import record_failure
 from lightning_gns.norms.sites import Site
-from lightning_gns.publish import point_estimate, publish, read_out, summary, tensorboard_layout
+from lightning_gns.publish import (
+    point_estimate,
+    publish,
+    read_out,
+    record_failure,
+    summary,
+    tensorboard_layout,
+)
 from lightning_gns.records import MODEL, PRECONDITIONED, StepNorms
 from lightning_gns.tracker import GNSTracker, read_together
 from lightning_gns.trainer_setup import (
@@ -307,13 +313,13 @@ class GradientNoiseScale(Readings, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._driver is not None:
-            with sync.watched():
+            with host_sync.watched():
                 self._driver.start_micro_batch(batch)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._driver is not None:
-            with sync.watched():
+            with host_sync.watched():
                 self._driver.end_micro_batch(self.loss_reduction)
 
     @override
@@ -322,7 +328,7 @@ class GradientNoiseScale(Readings, Callback):
     ) -> None:
         if self._driver is not None:
             self._stepped = True
-            with sync.watched():
+            with host_sync.watched():
                 self._driver.end_step(units(trainer, self.loss_reduction))
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -342,18 +348,18 @@ class GradientNoiseScale(Readings, Callback):
     ) -> None:
         if not self._stepped:
             return
-        with sync.watched():
+        with host_sync.watched():
             self._stepped = False
             self._steps += 1
             every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 50
             if trainer.global_step % every == 0:
-                with sync.allowed():
+                with host_sync.allowed():
                     self._log(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._steps > self._logged_at:  # the last step may already be logged
-            with sync.allowed():
+            with host_sync.allowed():
                 self._log(trainer, None)
         if self.summary and self._driver is not None:
             rank_zero_info(self.summary_text())

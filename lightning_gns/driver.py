@@ -4,7 +4,7 @@ Per micro-batch: :meth:`StepDriver.start_micro_batch` (its number of examples, b
 forward) and :meth:`StepDriver.end_micro_batch` (after its backward); per optimizer step:
 :meth:`StepDriver.end_step` (before the optimizer changes ``.grad``) records the source's
 :class:`~lightning_gns.records.StepNorms` in the tracker. Device tensors only: no host read on
-this path (:mod:`lightning_gns.sync` checks it), except on the first step (the batch probe and
+this path (:mod:`lightning_gns.host_sync` checks it), except on the first step (the batch probe and
 the structural check).
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 
-from lightning_gns import sync
+from lightning_gns import host_sync
 from lightning_gns.estimator import GNSValues
 from lightning_gns.norms.probe import BatchDimProbe
 from lightning_gns.records import Reduction, SkipStep, StepNorms, Units
@@ -65,7 +65,7 @@ class StepDriver:
         self.size_note: str | None = None  # the batch probe found the batch size wrong
         self.probe: BatchDimProbe | None = None
         self.probe_model: nn.Module | None = None  # probe this model's next forward
-        self.allowance: sync.Allowance | None = None  # reads allowed (first step)
+        self.allowance: host_sync.Allowance | None = None  # reads allowed (first step)
         self.followers: list[StepDriver] = []  # second measurements (preconditioned)
         self.listeners: list[Callable[[StepNorms | None], None]] = []  # each step's record
 
@@ -78,8 +78,8 @@ class StepDriver:
     def start_micro_batch(self, batch: Any) -> int:
         """Size the micro-batch and open it; returns its size (0: unknown)."""
         if self.steps == 0 and self.allowance is None:
-            self.allowance = sync.Allowance()  # the probe and the structural check read
-        with sync.watched():
+            self.allowance = host_sync.Allowance()  # the probe and the structural check read
+        with host_sync.watched():
             try:
                 fn = self.batch_size_fn
                 self.current = int(fn(batch) if fn is not None else infer_batch_size(batch))
@@ -107,7 +107,7 @@ class StepDriver:
                 "GradientNoiseScale(batch_size_fn=lambda batch: ...) (the estimate depends on it)",
             )
         if self.current > 0:
-            with sync.watched():
+            with host_sync.watched():
                 self.source.end_micro_batch(self.current, reduction)
                 for f in self.followers:
                     f.source.end_micro_batch(self.current, reduction)
@@ -121,7 +121,7 @@ class StepDriver:
     def end_step(self, units: Units) -> StepNorms | None:
         """Record this step (skipped: warned once, counted); the record, or None."""
         bad, self.bad = self.bad, None
-        with sync.watched():
+        with host_sync.watched():
             step = self._step(units, bad)
             for f in self.followers:
                 f.end_step(units)

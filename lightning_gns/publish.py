@@ -1,5 +1,5 @@
 """From a read-out to what users see: the logged ``gns/*`` values, the TensorBoard layout, and
-the end-of-fit summary. Keys: :mod:`lightning_gns.keys`.
+the end-of-fit summary. Keys: :mod:`lightning_gns.publish`.
 
 How a value reads (README, "What is logged"): ``gns/b_simple`` is the point estimate whenever
 |G|² is significantly above zero (its 95% interval is bounded), always with that interval;
@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_gns import advice, keys
 from lightning_gns._compat import set_callback_metrics
@@ -150,3 +151,19 @@ def summary(
             f"coverage {coverage:.1%}",
         ]
     )
+
+
+ERROR_TAG = keys.ERROR  # why a run stopped, where `lightning-gns report` reads it
+_MAX_CHARS = 1000
+
+
+def record_failure(trainer: pl.Trainer, exception: BaseException) -> None:
+    """Write ``<type>: <message>`` as TensorBoard text ``gns/error`` to each TensorBoard
+    logger; never raises (the user's own error must come through unchanged)."""
+    text = f"{type(exception).__name__}: {exception}".rstrip(": ")[:_MAX_CHARS]
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            try:
+                logger.experiment.add_text(ERROR_TAG, text, trainer.global_step)
+            except Exception:  # noqa: BLE001, S110 - a report aid, never a second failure
+                pass

@@ -14,12 +14,13 @@ per-example gradient. Every scale factor of the backward is undone here and only
   the share 1/world (the tracker sums the shares of all processes).
 
 Small and big norms always cover exactly the same parameters (the source's ``params``).
-:func:`~lightning_gns.choice.choose_source` picks a source for a model and set-up.
+:func:`~lightning_gns.sources.choose_source` picks a source for a model and set-up.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +28,17 @@ from torch import Tensor, nn
 from lightning_gns.norms import MicroBatchNorms, PerExampleNorms
 from lightning_gns.norms.micro_batch import WeightedMicroBatchNorms
 from lightning_gns.norms.preconditioner import inverse_preconditioner
+from lightning_gns.norms.sharded import (
+    BigPart,
+    Sharding,
+    UnshardedGradNorms,
+    big_part_for,
+    flat_params,
+    replicated_big,
+    sharding_of,
+)
+from lightning_gns.norms.sites import coupled_modules, unrecognised_norm_layers
 from lightning_gns.records import MODEL, PRECONDITIONED, Reduction, SkipStep, StepNorms, Units
-from lightning_gns.sharded import BigPart, replicated_big
 
 
 def big_scale(units: Units, m: int, n: int) -> float:
@@ -49,7 +59,8 @@ def big_parts(units: Units, sizes: list[int]) -> tuple[float, float]:
 
 def big_sq(params: list[nn.Parameter], units: Units, m: int, n: int, big: BigPart) -> Tensor:
     """This process's share of |G_big|² of the optimizer's ``.grad`` over ``params``, in
-    mean-per-example units (``big``: how the shares are taken, :mod:`lightning_gns.sharded`)."""
+    mean-per-example units (``big``: how the shares are taken,
+    :mod:`lightning_gns.norms.sharded`)."""
     part = big(params, units.world_size)
     if part is None:
         raise SkipStep("no covered parameter has a gradient this step")
@@ -309,3 +320,135 @@ class PreconditionedSource(MicroBatchSource):
 
 
 Source = MicroBatchSource | PerExampleSource
+
+
+# Which source measures a model: per-example norms or micro-batches, and why.
+SourceName = Literal["auto", "micro_batch", "per_example"]
+
+FSDP1_WHY = "FSDP1 flattens each unit's parameters, so micro-batches measure it"
+MICRO_BATCH_HINT = (
+    "set Trainer(accumulate_grad_batches>=2) or train on 2+ devices (DDP); the default "
+    "source='auto' then measures between micro-batches"
+)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The source and, in words, why it was chosen (the end-of-fit summary says it)."""
+
+    source: Source
+    why: str
+
+
+def choose_source(
+    model: nn.Module,
+    source: SourceName = "auto",
+    layers: Literal["all", "norm"] = "all",
+    several_gradients: bool = True,
+    per_layer: bool = False,
+    examples_per_batch: int | None = None,
+    left_out: dict[str, str] | None = None,
+    wrapped: nn.Module | None = None,
+) -> Choice:
+    """The source for this model and set-up, or a ``ValueError`` that says what to do.
+
+    ``auto`` takes per-example norms when dedicated rules cover every trainable parameter, when
+    ``layers="norm"``, or when a step has no second gradient (``several_gradients`` False:
+    one device, no accumulation); micro-batches otherwise. The rules also run inside a
+    ``torch.compile`` graph (:mod:`lightning_gns.norms.compiled`); the torch.func fallback for
+    layers without one does not. Per-example norms are refused where they are undefined
+    (BatchNorm in train mode mixes the examples of a batch). Under FSDP1 only micro-batches
+    are measured (its flat parameters hide the layers' own); under FSDP2 both. ``wrapped``:
+    the model as the strategy wraps it (an FSDP1 root unit wraps the LightningModule itself).
+    """
+    wrapped = wrapped if wrapped is not None else model
+    sharding = sharding_of(wrapped)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    if source == "micro_batch" or (sharding == "fsdp1" and source == "auto"):
+        if not several_gradients:
+            raise ValueError(
+                "source='micro_batch' needs two gradients per step to compare: set "
+                "Trainer(accumulate_grad_batches>1) or train on several devices (DDP), or use "
+                "source='per_example' (the default 'auto' picks it)"
+            )
+        why = "source='micro_batch' was asked for" if source == "micro_batch" else FSDP1_WHY
+        return Choice(micro_batch_source(wrapped, params, sharding), why)
+    if sharding == "fsdp1":
+        raise ValueError(
+            f"per-example norms are not measured under FSDP1 ({FSDP1_WHY}): use "
+            "source='micro_batch' (the default 'auto' does), or FSDP2 (ModelParallelStrategy "
+            "with fully_shard in configure_model) for per-example norms"
+        )
+    sharded = sharding != "none"
+    norms = PerExampleNorms(model, layers, per_layer, examples_per_batch, sharded=sharded)
+    coupled = coupled_modules(model)
+    generic = [site.label for site in norms.sites.values() if site.generic]
+    # auto prefers the fast path: per-example norms when dedicated rules cover every parameter
+    # (the torch.func fallback costs 2-4x its layer, 50x an LSTM); micro-batches otherwise.
+    full = norms.coverage() >= 1.0 and not norms.left_out and not generic
+    if source == "auto" and several_gradients and (coupled or (layers == "all" and not full)):
+        why = (
+            f"{coupled[0]} (BatchNorm in train mode) mixes the examples of a batch"
+            if coupled
+            else f"no per-example rule for {', '.join(generic[:3]) or 'some layers'}"
+        )
+        source_ = micro_batch_source(wrapped, params, sharding)
+        return Choice(source_, f"auto: {why}; measured between micro-batches")
+    _refuse_per_example(model, norms, coupled, layers)
+    if source == "per_example":
+        why = "source='per_example' was asked for"
+    elif layers == "norm":
+        why = "auto: layers='norm' measures the normalization layers per example"
+    elif full:
+        why = "auto: per-example rules cover every trainable parameter"
+    else:
+        why = "auto: one gradient per step (one device, no accumulation), so per example"
+    chosen = PerExampleSource(norms, per_layer, left_out, big_part_for(wrapped, sharding))
+    chosen.several_gradients = several_gradients
+    return Choice(chosen, why)
+
+
+def micro_batch_source(
+    model: nn.Module, params: list[nn.Parameter], sharding: Sharding
+) -> MicroBatchSource:
+    """Micro-batch norms where each micro-batch's gradient is whole on this process."""
+    if sharding == "none":
+        return MicroBatchSource(params)
+    covered = flat_params(model) if sharding == "fsdp1" else params
+    norms = UnshardedGradNorms(model, sharding)
+    return MicroBatchSource(covered, norms, big_part_for(model, sharding))
+
+
+def _refuse_per_example(
+    model: nn.Module, norms: PerExampleNorms, coupled: list[str], layers: str
+) -> None:
+    if coupled:
+        raise ValueError(
+            f"per-example gradients are not defined for this model: {', '.join(coupled[:3])} "
+            "(BatchNorm in train mode) mixes the examples of a batch. Measure between "
+            f"micro-batches instead: {MICRO_BATCH_HINT}"
+        )
+    if not norms.sites and layers == "all":  # every parameter shared where no rule can sum it
+        left = ", ".join(f"{k} ({v})" for k, v in sorted(norms.left_out.items())[:5])
+        raise ValueError(
+            f"per-example norms can cover none of the parameters (left out: {left}), and each "
+            f"step has only one gradient: {MICRO_BATCH_HINT}"
+        )
+    if not norms.sites:
+        odd = unrecognised_norm_layers(model)
+        raise ValueError(
+            "layers='norm' found no normalization layer with a per-example rule "
+            "(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm and their subclasses)"
+            + (f"; not recognised: {', '.join(odd[:5])}" if odd else "")
+            + ". Use layers='all', or register a rule with lightning_gns.norms.register_norm"
+        )
+    bare = [site.label for site in norms.sites.values() if site.generic and not site.name]
+    if bare and len(norms.sites) == 1:
+        raise ValueError(
+            f"the model's only parameters are its own ({bare[0]}: no layer holds them), so "
+            "there is no layer whose per-example gradient a rule or torch.func can compute, and "
+            f"each step has only one gradient: {MICRO_BATCH_HINT}; or put the parameters in a "
+            "module (e.g. nn.Linear) that the forward calls"
+        )

@@ -4,7 +4,7 @@ this step's scale factors, and whether a step has a second gradient to compare w
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 import lightning.pytorch as pl
 import torch
@@ -18,17 +18,26 @@ from lightning.pytorch.strategies import (
 )
 
 from lightning_gns._compat import compiled_by_lightning, is_compiled_module, loss_scale
-from lightning_gns.choice import choose_source
 from lightning_gns.driver import StepDriver, Warn
 from lightning_gns.estimator import check_decay
 from lightning_gns.norms.preconditioner import keeps_second_moment
+from lightning_gns.norms.sharded import refusal, sharding_of
 from lightning_gns.records import PRECONDITIONED, Units
-from lightning_gns.sharded import refusal, sharding_of
-from lightning_gns.sources import PreconditionedSource, Source
+from lightning_gns.sources import PreconditionedSource, Source, SourceName, choose_source
 from lightning_gns.tracker import GNSTracker
 
-if TYPE_CHECKING:
-    from lightning_gns.callback import GradientNoiseScale
+
+class Settings(Protocol):
+    """What building a driver reads from the callback's arguments (no import of the callback)."""
+
+    ema_decay: float | None
+    source: SourceName
+    layers: Literal["all", "norm"]
+    per_layer: bool
+    examples_per_batch: int | None
+    batch_size_fn: Callable[[Any], int] | None
+    preconditioned: bool
+
 
 SUPPORTED = (
     "single-device, DDP, FSDP (FSDPStrategy) and FSDP2 (ModelParallelStrategy with "
@@ -127,7 +136,7 @@ def warn_if_compiled_fallback(pl_module: pl.LightningModule, source: Source, war
 
 
 def preconditioned_driver(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, cb: GradientNoiseScale
+    trainer: pl.Trainer, pl_module: pl.LightningModule, cb: Settings
 ) -> StepDriver:
     """A second measurement, of the optimizer-preconditioned gradients, between micro-batches."""
     if not several_gradients_per_step(trainer):
@@ -154,7 +163,7 @@ def preconditioned_driver(
 def build_driver(
     trainer: pl.Trainer,
     pl_module: pl.LightningModule,
-    cb: GradientNoiseScale,
+    cb: Settings,
     left_out: dict[str, str] | None,
     warn: Warn,
 ) -> tuple[StepDriver, str]:

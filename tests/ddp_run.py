@@ -93,7 +93,7 @@ class Indexed(pl.LightningModule):
     def train_dataloader(self):
         from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-        from lightning_gns.batching import ResizableBatchSampler
+        from lightning_gns.adaptive.sampler import ResizableBatchSampler
 
         x, y = digits()
         data = TensorDataset(x[:100], y[:100], torch.arange(100))

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_gns.adaptive import AdaptiveBatchSize
-from lightning_gns.batching import ResizableBatchSampler
+from lightning_gns.adaptive.sampler import ResizableBatchSampler
 
 DATA = TensorDataset(torch.arange(100))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_gns.cli import main
+from lightning_gns.report.cli import main
 
 
 def write_run(folder: Path, with_gns: bool = True) -> None:
@@ -102,7 +102,7 @@ def test_help_returns_zero(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.slow  # make test-fast leaves it out (a real fit or subprocess)
 def test_module_entry_point_prints_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_gns.cli", "report", str(tmp_path / "nope")],
+        [sys.executable, "-m", "lightning_gns.report.cli", "report", str(tmp_path / "nope")],
         capture_output=True,
         text=True,
         timeout=60,

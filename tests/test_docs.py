@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED = [  # modules whose public docstrings carry examples
     "lightning_gns.advice",
-    "lightning_gns.adaptive",
+    "lightning_gns.adaptive.callback",
     "lightning_gns.analyzer",
     "lightning_gns.callback",
-    "lightning_gns.logs",
+    "lightning_gns.report.logs",
 ]
 API = ["GradientNoiseScale", "AdaptiveBatchSize", "GradientNoiseAnalyzer", "read_metrics"]
 

@@ -1,4 +1,4 @@
-"""The growth rules of AdaptiveBatchSize as pure functions (lightning_gns/growth.py)."""
+"""The growth rules of AdaptiveBatchSize as pure functions (lightning_gns/adaptive/rules.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from lightning_gns.estimator import GNSValues
-from lightning_gns.growth import (
+from lightning_gns.adaptive.rules import (
     goodput_rule,
     lower_bound_rule,
     lr_scale,
@@ -16,6 +15,7 @@ from lightning_gns.growth import (
     second_moment_ratio,
     sqrt_rule,
 )
+from lightning_gns.estimator import GNSValues
 
 
 def values(b: float, lower: float, upper: float, steps: int = 100) -> GNSValues:

@@ -10,7 +10,7 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_gns.logs import COLUMNS, ERROR_TAG, read_logs, read_metrics
+from lightning_gns.report.logs import COLUMNS, ERROR_TAG, read_logs, read_metrics
 
 
 def write_tb(folder: Path, scalars: dict[str, list[tuple[int, float]]]) -> None:

@@ -17,7 +17,6 @@ from matplotlib.text import Text
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gns import advice
-from lightning_gns.logs import Logs, read_logs, read_metrics
 from lightning_gns.report import (
     SUMMARY_COLUMNS,
     advise,
@@ -30,6 +29,7 @@ from lightning_gns.report import (
     write_explore,
     write_report,
 )
+from lightning_gns.report.logs import Logs, read_logs, read_metrics
 from lightning_gns.report.plots import (
     Curve,
     _curves_from_summary,
@@ -455,7 +455,7 @@ def test_the_report_of_a_real_sweep_agrees_with_its_logs(
     bound and a run refused at fit start: one row per run, each row as the run's CSV says at
     its last read-out, the crash listed with its error, no sentence said twice."""
     from examples.sweep import make_sweep
-    from lightning_gns.cli import main
+    from lightning_gns.report.cli import main
 
     sweep = tmp_path / "sweep"
     make_sweep(sweep, steps=40)

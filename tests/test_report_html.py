@@ -116,7 +116,7 @@ def test_report_on_the_demos_logs_end_to_end(chromium: Path, tmp_path: Path) -> 
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert "final B_simple" in demo.stdout and "tensorboard --logdir runs" in demo.stdout
     cli = subprocess.run(
-        [sys.executable, "-m", "lightning_gns.cli", "report", "runs", "--out", "report"],
+        [sys.executable, "-m", "lightning_gns.report.cli", "report", "runs", "--out", "report"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

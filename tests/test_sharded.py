@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_gns.estimator import grad_norm_sq, trace_cov
-from lightning_gns.sharded import local_sq, refusal, sharding_of
+from lightning_gns.norms.sharded import local_sq, refusal, sharding_of
 from lightning_gns.tracker import GNSTracker
 
 HERE = Path(__file__).parent

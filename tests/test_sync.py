@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gns import GradientNoiseScale, forbid_host_sync
 from lightning_gns.driver import StepDriver
+from lightning_gns.host_sync import HostSyncError
 from lightning_gns.norms import compiled, simultaneous, site_hooks
 from lightning_gns.norms.micro_batch import MicroBatchNorms
 from lightning_gns.norms.sites import Site
-from lightning_gns.sync import HostSyncError
 
 
 class Scale(nn.Module):

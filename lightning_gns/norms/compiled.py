@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_gns import sync
+from lightning_gns import host_sync
 from lightning_gns.norms.rules import GradSampleRule, NormRule, apply_rules
 
 
@@ -44,8 +44,8 @@ class Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        if sync.CHECK.enabled:
-            with sync.watched():
+        if host_sync.CHECK.enabled:
+            with host_sync.watched():
                 return _tap_backward(ctx, g)
         return _tap_backward(ctx, g)
 

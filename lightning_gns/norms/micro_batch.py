@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gns._compat import norms_fp32
-from lightning_gns.sync import on_step_path
+from lightning_gns.host_sync import on_step_path
 
 
 def squared_norm(tensors: Iterable[Tensor | None]) -> Tensor | None:

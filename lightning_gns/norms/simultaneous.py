@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_gns import sync
+from lightning_gns import host_sync
 from lightning_gns._compat import functorch_transforms_active
 from lightning_gns.norms.generic import is_replaying
 from lightning_gns.norms.rules import _use_gram
@@ -97,8 +97,8 @@ class RoutedForward:
         self.is_transposed = transposed(module)  # decided once, not per call
 
     def __call__(self, x: Tensor) -> Tensor:
-        if sync.CHECK.enabled:
-            with sync.watched():
+        if host_sync.CHECK.enabled:
+            with host_sync.watched():
                 return _routed_forward(self.module, x, self.sink_for, self.is_transposed)
         return _routed_forward(self.module, x, self.sink_for, self.is_transposed)
 
@@ -162,8 +162,8 @@ class LinearWithNorms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
-        if sync.CHECK.enabled:
-            with sync.watched():
+        if host_sync.CHECK.enabled:
+            with host_sync.watched():
                 return _linear_backward(ctx, gy)
         return _linear_backward(ctx, gy)
 

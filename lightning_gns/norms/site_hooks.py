@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gns._compat import in_backward_pass, saving_through_hooks, tree_flatten, view_base
+from lightning_gns.host_sync import on_step_path
 from lightning_gns.norms.compiled import Tap
 from lightning_gns.norms.generic import (
     generic_sq_norms,
@@ -46,7 +47,6 @@ from lightning_gns.norms.token_sites import (
     token_site_norms,
 )
 from lightning_gns.norms.tokens import as_examples, to_examples
-from lightning_gns.sync import on_step_path
 
 
 class Norms(Protocol):

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gns.host_sync import on_step_path
 from lightning_gns.norms import moe, tokens
 from lightning_gns.norms.generic import replaying
 from lightning_gns.norms.rules import norm_rule_for
-from lightning_gns.sync import on_step_path
 
 if TYPE_CHECKING:
     from lightning_gns.norms.sites import Site

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_gns._compat import saved_on_node, tree_flatten, tree_unflatten, view_base
+from lightning_gns.host_sync import allowed
 from lightning_gns.norms.generic import as_param_dtype
-from lightning_gns.sync import allowed
 
 # autograd nodes that reshape without reordering elements (row-major order is kept)
 _RESHAPES = ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "AliasBackward0")
@@ -42,7 +42,7 @@ _UNSQUEEZES = ("UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "Sq
 @contextmanager
 def reading_host_tensor(t: Tensor) -> Iterator[None]:
     """A deliberate read of ``t``'s values (a group size): free for a tensor on the CPU (no
-    device to wait for), so declared to :mod:`lightning_gns.sync` as allowed there; a read of a
+    device to wait for), so declared to :mod:`lightning_gns.host_sync` as allowed there; a read of a
     device tensor stays recorded by the host-sync check (callers avoid them)."""
     if t.device.type != "cpu":
         yield

@@ -17,7 +17,7 @@ from string import Template
 import pandas as pd
 
 from lightning_gns import advice
-from lightning_gns.logs import Logs, read_logs
+from lightning_gns.report.logs import Logs, read_logs
 from lightning_gns.report.plots import (
     Curve,
     pick_runs,
@@ -116,7 +116,7 @@ def write_report(
 ) -> Path:
     """Write the three PNG plots and one self-contained ``report.html``; return its path.
 
-    ``path_or_df`` is a log path (read with :func:`lightning_gns.logs.read_logs`), a table
+    ``path_or_df`` is a log path (read with :func:`lightning_gns.report.logs.read_logs`), a table
     ``read_metrics`` returned, or ``read_logs``' result. ``progress`` (optional) receives one
     short message per stage; ``source`` names the logs in the page.
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from lightning_gns import advice
-from lightning_gns.logs import COLUMNS, Logs
+from lightning_gns.report.logs import COLUMNS, Logs
 
 B_SIMPLE = "gns/b_simple"
 LOWER, UPPER, SE = "gns/b_simple_lower", "gns/b_simple_upper", "gns/b_simple_se"
@@ -53,7 +53,7 @@ def check_frame(df: pd.DataFrame) -> None:
     if missing:
         raise ValueError(
             f"metrics table lacks columns {missing}; pass the output of "
-            "lightning_gns.logs.read_metrics (columns run, step, metric, value)"
+            "lightning_gns.report.logs.read_metrics (columns run, step, metric, value)"
         )
 
 

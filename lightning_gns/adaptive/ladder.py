@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lightning_gns import growth
+from lightning_gns.adaptive import rules
 from lightning_gns.estimator import GNSValues
 
 PROBE_STEPS = 2  # records the probe averages
@@ -114,7 +114,7 @@ class Rules:
         left = self.min_steps_between - (steps_since_change or 0)
         if steps_since_change is not None and left > 0:
             return f"{left} more steps before the next change (min_steps_between): waiting"
-        move = growth.move(self.rule, v, batch, self.factor, self.multiple, self.margin,
+        move = rules.move(self.rule, v, batch, self.factor, self.multiple, self.margin,
                            self.shrink, self.reference, timing)  # fmt: skip
         if move.steps == 0 or (move.steps < 0 and not self.shrink):
             return move.reason if move.steps == 0 else None
@@ -125,11 +125,11 @@ class Rules:
         return (*target, move.reason)
 
     def after_probe(self, ladder: Ladder, v: GNSValues, now: tuple[int, int | None]) -> Decision:
-        """The probe's records set the batch to go on with (:func:`growth.probe_level`)."""
+        """The probe's records set the batch to go on with (:func:`rules.probe_level`)."""
         if v.steps < PROBE_STEPS:
             return None  # not enough records yet (the per-example check step has none)
         batch = ladder.batch(*now)
-        found = growth.probe_level(v, batch, ladder.base_batch(now[1]), self.factor, self.multiple)
+        found = rules.probe_level(v, batch, ladder.base_batch(now[1]), self.factor, self.multiple)
         if found is None:
             return None
         target = ladder.allocate(found[0], now[1])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lightning_gns.failure import ERROR_TAG
+from lightning_gns.publish import ERROR_TAG
 
 __all__ = ["COLUMNS", "ERROR_TAG", "Logs", "find_runs", "read_logs", "read_metrics"]
 

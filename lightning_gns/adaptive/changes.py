@@ -1,7 +1,7 @@
 """AdaptiveBatchSize's decisions and changes, apart from its Lightning hooks: at a read-out
 (every ``check_every_n_steps`` steps) rank 0 decides with the rules of
-:mod:`lightning_gns.plan` and every rank schedules the same change; at the batch it starts,
-the change is applied: accumulation, micro-batch, learning-rate multiplier, Adam's second
+:mod:`lightning_gns.adaptive.ladder` and every rank schedules the same change; at the batch it
+starts, the change is applied: accumulation, micro-batch, learning-rate multiplier, Adam's second
 moment, a fresh B_noise window, and a line with the reason."""
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_gns import _compat, batching, growth, keys
+from lightning_gns import _compat, keys
+from lightning_gns.adaptive import rules
+from lightning_gns.adaptive.ladder import PROBE_STEPS, Decision, Ladder, Pending, Rules, batch_text
+from lightning_gns.adaptive.per_step import LRScaler, NoiseWindow, StepTimer, rescale_second_moment
+from lightning_gns.adaptive.rules import lr_scale
+from lightning_gns.adaptive.sampler import ResizableBatchSampler
+from lightning_gns.adaptive.schedule import BatchSchedule, change_message
 from lightning_gns.estimator import GNSValues
-from lightning_gns.growth import lr_scale
 from lightning_gns.norms.preconditioner import keeps_second_moment
-from lightning_gns.plan import PROBE_STEPS, Decision, Ladder, Pending, Rules, batch_text
 from lightning_gns.publish import publish
-from lightning_gns.schedule import BatchSchedule, change_message
-from lightning_gns.stepping import LRScaler, NoiseWindow, StepTimer, rescale_second_moment
 
 if TYPE_CHECKING:
     from lightning_gns.callback import GradientNoiseScale
@@ -40,7 +42,7 @@ class Growing:
     _timer: StepTimer
     _lr: LRScaler | None
     _gns: GradientNoiseScale | None
-    _sampler: batching.ResizableBatchSampler | None
+    _sampler: ResizableBatchSampler | None
     _probing: bool
     _ready: int
 
@@ -49,7 +51,7 @@ class Growing:
         """Read the window (one reduction across ranks), let rank 0 choose, every rank takes
         its choice (one broadcast) and schedules it for the same batch index."""
         values = self._window.read(sync=trainer.world_size > 1)
-        noise, _ = growth.noise_bound(values)
+        noise, _ = rules.noise_bound(values)
         now = self.batches.now
         if self.lr_scaling == "adascale":  # the gain follows the estimate at every read
             self._set_lr_scale(trainer, self._ladder.batch(*now), noise)
@@ -73,7 +75,7 @@ class Growing:
         self._publish(trainer)
 
     def _choose(self, v: GNSValues, done: int) -> Decision:
-        """Rank 0's decision (:mod:`lightning_gns.plan`); none while a change waits."""
+        """Rank 0's decision (:mod:`lightning_gns.adaptive.ladder`); none while a change waits."""
         if self.batches.pending is not None:
             return None
         if self._probing:
@@ -92,7 +94,7 @@ class Growing:
             self._gns.micro_batch_resized(p.micro)
         self._timer.reset()
         adam = ""
-        ratio = growth.second_moment_ratio(p.noise, old_batch, batch)
+        ratio = rules.second_moment_ratio(p.noise, old_batch, batch)
         if self.rescale_second_moment and ratio != 1.0:
             if rescale_second_moment(trainer.optimizers[0], ratio):
                 adam = f", second moment × {ratio:.3g}"

@@ -10,9 +10,9 @@ from dataclasses import asdict
 from typing import Any
 
 from lightning_gns import _compat
-from lightning_gns.batching import ResizableBatchSampler
-from lightning_gns.plan import Change, Pending, batch_text
-from lightning_gns.stepping import max_over_ranks
+from lightning_gns.adaptive.ladder import Change, Pending, batch_text
+from lightning_gns.adaptive.per_step import max_over_ranks
+from lightning_gns.adaptive.sampler import ResizableBatchSampler
 
 
 class BatchSchedule:

@@ -79,8 +79,8 @@ def _progress(message: str) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lightning_gns.logs import find_runs, read_logs
     from lightning_gns.report import advise, format_summary, summarize, write_report
+    from lightning_gns.report.logs import find_runs, read_logs
     from lightning_gns.report.page import runs_note
 
     folders = find_runs(args.path)

@@ -4,11 +4,13 @@ McCandlish et al. 2018 (arXiv 1812.06162): the best batch tracks B_noise, which 
 loss falls (§5, "dynamic batch size"). :class:`AdaptiveBatchSize` measures B_noise from the
 same per-step records as :class:`~lightning_gns.GradientNoiseScale`, in a window that restarts
 at each change of batch, and changes the batch by factors at an optimizer-step boundary: first
-the per-device micro-batch (with a :class:`~lightning_gns.batching.ResizableBatchSampler`, up to
-``max_micro_batch``), then ``Trainer.accumulate_grad_batches``. The rules are pure functions in
-:mod:`lightning_gns.growth`, the decision and the change in :mod:`lightning_gns.growing`; the
-learning rate and Adam's second moment are handled around each step
-(:mod:`lightning_gns.stepping`).
+the per-device micro-batch (with a
+:class:`~lightning_gns.adaptive.sampler.ResizableBatchSampler`, up to ``max_micro_batch``), then
+``Trainer.accumulate_grad_batches``. The rules are pure functions in
+:mod:`lightning_gns.adaptive.rules`, the decision and the change in
+:mod:`lightning_gns.adaptive.changes`; the learning rate and Adam's second moment are handled
+around each step
+(:mod:`lightning_gns.adaptive.per_step`).
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
-from lightning_gns import _compat, batching, growth, keys
+from lightning_gns import _compat, keys
+from lightning_gns.adaptive import rules
+from lightning_gns.adaptive.changes import Growing
+from lightning_gns.adaptive.ladder import Change, Ladder, Rules
+from lightning_gns.adaptive.per_step import LRScaler, NoiseWindow, StepTimer
+from lightning_gns.adaptive.rules import LRScaling, Rule
+from lightning_gns.adaptive.sampler import ResizableBatchSampler, find_sampler, resume_next
+from lightning_gns.adaptive.schedule import BatchSchedule
 from lightning_gns.callback import GradientNoiseScale
-from lightning_gns.growing import Growing
-from lightning_gns.growth import LRScaling, Rule
-from lightning_gns.plan import Change, Ladder, Rules
-from lightning_gns.schedule import BatchSchedule
-from lightning_gns.stepping import LRScaler, NoiseWindow, StepTimer
 
 __all__ = ["AdaptiveBatchSize", "Change"]
 
@@ -41,9 +45,10 @@ class AdaptiveBatchSize(Growing, Callback):
 
     The first step is a probe of at least ``probe`` examples (at the user's learning rate);
     its noise scale sets the batch the run continues with. Every ``check_every_n_steps``
-    steps the rule (:mod:`lightning_gns.growth`) may change the batch by powers of ``factor``:
-    the micro-batch first, when the DataLoader draws with a
-    :class:`~lightning_gns.batching.ResizableBatchSampler` and ``max_micro_batch`` allows, then
+    steps the rule (:mod:`lightning_gns.adaptive.rules`) may change the batch by powers of
+    ``factor``: the micro-batch first, when the DataLoader draws with a
+    :class:`~lightning_gns.adaptive.sampler.ResizableBatchSampler` and ``max_micro_batch``
+    allows, then
     ``accumulate_grad_batches``. A change starts with a whole accumulation window, on every DDP
     rank at the same step (rank 0 decides). The optimizer steps with the rate the user's code
     set (scheduler, ``training_step``, hooks) times the LR multiplier; the user's code only ever
@@ -57,7 +62,7 @@ class AdaptiveBatchSize(Growing, Callback):
         max_accumulate: the largest accumulation.
         min_accumulate: the smallest; default: the trainer's ``accumulate_grad_batches``.
         rule: ``sqrt`` (default), ``noise``, ``lower_bound`` or ``goodput``
-            (:mod:`lightning_gns.growth`).
+            (:mod:`lightning_gns.adaptive.rules`).
         multiple: the probe starts the run at ``multiple`` × B_noise (``sqrt``, ``noise``);
             the ``noise`` rule follows ``multiple`` × B_noise from there.
         factor: integer factor of each change (2: doubling), at most 16.
@@ -72,8 +77,8 @@ class AdaptiveBatchSize(Growing, Callback):
         check_every_n_steps: optimizer steps between two decisions (one small host read).
         rescale_second_moment: at a change, scale Adam's (RMSprop's) running average of
             squared gradients by the expected ratio for the new batch
-            (:func:`~lightning_gns.growth.second_moment_ratio`) instead of letting it describe
-            the old batch for ~1/(1 − β₂) steps.
+            (:func:`~lightning_gns.adaptive.rules.second_moment_ratio`) instead of letting it
+            describe the old batch for ~1/(1 − β₂) steps.
 
     Raises:
         ValueError: at construction, an argument out of its range (the message names it).
@@ -112,7 +117,7 @@ class AdaptiveBatchSize(Growing, Callback):
         rescale_second_moment: bool = True,
     ) -> None:
         super().__init__()
-        growth.check_arguments(locals())
+        rules.check_arguments(locals())
         self.max_accumulate, self.min_accumulate = max_accumulate, min_accumulate
         self.rule, self.factor, self.lr_scaling = rule, factor, lr_scaling
         self.max_micro_batch, self.probe = max_micro_batch, probe
@@ -127,7 +132,7 @@ class AdaptiveBatchSize(Growing, Callback):
         self._probing = False
         self._gns: GradientNoiseScale | None = None
         self._window = NoiseWindow()  # B_noise since the last change
-        self._sampler: batching.ResizableBatchSampler | None = None
+        self._sampler: ResizableBatchSampler | None = None
         self._trainer: pl.Trainer | None = None
         self._timer = StepTimer()
         self._lr: LRScaler | None = None
@@ -180,7 +185,7 @@ class AdaptiveBatchSize(Growing, Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        sampler = batching.find_sampler(trainer)
+        sampler = find_sampler(trainer)
         if self.batches.follow(sampler, self._sampler, trainer.current_epoch):
             self._ladder.base = (self._ladder.base[0], self.batches.micro)
         self._sampler = sampler
@@ -193,7 +198,7 @@ class AdaptiveBatchSize(Growing, Callback):
         if self._gns is not None and self._window.record in self._gns.step_listeners:
             self._gns.step_listeners.remove(self._window.record)
         self._window.stop(trainer.world_size > 1)
-        batching.resume_next(None)
+        resume_next(None)
 
     # -- per step -------------------------------------------------------------------------
     @override
@@ -273,7 +278,7 @@ class AdaptiveBatchSize(Growing, Callback):
         self._rules.reference = (float(ref[0]), float(ref[1])) if ref else None
         self._probing = bool(state_dict.get("probing", False))
         self._window.saved = state_dict.get("tracker")
-        batching.resume_next(state_dict.get("sampler"))
+        resume_next(state_dict.get("sampler"))
 
 
 def _refuse(trainer: pl.Trainer, pl_module: pl.LightningModule) -> GradientNoiseScale:
