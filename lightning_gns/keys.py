@@ -31,6 +31,13 @@ LR = "gns/lr"
 BATCH_SIZE_CHANGE = "gns/batch_size_change"  # TensorBoard text
 ERROR = "gns/error"  # TensorBoard text: why a run stopped (the report lists it)
 
+# CriticalBatchProbe, at each probed step
+B_CRIT_BRANCHED = "gns/b_crit_branched"
+B_CRIT_BRANCHED_LOWER = "gns/b_crit_branched_lower"
+B_CRIT_BRANCHED_UPPER = "gns/b_crit_branched_upper"
+B_CRIT_BRANCHED_EXAMPLES = "gns/b_crit_branched_examples"  # the probe's examples, all ranks
+B_CRIT_BRANCHED_SECONDS = "gns/b_crit_branched_seconds"  # its wall time
+
 
 def layer_b_simple(module: str) -> str:
     """Per-layer B_simple of a module (``per_layer=True``)."""

@@ -1,0 +1,148 @@
+"""The branches themselves: batches drawn with a private generator, training, evaluation.
+
+The user's DataLoader is never touched: the branches draw indices of its (map-style) dataset
+with their own ``torch.Generator`` and collate them with its ``collate_fn``. The held-back
+evaluation batches are drawn once and left out of every branch's draws. Under DDP each rank
+draws its own examples; the branches average the gradients with one all-reduce per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_gns.probe.restore import Snapshot
+
+
+class Draws:
+    """Indices of ``size`` examples: ``held`` for evaluation, the rest (``pool``) to train on.
+
+    Examples:
+        >>> d = Draws(size=100, held=20, seed=0)
+        >>> len(d.held), len(d.pool), sorted(set(d.held.tolist()) & set(d.pool.tolist()))
+        (20, 80, [])
+        >>> bool(torch.equal(d.stream(step=5, rank=0, n=8), d.stream(step=5, rank=0, n=8)))
+        True
+    """
+
+    def __init__(self, size: int, held: int, seed: int) -> None:
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+        self.seed = seed
+        self.held, self.pool = order[:held], order[held:]
+
+    def stream(self, step: int, rank: int, n: int) -> Tensor:
+        """``n`` training indices, drawn with replacement, the same for every branch of a probe."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + rank + 1)
+        return self.pool[torch.randint(len(self.pool), (n,), generator=gen)]
+
+
+def loss_of(out: Any) -> Tensor:
+    """The loss ``training_step`` returned (a tensor, or a dict with ``"loss"``)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict) and isinstance(out.get("loss"), Tensor):
+        return out["loss"]
+    raise RuntimeError("training_step returned no loss (None or no 'loss' key): nothing to train")
+
+
+class Runner:
+    """Trains and scores branches of the user's LightningModule inside ``trainer``."""
+
+    def __init__(
+        self,
+        trainer: pl.Trainer,
+        module: pl.LightningModule,
+        dataset: Any,
+        collate: Callable[[list[Any]], Any],
+    ) -> None:
+        self.trainer, self.module = trainer, module
+        self.dataset, self.collate = dataset, collate
+        self.rank, self.world = trainer.global_rank, trainer.world_size
+
+    def batch(self, indices: Tensor) -> Any:
+        raw = self.collate([self.dataset[int(i)] for i in indices])
+        return self.trainer.strategy.batch_to_device(raw)
+
+    def _loss(self, indices: Tensor) -> Tensor:
+        with self.trainer.precision_plugin.train_step_context():
+            return loss_of(self.module.training_step(self.batch(indices), 0))
+
+    def train(
+        self, optimizer: torch.optim.Optimizer, stream: Tensor, micro: int, per_step: int,
+        lr_scale: float,
+    ) -> None:  # fmt: skip
+        """Steps of ``per_step`` micro-batches of ``micro`` examples of ``stream`` each, at the
+        optimizer's rates × ``lr_scale`` (gradients averaged over the ranks)."""
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * lr_scale
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        chunks = stream.split(micro)
+        self.module.train()
+        for start in range(0, len(chunks) - per_step + 1, per_step):
+            for p in params:
+                p.grad = None
+            for chunk in chunks[start : start + per_step]:
+                (self._loss(chunk) / per_step).backward()
+            if self.world > 1:
+                for p in params:
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad.div_(self.world)
+            self._clip(params)
+            optimizer.step()
+
+    def _clip(self, params: list[torch.nn.Parameter]) -> None:
+        value = self.trainer.gradient_clip_val
+        if not value:
+            return
+        if self.trainer.gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, float(value))
+        else:
+            torch.nn.utils.clip_grad_norm_(params, float(value))
+
+    def evaluate(self, held: Tensor, micro: int) -> list[float]:
+        """The mean loss on each held-back batch of ``micro`` examples (eval mode, no grad);
+        the ranks share the batches and all-reduce the losses."""
+        batches = held.split(micro)
+        losses = torch.zeros(len(batches), dtype=torch.float64)
+        self.module.eval()
+        with torch.no_grad():
+            for j in range(self.rank, len(batches), self.world):
+                losses[j] = float(self._loss(batches[j]).detach().double())
+        if self.world > 1:
+            device = self.trainer.strategy.root_device
+            pooled = losses.to(device)
+            torch.distributed.all_reduce(pooled)
+            losses = pooled.cpu()
+        return [float(v) for v in losses]
+
+
+def run_branches(
+    runner: Runner,
+    snapshot: Snapshot,
+    draws: Draws,
+    step: int,
+    factors: Sequence[int],
+    micro: int,
+    accumulate: int,
+    examples: int,
+    scales: dict[int, float],
+) -> dict[int, list[float]]:
+    """Every branch from ``snapshot`` (restored before each one and after the last): branch k
+    trains on the same ``examples`` examples (all ranks) at k·B, then is scored per held-back
+    batch. Returns ``{k: [loss per evaluation batch]}``."""
+    per_rank = examples // runner.world
+    stream = draws.stream(step, runner.rank, per_rank)
+    out: dict[int, list[float]] = {}
+    try:
+        for k in factors:
+            runner.train(snapshot.optimizer, stream, micro, k * accumulate, scales[k])
+            out[k] = runner.evaluate(draws.held, micro)
+            snapshot.restore()
+    finally:
+        snapshot.restore()
+    return out
