@@ -1,12 +1,16 @@
-"""GradientNoiseScale under DDP, FSDP1 and FSDP2 on 2 CPU processes (gloo): one rank of it.
+"""GradientNoiseScale under DDP, FSDP1 and FSDP2 on 2 or 4 CPU processes (gloo): one rank.
 
-Usage (both ranks launched by tests/test_sharded.py with LOCAL_RANK, WORLD_SIZE, MASTER_*):
+Usage (every rank launched by tests/test_sharded.py or tests/test_hybrid.py with LOCAL_RANK,
+GNS_TEST_RANK, WORLD_SIZE, MASTER_*):
     python tests/sharded_run.py OUT.json CONFIG ...
-  CONFIG  fit:KIND:ACCUMULATE:SOURCE   12 frozen steps; values, data order, collectives, reads
+  CONFIG  fit:KIND:ACCUMULATE:SOURCE[:NODES]   12 frozen steps; values, data order,
+                                               collectives, host reads (NODES simulated nodes:
+                                               NODE_RANK and LOCAL_RANK set per process)
           resume:KIND                  2 epochs at once, and 1 epoch + resume for the second
           nan:KIND                     rank 1's loss is NaN at step 5
-  KIND    ddp | fsdp1 (use_orig_params=True) | fsdp1_flat (False) | fsdp2
-Each rank writes OUT.json.rank<r>.
+  KIND    ddp | fsdp1 (use_orig_params=True) | fsdp1_flat (False) | fsdp2 | hsdp (FSDP2 on a
+          (replicate, shard) mesh) | hybrid (FSDP1 HYBRID_SHARD, use_orig_params=True)
+Each rank writes OUT.json.rank<global rank>.
 """
 
 from __future__ import annotations
@@ -29,9 +33,24 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather
                "broadcast", "reduce", "gather", "reduce_scatter_tensor")  # fmt: skip
 
 
+STRATEGY_CODE = ("torch/distributed/fsdp", "torch/nn/parallel/distributed")
+
+
+def ours(stack: traceback.StackSummary) -> bool:
+    """Whether this package made the call: its frame is the closest of the package's and the
+    strategies' (FSDP's own reduction runs inside the backward that a package hook may wrap;
+    hybrid sharding's all-reduce across replicas is FSDP's, not the package's)."""
+    for frame in reversed(stack):
+        if "lightning_gns" in frame.filename:
+            return True
+        if any(code in frame.filename for code in STRATEGY_CODE):
+            return False
+    return False
+
+
 class CountCollectives(pl.Callback):
     """torch.distributed calls made from this package, per optimizer step (FSDP's and DDP's
-    own collectives, and Lightning's, are not counted)."""
+    own collectives, and Lightning's, are not counted: :func:`ours`)."""
 
     def __init__(self) -> None:
         self.per_step: dict[int, int] = {}
@@ -50,7 +69,7 @@ class CountCollectives(pl.Callback):
 
     def _counted(self, fn):  # noqa: ANN001, ANN202
         def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            if any("lightning_gns" in f.filename for f in traceback.extract_stack()):
+            if ours(traceback.extract_stack()[:-1]):
                 self.count += 1
             return fn(*args, **kwargs)
 
@@ -78,17 +97,41 @@ def values(cb: GradientNoiseScale) -> dict:
     }
 
 
-def fit(root: str, kind: str, accumulate: int, source: str) -> dict:
+class Layout(pl.Callback):
+    """How the first Linear's weight is laid out, read at the start of training: FSDP2 mesh
+    shape and placements, FSDP1 sharding strategy and shard-group size, or [] (DDP)."""
+
+    def __init__(self) -> None:
+        self.value: list = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        units = [m for m in trainer.model.modules() if isinstance(m, FullyShardedDataParallel)]
+        weight = pl_module.model[0].weight
+        if units:
+            shard = torch.distributed.get_world_size(units[-1].process_group)
+            self.value = [units[-1].sharding_strategy.name, shard]
+        elif hasattr(weight, "placements"):
+            self.value = [list(weight.device_mesh.shape), [str(p) for p in weight.placements]]
+
+
+def fit(root: str, kind: str, accumulate: int, source: str, nodes: int = 1) -> dict:
     cb = GradientNoiseScale(ema_decay=0.9, source=source, log_every_n_steps=4)
-    counter = CountCollectives()
+    counter, seen = CountCollectives(), Layout()
     with forbid_host_sync(raise_at_exit=False) as found:
-        trainer, module = run(root, kind, [cb, counter], accumulate_grad_batches=accumulate)
+        trainer, module = run(
+            root, kind, [cb, counter, seen], nodes=nodes, accumulate_grad_batches=accumulate
+        )
     return {
         **values(cb),
         "seen": module.seen,
         "collectives": [counter.per_step.get(s, 0) for s in range(1, 13)],
         "host_reads": len(found),
         "logged_b_simple": float(trainer.callback_metrics["gns/b_simple"]),
+        "layout": seen.value,
+        "global_rank": trainer.global_rank,
+        "node_rank": trainer.node_rank,
     }
 
 
@@ -113,14 +156,15 @@ def nan(root: str, kind: str) -> dict:
 
 
 def main(out: str, configs: list[str]) -> None:
-    rank = int(os.environ["LOCAL_RANK"])
+    rank = int(os.environ["GNS_TEST_RANK"])
     root = os.path.dirname(os.path.abspath(out))
     results = {}
     for config in configs:
         mode, kind, *rest = config.split(":")
         where = f"{root}/{config.replace(':', '_')}"
         if mode == "fit":
-            results[config] = fit(where, kind, int(rest[0]), rest[1])
+            nodes = int(rest[2]) if len(rest) > 2 else 1
+            results[config] = fit(where, kind, int(rest[0]), rest[1], nodes)
         elif mode == "resume":
             results[config] = resume(where, kind)
         elif mode == "nan":

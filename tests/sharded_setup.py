@@ -1,11 +1,18 @@
-"""Shared set-up of the 2-process workers: strategies on CPU, the model, data with indices.
+"""Shared set-up of the 2- and 4-process workers: strategies on CPU, the model, data with
+indices, and the (simulated) node layout.
 
-(Imported by tests/sharded_run.py, which runs as both ranks; tests/test_sharded.py launches it.)
+(Imported by tests/sharded_run.py, which runs as every rank; tests/test_sharded.py and
+tests/test_hybrid.py launch it.)
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -14,17 +21,35 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_gns.estimator import grad_norm_sq, trace_cov
+from lightning_gns.tracker import GNSTracker
+
 BATCH = 16  # examples per micro-batch per rank
 N = 640  # digits used: 20 micro-batches per rank per epoch
 
 
+HYBRID_DIMS = ("replicate", "shard")
+
+
+def hybrid_mesh() -> object:
+    """The (replicate, shard) CPU mesh of hybrid sharding: shard within a node of 2 processes,
+    replicate across nodes ([[0, 1], [2, 3]] on 4 processes)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = torch.distributed.get_world_size()
+    return init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=HYBRID_DIMS)
+
+
 class CPUFSDPStrategy(FSDPStrategy):
     """Lightning's FSDPStrategy refuses CPU (its accelerator check is on the exact class) and
-    wraps with ``device_id=None``, which FSDP1 refuses for CPU modules: wrap with the CPU."""
+    wraps with ``device_id=None``, which FSDP1 refuses for CPU modules: wrap with the CPU.
+    ``HYBRID_SHARD`` gets a CPU :func:`hybrid_mesh` (Lightning builds a tuple mesh on CUDA)."""
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
+        if self.sharding_strategy == ShardingStrategy.HYBRID_SHARD:
+            self.kwargs["device_mesh"] = hybrid_mesh()
         return FullyShardedDataParallel(
             module=model,
             cpu_offload=self.cpu_offload,
@@ -46,9 +71,9 @@ class Scale(nn.Module):
         return x * self.weight
 
 
-def rank_env(rank: int, port: int, root: object) -> dict[str, str]:
-    """The environment of rank ``rank`` of two processes launched by hand (Lightning reads
-    these), with ``root`` importable."""
+def rank_env(rank: int, port: int, root: object, world: int = 2) -> dict[str, str]:
+    """The environment of rank ``rank`` of ``world`` processes launched by hand on one node
+    (Lightning reads these), with ``root`` importable."""
     return {
         **os.environ,
         "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -56,10 +81,22 @@ def rank_env(rank: int, port: int, root: object) -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),
-        "WORLD_SIZE": "2",
+        "WORLD_SIZE": str(world),
         "NODE_RANK": "0",
         "LOCAL_RANK": str(rank),
+        "GNS_TEST_RANK": str(rank),
+        "GNS_TEST_WORLD": str(world),  # (Lightning's teardown drops WORLD_SIZE)
     }
+
+
+def place(nodes: int) -> int:
+    """Set this process's ``NODE_RANK`` and ``LOCAL_RANK`` for ``nodes`` simulated nodes of
+    equal size (its global rank unchanged); the processes per node."""
+    rank, world = int(os.environ["GNS_TEST_RANK"]), int(os.environ["GNS_TEST_WORLD"])
+    os.environ["WORLD_SIZE"] = str(world)
+    per_node = world // nodes
+    os.environ["NODE_RANK"], os.environ["LOCAL_RANK"] = str(rank // per_node), str(rank % per_node)
+    return per_node
 
 
 def net(seed: int = 0) -> nn.Module:
@@ -88,11 +125,11 @@ class Module(pl.LightningModule):
         self.seen: list[list[int]] = []  # each micro-batch's example indices on this rank
 
     def configure_model(self) -> None:
-        if self.kind != "fsdp2":
+        if self.kind not in ("fsdp2", "hsdp"):
             return
         from torch.distributed.fsdp import fully_shard
 
-        mesh = self.device_mesh["data_parallel"]
+        mesh = hybrid_mesh() if self.kind == "hsdp" else self.device_mesh["data_parallel"]
         for m in self.model:
             if isinstance(m, nn.Linear):
                 fully_shard(m, mesh=mesh)
@@ -122,16 +159,19 @@ class Module(pl.LightningModule):
         return DataLoader(data(), batch_size=BATCH, shuffle=False)
 
 
-def strategy_for(kind: str) -> pl.strategies.Strategy:
+def strategy_for(kind: str, world: int = 2) -> pl.strategies.Strategy:
+    """``ddp``; ``fsdp2`` (1-D mesh) and ``hsdp`` (FSDP2 on :func:`hybrid_mesh`); ``fsdp1``
+    (``use_orig_params``), ``fsdp1_flat`` and ``hybrid`` (FSDP1 ``HYBRID_SHARD``)."""
     if kind == "ddp":
         return DDPStrategy()
-    if kind == "fsdp2":
-        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    if kind in ("fsdp2", "hsdp"):
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     return CPUFSDPStrategy(
         auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
-        use_orig_params=kind == "fsdp1",
+        use_orig_params=kind in ("fsdp1", "hybrid"),
+        sharding_strategy="HYBRID_SHARD" if kind == "hybrid" else "FULL_SHARD",
         state_dict_type="sharded",  # ("full" crashed rank 0 on CPU)
     )
 
@@ -142,18 +182,22 @@ def run(
     callbacks: list[pl.Callback],
     module: Module | None = None,
     ckpt_path: str | None = None,
+    nodes: int = 1,
     **kwargs,
 ) -> tuple[pl.Trainer, Module]:
-    """One fit on both ranks; each Trainer takes a fresh port (a second on the same one hangs)."""
+    """One fit on every rank (``nodes`` simulated nodes); each Trainer takes a fresh port (a
+    second on the same one hangs)."""
     os.environ["MASTER_PORT"] = str(int(os.environ["MASTER_PORT"]) + 1)
     torch.set_num_threads(1)
     kwargs.setdefault("max_steps", 12)
+    world = int(os.environ["GNS_TEST_WORLD"])
     trainer = pl.Trainer(
         **trainer_kwargs(
             root,
             accelerator="cpu",
-            devices=2,
-            strategy=strategy_for(kind),
+            devices=place(nodes),
+            num_nodes=nodes,
+            strategy=strategy_for(kind, world),
             callbacks=[*callbacks, CloseProcessGroup()],
             **kwargs,
         )
@@ -161,3 +205,71 @@ def run(
     module = module or Module(kind)
     trainer.fit(module, ckpt_path=ckpt_path)
     return trainer, module
+
+
+# -- the launching test's side -----------------------------------------------------------------
+def launch(out: Path, configs: list[str], world: int = 2, timeout: float = 900) -> list[dict]:
+    """Every rank of tests/sharded_run.py (LOCAL_RANK, WORLD_SIZE, MASTER_* set here:
+    Lightning does not relaunch); each rank's results, by global rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = 20000 + s.getsockname()[1] % 30000  # each Trainer takes the next port
+    here = Path(__file__).resolve().parent
+    procs, logs = [], []
+    for rank in range(world):
+        env = rank_env(rank, port, here.parent, world)
+        log = open(out.parent / f"log.rank{rank}", "w")  # noqa: SIM115 - closed below
+        logs.append(log)
+        cmd = [sys.executable, str(here / "sharded_run.py"), str(out), *configs]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=log, stderr=log))
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for log in logs:
+            log.close()
+    tails = "".join((out.parent / f"log.rank{r}").read_text()[-3000:] for r in range(world))
+    assert codes == [0] * world, tails
+    return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(world)]
+
+
+def per_example_grads() -> Tensor:
+    """Every digit's gradient of the frozen net, (N, d) float64 (torch.func)."""
+    from torch.func import functional_call, grad, vmap
+
+    model = net().double()
+    named = {k: v.detach() for k, v in model.named_parameters()}
+    x, y, _ = data().tensors
+
+    def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        out = functional_call(model, p, (xi.unsqueeze(0).double(),))
+        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(named, x, y)
+    return torch.cat([g[k].flatten(1) for k in named], dim=1)
+
+
+def replay(per_example: Tensor, ranks: list[dict], accumulate: int, source: str) -> GNSTracker:
+    """The estimator on the same micro-batches in float64: per step, every rank's micro-batches
+    (or examples) are the small batches and the mean of the micro-batch means the big one."""
+    tracker = GNSTracker(0.9)
+    steps = len(ranks[0]["seen"]) // accumulate
+    for s in range(steps):
+        micro = [r["seen"][s * accumulate + i] for r in ranks for i in range(accumulate)]
+        means = torch.stack([per_example[m].mean(0) for m in micro])
+        big = float(means.mean(0).square().sum())
+        b = len(micro[0])
+        if source == "per_example":
+            if s == 0:
+                continue  # the structural check's step is not measured
+            every = torch.cat([per_example[m] for m in micro])
+            small, b_small = float(every.square().sum(1).mean()), 1.0
+        else:
+            small, b_small = float(means.square().sum(1).mean()), float(b)
+        b_big = len(micro) * b
+        g2 = torch.tensor([[grad_norm_sq(small, big, b_small, b_big)]], dtype=torch.float64)
+        tr = torch.tensor([[trace_cov(small, big, b_small, b_big)]], dtype=torch.float64)
+        tracker.update(g2, tr)
+    return tracker

@@ -8,54 +8,25 @@ another (the imports are paid once).
 
 from __future__ import annotations
 
-import json
 import math
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from sharded_setup import N, data, net, rank_env
+from sharded_setup import N, launch, per_example_grads, replay
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
-from lightning_gns.estimator import grad_norm_sq, trace_cov
-from lightning_gns.norms.sharded import local_sq, refusal, sharding_of
-from lightning_gns.tracker import GNSTracker
+from lightning_gns.norms.sharded import (
+    MIXED_MESH,
+    data_parallel_only,
+    local_sq,
+    refusal,
+    sharding_of,
+)
 
-HERE = Path(__file__).parent
 KINDS = ("ddp", "fsdp1", "fsdp1_flat", "fsdp2")
 FITS = [f"fit:{k}:{a}:micro_batch" for k in KINDS for a in (1, 2)]
 FITS += [f"fit:{k}:{a}:per_example" for k in ("ddp", "fsdp2") for a in (1, 2)]
 OTHERS = ["resume:fsdp2", "resume:fsdp1", "nan:fsdp2"]
-
-
-def launch(out: Path, configs: list[str], timeout: float = 900) -> list[dict]:
-    """Both ranks (LOCAL_RANK, WORLD_SIZE, MASTER_* set here: Lightning does not relaunch)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = 20000 + s.getsockname()[1] % 30000  # each Trainer takes the next port
-    root = Path(__file__).resolve().parents[1]
-    procs, logs = [], []
-    for rank in (0, 1):
-        env = rank_env(rank, port, root)
-        log = open(out.parent / f"log.rank{rank}", "w")  # noqa: SIM115 - closed below
-        logs.append(log)
-        cmd = [sys.executable, str(HERE / "sharded_run.py"), str(out), *configs]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=log, stderr=log))
-    try:
-        codes = [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for log in logs:
-            log.close()
-    tails = "".join((out.parent / f"log.rank{r}").read_text()[-3000:] for r in (0, 1))
-    assert codes == [0, 0], tails
-    return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -65,41 +36,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def per_example() -> Tensor:
-    """Every digit's gradient of the frozen net, (N, d) float64 (torch.func)."""
-    model = net().double()
-    named = {k: v.detach() for k, v in model.named_parameters()}
-    x, y, _ = data().tensors
-
-    def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        out = functional_call(model, p, (xi.unsqueeze(0).double(),))
-        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
-
-    g = vmap(grad(loss), in_dims=(None, 0, 0))(named, x, y)
-    return torch.cat([g[k].flatten(1) for k in named], dim=1)
-
-
-def replay(per_example: Tensor, r0: dict, r1: dict, accumulate: int, source: str) -> GNSTracker:
-    """The estimator on the same micro-batches in float64: per step, every rank's micro-batches
-    (or examples) are the small batches and the mean of the micro-batch means the big one."""
-    tracker = GNSTracker(0.9)
-    steps = len(r0["seen"]) // accumulate
-    for s in range(steps):
-        micro = [r["seen"][s * accumulate + i] for r in (r0, r1) for i in range(accumulate)]
-        means = torch.stack([per_example[m].mean(0) for m in micro])
-        big = float(means.mean(0).square().sum())
-        b = len(micro[0])
-        if source == "per_example":
-            if s == 0:
-                continue  # the structural check's step is not measured
-            every = torch.cat([per_example[m] for m in micro])
-            small, b_small = float(every.square().sum(1).mean()), 1.0
-        else:
-            small, b_small = float(means.square().sum(1).mean()), float(b)
-        b_big = len(micro) * b
-        g2 = torch.tensor([[grad_norm_sq(small, big, b_small, b_big)]], dtype=torch.float64)
-        tr = torch.tensor([[trace_cov(small, big, b_small, b_big)]], dtype=torch.float64)
-        tracker.update(g2, tr)
-    return tracker
+    return per_example_grads()
 
 
 @pytest.mark.slow
@@ -108,7 +45,7 @@ def test_values_equal_a_float64_replay_of_the_same_micro_batches(ranks, per_exam
     _, kind, acc, source = config.split(":")
     r0, r1 = (r[config] for r in ranks)
     assert r0["chosen_source"] == source and r0["coverage"] == 1.0 and r0["left_out"] == {}
-    want = replay(per_example, r0, r1, int(acc), source).read()["model"]
+    want = replay(per_example, [r0, r1], int(acc), source).read()["model"]
     for r in (r0, r1):  # every rank holds the same state (pooled records)
         assert r["steps"] == want.steps and r["skipped"] == 0
         assert r["grad_norm_sq"] == pytest.approx(want.grad_norm_sq, rel=1e-4)
@@ -165,6 +102,27 @@ def test_refusals_say_what_to_do_instead() -> None:
     deepspeed = type("DeepSpeedStrategy", (), {})()
     assert "FSDPStrategy" in refusal(deepspeed, model)
     assert sharding_of(model) == "none"
+
+
+def test_hybrid_meshes_are_measured_and_tensor_parallel_placements_refused() -> None:
+    """FSDP2 alone lays a parameter out as (Shard,) or, hybrid, (Replicate, …, Shard); a
+    tensor-parallel dimension shows as a shard on an outer dimension or a replicate last."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    def laid(*placements: object) -> bool:
+        return data_parallel_only(SimpleNamespace(placements=placements))  # type: ignore[arg-type]
+
+    assert (
+        laid(Shard(0)) and laid(Replicate(), Shard(0)) and laid(Replicate(), Replicate(), Shard(0))
+    )
+    assert not laid(Shard(0), Shard(0))  # FSDP × tensor parallel (colwise)
+    assert not laid(Shard(0), Replicate())  # FSDP × a replicated tensor-parallel parameter
+    assert not laid(Replicate(), Shard(0), Shard(1))  # hybrid × tensor parallel
+    assert not laid(_StridedShard(0, split_factor=2)) and not laid()
+    assert "fully_shard on a 1-D data-parallel mesh, or on a 2-D (replicate, shard)" in MIXED_MESH
 
 
 def test_a_process_share_of_a_replicated_gradient() -> None:

@@ -1,15 +1,18 @@
 """Sharded data parallelism (FSDP1 and FSDP2): where the micro-batch and big-batch norms live.
 
 * :func:`sharding_of` / :func:`refusal`: the layout of a wrapped model, and what is not
-  supported (tensor parallel, hybrid sharding or 2-D meshes, CPU offload, DeepSpeed), with
-  what to do instead.
+  supported (tensor parallel, CPU offload, DeepSpeed), with what to do instead. Hybrid
+  sharding is supported (FSDP1 ``HYBRID_SHARD``, FSDP2 on a 2-D replicate × shard mesh).
 * :class:`UnshardedGradNorms`: each micro-batch's rank-local gradient where it is still whole:
   FSDP1's ``FlatParameter`` s (a hook fires before FSDP's reduce-scatter; Lightning
   accumulates FSDP1 under ``no_sync``), FSDP2's unsharded parameters (created at the first
   all-gather and reused; hooked from a forward pre-hook that runs after FSDP's own).
-* :func:`big_part`: this process's share of |G_big|² from the sharded ``.grad`` (FSDP1
-  padding excluded, DTensor replicas counted once), summed over processes by the logging
-  step's one reduction (:mod:`lightning_gns.tracker`).
+* :func:`big_part_for`: this process's share of |G_big|² from the sharded ``.grad`` (FSDP1
+  padding excluded, replicas counted once), summed over processes by the logging step's one
+  reduction (:mod:`lightning_gns.tracker`). Under hybrid sharding each process's squared shard
+  is divided by the number of replicas R: the sum over all processes is then the sum over one
+  shard group (each element once), averaged over the R identical replica groups, so one
+  world all-reduce does what a reduction over the shard group and then across replicas would.
 
 Units are DDP's: ``.grad`` is the mean over processes of each process's mean over
 micro-batches (FSDP1's pre/post divide factors multiply to the world size; FSDP2 reduces with
@@ -89,12 +92,7 @@ def refusal(strategy: object, model: nn.Module) -> str | None:
         )
     kind = sharding_of(model)
     if kind == "fsdp1":
-        from torch.distributed.fsdp import ShardingStrategy
-
-        hybrid = {ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2}
         for unit in fsdp1_units(model):
-            if getattr(unit, "sharding_strategy", None) in hybrid:
-                return HYBRID
             if getattr(getattr(unit, "cpu_offload", None), "offload_params", False):
                 return OFFLOAD
     elif kind == "fsdp2":
@@ -109,15 +107,16 @@ def refusal(strategy: object, model: nn.Module) -> str | None:
                     "units of .grad: keep FSDP's default (the mean over processes)"
                 )
         for p in model.parameters():
-            mesh = getattr(p, "device_mesh", None)
-            if mesh is not None and mesh.ndim > 1:
-                return HYBRID
+            if _is_dtensor(p) and not data_parallel_only(p):
+                return MIXED_MESH
     return None
 
 
-HYBRID = (
-    "hybrid sharding (HYBRID_SHARD, or a 2-D device mesh) is not supported: shard over all "
-    "processes (FULL_SHARD, or fully_shard on a 1-D data-parallel mesh)"
+MIXED_MESH = (
+    "a parameter is sharded on a mesh dimension that is not data parallel (tensor or "
+    "sequence parallelism composed with fully_shard) and is not supported: apply fully_shard "
+    "on a 1-D data-parallel mesh, or on a 2-D (replicate, shard) mesh for hybrid sharding, "
+    "with no parallelize_module"
 )
 OFFLOAD = (
     "CPU offload is not supported (the sharded gradients would live on the host, untested): "
@@ -167,6 +166,33 @@ def _is_dtensor(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor" or hasattr(t, "device_mesh")
 
 
+def data_parallel_only(p: Tensor) -> bool:
+    """Whether a DTensor parameter is laid out by FSDP2 alone: ``(Shard,)`` on a 1-D mesh, or
+    ``(Replicate, …, Shard)`` on a hybrid mesh (replicated over the outer dimensions, sharded
+    over the last). A tensor-parallel placement is a shard on an outer dimension, or a
+    replicate on the last."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = tuple(getattr(p, "placements", ()))
+    if not placements:
+        return False
+    *outer, last = placements
+    return all(isinstance(q, Replicate) for q in outer) and type(last) is Shard
+
+
+def fsdp1_replicas(unit: nn.Module, world_size: int) -> int:
+    """How many processes hold each element of an FSDP1 unit's local gradient shard: 1 under
+    ``FULL_SHARD``/``SHARD_GRAD_OP``, the number of shard groups under hybrid sharding
+    (world / the unit's shard ``process_group``), every process under ``NO_SHARD``."""
+    if not fsdp1_sharded(unit):
+        return world_size
+    group = getattr(unit, "process_group", None)
+    if group is None or not torch.distributed.is_initialized():
+        return 1
+    shard = torch.distributed.get_world_size(group)
+    return max(1, world_size // shard) if shard > 0 else 1
+
+
 def local_sq(grad: Tensor | None, replicas: int = 1) -> Tensor | None:
     """This process's share of |grad|² (at least float32), such that the sum over processes
     is |grad|²: a DTensor's local shard divided by the processes holding each element (its
@@ -205,13 +231,14 @@ def big_part_for(model: nn.Module, kind: Sharding) -> BigPart:
     """``big(params, world_size)``: this process's share of Σ_p |p.grad|² over ``params``."""
     if kind == "none":
         return replicated_big
-    sharded = all(fsdp1_sharded(u) for u in fsdp1_units(model)) if kind == "fsdp1" else True
-    flats = {id(p) for p in flat_params(model)} if kind == "fsdp1" else set()
+    units = fsdp1_units(model) if kind == "fsdp1" else []
+    owner = {id(fsdp1_flat_param(u)): u for u in units if fsdp1_flat_param(u) is not None}
 
     def big(params: Iterable[nn.Parameter], world_size: int) -> Tensor | None:
-        replicas = 1 if sharded else world_size  # FSDP1 NO_SHARD holds whole gradients
         parts = [
-            local_sq(_shard_grad(p) if id(p) in flats else p.grad, replicas)
+            local_sq(_shard_grad(p), fsdp1_replicas(owner[id(p)], world_size))
+            if id(p) in owner
+            else local_sq(p.grad)  # FSDP2: a DTensor knows its replicas
             for p in params
             if p.requires_grad
         ]
