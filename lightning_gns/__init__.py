@@ -7,15 +7,19 @@ from lightning_gns.analyzer import GradientNoiseAnalyzer
 from lightning_gns.callback import GradientNoiseScale
 from lightning_gns.estimator import GNSValues
 from lightning_gns.host_sync import forbid_host_sync
+from lightning_gns.meter import GradientNoiseMeter
+from lightning_gns.probe import CriticalBatchProbe
 from lightning_gns.tracker import GNSTracker
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveBatchSize",
+    "CriticalBatchProbe",
     "GNSTracker",
     "GNSValues",
     "GradientNoiseAnalyzer",
+    "GradientNoiseMeter",
     "GradientNoiseScale",
     "ResizableBatchSampler",
     "__version__",

@@ -1,8 +1,9 @@
 """The Lightning callback: Lightning glue around the step driver (:mod:`lightning_gns.driver`).
 
 It chooses a source (:mod:`lightning_gns.sources`), sizes each micro-batch, hands every
-optimizer step to the driver, reads the tracker at logging steps (one all-reduce) and
-publishes the values (:mod:`lightning_gns.publish`).
+optimizer step to the driver, reads out at logging steps (one all-reduce) through the
+read-out it shares with :class:`~lightning_gns.GradientNoiseMeter`
+(:class:`lightning_gns.meter.Readings`) and publishes the values (:mod:`lightning_gns.publish`).
 """
 
 from __future__ import annotations
@@ -18,20 +19,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_gns import host_sync, keys
-from lightning_gns.driver import StepDriver
-from lightning_gns.estimator import GNSValues
-from lightning_gns.norms.sites import Site
+from lightning_gns import host_sync
+from lightning_gns.meter import Readings
 from lightning_gns.publish import (
-    point_estimate,
     publish,
-    read_out,
     record_failure,
-    summary,
     tensorboard_layout,
 )
-from lightning_gns.records import MODEL, PRECONDITIONED, StepNorms
-from lightning_gns.tracker import GNSTracker, read_together
+from lightning_gns.records import StepNorms
 from lightning_gns.trainer_setup import (
     build_driver,
     check_arguments,
@@ -39,115 +34,6 @@ from lightning_gns.trainer_setup import (
     units,
     warn_if_no_second_moment,
 )
-
-
-class Readings:
-    """What a fitted :class:`GradientNoiseScale` tells you (its latest read-out)."""
-
-    values: GNSValues
-    layer_values: dict[str, GNSValues]
-    preconditioned_values: GNSValues
-    batch_size_multiple: int | None
-    _driver: StepDriver | None
-    _trainer: pl.Trainer | None
-
-    @property
-    def tracker(self) -> GNSTracker | None:
-        """The estimators' state, once fitting started."""
-        return self._driver.tracker if self._driver is not None else None
-
-    @property
-    def chosen_source(self) -> str | None:
-        """``per_example`` or ``micro_batch`` once fitting started (:attr:`source_reason`)."""
-        return self._driver.source.name if self._driver is not None else None
-
-    @property
-    def b_simple(self) -> float:
-        """Latest B_simple = tr(Σ)/|G|²; NaN while not yet known (|G|² not significantly above
-        zero: then :attr:`b_simple_lower` bounds it)."""
-        return point_estimate(self.values)
-
-    @property
-    def b_simple_lower(self) -> float:
-        """Lower end of the 95% interval of B_simple (NaN before two effective steps)."""
-        return self.values.b_simple_lower
-
-    @property
-    def b_simple_upper(self) -> float:
-        """Upper end of the 95% interval (inf while only the lower bound is known)."""
-        return self.values.b_simple_upper
-
-    @property
-    def grad_norm_sq(self) -> float:
-        """The smoothed unbiased |G|²."""
-        return self.values.grad_norm_sq
-
-    @property
-    def grad_variance(self) -> float:
-        """The smoothed unbiased tr(Σ)."""
-        return self.values.grad_variance
-
-    @property
-    def coverage(self) -> float:
-        """Fraction of trainable parameters the estimate covers."""
-        return self._driver.source.coverage if self._driver is not None else math.nan
-
-    @property
-    def sites(self) -> dict[str, Site]:
-        """The modules measured per example, by name (empty under micro-batches)."""
-        norms = getattr(self._driver.source, "norms", None) if self._driver is not None else None
-        return dict(getattr(norms, "sites", {}))
-
-    @property
-    def covered_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters the estimate is over (all trainable ones unless some are left out)."""
-        return list(self._driver.source.params) if self._driver is not None else []
-
-    @property
-    def left_out(self) -> dict[str, str]:
-        """Modules left out of the per-example estimate, with the reason."""
-        return dict(self._driver.source.left_out) if self._driver is not None else {}
-
-    def micro_batch_resized(self, size: int) -> None:
-        """The micro-batch was resized on purpose (AdaptiveBatchSize): :attr:`batch_size`
-        follows at once instead of after most of the recent micro-batches."""
-        if self._driver is not None:
-            self._driver.resized(size)
-
-    @property
-    def batch_size(self) -> float:
-        """Examples per optimizer step now: usual micro-batch × accumulation × world size."""
-        t, d = self._trainer, self._driver
-        if t is None or d is None:
-            return math.nan
-        return d.usual * t.accumulate_grad_batches * t.world_size
-
-    def summary_text(self) -> str:
-        """The end-of-fit summary (:func:`lightning_gns.publish.summary`)."""
-        if self._driver is None:
-            return "GradientNoiseScale: not fitted"
-        src = self._driver.source
-        reason = getattr(self, "source_reason", "")
-        multiple = self.batch_size_multiple
-        return summary(self.values, self.batch_size, src.name, reason, src.coverage, multiple)
-
-    def metrics(self) -> dict[str, float]:
-        """The logged ``gns/*`` values of the latest read-out (README: "What is logged")."""
-        t = self._trainer
-        per_example = self.chosen_source == "per_example"
-        small = 1.0 if per_example or t is None else self.batch_size / t.accumulate_grad_batches
-        if not per_example and t is not None:
-            small /= t.world_size  # one micro-batch of one process
-        out = read_out(self.values, self.batch_size, small, self.batch_size_multiple)
-        out[keys.COVERAGE] = self.coverage
-        for name, lv in self.layer_values.items():
-            out[keys.layer_b_simple(name)] = point_estimate(lv)
-        if self._driver is not None and self._driver.followers:
-            pv = self.preconditioned_values
-            out[keys.PRECONDITIONED_B_SIMPLE] = point_estimate(pv)
-            out[keys.PRECONDITIONED_LOWER] = pv.b_simple_lower
-            out[keys.PRECONDITIONED_UPPER] = pv.b_simple_upper
-        return out
 
 
 class GradientNoiseScale(Readings, Callback):
@@ -238,28 +124,18 @@ class GradientNoiseScale(Readings, Callback):
         preconditioned: bool = False,
         summary: bool = True,
     ) -> None:
-        super().__init__()
         check_arguments(locals())
+        super().__init__()
         self.ema_decay = None if ema_decay is None else float(ema_decay)
         self.source, self.layers, self.loss_reduction = source, layers, loss_reduction
         self.log_every_n_steps, self.per_layer = log_every_n_steps, per_layer
         self.batch_size_multiple, self.examples_per_batch = batch_size_multiple, examples_per_batch
         self.batch_size_fn, self.preconditioned = batch_size_fn, preconditioned
         self.summary = summary
-
-        self.values = GNSValues.unknown()
-        self.preconditioned_values = GNSValues.unknown()
-        self.layer_values: dict[str, GNSValues] = {}
-        self.reads = 0  # read-outs so far (AdaptiveBatchSize acts on each new one)
-        self.source_reason = ""
-        self._driver: StepDriver | None = None
         # Called with each step's record as the tracker gets it (None: skipped), in
         # on_before_optimizer_step; AdaptiveBatchSize keeps its own window from them.
         self.step_listeners: list[Callable[[StepNorms | None], None]] = []
         self._state_key: str | None = None
-        self._saved: dict[str, Any] | None = None  # checkpoint state until fit start
-        self._warned: set[str] = set()
-        self._steps = self._logged_at = 0
         self._stepped = False
         self._trainer: pl.Trainer | None = None
 
@@ -336,6 +212,12 @@ class GradientNoiseScale(Readings, Callback):
             self._warned.add(key)
             rank_zero_warn(message)
 
+    def _accumulate(self) -> float:
+        return math.nan if self._trainer is None else self._trainer.accumulate_grad_batches
+
+    def _world_size(self) -> int:
+        return 1 if self._trainer is None else self._trainer.world_size
+
     # -- logging --------------------------------------------------------------------------
     @override
     def on_train_batch_end(
@@ -365,41 +247,9 @@ class GradientNoiseScale(Readings, Callback):
             rank_zero_info(self.summary_text())
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None) -> None:
-        """The only host sync: one reduction of the pending steps, then read-out."""
-        driver = self._driver
-        if driver is None:
+        """The only host sync: the shared read-out, then to the loggers."""
+        if self._driver is None:
             return
-        self._logged_at = self._steps
-        followers = [f.tracker for f in driver.followers]
-        values, *precond = read_together([driver.tracker, *followers], trainer.world_size > 1)
-        self.values = values.pop(MODEL)
-        self.layer_values = {k: v for k, v in values.items() if k not in self.left_out}
-        if precond:
-            self.preconditioned_values = precond[0][PRECONDITIONED]
-            warn_if_no_second_moment(trainer, driver, self._warn_once)
-        self.reads += 1
-        driver.check_nonfinite(self.values)
+        if self._read_out():
+            warn_if_no_second_moment(trainer, self._driver, self._warn_once)
         publish(trainer, pl_module, self.metrics())
-
-    # -- checkpoints ----------------------------------------------------------------------
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        if self._driver is None:
-            return dict(self._saved or {})
-        t = self._trainer
-        left_out = self.left_out if self.chosen_source == "per_example" else None
-        state = self._driver.state_dict(t is not None and t.world_size > 1)
-        return {"steps": self._steps, "left_out": left_out, **state}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._driver is None:
-            self._saved = dict(state_dict)  # applied at fit start, once the source is known
-        else:
-            self._restore(state_dict)
-
-    def _restore(self, sd: dict[str, Any]) -> None:
-        assert self._driver is not None
-        self._driver.load_state_dict(sd)
-        self._steps = self._logged_at = int(sd.get("steps", 0))
-        self.values = self._driver.tracker.read()[MODEL]

@@ -45,6 +45,7 @@ class StepDriver:
         warn: ``warn(key, message)``, called at most once per key by the caller's policy.
         batch_size_fn: ``batch -> examples`` for batches Lightning cannot size.
         strict: raise on a step that cannot be used (the analyzer) instead of skipping it.
+        name: the public class whose warnings these are (``GradientNoiseMeter`` in own loops).
     """
 
     def __init__(
@@ -54,8 +55,9 @@ class StepDriver:
         warn: Warn,
         batch_size_fn: Callable[[Any], int] | None = None,
         strict: bool = False,
+        name: str = "GradientNoiseScale",
     ) -> None:
-        self.source, self.tracker, self.warn = source, tracker, warn
+        self.source, self.tracker, self.warn, self.name = source, tracker, warn, name
         self.batch_size_fn, self.strict = batch_size_fn, strict
         self.recent: deque[int] = deque(maxlen=64)  # recent micro-batch sizes
         self.current = 0  # this micro-batch's size (0: unknown)
@@ -102,9 +104,9 @@ class StepDriver:
             self.size_note = f"the batch size was taken as {self.current}, the layers see {seen}"
             self.warn(
                 "batch size",
-                f"GradientNoiseScale: the batch size was taken as {self.current}, but the "
+                f"{self.name}: the batch size was taken as {self.current}, but the "
                 f"model's layers see {seen} examples per micro-batch; if {seen} is right, pass "
-                "GradientNoiseScale(batch_size_fn=lambda batch: ...) (the estimate depends on it)",
+                f"{self.name}(batch_size_fn=lambda batch: ...) (the estimate depends on it)",
             )
         if self.current > 0:
             with host_sync.watched():
@@ -141,7 +143,7 @@ class StepDriver:
             if not skip.silent:
                 self.skip(skip.reason)
             elif note := self.source.coverage_note(self.size_note):  # what the check left out
-                self.warn("coverage", f"GradientNoiseScale: {note}")
+                self.warn("coverage", f"{self.name}: {note}")
             return None
         except Exception as err:  # noqa: BLE001 - statistics must never stop training
             if self.strict:
@@ -168,7 +170,7 @@ class StepDriver:
         self.host_skips += 1
         self.warn(
             "skip:" + reason.split("'")[0],
-            f"GradientNoiseScale skipped a step ({reason}); skipped steps are counted in "
+            f"{self.name} skipped a step ({reason}); skipped steps are counted in "
             "gns/skipped_steps. Training is not affected.",
         )
 
@@ -177,7 +179,7 @@ class StepDriver:
         if values.skipped > self.tracker.last_host_skipped:
             self.warn(
                 "non-finite",
-                "GradientNoiseScale: steps with non-finite gradients (an AMP overflow, or NaN/inf "
+                f"{self.name}: steps with non-finite gradients (an AMP overflow, or NaN/inf "
                 "in the model) were left out; gns/stale_steps counts the steps since the last "
                 "usable one, and gns/b_simple is that old.",
             )
@@ -203,7 +205,7 @@ class StepDriver:
         for i, f in enumerate(self.followers):
             f.tracker.load_state_dict(sd.get(f"follower{i}") or sd.get("preconditioned") or {})
         if note:
-            self.warn("decay", f"GradientNoiseScale: {note}")
+            self.warn("decay", f"{self.name}: {note}")
         self.host_skips = int(sd.get("host_skips", 0))
         self.recent.clear()
         self.recent.extend(sd.get("micro_sizes", []))

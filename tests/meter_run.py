@@ -1,0 +1,111 @@
+"""GradientNoiseMeter in own loops on 2 CPU processes (gloo); every rank writes JSON results.
+
+Usage: python tests/meter_run.py OUT.json fabric   (Fabric DDP: per-example norms)
+       python tests/meter_run.py OUT.json torch    (torch.distributed DDP: micro-batches)
+Rank r writes OUT.json.rank<r>. (Fabric's strategy="ddp" relaunches this script in new
+processes, so tests call it in a subprocess rather than importing it.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from helpers import digits, mlp  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
+
+from lightning_gns import GradientNoiseMeter  # noqa: E402
+
+EPOCHS, BATCH = 6, 16
+
+
+def write(out: str, rank: int, world: int, meter: GradientNoiseMeter) -> None:
+    meter.read()  # a collective: every rank
+    result = {
+        "rank": rank,
+        "world_size": world,
+        "chosen_source": meter.chosen_source,
+        "b_simple": meter.b_simple,
+        "grad_norm_sq": meter.grad_norm_sq,
+        "grad_variance": meter.grad_variance,
+        "batch_size": meter.batch_size,
+        "small_batch_size": meter.metrics()["gns/small_batch_size"],
+        "steps": meter.values.steps,
+        "skipped": meter.values.skipped,
+    }
+    with open(f"{out}.rank{rank}", "w") as f:
+        json.dump(result, f)
+
+
+def fabric_loop(out: str) -> None:
+    """A litgpt-style loop: fabric.setup, fabric.backward; the frozen digits MLP."""
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
+    fabric.launch()
+    model = mlp()
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    x, y = digits()
+    gen = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True, generator=gen)
+    loader = fabric.setup_dataloaders(loader)
+    meter = GradientNoiseMeter(model, ema_decay=0.98, log_every_n_steps=10)
+    for epoch in range(EPOCHS):
+        loader.sampler.set_epoch(epoch)
+        for xb, yb in loader:
+            fabric.backward(nn.functional.cross_entropy(model(xb), yb))
+            meter.step()
+            optimizer.step()
+            optimizer.zero_grad()
+    write(out, fabric.global_rank, fabric.world_size, meter)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def torch_worker(rank: int, out: str) -> None:
+    """A plain torch.distributed DDP loop with 2 micro-batches per step (rank 0 starts rank 1
+    as a second process of this script)."""
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = nn.parallel.DistributedDataParallel(mlp())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = digits()
+    data = TensorDataset(x, y)
+    sampler = DistributedSampler(data, shuffle=True, seed=0)
+    loader = DataLoader(data, batch_size=BATCH, sampler=sampler)
+    meter = GradientNoiseMeter(model, ema_decay=0.98, source="micro_batch", accumulate=2)
+    for epoch in range(EPOCHS):
+        sampler.set_epoch(epoch)
+        batches = list(loader)
+        for i in range(0, len(batches) - 1, 2):  # whole windows of 2 micro-batches
+            for j, (xb, yb) in enumerate(batches[i : i + 2]):
+                if j == 0:
+                    with model.no_sync():
+                        (nn.functional.cross_entropy(model(xb), yb) / 2).backward()
+                else:
+                    (nn.functional.cross_entropy(model(xb), yb) / 2).backward()
+            meter.step()
+            optimizer.step()
+            optimizer.zero_grad()
+    write(out, rank, 2, meter)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if sys.argv[2] == "fabric":
+        fabric_loop(sys.argv[1])
+    elif "RANK" in os.environ:  # rank 1, started by rank 0 below
+        torch_worker(1, sys.argv[1])
+    else:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
+        other = subprocess.Popen([sys.executable, *sys.argv], env={**os.environ, "RANK": "1"})
+        torch_worker(0, sys.argv[1])
+        sys.exit(other.wait())
