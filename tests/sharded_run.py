@@ -6,7 +6,7 @@ GNS_TEST_RANK, WORLD_SIZE, MASTER_*):
   CONFIG  fit:KIND:ACCUMULATE:SOURCE[:NODES]   12 frozen steps; values, data order,
                                                collectives, host reads (NODES simulated nodes:
                                                NODE_RANK and LOCAL_RANK set per process)
-          resume:KIND                  2 epochs at once, and 1 epoch + resume for the second
+          resume:KIND[:SOURCE]         2 epochs at once, and 1 epoch + resume for the second
           nan:KIND                     rank 1's loss is NaN at step 5
   KIND    ddp | fsdp1 (use_orig_params=True) | fsdp1_flat (False) | fsdp2 | hsdp (FSDP2 on a
           (replicate, shard) mesh) | hybrid (FSDP1 HYBRID_SHARD, use_orig_params=True)
@@ -135,15 +135,15 @@ def fit(root: str, kind: str, accumulate: int, source: str, nodes: int = 1) -> d
     }
 
 
-def resume(root: str, kind: str) -> dict:
+def resume(root: str, kind: str, source: str = "auto") -> dict:
     """The same two epochs, at once and with a checkpoint after the first."""
-    cb = GradientNoiseScale(ema_decay=0.9, log_every_n_steps=5)
+    cb = GradientNoiseScale(ema_decay=0.9, log_every_n_steps=5, source=source)
     run(f"{root}/whole", kind, [cb], max_epochs=2, max_steps=-1)
     whole = values(cb)
     ck = ModelCheckpoint(dirpath=f"{root}/ck", save_last=True)
-    first = GradientNoiseScale(ema_decay=0.9, log_every_n_steps=5)
+    first = GradientNoiseScale(ema_decay=0.9, log_every_n_steps=5, source=source)
     run(f"{root}/first", kind, [first, ck], max_epochs=1, max_steps=-1, enable_checkpointing=True)
-    second = GradientNoiseScale(ema_decay=0.9, log_every_n_steps=5)
+    second = GradientNoiseScale(ema_decay=0.9, log_every_n_steps=5, source=source)
     last = f"{root}/ck/last.ckpt"
     run(f"{root}/second", kind, [second], ckpt_path=last, max_epochs=2, max_steps=-1)
     return {"whole": whole, "first": values(first), "resumed": values(second)}
@@ -166,7 +166,7 @@ def main(out: str, configs: list[str]) -> None:
             nodes = int(rest[2]) if len(rest) > 2 else 1
             results[config] = fit(where, kind, int(rest[0]), rest[1], nodes)
         elif mode == "resume":
-            results[config] = resume(where, kind)
+            results[config] = resume(where, kind, *rest)
         elif mode == "nan":
             results[config] = nan(where, kind)
     with open(f"{out}.rank{rank}", "w") as f:
