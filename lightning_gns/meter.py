@@ -147,8 +147,9 @@ class Readings:
         if self._driver is None:
             return f"{type(self).__name__}: not fitted"
         src, multiple = self._driver.source, self.batch_size_multiple
-        return summary(self.values, self.batch_size, src.name, self.source_reason, src.coverage,
-                       multiple)  # fmt: skip
+        return summary(
+            self.values, self.batch_size, src.name, self.source_reason, src.coverage, multiple
+        )
 
     def metrics(self) -> dict[str, float]:
         """The ``gns/*`` values of the latest read-out (README: "What is logged")."""
@@ -334,15 +335,17 @@ class GradientNoiseMeter(Readings):
             (accumulate or 1) > 1 or self.world > 1 or (accumulate, source) == (None, "micro_batch")
         )
         try:
-            choice = choose_source(self.module, source, layers, several, per_layer,
-                                   examples_per_batch, None, wrapped)  # fmt: skip
+            choice = choose_source(
+                self.module, source, layers, several, per_layer, examples_per_batch, None, wrapped
+            )
         except ValueError as err:
             raise RuntimeError(f"GradientNoiseMeter: {for_meter(str(err))}") from None
         choice.source.attach()
         device = choice.source.params[0].device
         tracker = GNSTracker(self.ema_decay, choice.source.columns, device=device)
-        self._driver = driver = StepDriver(choice.source, tracker, self._warn_once, batch_size_fn,
-                                           name="GradientNoiseMeter")  # fmt: skip
+        self._driver = driver = StepDriver(
+            choice.source, tracker, self._warn_once, batch_size_fn, name="GradientNoiseMeter"
+        )
         driver.probe_model = self.module  # probed during the first micro-batch
         self.source_reason = for_meter(choice.why)
         self._micro = 0  # micro-batches opened since the last step
@@ -362,6 +365,10 @@ class GradientNoiseMeter(Readings):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(for_meter(message))
+
+    def summary_text(self) -> str:
+        """B_simple or its bound with the interval, the advice, the source, coverage."""
+        return for_meter(super().summary_text())
 
     def _forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """A forward that will backward opens a micro-batch (and closes the one before)."""

@@ -249,7 +249,9 @@ def test_examples_run_small_and_log_the_gns_keys(example, tmp_path, monkeypatch)
     from lightning_gns import read_metrics
 
     monkeypatch.chdir(tmp_path)
+    small = ["--width", "32", "--layers", "1", "--seq-len", "32", "--micro-batch", "8"]
     argv = [example, "--steps", "12", "--log-every", "4", "--logdir", str(tmp_path / "logs")]
+    argv += small
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(ROOT / "examples" / f"{example}.py"), run_name="__main__")
     metrics = read_metrics(tmp_path / "logs")
