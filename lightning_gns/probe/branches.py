@@ -21,6 +21,7 @@ BUDGET = 0.04  # default: each probe trains on about 4% of the run's planned exa
 MIN_LARGEST_STEPS, MAX_LARGEST_STEPS = 2, 32  # steps of the largest branch, default E
 UNKNOWN_LARGEST_STEPS = 8  # default E when the run's length is not known
 LEVEL = 0.95  # the bootstrap interval
+WARN_SHARE = 0.10  # the probes' examples above this share of the run's are said
 
 
 def check_factors(factors: Sequence[int]) -> tuple[int, ...]:
@@ -46,17 +47,18 @@ def check_factors(factors: Sequence[int]) -> tuple[int, ...]:
 
 
 def branch_examples(
-    examples: int | None, factors: Sequence[int], batch: int, planned: float
+    examples: int | None, factors: Sequence[int], batch: int, planned: float, held: int = 0
 ) -> int:
     """E, the examples each branch trains on: a multiple of the largest branch's batch.
 
     Given (``examples``): rounded up to that multiple. Default: about ``BUDGET`` × the run's
-    ``planned`` examples split over the branches, between 2 and 32 steps of the largest
-    branch (8 when the run's length is unknown).
+    ``planned`` examples per probe, less the ``held`` evaluation examples of each branch,
+    split over the branches, between 2 and 32 steps of the largest branch (8 when the run's
+    length is unknown).
 
     Examples:
-        >>> branch_examples(None, (1, 2, 4, 8), 32, planned=10_000 * 32)  # 12 steps at 256
-        3072
+        >>> branch_examples(None, (1, 2, 4, 8), 32, planned=10_000 * 32, held=512)  # 10 × 256
+        2560
         >>> branch_examples(1000, (1, 2, 4), 32, planned=math.inf)  # 8 steps at 128
         1024
     """
@@ -65,7 +67,7 @@ def branch_examples(
         return max(1, math.ceil(examples / largest)) * largest
     if not math.isfinite(planned):
         return UNKNOWN_LARGEST_STEPS * largest
-    steps = math.floor(BUDGET * planned / (len(factors) * largest))
+    steps = math.floor((BUDGET * planned / len(factors) - held) / largest)
     return min(max(steps, MIN_LARGEST_STEPS), MAX_LARGEST_STEPS) * largest
 
 

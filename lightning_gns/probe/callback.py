@@ -80,7 +80,7 @@ class CriticalBatchProbe(Callback):
         factors: Sequence[int] = (1, 2, 4, 8),
         examples: int | None = None,
         tolerance: float = 0.01,
-        eval_batches: int = 16,
+        eval_batches: int = 8,
         lr_scaling: LRScaling = "auto",
         dataset: Any = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
@@ -131,9 +131,6 @@ class CriticalBatchProbe(Callback):
             raise RuntimeError(f"{name}: precision {trainer.precision!r} scales the loss with "
                                "a GradScaler the branches would not reproduce; use '32-true' "
                                "or 'bf16-mixed'")  # fmt: skip
-        if len(trainer.optimizers) != 1:
-            raise RuntimeError(f"{name}: the module configures {len(trainer.optimizers)} "
-                               "optimizers; the probe branches exactly one")  # fmt: skip
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -184,7 +181,9 @@ class CriticalBatchProbe(Callback):
         if self._draws is None:  # the held-back batches, fixed once
             held = min(self.eval_batches * self._micro, len(runner.dataset) // 2)
             self._draws = Draws(len(runner.dataset), held, self.seed)
-        e = branches.branch_examples(self.examples, self.factors, batch, planned(trainer, batch))
+        held = len(self._draws.held)
+        e = branches.branch_examples(self.examples, self.factors, batch,
+                                     planned(trainer, batch), held)  # fmt: skip
         optimizer = trainer.optimizers[0]
         gns = next((c for c in trainer.callbacks if isinstance(c, GradientNoiseScale)), None)  # type: ignore[attr-defined]
         b_simple = float(gns.b_simple) if gns is not None else math.nan
@@ -203,7 +202,7 @@ class CriticalBatchProbe(Callback):
             return None
         losses = {k: math.fsum(v) / len(v) for k, v in per_batch.items()}
         lower, upper = branches.bootstrap(per_batch, batch, self.tolerance, seed=self.seed)
-        spent = len(self.factors) * (e + len(self._draws.held))
+        spent = len(self.factors) * (e + held)
         result = ProbeResult(step, batch, e, losses, branches.b_crit(losses, batch, self.tolerance),
                              lower, upper, spent, time.perf_counter() - start, b_simple,
                              scales)  # fmt: skip
@@ -214,6 +213,11 @@ class CriticalBatchProbe(Callback):
             keys.B_CRIT_BRANCHED_SECONDS: result.seconds,
         })  # fmt: skip
         rank_zero_info(branches.line(result))
+        share = self.spent / planned(trainer, batch)
+        if share > branches.WARN_SHARE:
+            rank_zero_warn(f"CriticalBatchProbe: the probes so far used {share:.0%} of the "
+                           "run's planned examples (a short run for these factors); pass "
+                           "fewer factors, examples=... or eval_batches=...")  # fmt: skip
         return result
 
     # -- the end -------------------------------------------------------------------------
