@@ -42,6 +42,7 @@ from lightning_gns import GradientNoiseScale
 from lightning_gns.adaptive import AdaptiveBatchSize
 from lightning_gns.adaptive.sampler import ResizableBatchSampler
 from lightning_gns.estimator import GNSValues
+from lightning_gns.probe import branches
 
 # -- tasks --------------------------------------------------------------------------------
 
@@ -232,7 +233,8 @@ def branched(
     """Merrill et al. 2025's branched measurement (plain PyTorch, Adam): train at ``b0`` to
     ``task.branch_loss``; from that model and optimizer state train at k·b0 with √k·lr0 for
     ``budget`` examples each; B_crit ≈ b0 × the largest k whose loss stays within ``tol``
-    (relative) of k = 1's."""
+    (relative) of k = 1's (:func:`lightning_gns.probe.branches.b_crit`; inside a Lightning
+    run, :class:`~lightning_gns.CriticalBatchProbe` does the same and restores the run)."""
     gen = torch.Generator().manual_seed(0)
     x, y = task.data.tensors
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:4096]
@@ -264,14 +266,14 @@ def branched(
         for _ in range(max(1, budget // (k * b0))):
             step(branch, o, k * b0)
         losses[k] = loss(branch)
-    within = [k for k in ks if losses[k] <= losses[ks[0]] * (1 + tol)]
+    b_crit = branches.b_crit(losses, b0, tol)  # the decision CriticalBatchProbe makes
     return {
         "b0": b0,
         "branch_step": steps,
         "budget": budget,
         "tol": tol,
         "losses": losses,
-        "b_crit": b0 * max(within),
+        "b_crit": int(b_crit) if math.isfinite(b_crit) else b_crit,
     }
 
 
