@@ -260,7 +260,7 @@ def branched(
     for k in ks:
         branch = copy.deepcopy(model)
         o = torch.optim.Adam(branch.parameters(), lr=lr0)
-        o.load_state_dict(opt.state_dict())
+        o.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict shares tensors
         for g in o.param_groups:
             g["lr"] = lr0 * math.sqrt(k)
         for _ in range(max(1, budget // (k * b0))):

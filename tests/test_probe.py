@@ -258,3 +258,13 @@ def test_refuses_bad_arguments() -> None:
         CriticalBatchProbe(at_steps=[10], factors=(2, 4))
     with pytest.raises(ValueError, match="tolerance"):
         CriticalBatchProbe(at_steps=[10], tolerance=-1)
+
+
+@pytest.mark.parametrize("name", ["branches", "callback", "restore", "runner"])
+def test_docstring_examples_run(name: str) -> None:
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"lightning_gns.probe.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, report=True)
+    assert result.attempted > 0 and result.failed == 0

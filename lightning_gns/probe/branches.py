@@ -200,8 +200,8 @@ def cost_line(spent: int, run_examples: int) -> str:
     """The probe's examples as a fraction of the run's.
 
     Examples:
-        >>> cost_line(12_288, 200_000)
-        'CriticalBatchProbe: 12,288 examples, 6.1% of the run's 200,000'
+        >>> print(cost_line(12_288, 200_000))
+        CriticalBatchProbe: 12,288 examples, 6.1% of the run's 200,000
     """
     fraction = spent / run_examples if run_examples > 0 else math.inf
     return f"CriticalBatchProbe: {spent:,} examples, {fraction:.1%} of the run's {run_examples:,}"
