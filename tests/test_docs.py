@@ -26,9 +26,16 @@ DOCUMENTED = [  # modules whose public docstrings carry examples
     "lightning_gns.adaptive.callback",
     "lightning_gns.analyzer",
     "lightning_gns.callback",
+    "lightning_gns.meter",
     "lightning_gns.report.logs",
 ]
-API = ["GradientNoiseScale", "AdaptiveBatchSize", "GradientNoiseAnalyzer", "read_metrics"]
+API = [
+    "GradientNoiseScale",
+    "AdaptiveBatchSize",
+    "GradientNoiseAnalyzer",
+    "GradientNoiseMeter",
+    "read_metrics",
+]
 
 
 @pytest.mark.parametrize("name", DOCUMENTED)
