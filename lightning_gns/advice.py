@@ -169,7 +169,7 @@ def optimal_batch_size(
     infinite or non-positive ``b_noise`` (check ``math.isfinite`` first when it may be so).
     McCandlish et al. 2018, §2.3 (the critical batch size B_crit ≈ B_noise).
 
-    Example:
+    Examples:
         >>> optimal_batch_size(91.0), optimal_batch_size(89.0)  # 2^6.5 = 90.5 between them
         (128, 64)
         >>> optimal_batch_size(100.0, multiple_of=48)
@@ -230,7 +230,7 @@ def supported(
     low end of the interval); a lower bound alone when that is all the data show. The
     callback's advice and the report's recommendation both come from it.
 
-    Example:
+    Examples:
         >>> supported(52.15, 44.85, 61.81)
         Supported(kind='estimate', b_noise=52.15, lower=44.85, recommended=64)
         >>> supported(float("nan"), 43.76, float("inf"))  # only a lower bound

@@ -54,7 +54,7 @@ class GradientNoiseAnalyzer:
             ``(inputs, targets)`` pairs, or a model whose examples interact (BatchNorm in
             train mode), each with the fix.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from torch.utils.data import DataLoader, TensorDataset

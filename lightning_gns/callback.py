@@ -80,7 +80,7 @@ class GradientNoiseScale(Readings, Callback):
             ``preconditioned=True`` without a second micro-batch. During training it never
             raises: a step it cannot use is skipped, counted and warned about once.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> import torch
         >>> from torch.utils.data import DataLoader, TensorDataset

@@ -86,7 +86,7 @@ class AdaptiveBatchSize(Growing, Callback):
             trainer's callbacks, a ``GradientAccumulationScheduler`` (both would set the
             accumulation), manual optimization, DeepSpeed.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
         >>> adaptive = AdaptiveBatchSize(max_accumulate=32)  # grow up to 32 micro-batches

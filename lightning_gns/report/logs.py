@@ -302,7 +302,7 @@ def read_metrics(path: str | os.PathLike[str]) -> pd.DataFrame:
         FileNotFoundError: ``path`` does not exist.
         ValueError: no logs under ``path``, or a CSV without a ``step`` column.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> from lightning_gns import read_metrics
         >>> log = pathlib.Path(tempfile.mkdtemp()) / "metrics.csv"
