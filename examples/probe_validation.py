@@ -4,7 +4,8 @@ For each task of ``examples/critical_batch.py`` (digits MLP, character model), t
 measurement (``branched``: plain PyTorch, B = 32 trained to a loss, then branches at k·32 with
 √k × the rate over 8,192 examples each, 1% tolerance) runs first; then one Lightning run at
 B = 32 with the same Adam rate carries a ``GradientNoiseScale`` and a ``CriticalBatchProbe``
-with the offline settings (factors 1–32, 8,192 examples, 1%, 4,096 held-back examples) at the
+with the offline settings (factors 1–32, 8,192 examples, 1%, 4,096 held-back examples; 3 data
+orders, which the bootstrap resamples with the evaluation batches) at the
 step the offline measurement branched from, and at 2× and 4× that step. A second run with the
 probe's defaults gives its cost. Writes ``probe_validation.json`` and prints a Markdown table.
 
@@ -76,7 +77,7 @@ def validate(name: str, quick: bool) -> dict[str, Any]:
     offline["seconds"] = time.perf_counter() - start
     s = int(offline["branch_step"])
     at = [s] if quick else [s, 2 * s, 4 * s]
-    same = CriticalBatchProbe(at_steps=at, factors=ks, examples=budget, eval_batches=128)
+    same = CriticalBatchProbe(at_steps=at, factors=ks, examples=budget, eval_batches=128, repeats=3)
     built_in = lightning_run(task, max(at), same)
     default = CriticalBatchProbe(at_steps=[s, 2 * s])
     steps = max(10 * s, 2_000)
@@ -92,7 +93,7 @@ def number(x: float) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     fitted = {"digits": 704, "charlm": 1062}  # docs/critical-batch.md, the sweep's fit
     lines = [
-        "| task | step | built-in probe (95% bootstrap) | offline branches | fitted B_crit "
+        "| task | step | built-in probe (95%, 3 data orders) | offline branches | fitted B_crit "
         "| B_simple at the step | probe seconds |",
         "|---|---|---|---|---|---|---|",
     ]

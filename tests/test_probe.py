@@ -80,6 +80,17 @@ def test_bootstrap_brackets_the_estimate_and_widens_with_noise() -> None:
     assert widths[2] >= widths[1] and widths[2] > 0
 
 
+def test_bootstrap_over_data_orders_holds_their_disagreement() -> None:
+    rng = np.random.default_rng(2)
+    flat = rng.normal(0, 0.001, 16)  # evaluation noise far below the tolerance
+    orders = {1: [1.0 + flat] * 4, 2: [1.0 + flat + d for d in (0.0, 0.0, 0.03, 0.03)],
+              4: [1.2 + flat] * 4}  # fmt: skip
+    pooled = {k: np.mean(v, axis=0) for k, v in orders.items()}  # one order's view
+    assert branches.bootstrap(pooled, 8, 0.01) == (8.0, 8.0)  # k = 2: 1.5% worse on average
+    lower, upper = branches.bootstrap(orders, 8, 0.01)
+    assert (lower, upper) == (8.0, 16.0)  # half the orders keep k = 2 within 1%
+
+
 def test_default_examples_keep_two_probes_under_ten_percent() -> None:
     factors, batch = (1, 2, 4, 8), 64
     for steps in (5_000, 20_000, 100_000):
@@ -166,6 +177,16 @@ def test_bit_identical_under_ddp(tmp_path: Path) -> None:
         assert r["results"][0][1] == 16  # 8 per rank × 2 ranks
     assert ranks[0]["results"] == ranks[1]["results"]  # the same decision on every rank
     assert ranks[0]["probed"]["params"] == ranks[1]["probed"]["params"]
+
+
+def test_repeats_cost_their_share_and_restore_exactly(tmp_path: Path) -> None:
+    plain, _, _ = probed_run(tmp_path, None)
+    once, twice = small_probe(at_steps=[5]), small_probe(at_steps=[5], repeats=2)
+    probed_run(tmp_path, once)
+    probed, _, _ = probed_run(tmp_path, twice)
+    assert probed == plain
+    assert twice.results[0].spent == 2 * once.results[0].spent == 2 * 3 * (128 + 4 * 8)
+    assert twice.results[0].losses != once.results[0].losses  # a second data order
 
 
 # -- logging ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -47,14 +48,19 @@ def check_factors(factors: Sequence[int]) -> tuple[int, ...]:
 
 
 def branch_examples(
-    examples: int | None, factors: Sequence[int], batch: int, planned: float, held: int = 0
+    examples: int | None,
+    factors: Sequence[int],
+    batch: int,
+    planned: float,
+    held: int = 0,
+    repeats: int = 1,
 ) -> int:
     """E, the examples each branch trains on: a multiple of the largest branch's batch.
 
     Given (``examples``): rounded up to that multiple. Default: about ``BUDGET`` × the run's
     ``planned`` examples per probe, less the ``held`` evaluation examples of each branch,
-    split over the branches, between 2 and 32 steps of the largest branch (8 when the run's
-    length is unknown).
+    split over the branches and ``repeats`` data orders, between 2 and 32 steps of the
+    largest branch (8 when the run's length is unknown).
 
     Examples:
         >>> branch_examples(None, (1, 2, 4, 8), 32, planned=10_000 * 32, held=512)  # 10 × 256
@@ -67,7 +73,7 @@ def branch_examples(
         return max(1, math.ceil(examples / largest)) * largest
     if not math.isfinite(planned):
         return UNKNOWN_LARGEST_STEPS * largest
-    steps = math.floor((BUDGET * planned / len(factors) - held) / largest)
+    steps = math.floor((BUDGET * planned / (len(factors) * repeats) - held) / largest)
     return min(max(steps, MIN_LARGEST_STEPS), MAX_LARGEST_STEPS) * largest
 
 
@@ -98,28 +104,38 @@ def b_crit(losses: Mapping[int, float], batch: float, tolerance: float) -> float
 
 
 def bootstrap(
-    per_batch: Mapping[int, Sequence[float]],
+    per_batch: Mapping[int, Sequence[Any]],
     batch: float,
     tolerance: float,
     draws: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """The 95% interval of B_crit(branched) from a paired bootstrap over the evaluation
-    batches (``per_batch[k][j]``: branch k's loss on batch j; each draw resamples the batches
-    once for every branch). The interval's ends are on the k·B grid.
+    """The 95% interval of B_crit(branched) from a paired bootstrap: ``per_batch[k]`` holds
+    branch k's loss per evaluation batch, or one such list per data order (``repeats``). Each
+    draw resamples the data orders (when more than one) and the batches, the same for every
+    branch. The interval's ends are on the k·B grid.
 
     Examples:
         >>> flat = {1: [1.0] * 8, 2: [1.001] * 8, 4: [1.5] * 8}
         >>> bootstrap(flat, 32, 0.01)
         (64.0, 64.0)
+        >>> orders = {1: [[1.0] * 8, [1.0] * 8], 2: [[1.001] * 8, [1.05] * 8], 4: [[1.5] * 8] * 2}
+        >>> bootstrap(orders, 32, 0.01)  # one order keeps k = 2 within 1%, the other not
+        (32.0, 64.0)
     """
     ks = sorted(per_batch)
-    table = np.asarray([per_batch[k] for k in ks], dtype=np.float64)  # (factors, batches)
+    table = np.asarray([per_batch[k] for k in ks], dtype=np.float64)
+    if table.ndim == 2:
+        table = table[:, None, :]  # (factors, data orders, batches)
     if not np.isfinite(table).all():
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, table.shape[1], size=(draws, table.shape[1]))
-    means = table[:, picks].mean(axis=2)  # (factors, draws)
+    _, orders, batches = table.shape
+    rows = (
+        rng.integers(0, orders, size=(draws, orders)) if orders > 1 else np.zeros((draws, 1), int)
+    )
+    cols = rng.integers(0, batches, size=(draws, batches))
+    means = table[:, rows[:, :, None], cols[:, None, :]].mean(axis=(2, 3))  # (factors, draws)
     ref = means[ks.index(1)]
     ok = means <= ref + tolerance * np.abs(ref)
     factor = np.asarray(ks, dtype=np.float64)
@@ -145,6 +161,7 @@ class ProbeResult:
     seconds: float
     b_simple: float = math.nan  # GradientNoiseScale's read-out at the probe, if any
     lr_scales: dict[int, float] = field(default_factory=dict)
+    repeats: int = 1  # data orders per branch
 
     @property
     def largest(self) -> bool:

@@ -56,6 +56,8 @@ class CriticalBatchProbe(Callback):
             branches, 2 to 32 steps of the largest branch.
         tolerance: relative loss tolerance against the k = 1 branch.
         eval_batches: held-back micro-batches the branches are scored on (drawn once).
+        repeats: data orders per branch; with more than one the bootstrap resamples them too
+            (the interval then holds the data order's noise, not only the evaluation's).
         lr_scaling: ``auto``, ``sqrt``, ``linear``, ``adascale`` or ``none``
             (:func:`~lightning_gns.adaptive.rules.lr_scale`).
         dataset: a map-style dataset to branch from (default: the train loader's).
@@ -81,6 +83,7 @@ class CriticalBatchProbe(Callback):
         examples: int | None = None,
         tolerance: float = 0.01,
         eval_batches: int = 8,
+        repeats: int = 1,
         lr_scaling: LRScaling = "auto",
         dataset: Any = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
@@ -94,11 +97,11 @@ class CriticalBatchProbe(Callback):
             raise ValueError(f"every_n_steps must be ≥ 1, got {every_n_steps}")
         if not (math.isfinite(tolerance) and tolerance >= 0):
             raise ValueError(f"tolerance must be ≥ 0, e.g. 0.01, got {tolerance}")
-        if eval_batches < 2 or (examples is not None and examples < 1):
-            raise ValueError("eval_batches must be ≥ 2 (the bootstrap) and examples ≥ 1")
+        if eval_batches < 2 or repeats < 1 or (examples is not None and examples < 1):
+            raise ValueError("eval_batches must be ≥ 2 (the bootstrap), repeats and examples ≥ 1")
         self.every_n_steps, self.factors = every_n_steps, branches.check_factors(factors)
         self.examples, self.tolerance, self.eval_batches = examples, tolerance, eval_batches
-        self.lr_scaling, self.seed = lr_scaling, seed
+        self.lr_scaling, self.seed, self.repeats = lr_scaling, seed, repeats
         self.dataset, self.collate_fn = dataset, collate_fn
         self.results: list[ProbeResult] = []
         self.run_examples = 0  # examples the run trained on (all ranks)
@@ -183,7 +186,7 @@ class CriticalBatchProbe(Callback):
             self._draws = Draws(len(runner.dataset), held, self.seed)
         held = len(self._draws.held)
         e = branches.branch_examples(self.examples, self.factors, batch,
-                                     planned(trainer, batch), held)  # fmt: skip
+                                     planned(trainer, batch), held, self.repeats)  # fmt: skip
         optimizer = trainer.optimizers[0]
         gns = next((c for c in trainer.callbacks if isinstance(c, GradientNoiseScale)), None)  # type: ignore[attr-defined]
         b_simple = float(gns.b_simple) if gns is not None else math.nan
@@ -193,19 +196,20 @@ class CriticalBatchProbe(Callback):
         try:
             with quiet(pl_module, optimizer):
                 per_batch = run_branches(runner, snapshot, self._draws, step, self.factors,
-                                         self._micro, accumulate, e, scales)  # fmt: skip
+                                         self._micro, accumulate, e, scales,
+                                         self.repeats)  # fmt: skip
         except Exception as error:  # the run must go on: restored, said, nothing logged
             snapshot.restore()
             rank_zero_warn(f"CriticalBatchProbe: the probe at step {step:,} failed and was "
                            f"skipped ({type(error).__name__}: {error}); the run continues "
                            "unchanged")  # fmt: skip
             return None
-        losses = {k: math.fsum(v) / len(v) for k, v in per_batch.items()}
+        losses = {k: math.fsum(map(math.fsum, v)) / sum(map(len, v)) for k, v in per_batch.items()}
         lower, upper = branches.bootstrap(per_batch, batch, self.tolerance, seed=self.seed)
-        spent = len(self.factors) * (e + held)
+        spent = self.repeats * len(self.factors) * (e + held)
         result = ProbeResult(step, batch, e, losses, branches.b_crit(losses, batch, self.tolerance),
                              lower, upper, spent, time.perf_counter() - start, b_simple,
-                             scales)  # fmt: skip
+                             scales, self.repeats)  # fmt: skip
         self.results.append(result)
         publish(trainer, None, {
             keys.B_CRIT_BRANCHED: result.b_crit, keys.B_CRIT_BRANCHED_LOWER: lower,

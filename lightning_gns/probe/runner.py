@@ -34,9 +34,10 @@ class Draws:
         self.seed = seed
         self.held, self.pool = order[:held], order[held:]
 
-    def stream(self, step: int, rank: int, n: int) -> Tensor:
-        """``n`` training indices, drawn with replacement, the same for every branch of a probe."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + rank + 1)
+    def stream(self, step: int, rank: int, n: int, repeat: int = 0) -> Tensor:
+        """``n`` training indices, drawn with replacement: one data order per ``repeat``, the
+        same for every branch of a probe."""
+        gen = torch.Generator().manual_seed(hash((self.seed, step, rank, repeat)) % 2**62)
         return self.pool[torch.randint(len(self.pool), (n,), generator=gen)]
 
 
@@ -131,18 +132,21 @@ def run_branches(
     accumulate: int,
     examples: int,
     scales: dict[int, float],
-) -> dict[int, list[float]]:
-    """Every branch from ``snapshot`` (restored before each one and after the last): branch k
-    trains on the same ``examples`` examples (all ranks) at k·B, then is scored per held-back
-    batch. Returns ``{k: [loss per evaluation batch]}``."""
+    repeats: int = 1,
+) -> dict[int, list[list[float]]]:
+    """Every branch from ``snapshot`` (restored before each one and after the last): in each
+    of ``repeats`` data orders, branch k trains on the same ``examples`` examples (all ranks)
+    at k·B, then is scored per held-back batch. Returns ``{k: [[loss per evaluation batch]
+    per data order]}``."""
     per_rank = examples // runner.world
-    stream = draws.stream(step, runner.rank, per_rank)
-    out: dict[int, list[float]] = {}
+    out: dict[int, list[list[float]]] = {k: [] for k in factors}
     try:
-        for k in factors:
-            runner.train(snapshot.optimizer, stream, micro, k * accumulate, scales[k])
-            out[k] = runner.evaluate(draws.held, micro)
-            snapshot.restore()
+        for repeat in range(repeats):
+            stream = draws.stream(step, runner.rank, per_rank, repeat)
+            for k in factors:
+                runner.train(snapshot.optimizer, stream, micro, k * accumulate, scales[k])
+                out[k].append(runner.evaluate(draws.held, micro))
+                snapshot.restore()
     finally:
         snapshot.restore()
     return out
