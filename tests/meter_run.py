@@ -1,7 +1,8 @@
 """GradientNoiseMeter in own loops on 2 CPU processes (gloo); every rank writes JSON results.
 
-Usage: python tests/meter_run.py OUT.json fabric   (Fabric DDP: per-example norms)
-       python tests/meter_run.py OUT.json torch    (torch.distributed DDP: micro-batches)
+Usage: python tests/meter_run.py OUT.json ddp    (Fabric DDP: per-example norms)
+       python tests/meter_run.py OUT.json torch PORT   (torch.distributed DDP: micro-batches)
+       python tests/meter_run.py OUT.json fsdp2 PORT   (FSDP2 fully_shard: per-example norms)
 Rank r writes OUT.json.rank<r>. (Fabric's strategy="ddp" relaunches this script in new
 processes, so tests call it in a subprocess rather than importing it.)
 """
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # no
 
 from lightning_gns import GradientNoiseMeter  # noqa: E402
 
-EPOCHS, BATCH = 6, 16
+EPOCHS, BATCH = 3, 16
 
 
 def write(out: str, rank: int, world: int, meter: GradientNoiseMeter) -> None:
@@ -44,11 +45,11 @@ def write(out: str, rank: int, world: int, meter: GradientNoiseMeter) -> None:
         json.dump(result, f)
 
 
-def fabric_loop(out: str) -> None:
+def fabric_loop(out: str, strategy: str) -> None:
     """A litgpt-style loop: fabric.setup, fabric.backward; the frozen digits MLP."""
     from lightning.fabric import Fabric
 
-    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
+    fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy)
     fabric.launch()
     model = mlp()
     model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.0))
@@ -65,6 +66,33 @@ def fabric_loop(out: str) -> None:
             optimizer.step()
             optimizer.zero_grad()
     write(out, fabric.global_rank, fabric.world_size, meter)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def fsdp2_worker(rank: int, out: str) -> None:
+    """A plain loop on FSDP2 (fully_shard): per-example norms of sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = mlp()
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = digits()
+    data = TensorDataset(x, y)
+    sampler = DistributedSampler(data, shuffle=True, seed=0)
+    loader = DataLoader(data, batch_size=BATCH, sampler=sampler)
+    meter = GradientNoiseMeter(model, ema_decay=0.98, log_every_n_steps=10)
+    for epoch in range(EPOCHS):
+        sampler.set_epoch(epoch)
+        for xb, yb in loader:
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            meter.step()
+            optimizer.step()
+            optimizer.zero_grad()
+    write(out, rank, 2, meter)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -100,12 +128,14 @@ def torch_worker(rank: int, out: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    if sys.argv[2] == "fabric":
-        fabric_loop(sys.argv[1])
-    elif "RANK" in os.environ:  # rank 1, started by rank 0 below
-        torch_worker(1, sys.argv[1])
+    if sys.argv[2] == "ddp":
+        fabric_loop(sys.argv[1], sys.argv[2])
     else:
+        worker = fsdp2_worker if sys.argv[2] == "fsdp2" else torch_worker
+        if "RANK" in os.environ:  # rank 1, started by rank 0 below
+            worker(1, sys.argv[1])
+            sys.exit(0)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
         other = subprocess.Popen([sys.executable, *sys.argv], env={**os.environ, "RANK": "1"})
-        torch_worker(0, sys.argv[1])
+        worker(0, sys.argv[1])
         sys.exit(other.wait())
