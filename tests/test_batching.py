@@ -9,7 +9,7 @@ import torch
 from adaptive_helpers import LoudNoise, Small, params
 from helpers import trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 
 from lightning_gns.adaptive import AdaptiveBatchSize
 from lightning_gns.adaptive.sampler import ResizableBatchSampler
@@ -22,13 +22,45 @@ def seeded(seed: int = 3) -> RandomSampler:
 
 
 def test_draws_what_shuffle_true_draws() -> None:
-    """Same global seed, same batches as DataLoader(batch_size=8, shuffle=True): swapping it in
-    changes nothing until a resize."""
+    """Same global seed, the same first epoch as DataLoader(batch_size=8, shuffle=True):
+    swapping it in changes nothing there; later epochs are a permutation each, seeded from the
+    first (so that a resumed process draws them too), the same for the same global seed."""
     torch.manual_seed(0)
-    plain = [b[0].tolist() for _ in range(2) for b in DataLoader(DATA, batch_size=8, shuffle=True)]
+    plain = [b[0].tolist() for b in DataLoader(DATA, batch_size=8, shuffle=True)]
+
+    def epochs() -> list[list[list[int]]]:
+        torch.manual_seed(0)
+        loader = DataLoader(DATA, batch_sampler=ResizableBatchSampler(RandomSampler(DATA), 8))
+        return [[b[0].tolist() for b in loader] for _ in range(3)]
+
+    first, *later = epochs()
+    assert first == plain
+    for epoch in later:
+        assert sorted(i for b in epoch for i in b) == list(range(100)) and epoch != first
+    assert epochs()[1:] == later
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_global_rng_sampler_resumes_its_later_epochs_too(weighted) -> None:
+    """RandomSampler / WeightedRandomSampler without a generator: a sampler resumed from the
+    state after 5 batches, in a process whose global RNG is elsewhere, draws the rest of the
+    epoch and the next epochs as the uninterrupted one."""
+
+    def inner():
+        if weighted:
+            return WeightedRandomSampler(torch.linspace(1, 3, 100), 100)
+        return RandomSampler(DATA)
+
     torch.manual_seed(0)
-    loader = DataLoader(DATA, batch_sampler=ResizableBatchSampler(RandomSampler(DATA), 8))
-    assert [b[0].tolist() for _ in range(2) for b in loader] == plain
+    full = ResizableBatchSampler(inner(), 8)
+    it = iter(full)
+    done = [next(it) for _ in range(5)]
+    state = full.state_dict(5)
+    reference = list(it) + list(full) + list(full)
+    torch.manual_seed(777)  # the resumed process
+    resumed = ResizableBatchSampler(inner(), 8)
+    resumed.load_state_dict(state)
+    assert done and list(resumed) + list(resumed) + list(resumed) == reference
 
 
 @pytest.mark.parametrize("drop_last", [False, True])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from unittest.mock import ANY
 
 import pytest
 
+from lightning_gns.adaptive.ladder import PROBE_MAX_STEPS, Ladder, Rules
 from lightning_gns.adaptive.rules import (
     goodput_rule,
     lower_bound_rule,
@@ -43,9 +45,24 @@ def test_sqrt_rule_follows_the_square_root_of_the_noise_scale() -> None:
     assert sqrt_rule(values(1600, 1500, 1700), 32, 2, ref).steps == 2  # B* = 128: two factors
     assert sqrt_rule(values(150, 140, 160), 32, 2, ref).steps == 0  # B* = 39: within the band
     assert sqrt_rule(values(20, 19, 21), 32, 2, ref).steps == -1  # B* = 14
-    # not known: the lower bound stands in (B* = 32·√(25/100) = 16), never the point estimate
-    assert sqrt_rule(values(400, 25, 1000), 32, 2, ref).steps == -1
-    assert sqrt_rule(values(400, 380, 420), 32, 2, None).steps == 0  # no reference yet
+    # an interval wide enough to allow either move allows none (B* from 16 to 101 here);
+    # the point estimate (B* = 64) is never acted on
+    move = sqrt_rule(values(400, 25, 1000), 32, 2, ref)
+    assert move.steps == 0 and "too uncertain" in move.reason
+    # it grows on the lower bound (B* ≥ 32·√(400/100) = 64), not on the estimate (B* = 143)
+    assert sqrt_rule(values(2000, 400, 10_000), 32, 2, ref).steps == 1
+    # ... and shrinks on the upper bound only (B* ≤ 32·√(20/100) = 14)
+    assert sqrt_rule(values(5, 1, 20), 32, 2, ref).steps == -1
+    assert sqrt_rule(values(5, 1, 200), 32, 2, ref).steps == 0
+
+
+def test_sqrt_rule_without_a_reference_grows_on_the_lower_bound() -> None:
+    """No estimate within 1.5× yet, so no reference: it never waits on that alone."""
+    move = sqrt_rule(values(900, 300, 5000), 128, 2, None)
+    assert move.steps == 1 and "no reference yet" in move.reason and "growing" in move.reason
+    move = sqrt_rule(values(900, 200, 5000), 128, 2, None)  # 200 < the next batch 256
+    assert move.steps == 0 and "at least 200" in move.reason
+    assert sqrt_rule(UNKNOWN, 128, 2, None).steps == 0
 
 
 def test_noise_rule_follows_a_multiple_of_the_noise_scale() -> None:
@@ -55,6 +72,10 @@ def test_noise_rule_follows_a_multiple_of_the_noise_scale() -> None:
     assert noise_rule(values(5, 4, 6), 64, 2, 1.0, shrink=True).steps < 0
     assert noise_rule(values(5, 4, 6), 64, 2, 1.0, shrink=False).steps == 0
     assert noise_rule(UNKNOWN, 32, 2, 1.0, shrink=True).steps == 0
+    # on the safe side of the interval: grows to the lower bound 100 (64), not 1,000 (512);
+    # shrinks only when the upper bound is more than a factor below
+    assert noise_rule(values(1000, 100, 5000), 32, 2, 1.0, shrink=False).steps == 1
+    assert noise_rule(values(5, 1, 100), 64, 2, 1.0, shrink=True).steps == 0
 
 
 def test_goodput_rule_weighs_statistical_efficiency_against_time() -> None:
@@ -68,12 +89,31 @@ def test_goodput_rule_weighs_statistical_efficiency_against_time() -> None:
     assert goodput_rule(big_noise, 32, 2, timing=None).steps == 0
 
 
-def test_probe_picks_the_level_nearest_the_noise_scale() -> None:
+def test_probe_goes_on_at_the_largest_level_its_lower_bound_allows() -> None:
     found = probe_level(values(300, 200, 500, steps=2), 128, 8, 2, 1.0)
-    assert found is not None and found[0] == 5  # 8·2⁵ = 256 is nearest to 300 in log
-    assert "B_noise ≈ 300" in found[1]
+    assert found is not None and found[0] == 4  # 8·2⁴ = 128 ≤ 200 < 256; not 256 (≈ 300)
+    assert "B_noise ≈ 300 (95% interval 200 to 500)" in found[1]
     assert probe_level(values(3, 2, 5, steps=2), 128, 8, 2, 1.0)[0] == 0  # never below base
     assert probe_level(UNKNOWN, 128, 8, 2, 1.0) is None
+    assert probe_level(values(900, -5, 4000, steps=2), 128, 8, 2, 1.0) is None
+
+
+def test_the_probe_waits_for_a_tight_interval_or_takes_its_bound() -> None:
+    """The issue's case: a few probe steps measure B_noise ≈ 1,449 with an interval of 20 to
+    4,000: the probe does not jump on the point estimate; it probes on, then takes the bound."""
+    ladder = Ladder(2, 64, None, lambda: 8.0, base=(1, None))
+    rules = Rules("sqrt", 2, 1.0, 1.0, False, 0)
+    wide = values(1449, 20, 4000, steps=3)
+    assert rules.after_probe(ladder, wide, (16, None)) is None  # probing on
+    late = values(1449, 20, 4000, steps=PROBE_MAX_STEPS)
+    decision = rules.after_probe(ladder, late, (16, None))
+    assert decision == (2, None, decision[2]) and rules.reference is None  # 16 ≤ 20 < 32
+    tight = values(300, 250, 360, steps=3)  # within 1.5×: goes on at once, sets the reference
+    decision = rules.after_probe(ladder, tight, (16, None))
+    assert isinstance(decision, str) and decision.endswith("staying")  # 128 ≤ 250 < 256
+    assert rules.reference == (128.0, 300)
+    none = values(math.nan, math.nan, math.nan, steps=PROBE_MAX_STEPS)
+    assert rules.after_probe(ladder, none, (16, None)) == (1, None, ANY)  # the user's batch
 
 
 def test_lr_scale_rules() -> None:

@@ -30,6 +30,7 @@ from lightning_gns import _compat, keys
 from lightning_gns.adaptive import rules
 from lightning_gns.adaptive.changes import Growing
 from lightning_gns.adaptive.ladder import Change, Ladder, Rules
+from lightning_gns.adaptive.loop import LoopKeeper, warn_cannot_grow
 from lightning_gns.adaptive.per_step import LRScaler, NoiseWindow, StepTimer
 from lightning_gns.adaptive.rules import LRScaling, Rule
 from lightning_gns.adaptive.sampler import ResizableBatchSampler, find_sampler, resume_next
@@ -137,6 +138,8 @@ class AdaptiveBatchSize(Growing, Callback):
         self._timer = StepTimer()
         self._lr: LRScaler | None = None
         self._ready = 0  # batches of this epoch fetched (from the hooks' batch_idx)
+        self._loop = LoopKeeper()  # the user's epoch and validation schedule, in examples
+        self._warned = False
 
     @property
     def accumulate(self) -> int | None:
@@ -184,11 +187,18 @@ class AdaptiveBatchSize(Growing, Callback):
             gns.step_listeners.append(self._window.record)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sampler is None and self.batches.micro is not None:  # resumed mid-epoch:
+            self._sampler = find_sampler(trainer)  # no epoch start before its batches
+
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sampler = find_sampler(trainer)
         if self.batches.follow(sampler, self._sampler, trainer.current_epoch):
             self._ladder.base = (self._ladder.base[0], self.batches.micro)
         self._sampler = sampler
+        if not self._warned:
+            self._warned = warn_cannot_grow(trainer, self.max_micro_batch)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -208,6 +218,9 @@ class AdaptiveBatchSize(Growing, Callback):
         self._ready = batch_idx + 1
         if (p := self.batches.due(trainer.current_epoch, batch_idx)) is not None:
             self._apply(trainer, p)
+        if self._loop.loop is None and self._sampler is not None:
+            self._loop.start(trainer, self._sampler, self._ladder.base[1])
+        self._loop.before_batch(trainer, self._sampler)
         if self._probing and trainer.global_step == 0 and batch_idx == 0:
             self._start_probe(trainer, batch)
         if self._timer.start is None:
@@ -226,6 +239,7 @@ class AdaptiveBatchSize(Growing, Callback):
     ) -> None:  # fmt: skip
         if self._timer.before_step is not None:
             self._timer.observe(time.perf_counter())
+        self._loop.after_batch(trainer, self._sampler, batch_idx)
 
     def _start_probe(self, trainer: pl.Trainer, batch: Any) -> None:
         """The first steps accumulate at least ``probe`` examples (at the user's rate) until

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_gns import _compat, keys
 from lightning_gns.adaptive import rules
-from lightning_gns.adaptive.ladder import PROBE_STEPS, Decision, Ladder, Pending, Rules, batch_text
+from lightning_gns.adaptive.ladder import Decision, Ladder, Pending, Rules, batch_text
 from lightning_gns.adaptive.per_step import LRScaler, NoiseWindow, StepTimer, rescale_second_moment
 from lightning_gns.adaptive.rules import lr_scale
 from lightning_gns.adaptive.sampler import ResizableBatchSampler
@@ -57,14 +57,10 @@ class Growing:
             self._set_lr_scale(trainer, self._ladder.batch(*now), noise)
         choice = self._choose(values, done) if trainer.is_global_zero else None
         choice = trainer.strategy.broadcast(choice, src=0)
-        finite = math.isfinite(values.b_simple) and values.b_simple > 0
-        if self._probing and values.steps >= PROBE_STEPS and finite:
-            noise, self._probing = values.b_simple, False  # the probe's record is in
+        if self._probing and choice is not None:  # the probe's interval is in
+            self._probing = False
             self._window.restart()  # B_noise from here on
             self._set_lr_scale(trainer, self._ladder.batch(*now), noise)
-            if self.rule == "sqrt":
-                target = choice[:2] if isinstance(choice, tuple) else now
-                self._rules.reference = (self._ladder.batch(*target), noise)
         if isinstance(choice, str):
             if self.batches.wait(choice):
                 batch = batch_text(self._ladder.batch(*now))

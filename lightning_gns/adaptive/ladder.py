@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from lightning_gns.adaptive import rules
 from lightning_gns.estimator import GNSValues
 
-PROBE_STEPS = 2  # records the probe averages
+PROBE_STEPS = 2  # records the probe needs at least
+PROBE_MAX_STEPS = 10  # ... and at most: then it takes its interval's lower bound, or none
 
 # A decision: (accumulation, micro-batch, reason) to change to, the reason to wait, or None.
 Decision = tuple[int, int | None, str] | str | None
@@ -125,17 +126,21 @@ class Rules:
         return (*target, move.reason)
 
     def after_probe(self, ladder: Ladder, v: GNSValues, now: tuple[int, int | None]) -> Decision:
-        """The probe's records set the batch to go on with (:func:`rules.probe_level`)."""
-        if v.steps < PROBE_STEPS:
+        """The batch to go on with once the probe's interval is within 1.5× or it has
+        ``PROBE_MAX_STEPS`` records: the largest level at most ``multiple`` × the interval's
+        lower bound (:func:`rules.probe_level`), the user's batch without one. None: go on
+        probing. The sqrt rule's reference is the probe's estimate if it is within 1.5×."""
+        if v.steps < PROBE_STEPS or (not v.known and v.steps < PROBE_MAX_STEPS):
             return None  # not enough records yet (the per-example check step has none)
         batch = ladder.batch(*now)
         found = rules.probe_level(v, batch, ladder.base_batch(now[1]), self.factor, self.multiple)
-        if found is None:
-            return None
-        target = ladder.allocate(found[0], now[1])
+        level, why = found or (0, f"{v.steps} probe steps give no lower bound of B_noise")
+        target = ladder.allocate(level, now[1])
+        if self.rule == "sqrt" and v.known:
+            self.reference = (ladder.batch(*target), v.b_simple)
         if target == now:
-            return f"{found[1]}: staying"
-        return (*target, f"{found[1]}: going on at {batch_text(ladder.batch(*target))}")
+            return f"{why}: staying"
+        return (*target, f"{why}: going on at {batch_text(ladder.batch(*target))}")
 
 
 def batch_text(x: float) -> str:

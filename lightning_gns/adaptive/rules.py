@@ -71,26 +71,57 @@ def lower_bound_rule(v: GNSValues, batch: float, factor: int, margin: float, shr
                    f"{times}the next batch {number(bigger)}: waiting")  # fmt: skip
 
 
+def bounds(v: GNSValues) -> tuple[float, float]:
+    """B_noise's 95% interval (lower NaN or ≤ 0: no lower bound; upper inf: none)."""
+    lower = v.b_simple_lower if math.isfinite(v.b_simple_lower) else math.nan
+    upper = v.b_simple_upper if not math.isnan(v.b_simple_upper) else math.inf
+    return lower, upper
+
+
 def sqrt_rule(
     v: GNSValues, batch: float, factor: int, reference: tuple[float, float] | None
 ) -> Move:
     """B* = B₀·√(B_noise/B_noise₀) (the paper's adaptive model, B ∝ √B_noise: the batch that
-    trades steps against examples at a fixed rate, §5), from the reference (B₀, B_noise₀) the
-    probe or the first known estimate set; B_noise is the estimate when known, else its lower
-    bound. As many factors as B* is away, once it is more than factor**0.75 away."""
-    noise, said = noise_bound(v)
-    if reference is None or not math.isfinite(noise) or noise <= 0:
-        return Move(0, f"{said}, no reference yet (the sqrt rule needs one): waiting")
+    trades steps against examples at a fixed rate, §5), from the reference (B₀, B_noise₀) set
+    by the first estimate within 1.5× (the probe's, or the first read's). It grows on B*
+    from the 95% lower bound of B_noise and shrinks on B* from the upper bound, never on the
+    point estimate; as many factors as B* is away, once it is more than factor**0.75 away.
+    Before a reference it grows as :func:`lower_bound_rule` (never waits without one).
+
+    Examples:
+        >>> from lightning_gns.estimator import GNSValues
+        >>> v = GNSValues(400.0, math.nan, 380.0, 420.0, 1.0, 400.0, 100, 0, 0, 100.0)
+        >>> sqrt_rule(v, 32, 2, (32.0, 100.0)).steps  # B* = 32·√(380/100) = 62
+        1
+    """
+    if reference is None:
+        move = lower_bound_rule(v, batch, factor, 1.0, False)
+        return Move(move.steps, f"no reference yet (the sqrt rule takes the first estimate "
+                                f"within 1.5×); {move.reason}")  # fmt: skip
+    lower, upper = bounds(v)
     b0, noise0 = reference
-    target = b0 * math.sqrt(noise / noise0)
-    why = f"{said}, so B* = {number(b0)}·√({number(noise)}/{number(noise0)}) = {number(target)}"
-    steps = math.floor(math.log(target / batch, factor) + 1 - HYSTERESIS)
-    if steps > 0:
-        return Move(steps, f"{why}: growing")
-    steps = math.ceil(math.log(target / batch, factor) - 1 + HYSTERESIS)
-    if steps < 0:
-        return Move(steps, f"{why}: shrinking")
-    return Move(0, f"{why}, within {factor**HYSTERESIS:.2g}× of the batch {number(batch)}: waiting")
+
+    def star(noise: float) -> float:
+        return b0 * math.sqrt(noise / noise0)
+
+    if lower > 0:
+        up = math.floor(math.log(star(lower) / batch, factor) + 1 - HYSTERESIS)
+        if up > 0:
+            return Move(up, f"B_noise is at least {number(lower)} (95% confidence), so B* ≥ "
+                            f"{number(b0)}·√({number(lower)}/{number(noise0)}) = "
+                            f"{number(star(lower))}: growing")  # fmt: skip
+    if math.isfinite(upper) and upper > 0:
+        down = math.ceil(math.log(star(upper) / batch, factor) - 1 + HYSTERESIS)
+        if down < 0:
+            return Move(down, f"B_noise is at most {number(upper)} (95% confidence), so B* ≤ "
+                              f"{number(b0)}·√({number(upper)}/{number(noise0)}) = "
+                              f"{number(star(upper))}: shrinking")  # fmt: skip
+    if not lower > 0:
+        return Move(0, "no lower bound of B_noise yet: waiting")
+    return Move(0, f"B_noise is {number(lower)} to {number(upper)} (95% confidence), so B* = "
+                   f"{number(star(lower))} to {number(star(upper))}, within "
+                   f"{factor**HYSTERESIS:.2g}× of the batch {number(batch)} or too uncertain "
+                   "to move: waiting")  # fmt: skip
 
 
 def goodput(batch: float, b_noise: float, seconds_per_step: float) -> float:
@@ -105,15 +136,18 @@ def goodput_rule(
     A step takes a + c: ``timing`` is the measured (a, c), the optimizer's part a and the
     forward and backward part c, which a batch ``factor`` × larger multiplies by ``factor``
     (more micro-batches, or larger ones: no gain from parallelism is assumed). B_noise is the
-    estimate when known, else its lower bound (cautious about growing)."""
-    noise, said = noise_bound(v)
-    if not math.isfinite(noise) or noise <= 0:
-        return Move(0, f"{said}: waiting")
+    lower bound of its 95% interval for growing, the upper bound for shrinking."""
+    lower, upper = bounds(v)
+    if not lower > 0:
+        return Move(0, "no lower bound of B_noise yet: waiting")
+    said = f"B_noise is {number(lower)} to {number(upper)} (95% confidence)"
     if timing is None:
         return Move(0, f"{said}; the time per step is not measured yet (5 steps): waiting")
     a, c = timing
-    now = goodput(batch, noise, a + c)
-    for direction, scale in ((1, factor), (-1, 1 / factor)):
+    for direction, scale, noise in ((1, factor, lower), (-1, 1 / factor, upper)):
+        if not math.isfinite(noise):
+            continue
+        now = goodput(batch, noise, a + c)
         other = goodput(batch * scale, noise, a + c * scale)
         if other >= GOODPUT_GAIN * now:
             verb = "growing" if direction > 0 else "shrinking"
@@ -139,23 +173,27 @@ def lr_scale(scaling: str, batch: float, base_batch: float, b_noise: float = mat
 
 
 def noise_rule(v: GNSValues, batch: float, factor: int, multiple: float, shrink: bool) -> Move:
-    """Follow B = ``multiple`` × B_noise: the estimate once its interval is tight, its 95% lower
-    bound before (so it never grows on noise). Moves as many factors at once as it takes to
-    the largest batch at most that; shrinks (``shrink``) when the batch is more than a factor
-    above it."""
-    noise, said = noise_bound(v)
-    if not math.isfinite(noise) or noise <= 0:
-        return Move(0, f"{said}: waiting")
-    target = multiple * noise
+    """Follow B = ``multiple`` × B_noise on the safe side of its 95% interval: grows as many
+    factors as ``multiple`` × the lower bound allows, shrinks (``shrink``) when the batch is
+    more than a factor above ``multiple`` × the upper bound; never on the point estimate."""
+    lower, upper = bounds(v)
     times = "" if multiple == 1 else f"{multiple:g} × "
-    steps = math.floor(math.log(target / batch) / math.log(factor) + 1e-9)
-    if steps > 0:
-        return Move(steps, f"{said}, so {times}B_noise = {number(target)} is at least "
-                           f"{number(batch * factor**steps)}: growing")  # fmt: skip
-    if steps < -1 and shrink:
-        return Move(steps + 1, f"{said}, so {times}B_noise = {number(target)} is below "
-                               f"{number(batch / factor)}: shrinking")  # fmt: skip
-    return Move(0, f"{said}, so {times}B_noise = {number(target)} is below the next batch "
+    if lower > 0:
+        steps = math.floor(math.log(multiple * lower / batch) / math.log(factor) + 1e-9)
+        if steps > 0:
+            return Move(steps, f"B_noise is at least {number(lower)} (95% confidence), so "
+                               f"{times}B_noise ≥ {number(multiple * lower)} is at least "
+                               f"{number(batch * factor**steps)}: growing")  # fmt: skip
+    if shrink and math.isfinite(upper) and upper > 0:
+        steps = math.floor(math.log(multiple * upper / batch) / math.log(factor) + 1e-9)
+        if steps < -1:
+            return Move(steps + 1, f"B_noise is at most {number(upper)} (95% confidence), so "
+                                   f"{times}B_noise ≤ {number(multiple * upper)} is below "
+                                   f"{number(batch / factor)}: shrinking")  # fmt: skip
+    if not lower > 0:
+        return Move(0, "no lower bound of B_noise yet: waiting")
+    return Move(0, f"B_noise is at least {number(lower)} (95% confidence), so {times}B_noise "
+                   f"≥ {number(multiple * lower)}, below the next batch "
                    f"{number(batch * factor)}: waiting")  # fmt: skip
 
 
@@ -183,15 +221,18 @@ def move(
 def probe_level(
     v: GNSValues, batch: float, base: float, factor: int, multiple: float
 ) -> tuple[int, str] | None:
-    """After the probe: the level k ≥ 0 (batch ``base`` × factor**k) nearest to ``multiple`` ×
-    the probe's point estimate of B_noise, and why (None: no estimate)."""
-    if not (math.isfinite(v.b_simple) and v.b_simple > 0):
+    """After the probe: the largest level k ≥ 0 (batch ``base`` × factor**k) at most
+    ``multiple`` × the 95% lower bound of B_noise (the move the interval makes safe), and why
+    (None: no lower bound; the run goes on at the user's batch)."""
+    lower, upper = bounds(v)
+    if not lower > 0:
         return None
-    target = multiple * v.b_simple
-    level = max(0, round(math.log(target / base, factor)))
+    target = multiple * lower
+    level = max(0, math.floor(math.log(target / base, factor) + 1e-9))
     times = "" if multiple == 1 else f"{multiple:g} × "
     why = (f"{v.steps} probe steps of {number(batch)} examples measure B_noise ≈ "
-           f"{number(v.b_simple)}, so {times}B_noise = {number(target)}")  # fmt: skip
+           f"{number(v.b_simple)} (95% interval {number(lower)} to {number(upper)}), so "
+           f"{times}B_noise ≥ {number(target)}")  # fmt: skip
     return level, why
 
 

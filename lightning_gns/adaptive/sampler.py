@@ -2,7 +2,10 @@
 DataLoader, so :class:`~lightning_gns.adaptive.AdaptiveBatchSize` can grow the micro-batch.
 
 ``DataLoader(data, batch_sampler=ResizableBatchSampler(RandomSampler(data), 32))`` behaves like
-``batch_size=32, shuffle=True``. :meth:`ResizableBatchSampler.resize` schedules a new size
+``batch_size=32, shuffle=True`` (the same first epoch; an inner sampler drawing from torch's
+global RNG, ``RandomSampler`` or ``WeightedRandomSampler`` without a generator, draws its
+later epochs from a generator seeded at the first, so that a resumed run draws them too).
+:meth:`ResizableBatchSampler.resize` schedules a new size
 from a batch index of the epoch being drawn: batches already drawn keep their size (the
 DataLoader's workers draw ``prefetch_factor × num_workers`` batches ahead; Lightning draws
 none ahead of a sized loader), so a change waits for those. Under DDP Lightning rebuilds the
@@ -10,9 +13,10 @@ sampler around a ``DistributedSampler`` (the constructor takes ``sampler, batch_
 drop_last`` like torch's ``BatchSampler``); every rank draws the same number of batches.
 
 Resuming mid-epoch: :meth:`state_dict` records the epoch's order (the inner sampler's
-generator, or the seed a ``RandomSampler`` without one draws; a ``DistributedSampler`` orders by
-seed and epoch), the sizes scheduled and how many batches were consumed; the first iteration
-after :func:`resume_next` (or :meth:`load_state_dict`) redraws the same order and skips them.
+generator, or a global-RNG sampler's seed and the generator of later seeds; a
+``DistributedSampler`` orders by seed and epoch), the sizes scheduled and how many batches were
+consumed; the first iteration after :func:`resume_next` (or :meth:`load_state_dict`) redraws
+the same order and skips them.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class ResizableBatchSampler(BatchSampler):
         self._epoch_hint: int | None = None  # from set_epoch
         self._live: object | None = None  # the iteration that may update the counters
         self._order: dict[str, Any] = {}  # how this epoch's order was drawn (generator/seed)
+        self._chain: torch.Generator | None = None  # later epochs' seeds (global-RNG samplers)
         self._resume: dict[str, Any] | None = None
         self.resumed = False  # an iteration continued a checkpoint's epoch
         self._setup: tuple | None = None  # the epoch the latest iteration draws
@@ -63,6 +68,19 @@ class ResizableBatchSampler(BatchSampler):
     def size_at(self, index: int) -> int:
         """The size of batch ``index`` of the epoch being drawn."""
         return next(s for start, s in reversed(self._sizes) if start <= index)
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """The epoch's schedule: (from batch, size), in order."""
+        return list(self._sizes)
+
+    def examples_before(self, index: int) -> int:
+        """Examples in the batches of the epoch before batch ``index`` (all full)."""
+        total = 0
+        for k, (start, size) in enumerate(self._sizes):
+            end = self._sizes[k + 1][0] if k + 1 < len(self._sizes) else index
+            total += size * max(0, min(end, index) - start)
+        return total
 
     def resize(self, size: int, at: int) -> tuple[int, int]:
         """Batches from index ``at`` of the epoch being drawn on have ``size`` examples (from the
@@ -85,7 +103,7 @@ class ResizableBatchSampler(BatchSampler):
         self._epoch_hint = epoch
 
     def __len__(self) -> int:
-        return _count(self._sizes, self._n(), self.drop_last)
+        return epoch_batches(self._sizes, self._n(), self.drop_last)
 
     def _n(self) -> int:
         if not isinstance(self.sampler, Sized):
@@ -114,7 +132,7 @@ class ResizableBatchSampler(BatchSampler):
             sizes = [(int(a), int(b)) for a, b in resume["sizes"]]
             self.batch_size = int(resume["batch_size"])
             order = resume.get("order") or {}
-            if skip >= _count(sizes, self._n(), self.drop_last):  # that epoch had ended
+            if skip >= epoch_batches(sizes, self._n(), self.drop_last):  # that epoch had ended
                 replay, order, epoch, skip = order, None, epoch + 1, 0  # redraw it: its RNG
                 sizes = [(0, self.batch_size)]
         else:
@@ -156,10 +174,13 @@ class ResizableBatchSampler(BatchSampler):
             self._order = {"generator": generator.get_state()}
             return iter(sampler)
         if hasattr(sampler, "generator") and generator is None:
-            # A RandomSampler without a generator draws a seed from torch's global RNG at its
-            # first index: draw it the same way (same order as without this class), keep it.
-            seed = int(order["seed"]) if order and "seed" in order else _global_seed()
-            self._order = {"seed": seed}
+            # A RandomSampler (WeightedRandomSampler) without a generator draws from torch's
+            # global RNG, which a resumed process does not share: the first epoch's seed is
+            # drawn as RandomSampler draws it (the same order as without this class), later
+            # epochs' seeds from a generator seeded with it, kept in the state.
+            seed = self._epoch_seed(order)
+            chain = self._chain.get_state() if self._chain is not None else None
+            self._order = {"seed": seed, "chain": chain}
             sampler.generator = torch.Generator().manual_seed(seed)
             try:
                 it = iter(sampler)
@@ -169,6 +190,18 @@ class ResizableBatchSampler(BatchSampler):
             return it if first is None else _chain(first, it)
         self._order = {}
         return iter(sampler)
+
+    def _epoch_seed(self, order: dict[str, Any] | None) -> int:
+        if order and "seed" in order:
+            if isinstance(order.get("chain"), torch.Tensor):
+                self._chain = torch.Generator()
+                self._chain.set_state(order["chain"])
+            return int(order["seed"])
+        if self._chain is None:
+            seed = _global_seed()
+            self._chain = torch.Generator().manual_seed(seed)
+            return seed
+        return int(torch.randint(0, 2**62, (), generator=self._chain).item())
 
     def _take_resume(self) -> dict[str, Any] | None:
         state, self._resume = self._resume, None
@@ -194,8 +227,13 @@ class ResizableBatchSampler(BatchSampler):
         self.batch_size = int(state["batch_size"])
 
 
-def _count(sizes: list[tuple[int, int]], n: int, drop_last: bool) -> int:
-    """Batches in an epoch of ``n`` examples under a schedule of (from batch, size)."""
+def epoch_batches(sizes: list[tuple[int, int]], n: int, drop_last: bool) -> int:
+    """Batches in an epoch of ``n`` examples under a schedule of (from batch, size).
+
+    Examples:
+        >>> epoch_batches([(0, 8), (3, 16)], 100, drop_last=False)  # 3 × 8, 4 × 16, 1 × 12
+        8
+    """
     index = used = 0
     for k, (_, size) in enumerate(sizes):
         end = sizes[k + 1][0] if k + 1 < len(sizes) else math.inf

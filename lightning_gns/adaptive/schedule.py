@@ -9,7 +9,6 @@ import re
 from dataclasses import asdict
 from typing import Any
 
-from lightning_gns import _compat
 from lightning_gns.adaptive.ladder import Change, Pending, batch_text
 from lightning_gns.adaptive.per_step import max_over_ranks
 from lightning_gns.adaptive.sampler import ResizableBatchSampler
@@ -76,8 +75,7 @@ class BatchSchedule:
         at = -(-drawn // window) * window
         epoch = trainer.current_epoch
         if resize is not None and micro is not None:
-            epoch, at = resize.resize(micro, at)
-            _compat.sync_epoch_length(trainer)
+            epoch, at = resize.resize(micro, at)  # the epoch's length: adaptive.loop
         elif at >= trainer.num_training_batches:
             epoch, at = epoch + 1, 0
         self.pending = Pending(accumulate, micro, why, noise, epoch, at)
