@@ -23,12 +23,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
 from lightning_gns import _compat, keys
 from lightning_gns.adaptive import rules
-from lightning_gns.adaptive.changes import Growing
+from lightning_gns.adaptive.changes import Growing, Resumable
 from lightning_gns.adaptive.ladder import Change, Ladder, Rules
 from lightning_gns.adaptive.loop import LoopKeeper, warn_cannot_grow
 from lightning_gns.adaptive.per_step import LRScaler, NoiseWindow, StepTimer
@@ -40,7 +39,7 @@ from lightning_gns.callback import GradientNoiseScale
 __all__ = ["AdaptiveBatchSize", "Change"]
 
 
-class AdaptiveBatchSize(Growing, Callback):
+class AdaptiveBatchSize(Resumable, Growing, Callback):
     r"""Grow the batch as the gradient noise scale grows (needs a
     :class:`~lightning_gns.GradientNoiseScale` in the same ``Trainer``, before or after it).
 
@@ -241,17 +240,6 @@ class AdaptiveBatchSize(Growing, Callback):
             self._timer.observe(time.perf_counter())
         self._loop.after_batch(trainer, self._sampler, batch_idx)
 
-    def _start_probe(self, trainer: pl.Trainer, batch: Any) -> None:
-        """The first steps accumulate at least ``probe`` examples (at the user's rate) until
-        one gives a record: its noise scale picks the batch to go on with."""
-        assert self._gns is not None and self.accumulate is not None
-        fn = self._gns.batch_size_fn
-        micro = int(fn(batch) if fn else extract_batch_size(batch)) * trainer.world_size
-        accumulate = self.accumulate
-        while micro * accumulate < self.probe and accumulate * self.factor <= self.max_accumulate:
-            accumulate *= self.factor
-        self.batches.accumulate = trainer.accumulate_grad_batches = accumulate
-
     def _after_step(self, lr: float) -> None:
         """After every update (the LR scaler's post-hook: after every callback's
         ``on_before_optimizer_step``, whatever their order): ``gns/lr``, and a decision when
@@ -262,37 +250,6 @@ class AdaptiveBatchSize(Growing, Callback):
         done = trainer.global_step + 1  # Lightning counts this step after the hook
         if self._probing or done % self.check_every_n_steps == 0:
             self._decide(trainer, done)
-
-    # -- checkpoints ----------------------------------------------------------------------
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        t, sampler = self._trainer, None
-        if self._sampler is not None and t is not None:
-            sampler = self._sampler.state_dict(_compat.batches_ready(t, self._ready))
-        tracker = self._window.state_dict(t is not None and t.world_size > 1)
-        return {
-            **self.batches.state_dict(),
-            "base": list(self._ladder.base) if self._based else None,
-            "min_accumulate": self.min_accumulate,
-            "lr_scale": self.lr_scale,
-            "reference": self._rules.reference,
-            "probing": self._probing,
-            "tracker": tracker,
-            "sampler": sampler,
-        }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.batches.load_state_dict(state_dict)
-        if base := state_dict.get("base"):
-            self._ladder.base, self._based = (int(base[0]), base[1]), True
-        self.min_accumulate = self.min_accumulate or state_dict.get("min_accumulate")
-        self.lr_scale = float(state_dict.get("lr_scale", 1.0))
-        ref = state_dict.get("reference")
-        self._rules.reference = (float(ref[0]), float(ref[1])) if ref else None
-        self._probing = bool(state_dict.get("probing", False))
-        self._window.saved = state_dict.get("tracker")
-        resume_next(state_dict.get("sampler"))
 
 
 def _refuse(trainer: pl.Trainer, pl_module: pl.LightningModule) -> GradientNoiseScale:

@@ -7,18 +7,19 @@ moment, a fresh B_noise window, and a line with the reason."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.data import extract_batch_size
 
 from lightning_gns import _compat, keys
 from lightning_gns.adaptive import rules
 from lightning_gns.adaptive.ladder import Decision, Ladder, Pending, Rules, batch_text
 from lightning_gns.adaptive.per_step import LRScaler, NoiseWindow, StepTimer, rescale_second_moment
 from lightning_gns.adaptive.rules import lr_scale
-from lightning_gns.adaptive.sampler import ResizableBatchSampler
+from lightning_gns.adaptive.sampler import ResizableBatchSampler, resume_next
 from lightning_gns.adaptive.schedule import BatchSchedule, change_message
 from lightning_gns.estimator import GNSValues
 from lightning_gns.norms.preconditioner import keeps_second_moment
@@ -45,6 +46,9 @@ class Growing:
     _sampler: ResizableBatchSampler | None
     _probing: bool
     _ready: int
+    probe: int
+    factor: int
+    max_accumulate: int
 
     # -- decisions ------------------------------------------------------------------------
     def _decide(self, trainer: pl.Trainer, done: int) -> None:
@@ -104,6 +108,17 @@ class Growing:
                 logger.experiment.add_text(keys.BATCH_SIZE_CHANGE, message, trainer.global_step)
         self._publish(trainer)
 
+    def _start_probe(self, trainer: pl.Trainer, batch: Any) -> None:
+        """The first steps accumulate at least ``probe`` examples (at the user's rate) until
+        one gives a record: its noise scale picks the batch to go on with."""
+        assert self._gns is not None and self.batches.accumulate is not None
+        fn = self._gns.batch_size_fn
+        micro = int(fn(batch) if fn else extract_batch_size(batch)) * trainer.world_size
+        accumulate = self.batches.accumulate
+        while micro * accumulate < self.probe and accumulate * self.factor <= self.max_accumulate:
+            accumulate *= self.factor
+        self.batches.accumulate = trainer.accumulate_grad_batches = accumulate
+
     # -- learning rate, logging -----------------------------------------------------------
     def _set_lr_scale(self, trainer: pl.Trainer, batch: float, noise: float) -> None:
         base = self._ladder.base_batch(self.batches.micro)
@@ -124,3 +139,49 @@ class Growing:
         if self._lr is not None and math.isfinite(self._lr.applied):
             metrics[keys.LR] = self._lr.applied
         publish(trainer, None, metrics)
+
+
+class Resumable:
+    """AdaptiveBatchSize's state as plain numbers and tensors (mixed into it): the schedule,
+    the ladder's base, the LR multiplier, the sqrt rule's reference, the probe, the window,
+    the sampler's position."""
+
+    batches: BatchSchedule
+    min_accumulate: int | None
+    lr_scale: float
+    _based: bool
+    _ladder: Ladder
+    _rules: Rules
+    _window: NoiseWindow
+    _sampler: ResizableBatchSampler | None
+    _trainer: pl.Trainer | None
+    _probing: bool
+    _ready: int
+
+    def state_dict(self) -> dict[str, Any]:
+        t, sampler = self._trainer, None
+        if self._sampler is not None and t is not None:
+            sampler = self._sampler.state_dict(_compat.batches_ready(t, self._ready))
+        tracker = self._window.state_dict(t is not None and t.world_size > 1)
+        return {
+            **self.batches.state_dict(),
+            "base": list(self._ladder.base) if self._based else None,
+            "min_accumulate": self.min_accumulate,
+            "lr_scale": self.lr_scale,
+            "reference": self._rules.reference,
+            "probing": self._probing,
+            "tracker": tracker,
+            "sampler": sampler,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state_dict)
+        if base := state_dict.get("base"):
+            self._ladder.base, self._based = (int(base[0]), base[1]), True
+        self.min_accumulate = self.min_accumulate or state_dict.get("min_accumulate")
+        self.lr_scale = float(state_dict.get("lr_scale", 1.0))
+        ref = state_dict.get("reference")
+        self._rules.reference = (float(ref[0]), float(ref[1])) if ref else None
+        self._probing = bool(state_dict.get("probing", False))
+        self._window.saved = state_dict.get("tracker")
+        resume_next(state_dict.get("sampler"))
