@@ -9,6 +9,7 @@ processes, so tests call it in a subprocess rather than importing it.)
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # no
 from lightning_gns import GradientNoiseMeter  # noqa: E402
 
 EPOCHS, BATCH = 3, 16
+TIMEOUT = datetime.timedelta(seconds=60)  # a rank that died does not hang the other for long
 
 
 def write(out: str, rank: int, world: int, meter: GradientNoiseMeter) -> None:
@@ -45,11 +47,12 @@ def write(out: str, rank: int, world: int, meter: GradientNoiseMeter) -> None:
         json.dump(result, f)
 
 
-def fabric_loop(out: str, strategy: str) -> None:
+def fabric_loop(out: str) -> None:
     """A litgpt-style loop: fabric.setup, fabric.backward; the frozen digits MLP."""
     from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
 
-    fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy)
+    fabric = Fabric(accelerator="cpu", devices=2, strategy=DDPStrategy(timeout=TIMEOUT))
     fabric.launch()
     model = mlp()
     model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.0))
@@ -74,7 +77,7 @@ def fsdp2_worker(rank: int, out: str) -> None:
     """A plain loop on FSDP2 (fully_shard): per-example norms of sharded parameters."""
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=TIMEOUT)
     model = mlp()
     for layer in (model[0], model[2]):
         fully_shard(layer)
@@ -100,7 +103,7 @@ def fsdp2_worker(rank: int, out: str) -> None:
 def torch_worker(rank: int, out: str) -> None:
     """A plain torch.distributed DDP loop with 2 micro-batches per step (rank 0 starts rank 1
     as a second process of this script)."""
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=TIMEOUT)
     model = nn.parallel.DistributedDataParallel(mlp())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     x, y = digits()
@@ -129,7 +132,7 @@ def torch_worker(rank: int, out: str) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[2] == "ddp":
-        fabric_loop(sys.argv[1], sys.argv[2])
+        fabric_loop(sys.argv[1])
     else:
         worker = fsdp2_worker if sys.argv[2] == "fsdp2" else torch_worker
         if "RANK" in os.environ:  # rank 1, started by rank 0 below
