@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -158,7 +159,8 @@ def nan(root: str, kind: str) -> dict:
 def main(out: str, configs: list[str]) -> None:
     rank = int(os.environ["GNS_TEST_RANK"])
     root = os.path.dirname(os.path.abspath(out))
-    results = {}
+    results: dict[str, dict] = {}
+    start = time.perf_counter()
     for config in configs:
         mode, kind, *rest = config.split(":")
         where = f"{root}/{config.replace(':', '_')}"
@@ -169,6 +171,8 @@ def main(out: str, configs: list[str]) -> None:
             results[config] = resume(where, kind, *rest)
         elif mode == "nan":
             results[config] = nan(where, kind)
+        results[config]["seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(results, f)
 

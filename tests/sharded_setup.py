@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -176,6 +177,30 @@ def strategy_for(kind: str, world: int = 2) -> pl.strategies.Strategy:
     )
 
 
+FITS_STARTED = [0]  # Trainers started in this process
+
+
+def next_port(wait: float = 300.0) -> str:
+    """A port free now, for the next Trainer: rank 0 asks the system for one and leaves it in
+    the working directory (every rank's, the launcher's folder); the others read it. (Counting
+    up from one port collided with other multi-process tests on the same machine.)"""
+    FITS_STARTED[0] += 1
+    path = Path(f"port.{FITS_STARTED[0]}")
+    if os.environ["GNS_TEST_RANK"] == "0":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        Path(f"{path}.tmp").write_text(port)
+        os.replace(f"{path}.tmp", path)
+        return port
+    deadline = time.monotonic() + wait
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 wrote no {path}")
+        time.sleep(0.02)
+    return path.read_text()
+
+
 def run(
     root: str,
     kind: str,
@@ -186,8 +211,8 @@ def run(
     **kwargs,
 ) -> tuple[pl.Trainer, Module]:
     """One fit on every rank (``nodes`` simulated nodes); each Trainer takes a fresh port (a
-    second on the same one hangs)."""
-    os.environ["MASTER_PORT"] = str(int(os.environ["MASTER_PORT"]) + 1)
+    second on the same one hangs: :func:`next_port`)."""
+    os.environ["MASTER_PORT"] = next_port()
     torch.set_num_threads(1)
     kwargs.setdefault("max_steps", 12)
     world = int(os.environ["GNS_TEST_WORLD"])
@@ -223,7 +248,7 @@ def launch(out: Path, configs: list[str], world: int = 2, timeout: float = 900) 
         cmd = [sys.executable, str(here / "sharded_run.py"), str(out), *configs]
         procs.append(subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=log, stderr=log))
     try:
-        codes = [p.wait(timeout=timeout) for p in procs]
+        codes = wait_all(procs, timeout)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -233,6 +258,18 @@ def launch(out: Path, configs: list[str], world: int = 2, timeout: float = 900) 
     tails = "".join((out.parent / f"log.rank{r}").read_text()[-3000:] for r in range(world))
     assert codes == [0] * world, tails
     return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(world)]
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Every process's exit code; as soon as one fails the others are stopped (they would
+    wait for it in a collective until the timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+            return codes
+        time.sleep(0.1)
+    return [p.poll() for p in procs]
 
 
 def per_example_grads() -> Tensor:

@@ -3,7 +3,8 @@ a (replicate, shard) mesh and FSDP1 ``HYBRID_SHARD`` log the DDP estimate of the
 batches and a float64 replay of them; 2 nodes × 2 processes (``num_nodes=2``, ``NODE_RANK`` set
 per process) log what one node of 4 processes logs.
 
-One launch of tests/sharded_run.py runs every configuration (the imports are paid once).
+One launch of tests/sharded_run.py runs every configuration (the imports are paid once);
+resuming under both hybrids continues the estimate exactly.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ TWO_NODES = [
     "fit:hsdp:1:per_example:2",
     "fit:hybrid:2:micro_batch:2",
 ]
+RESUMES = ["resume:hsdp", "resume:hybrid"]
 KEYS = ("grad_norm_sq", "grad_variance", "b_simple", "logged_b_simple", "lower", "upper")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    return launch(tmp_path_factory.mktemp("hybrid") / "out.json", ONE_NODE + TWO_NODES, world=4)
+    configs = ONE_NODE + TWO_NODES + RESUMES
+    return launch(tmp_path_factory.mktemp("hybrid") / "out.json", configs, world=4)
 
 
 def same_as_ddp(config: str) -> str:
@@ -67,3 +70,15 @@ def test_hybrid_and_two_nodes_log_the_ddp_estimate_and_the_replay(ranks) -> None
                 assert r[key] == pytest.approx(ddp[key], rel=1e-5), f"{where}: {key}"
             assert r["collectives"] == [1 if s % 4 == 0 else 0 for s in range(1, 13)], where
             assert r["host_reads"] == 0, where
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", RESUMES)
+def test_resume_under_hybrid_sharding_continues_the_estimate(ranks, config) -> None:
+    """FSDP2 (distributed checkpoint) and FSDP1 (sharded state dict) on a 2 × 2 mesh: one
+    epoch, a checkpoint, a resumed second epoch equal the two epochs at once, on every rank."""
+    for r in ranks:
+        whole, first, resumed = (r[config][k] for k in ("whole", "first", "resumed"))
+        assert resumed["steps"] == whole["steps"] > first["steps"]
+        for key in ("grad_norm_sq", "grad_variance", "lower", "upper"):
+            assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
