@@ -11,10 +11,12 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 
 import lightning.pytorch as pl  # noqa: E402
-from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from lightning_gns import GradientNoiseScale  # noqa: E402
+from lightning_gns.advice import number  # noqa: E402
+from lightning_gns.estimator import GNSValues  # noqa: E402
+from lightning_gns.publish import decide  # noqa: E402
 
 
 def tool(name: str) -> str:
@@ -23,7 +25,36 @@ def tool(name: str) -> str:
     return os.path.relpath(path) if path.exists() else name
 
 
+def _value(x: float) -> str:
+    return f"{x:.4g}" if math.isfinite(x) else "not yet measured"
+
+
+def closing_lines(
+    v: GNSValues, batch_size: float, multiple: int | None, val_acc: float = math.nan
+) -> list[str]:
+    """The demo's closing lines: the callback's own headline and advice
+    (:func:`lightning_gns.advice.decide`), then the values behind them; never a NaN."""
+    a = decide(v, batch_size, multiple)
+    window = f", {v.window:.0f}-step window" if a.known and math.isfinite(v.window) else ""
+    lines = [
+        f"final               : {a.headline()}{window}",
+        f"advice              : {a.sentence()}",
+        f"|G|² (smoothed)     : {_value(v.grad_norm_sq)}",
+        f"tr(Σ) (smoothed)    : {_value(v.grad_variance)}",
+        f"batch size used     : {number(batch_size) if math.isfinite(batch_size) else 'unknown'}",
+    ]
+    if a.recommended is not None:
+        lines.append(f"recommended batch   : {a.recommended}")
+    if math.isfinite(a.efficiency):
+        lines.append(f"efficiency now      : {a.efficiency:.0%}")
+    if math.isfinite(val_acc):
+        lines.append(f"validation accuracy : {val_acc:.3f}")
+    return lines
+
+
 def main() -> None:
+    from digits import DigitsClassifier, DigitsDataModule
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", default="runs", help="where logs go (default: runs/)")
     parser.add_argument("--epochs", type=int, default=5)
@@ -45,26 +76,12 @@ def main() -> None:
     )
     trainer.fit(DigitsClassifier(), DigitsDataModule(batch_size=args.batch_size))
 
-    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    acc = trainer.callback_metrics.get("val/acc")
     print()
-    v = gns.values
-    if v.known:
-        interval = f"95% interval {v.b_simple_lower:.1f} to {v.b_simple_upper:.1f}"
-        print(f"final B_simple      : {v.b_simple:.1f} ({interval}, {v.window:.0f}-step window)")
-    else:
-        print(f"final B_simple      : not yet known; at least {v.b_simple_lower:.1f} (95%)")
-        if gns.batch_size < v.b_simple_lower:
-            print(
-                f"advice              : batch size {gns.batch_size:.0f} is below that bound; a "
-                "larger batch would need fewer steps at little extra compute"
-            )
-    print(f"|G|² (smoothed)     : {gns.grad_norm_sq:.4g}")
-    print(f"tr(Σ) (smoothed)    : {gns.grad_variance:.4g}")
-    print(f"batch size used     : {gns.batch_size:.0f}")
-    if math.isfinite(metrics.get("gns/optimal_batch_size", math.nan)):
-        print(f"recommended batch   : {metrics['gns/optimal_batch_size']:.0f}")
-        print(f"efficiency now      : {metrics['gns/efficiency']:.0%}")
-    print(f"validation accuracy : {metrics.get('val/acc', math.nan):.3f}")
+    for line in closing_lines(
+        gns.values, gns.batch_size, gns.batch_size_multiple, math.nan if acc is None else acc.item()
+    ):
+        print(line)
     print(f"\nView the curves:  {tool('tensorboard')} --logdir {args.root}")
     print(f"Report:           {tool('lightning-gns')} report {args.root}")
 

@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_SPREAD",
-    "Supported",
-    "supported",
-    "supported_batch_size",
+    "Advice",
+    "decide",
+    "known",
+    "number",
     "compute_efficiency",
     "critical_batch_size",
     "efficiency",
@@ -210,59 +211,176 @@ def optimal_batch_size(
 MAX_SPREAD = PRECISION
 
 
+def number(x: float) -> str:
+    """A finite value as the summaries print it: ``32``, ``163.8``, ``12346``."""
+    if float(x).is_integer() and abs(x) < 1e7:
+        return f"{int(x)}"
+    return f"{x:.0f}" if abs(x) >= 1e4 else f"{x:.4g}"
+
+
+def known(b_simple: float, lower: float, upper: float) -> bool:
+    """The one meaning of "known" (README): B_simple has a value because its 95% interval is
+    bounded (|G|² significantly above zero); ``gns/b_simple`` is NaN ("not yet known")
+    otherwise. Advice needs more: an interval within :data:`MAX_SPREAD` (:func:`decide`)."""
+    return (
+        math.isfinite(b_simple)
+        and b_simple > 0
+        and math.isfinite(lower)
+        and lower >= 0
+        and math.isfinite(upper)
+    )
+
+
+def _round_down(value: float, multiple_of: int | None) -> int:
+    """The largest power of two (or positive multiple of ``multiple_of``) at most ``value``,
+    at least the smallest one."""
+    if multiple_of is not None:
+        return max(1, math.floor(value / multiple_of)) * multiple_of
+    return 2 ** max(0, math.floor(math.log2(value)))
+
+
+def _next_up(batch: float, multiple_of: int | None) -> int:
+    """The smallest power of two (or multiple of ``multiple_of``) above ``batch``."""
+    if multiple_of is not None:
+        return (math.floor(batch / multiple_of) + 1) * multiple_of
+    return 2 ** (math.floor(math.log2(batch)) + 1)
+
+
+def _reason(lower: float, upper: float, b_simple: float) -> str:
+    """Why an interval gives no recommendation, in the order the checks fail."""
+    if not math.isfinite(lower):
+        return "no 95% interval yet (it needs two effective steps)"
+    if not math.isfinite(upper):
+        return "|G|² is not significantly above zero, so the 95% interval has no upper end"
+    if lower <= 0:
+        return f"the 95% interval ({number(lower)} to {number(upper)}) reaches down to zero"
+    if not precise(lower, upper):
+        return (
+            f"the 95% interval spans {upper / lower:.3g}x, more than the "
+            f"{MAX_SPREAD:g}x that advice needs"
+        )
+    return "no B_simple value"  # a precise interval without its point: logs cut short
+
+
 @dataclass(frozen=True)
-class Supported:
-    """What the data support: ``kind`` is ``"estimate"`` (a recommendation), ``"at_least"``
-    (only a lower bound: B_noise is at least ``lower``) or ``"unknown"``."""
+class Advice:
+    """What the data say about the batch size, from :func:`decide`.
+
+    ``kind`` is ``"recommend"`` (the interval is precise: ``size`` is the recommendation),
+    ``"grow"`` (only a lower bound, far enough above the batch used: grow to at least
+    ``size``, always above it) or ``"none"`` (``reason`` says why; ``size`` is the batch used).
+    ``size`` is what ``gns/optimal_batch_size`` logs; ``efficiency`` is NaN unless
+    ``"recommend"``. :meth:`headline` and :meth:`sentence` are the words every summary prints.
+    """
 
     kind: str
-    b_noise: float = math.nan
-    lower: float = math.nan
-    recommended: int | None = None
+    b_simple: float  # NaN while not known
+    lower: float
+    upper: float
+    batch_size: float
+    size: float
+    efficiency: float = math.nan
+    reason: str = ""
+    multiple_of: int | None = None
+
+    @property
+    def known(self) -> bool:
+        """Whether B_simple has a value (:func:`known`)."""
+        return math.isfinite(self.b_simple)
+
+    @property
+    def recommended(self) -> int | None:
+        return int(self.size) if self.kind == "recommend" else None
+
+    @property
+    def grow_to(self) -> int | None:
+        return int(self.size) if self.kind == "grow" else None
+
+    def headline(self) -> str:
+        """``B_simple 163.8 (95% interval 134.9 to 203.8)``, or its bound while not known."""
+        lo, hi = self.lower, self.upper
+        if self.known:
+            return f"B_simple {number(self.b_simple)} (95% interval {number(lo)} to {number(hi)})"
+        if math.isfinite(lo) and lo > 0:
+            return (
+                f"B_simple not yet known: at least {number(lo)} (95%); "
+                "|G|² is not yet above its noise"
+            )
+        return "B_simple not yet known: too few steps, or the gradient is all noise so far"
+
+    def sentence(self, step: int | None = None) -> str:
+        """The advice in one sentence (no final period); ``step`` names the read-out."""
+        batch, lo = self.batch_size, self.lower
+        used = f"batch size {number(batch)}" if math.isfinite(batch) else "the batch size used"
+        if self.kind == "recommend":
+            text = f"recommended batch size {number(self.size)}"
+            if not math.isfinite(batch):
+                return text + " (the batch size used is unknown)"
+            if self.size == batch:
+                return text + f": the batch size used, at {self.efficiency:.0%} efficiency"
+            return text + f"; {used} is at {self.efficiency:.0%} efficiency"
+        bound = f"B_noise is at least {number(lo)} (95%)"
+        if self.kind == "grow":
+            return f"{bound}, above {used}: grow it to at least {number(self.size)}"
+        at = f" at step {step}" if step is not None else ""
+        text = f"no advice{at}: {self.reason}"
+        if math.isfinite(lo) and lo > 0:
+            if math.isfinite(batch) and batch < lo:
+                up = number(_next_up(batch, self.multiple_of))
+                return (
+                    f"{text}; {bound}, above {used}, but the next batch size, {up}, may be past it"
+                )
+            return f"{text}; {bound}"
+        return text
 
 
-def supported(
-    b_simple: float, lower: float, upper: float, multiple_of: int | None = None
-) -> Supported:
-    """Advice from an estimate and its interval: a recommendation only when the interval is
-    precise (:func:`lightning_gns.estimator.precise`: upper/lower at most :data:`MAX_SPREAD`),
-    and never above twice the lower bound (so efficiency stays ≥ 89% even if B_noise is at the
-    low end of the interval); a lower bound alone when that is all the data show. The
-    callback's advice and the report's recommendation both come from it.
+def decide(
+    b_simple: float,
+    lower: float,
+    upper: float,
+    batch_size: float,
+    multiple_of: int | None = None,
+) -> Advice:
+    """The advice for one read-out: the only place that decides it. The callback's summary
+    and its logged ``gns/optimal_batch_size`` and ``gns/efficiency``, ``make demo``, the
+    analyzer and ``lightning-gns report`` all call it with the same values.
+
+    - **recommend** when B_simple is :func:`known` and the 95% interval spans at most
+      :data:`MAX_SPREAD` (:func:`lightning_gns.estimator.precise`): B_simple rounded
+      (:func:`optimal_batch_size`), never above twice the lower bound (efficiency stays ≥ 89%
+      even if B_noise is at the low end of the interval);
+    - **grow** when only a lower bound L is known, above the batch used B, and L rounded down
+      (to a power of two or ``multiple_of``: never past what is known) is above B: grow to
+      at least that;
+    - **none** otherwise: the batch used stays what the data support, and ``reason`` says why.
 
     Examples:
-        >>> supported(52.15, 44.85, 61.81)
-        Supported(kind='estimate', b_noise=52.15, lower=44.85, recommended=64)
-        >>> supported(float("nan"), 43.76, float("inf"))  # only a lower bound
-        Supported(kind='at_least', b_noise=nan, lower=43.76, recommended=None)
+        >>> a = decide(52.15, 44.85, 61.81, batch_size=32)
+        >>> a.kind, a.size, a.sentence()
+        ('recommend', 64.0, 'recommended batch size 64; batch size 32 is at 94% efficiency')
+        >>> decide(float("nan"), 43.76, float("inf"), batch_size=4).sentence()
+        'B_noise is at least 43.76 (95%), above batch size 4: grow it to at least 32'
+        >>> decide(float("nan"), 40.0, float("inf"), batch_size=32).kind  # 64 may be past it
+        'none'
     """
-    has_lower = math.isfinite(lower) and lower > 0
-    if math.isfinite(b_simple) and b_simple > 0 and precise(lower, upper):
-        rec = optimal_batch_size(b_simple, multiple_of)
+    b = b_simple if known(b_simple, lower, upper) else math.nan
+    m = multiple_of
+    if math.isfinite(b) and precise(lower, upper):
+        rec = optimal_batch_size(b, m)
         if rec > 2 * lower:
-            rec = optimal_batch_size(lower, multiple_of)
-        return Supported("estimate", b_simple, lower, rec)
-    if has_lower:
-        return Supported("at_least", math.nan, lower)
-    return Supported("unknown")
+            rec = optimal_batch_size(lower, m)
+        eff = float(efficiency(batch_size, b)) if _usable(batch_size) else math.nan
+        return Advice("recommend", b, lower, upper, batch_size, float(rec), eff, "", m)
+    reason = _reason(lower, upper, b)
+    if _usable(batch_size) and math.isfinite(lower) and lower > batch_size:
+        grow = _round_down(lower, m)
+        if grow > batch_size:
+            return Advice("grow", b, lower, upper, batch_size, float(grow), math.nan, reason, m)
+    return Advice("none", b, lower, upper, batch_size, float(batch_size), math.nan, reason, m)
 
 
-def supported_batch_size(
-    verdict: Supported, batch_size: float, multiple_of: int | None = None
-) -> float:
-    """The batch size the data support now, always a number: the recommendation when the
-    estimate is precise; with only a lower bound L, the current batch grown to L rounded down
-    (to a power of two or ``multiple_of``: never past what is known) if it is below L; the
-    current batch otherwise (the data do not say to change it)."""
-    if verdict.recommended is not None:
-        return float(verdict.recommended)
-    if verdict.kind == "at_least" and batch_size < verdict.lower:
-        if multiple_of is not None:
-            floor = max(1, math.floor(verdict.lower / multiple_of)) * multiple_of
-        else:
-            floor = 2 ** max(0, math.floor(math.log2(verdict.lower)))
-        return float(max(batch_size, floor))
-    return float(batch_size)
+def _usable(batch_size: float) -> bool:
+    return math.isfinite(batch_size) and batch_size > 0
 
 
 def wasted(batch_size: ArrayLike, b_noise: float, recommended: int | None = None) -> dict[str, Any]:

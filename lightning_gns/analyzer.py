@@ -21,7 +21,7 @@ from lightning_gns import advice
 from lightning_gns._compat import DROPOUT
 from lightning_gns.driver import StepDriver
 from lightning_gns.norms.sites import coupled_modules
-from lightning_gns.publish import point_estimate
+from lightning_gns.publish import decide
 from lightning_gns.records import MODEL, SkipStep, Units
 from lightning_gns.sources import PerExampleSource, choose_source
 from lightning_gns.tracker import GNSTracker
@@ -107,12 +107,15 @@ class GradientNoiseAnalyzer:
     def analyze(self, num_batches: int = 30) -> dict[str, Any]:
         """Run ``num_batches`` batches (forward and backward, no optimizer step).
 
-        Returns a dict with ``gradient_noise_scale`` (B_simple; NaN while |G|² is not
-        significantly above zero, when the interval's lower end bounds it),
-        ``gradient_noise_scale_se``, ``confidence_interval`` (95%, Fieller), ``known`` (whether
-        the interval spans at most 1.5×: precise enough for advice), ``optimal_batch_size``
-        (None unless known), ``current_batch_size``,
-        ``efficiency`` (fraction; 1.0 = optimal), ``mean_gradient_norm`` (|G|),
+        Returns a dict with ``gradient_noise_scale`` (B_simple; NaN while not known: |G|² is
+        not significantly above zero, and the interval's lower end bounds it),
+        ``gradient_noise_scale_se``, ``confidence_interval`` (95%, Fieller), ``known`` (B_simple
+        has a value), ``precise`` (the interval spans at most 1.5×: enough for advice),
+        ``optimal_batch_size`` (None unless precise), ``grow_to_batch_size`` (only a lower
+        bound, above the batch used: grow to at least this; else None), ``advice`` (the
+        sentence the callback prints, :func:`lightning_gns.advice.decide`),
+        ``current_batch_size``, ``efficiency`` (fraction; 1.0 = optimal; NaN unless precise),
+        ``mean_gradient_norm`` (|G|),
         ``grad_norm_sq`` (|G|²), ``gradient_variance`` (tr(Σ)), ``num_batches``,
         ``num_examples``, ``coverage`` and ``left_out``.
         """
@@ -189,17 +192,18 @@ class GradientNoiseAnalyzer:
     def _results(self, tracker: GNSTracker, sizes: list[int], source: PerExampleSource) -> dict:
         v = tracker.read()[MODEL]
         current = getattr(self.data_loader, "batch_size", None) or max(sizes)
-        verdict = advice.supported(v.b_simple, v.b_simple_lower, v.b_simple_upper)
-        known = verdict.kind == "estimate"
-        b = point_estimate(v)
+        a = decide(v, float(current))  # the callback's advice, from the same function
         out = {
-            "gradient_noise_scale": b,
+            "gradient_noise_scale": a.b_simple,
             "gradient_noise_scale_se": v.b_simple_se,
             "confidence_interval": (v.b_simple_lower, v.b_simple_upper),
-            "known": known,
-            "optimal_batch_size": verdict.recommended,
+            "known": a.known,
+            "precise": a.kind == "recommend",
+            "optimal_batch_size": a.recommended,
+            "grow_to_batch_size": a.grow_to,
+            "advice": a.sentence(),
             "current_batch_size": int(current),
-            "efficiency": float(advice.efficiency(current, b)) if known else math.nan,
+            "efficiency": a.efficiency,
             "mean_gradient_norm": math.sqrt(v.grad_norm_sq) if v.grad_norm_sq > 0 else 0.0,
             "grad_norm_sq": v.grad_norm_sq,
             "gradient_variance": v.grad_variance,
@@ -208,23 +212,8 @@ class GradientNoiseAnalyzer:
             "coverage": source.norms.coverage(),
             "left_out": dict(source.norms.left_out),
         }
-        lo, hi = v.b_simple_lower, v.b_simple_upper
-        if known:
-            self._say(f"\nGradient Noise Scale: {b:.2f} (95% interval {lo:.4g} to {hi:.4g})")
-            self._say(f"Optimal batch size: {out['optimal_batch_size']}")
-            self._say(f"Efficiency: {out['efficiency']:.1%}")
-        elif math.isfinite(b):
-            self._say(
-                f"\nGradient Noise Scale: {b:.2f} (95% interval {lo:.4g} to {hi:.4g}: wider than "
-                "1.5x, so no advice yet; analyze more batches)"
-            )
-        elif verdict.kind == "at_least":
-            self._say(
-                f"\nGradient Noise Scale: not yet known; at least {lo:.4g} (95%). Analyze more "
-                "batches for an estimate; a batch size below the bound is too small."
-            )
-        else:
-            self._say("\nGradient Noise Scale: not yet known (the gradient is all noise so far)")
+        for line in summary_lines(a):
+            self._say(line)
         return out
 
     def _loss(self, inputs: Any, targets: Any) -> Tensor:
@@ -245,6 +234,14 @@ class GradientNoiseAnalyzer:
     def _say(self, msg: str) -> None:
         if self.verbose:
             print(msg, flush=True)
+
+
+def summary_lines(a: advice.Advice) -> list[str]:
+    """What :meth:`GradientNoiseAnalyzer.analyze` prints at the end (``verbose``)."""
+    lines = [f"\nGradient Noise Scale: {a.headline()}", f"Advice: {a.sentence()}"]
+    if a.kind != "recommend":
+        lines.append("Analyze more batches for a tighter interval.")
+    return lines
 
 
 def _split(batch: Any) -> tuple[Any, Any]:

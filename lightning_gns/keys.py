@@ -13,6 +13,7 @@ GRAD_VARIANCE = "gns/grad_variance"
 BATCH_SIZE = "gns/batch_size"
 SMALL_BATCH_SIZE = "gns/small_batch_size"
 OPTIMAL_BATCH_SIZE = "gns/optimal_batch_size"
+BATCH_SIZE_MULTIPLE = "gns/batch_size_multiple"  # only with batch_size_multiple set
 EFFICIENCY = "gns/efficiency"
 COVERAGE = "gns/coverage"
 SKIPPED_STEPS = "gns/skipped_steps"

@@ -4,9 +4,8 @@ the end-of-fit summary. Keys: :mod:`lightning_gns.publish`.
 How a value reads (README, "What is logged"): ``gns/b_simple`` is the point estimate whenever
 |G|² is significantly above zero (its 95% interval is bounded), always with that interval;
 NaN ("not yet known") only while the interval is unbounded, when ``gns/b_simple_lower`` bounds
-B_noise from below. Advice is gated on precision instead: ``gns/efficiency`` needs an interval
-of at most 1.5×, and ``gns/optimal_batch_size`` is the batch size the data support now
-(:func:`lightning_gns.advice.supported_batch_size`), finite from the first read-out on.
+B_noise from below. The advice (``gns/optimal_batch_size``, ``gns/efficiency`` and the
+summary's sentence) comes from :func:`lightning_gns.advice.decide`, as everywhere else.
 """
 
 from __future__ import annotations
@@ -23,8 +22,14 @@ from lightning_gns.estimator import GNSValues
 
 
 def point_estimate(v: GNSValues) -> float:
-    """B_simple where |G|² is significantly above zero (a bounded interval), else NaN."""
-    return v.b_simple if math.isfinite(v.b_simple_upper) and v.b_simple_lower >= 0 else math.nan
+    """B_simple where it is known (:func:`lightning_gns.advice.known`: a bounded interval),
+    else NaN."""
+    return v.b_simple if advice.known(v.b_simple, v.b_simple_lower, v.b_simple_upper) else math.nan
+
+
+def decide(v: GNSValues, batch_size: float, multiple: int | None = None) -> advice.Advice:
+    """:func:`lightning_gns.advice.decide` for a read-out."""
+    return advice.decide(v.b_simple, v.b_simple_lower, v.b_simple_upper, batch_size, multiple)
 
 
 def read_out(
@@ -43,14 +48,12 @@ def read_out(
         keys.SKIPPED_STEPS: float(v.skipped),
         keys.STALE_STEPS: float(v.stale),
         keys.WINDOW_STEPS: v.window,
-        keys.OPTIMAL_BATCH_SIZE: math.nan,
-        keys.EFFICIENCY: math.nan,
     }
-    verdict = advice.supported(v.b_simple, v.b_simple_lower, v.b_simple_upper, multiple)
-    if math.isfinite(batch_size):
-        out[keys.OPTIMAL_BATCH_SIZE] = advice.supported_batch_size(verdict, batch_size, multiple)
-        if verdict.kind == "estimate":
-            out[keys.EFFICIENCY] = float(advice.efficiency(batch_size, v.b_simple))
+    a = decide(v, batch_size, multiple)
+    out[keys.OPTIMAL_BATCH_SIZE] = a.size
+    out[keys.EFFICIENCY] = a.efficiency
+    if multiple is not None:  # the report decides with it too
+        out[keys.BATCH_SIZE_MULTIPLE] = float(multiple)
     return out
 
 
@@ -120,35 +123,16 @@ def summary(
     coverage: float,
     multiple: int | None = None,
 ) -> str:
-    """The end-of-fit block: B_simple or its bound with the interval, the advice, the source
-    and why, coverage."""
-    lo, hi = v.b_simple_lower, v.b_simple_upper
-    point = point_estimate(v)
-    if math.isfinite(point):
-        line = f"B_simple {point:.4g} (95% interval {lo:.4g} to {hi:.4g})"
-    elif math.isfinite(lo) and lo > 0:
-        line = f"B_simple not yet known: at least {lo:.4g} (95%); |G|² is not yet above its noise"
-    else:
-        line = "B_simple not yet known: too few steps, or the gradient is all noise so far"
-    verdict = advice.supported(v.b_simple, lo, hi, multiple)
-    if not math.isfinite(batch_size):
-        tip = "batch size unknown"
-    elif verdict.kind == "estimate":
-        eff = advice.efficiency(batch_size, v.b_simple)
-        rec = verdict.recommended
-        tip = f"batch size {batch_size:g} is at {eff:.0%} efficiency; recommended {rec}"
-    elif verdict.kind == "at_least" and batch_size < verdict.lower:
-        size = advice.supported_batch_size(verdict, batch_size, multiple)
-        tip = f"batch size {batch_size:g} is below B_noise: grow it to at least {size:g}"
-    else:
-        tip = f"batch size {batch_size:g}: no advice until the interval is within 1.5x"
+    """The end-of-fit block: B_simple or its bound with the interval, the advice
+    (:func:`lightning_gns.advice.decide`), the source and why, coverage."""
+    a = decide(v, batch_size, multiple)
+    cover = f"; coverage {coverage:.1%}" if math.isfinite(coverage) else ""
     return "\n".join(
         [
             "GradientNoiseScale summary",
-            f"  {line}",
-            f"  {tip}",
-            f"  source: {source} ({why}); {v.steps} steps measured, {v.skipped} skipped; "
-            f"coverage {coverage:.1%}",
+            f"  {a.headline()}",
+            f"  {a.sentence()}",
+            f"  source: {source} ({why}); {v.steps} steps measured, {v.skipped} skipped{cover}",
         ]
     )
 

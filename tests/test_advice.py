@@ -140,12 +140,17 @@ def test_efficiency_table() -> None:
         advice.efficiency_table(0.0, [4])
 
 
-def test_supported_advice_follows_the_interval() -> None:
-    from lightning_gns.advice import MAX_SPREAD, supported
+def test_decide_follows_the_interval() -> None:
+    from lightning_gns.advice import MAX_SPREAD, decide
 
-    assert supported(100.0, 85.0, 120.0).recommended == 128  # tight: the rounded estimate
-    assert supported(100.0, 85.0, 120.0 * MAX_SPREAD).kind == "at_least"  # too wide
-    assert supported(math.nan, 400.0, math.inf).lower == 400.0  # only a lower bound
-    assert supported(math.nan, math.nan, math.nan).kind == "unknown"
+    assert decide(100.0, 85.0, 120.0, 32).recommended == 128  # tight: the rounded estimate
+    wide = decide(100.0, 85.0, 120.0 * MAX_SPREAD, 32)
+    assert wide.kind == "grow" and wide.size == 64  # too wide: only the bound 85, above 32
+    assert decide(100.0, 85.0, 120.0 * MAX_SPREAD, 128).kind == "none"
+    assert decide(math.nan, 400.0, math.inf, 32).grow_to == 256  # only a lower bound
+    nothing = decide(math.nan, math.nan, math.nan, 16)
+    assert (nothing.kind, nothing.size, nothing.known) == ("none", 16, False)
     # never above twice the lower bound: 46 rounds to 64 > 2 × 31, so the bound's rounding
-    assert supported(46.0, 31.0, 46.0).recommended == 32
+    assert decide(46.0, 31.0, 46.0, 8).recommended == 32
+    # a value with an unbounded interval is not known, whatever the raw ratio says
+    assert not decide(100.0, 85.0, math.inf, 32).known

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,25 @@ def write_run(folder: Path, with_gns: bool = True) -> None:
     writer.close()
 
 
+def assert_aligned(lines: list[str]) -> None:
+    """A header, a rule of dashes per column, rows: every header and cell sits inside its
+    column's dashes, and the gaps between columns are blank on every line."""
+    header, rule, *rows = lines
+    spans = [(m.start(), m.end()) for m in re.finditer(r"-+", rule)]
+    assert len(spans) > 2 and rows
+    for line in [header, *rows]:
+        padded = line.ljust(spans[-1][1])
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+            assert padded[end:start].strip() == "", (line, end, start)
+        assert len(line) <= spans[-1][1], line
+    names = [header[a:b].strip() for a, b in spans]
+    assert all(names) and len(names) == len(spans)  # a header holding spaces is one column
+
+
+def _spans(rule: str) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in re.finditer(r"-+", rule)]
+
+
 def test_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_run(tmp_path / "logs" / "exp")
     out_dir = tmp_path / "out"
@@ -29,6 +49,11 @@ def test_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     captured = capsys.readouterr()
     assert "B_simple early" in captured.out and "95% interval" in captured.out
     assert "exp" in captured.out
+    table = captured.out.splitlines()
+    start = next(i for i, line in enumerate(table) if line.startswith("run "))
+    assert_aligned(table[start : start + 3])
+    names = [table[start][a:b].strip() for a, b in _spans(table[start + 1])]
+    assert "B_simple early" in names and "at recommended" in names and "95% interval" in names
     assert captured.out.strip().splitlines()[-1] == str(out_dir / "report.html")
     assert "reading 1 log folder(s)" in captured.err and "found 1 run(s)" in captured.err
     assert "summarized 1 run(s)" in captured.err and "plotting" in captured.err
@@ -52,7 +77,8 @@ def test_explore(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "recommended batch size: 16" in out
     lines = out.strip().splitlines()
     assert "time eff." in lines[1] and "compute eff." in lines[1]
-    assert len(lines) == 2 + 3 and "100.0%" in lines[3]
+    assert len(lines) == 3 + 3 and "100.0%" in lines[4]  # title, header, rule, 3 rows
+    assert_aligned(lines[1:])
     assert not (tmp_path / "x").exists()
     assert main(["explore", "-n", "100", "--out", str(tmp_path / "x")]) == 0
     assert (tmp_path / "x" / "explore.html").is_file()

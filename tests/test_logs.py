@@ -73,8 +73,8 @@ def test_lightning_csv_and_tensorboard_loggers_of_one_run_are_merged(tmp_path: P
     assert (tmp_path / "csv_exp" / "version_0" / "metrics.csv").is_file()
 
     logs = read_logs(tmp_path)
-    twin = "csv_exp/version_0+tb_exp/version_0"
-    assert logs.runs == [twin, "tb_other/version_0"]
+    twin = "tb_exp/version_0"  # two names: the run is named as TensorBoard shows it
+    assert logs.runs == ["tb_exp/version_0", "tb_other/version_0"]
     assert logs.merged == {twin: ["csv_exp/version_0", "tb_exp/version_0"]}
     df = logs.frame
     assert points("gns/b_simple", df, twin) == [(s, 10.0 + s) for s in range(4)]  # not doubled
@@ -103,11 +103,14 @@ def test_twins_are_merged_in_the_same_parent_and_two_tensorboard_copies_are_not(
     write_tb(tmp_path / "seed" / "version_0", values)
     write_tb(tmp_path / "seed" / "version_1", values)
     logs = read_logs(tmp_path)
-    assert logs.runs == ["lr/version_0+version_1", "seed/version_0", "seed/version_1"]
+    assert logs.runs == ["lr", "seed/version_0", "seed/version_1"]  # the loggers' one name
+    assert logs.merged == {"lr": ["lr/version_0", "lr/version_1"]}
     df = logs.frame
-    twin = points("gns/b_simple", df, "lr/version_0+version_1")
+    twin = points("gns/b_simple", df, "lr")
     assert len(twin) == 2 and math.isnan(twin[0][1]) and twin[1] == (10, 1.0 / 3)  # CSV's value
-    assert points("train/loss", df, "lr/version_0+version_1") == [(4, 0.9)]
+    assert points("train/loss", df, "lr") == [(4, 0.9)]
+    write_tb(tmp_path / "lr" / "version_2", {"gns/b_simple": [(5, 2.0)]})  # a third run there
+    assert read_logs(tmp_path).runs[0] == "lr/version_0"  # the TensorBoard twin's name
 
 
 def test_a_run_that_logged_nothing_is_kept_with_its_recorded_error(tmp_path: Path) -> None:

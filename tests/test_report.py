@@ -127,7 +127,7 @@ def test_every_value_of_a_row_is_from_the_last_read_out() -> None:
     )
     (line,) = advise(summarize(df))
     assert "spans 4.16x" in line and "at step 250" in line  # 749.7 / 180.2
-    assert "at least 180.2" in line and "below it" in line
+    assert "at least 180.2 (95%), above batch size 32: grow it to at least 128" in line
 
 
 def test_the_report_recommends_what_the_callback_logged_near_two_to_the_six_and_a_half() -> None:
@@ -141,11 +141,11 @@ def test_the_report_recommends_what_the_callback_logged_near_two_to_the_six_and_
         "gns/batch_size": [32.0] * 20,
     }
     logged = {**metrics, "gns/optimal_batch_size": [64.0] * 19 + [128.0]}
-    multiple = {**metrics, "gns/optimal_batch_size": [96.0] * 20}  # batch_size_multiple=48
+    multiple = {**metrics, "gns/batch_size_multiple": [48.0] * 20}  # logged when set
     summary = summarize(frame({"logged": logged, "old_logs": metrics, "multiple": multiple}))
     rec = dict(zip(summary["run"], summary["recommended_batch_size"], strict=True))
     assert rec == {"logged": 128, "old_logs": 128, "multiple": 96}
-    assert advice.supported(91.0, 91.0 / 1.1, 91.0 * 1.1).recommended == 128  # same function
+    assert advice.decide(91.0, 91.0 / 1.1, 91.0 * 1.1, 32).recommended == 128  # same function
 
 
 def test_without_a_precise_interval_the_report_advises_what_the_callback_does() -> None:
@@ -167,7 +167,7 @@ def test_without_a_precise_interval_the_report_advises_what_the_callback_does() 
         "gns/optimal_batch_size": [32.0] * 3,
     }
     old_logs = {k: v for k, v in open_.items() if k != "gns/optimal_batch_size"}
-    multiple = {**open_, "gns/optimal_batch_size": [40.0] * 3}  # batch_size_multiple=20
+    multiple = {**open_, "gns/batch_size_multiple": [20.0] * 3}  # 43.76 rounds down to 40
     summary = summarize(frame({"wide": wide, "open": open_, "old": old_logs, "mult": multiple}))
     summary = summary.set_index("run")
     assert summary["recommended_batch_size"].isna().all()
@@ -177,8 +177,9 @@ def test_without_a_precise_interval_the_report_advises_what_the_callback_does() 
     assert table.loc["wide", "B_simple"] == "15.8" and table.loc["wide", "recommended"] == "n/a"
     assert table.loc["open", "recommended"] == "≥ 32" and table.loc["mult", "recommended"] == "≥ 40"
     lines = dict(zip(summary.index, advise(summary.reset_index()), strict=True))
-    assert lines["wide"].startswith("wide: no advice: the 95% interval at step 20 spans 2.08x")
-    assert lines["open"].endswith("batch size 4 is below it: grow it to at least 32.")
+    assert lines["wide"].startswith("wide: no advice at step 20: the 95% interval spans 2.08x")
+    assert "at least 43.76 (95%), above batch size 4: grow it to at least 32;" in lines["open"]
+    assert "at least 43.76 (95%), above batch size 4: grow it to at least 40;" in lines["mult"]
 
 
 def test_reasons_are_true_and_said_once() -> None:
@@ -209,10 +210,10 @@ def test_reasons_are_true_and_said_once() -> None:
     assert "significantly" not in lines["wide"]
     assert "not yet known at any of its 30 logged points" in lines["wide"]
     assert "spans 2.08x, more than the 1.5x" in lines["wide"]
-    assert "not significantly above zero at step 40" in lines["open"]
-    assert "at least 400 (95%); batch size 32 is below it: grow it to at least 256" in lines["open"]
+    assert "at step 40, |G|² is not significantly above zero" in lines["open"]
+    assert "at least 400 (95%), above batch size 32: grow it to at least 256" in lines["open"]
     assert "no gns/b_simple logged" in lines["no_b"]
-    assert "no 95% interval yet at step 0" in lines["early"]
+    assert "no advice at step 0: no 95% interval yet" in lines["early"]
     for line in lines.values():
         sentences = [x.strip() for x in re.split(r"[.;:] ", line) if x.strip()]
         assert len(sentences) == len(set(sentences)), line
@@ -256,7 +257,7 @@ def test_summarize_handles_missing_pieces() -> None:
     assert math.isnan(summary.loc["negative", "recommended_batch_size"])
     lines = advise(summary.reset_index())
     assert len(lines) == 2 and "no advice" in lines[0]
-    assert "not logged" in lines[1]
+    assert "the batch size used is unknown" in lines[1]
 
 
 def test_summarize_without_gns_metrics_raises() -> None:
@@ -279,9 +280,10 @@ def test_advise_directions() -> None:
         }
     )
     lines = dict(zip(["big", "ok", "small"], advise(summarize(df)), strict=True))
-    assert "below it" in lines["small"] and "fewer optimizer steps" in lines["small"]
-    assert "above it" in lines["big"] and "fewer examples (compute)" in lines["big"]
-    assert "already matches" in lines["ok"]
+    assert "from 8 to 128" in lines["small"] and "fewer optimizer steps" in lines["small"]
+    assert "from 1024 to 128" in lines["big"] and "fewer examples (compute)" in lines["big"]
+    assert "recommended batch size 128: the batch size used" in lines["ok"]
+    assert "Moving" not in lines["ok"]
 
 
 def test_plots_several_runs(tmp_path: Path) -> None:
@@ -485,9 +487,9 @@ def test_the_report_of_a_real_sweep_agrees_with_its_logs(
         assert row["b_simple_upper"] == (upper if math.isfinite(upper) else math.inf)
         assert sum(line.startswith(f"{run}:") for line in out.splitlines()) == 1
         assert f"{run} from {folders[0]} and {folders[1]}" in out
-    frozen = summary.loc["frozen_b4/version_0+version_1"]
+    frozen = summary.loc["frozen_b4"]
     assert frozen["known_points"] == 0 and math.isinf(frozen["b_simple_upper"])
-    assert "frozen_b4/version_0+version_1" in pick_runs(summary.reset_index())  # drawn
+    assert "frozen_b4" in pick_runs(summary.reset_index())  # drawn
     crashed = summary.loc["batchnorm/version_0"]
     assert crashed["note"].startswith("it logged no scalar; it stopped with RuntimeError: ")
     assert "BatchNorm" in crashed["note"]

@@ -82,6 +82,7 @@ def _report(args: argparse.Namespace) -> int:
     from lightning_gns.report import advise, format_summary, summarize, write_report
     from lightning_gns.report.logs import find_runs, read_logs
     from lightning_gns.report.page import runs_note
+    from lightning_gns.report.summary import text_table
 
     folders = find_runs(args.path)
     _progress(f"reading {len(folders)} log folder(s) under {args.path} ...")
@@ -97,7 +98,7 @@ def _report(args: argparse.Namespace) -> int:
             "train with the lightning_gns GradientNoiseScale callback to log them"
         )
     summary = summarize(logs)
-    print(format_summary(summary).to_string(index=False))
+    print(text_table(format_summary(summary)))
     print()
     for line in advise(summary) + runs_note(logs):
         print(line)
@@ -109,11 +110,12 @@ def _report(args: argparse.Namespace) -> int:
 def _explore(args: argparse.Namespace) -> int:
     from lightning_gns import advice
     from lightning_gns.report import explore, format_table, write_explore
+    from lightning_gns.report.summary import text_table
 
     table = explore(args.noise_scale, args.batch_sizes)
     rec = advice.optimal_batch_size(args.noise_scale)
     print(f"noise scale B_noise = {args.noise_scale:g}; recommended batch size: {rec}")
-    print(format_table(table).to_string(index=False))
+    print(text_table(format_table(table)))
     if args.out:
         _progress(f"writing plots to {args.out} ...")
         print(write_explore(args.noise_scale, args.batch_sizes, args.out))

@@ -8,6 +8,7 @@ agree point for point.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,15 +201,21 @@ def same_run(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     return bool(np.allclose(va, vb, rtol=1e-6, atol=0.0, equal_nan=True))
 
 
-def _twin_name(a: str, b: str) -> str:
-    """``lr/version_0`` and ``lr/version_1`` -> ``lr/version_0+version_1``."""
-    pa, pb = a.split("/"), b.split("/")
-    i = 0
-    while i < min(len(pa), len(pb)) - 1 and pa[i] == pb[i]:
-        i += 1
-    head = "/".join(pa[:i])
-    tail = "/".join(pa[i:]) + "+" + "/".join(pb[i:])
-    return f"{head}/{tail}" if head else tail
+_VERSION = re.compile(r"version_\d+")
+
+
+def _twin_name(events: str, csv: str, names: list[str]) -> str:
+    """A readable name for a TensorBoard and CSV twin: the parent both loggers wrote under
+    (``gpt2_b8`` for ``gpt2_b8/version_0`` and ``gpt2_b8/version_1``, Lightning's default)
+    when only their version folders differ and no other run lives there; else the
+    TensorBoard run's own name, as TensorBoard shows it."""
+    head_e, _, tail_e = events.rpartition("/")
+    head_c, _, tail_c = csv.rpartition("/")
+    if head_e and head_e == head_c and _VERSION.fullmatch(tail_e) and _VERSION.fullmatch(tail_c):
+        others = [n for n in names if n not in (events, csv)]
+        if not any(n == head_e or n.startswith(head_e + "/") for n in others):
+            return head_e
+    return events
 
 
 @dataclass
@@ -235,7 +242,7 @@ def _merge_twins(runs: list[_Run]) -> list[_Run]:
             if same_run(events.rows, csv.rows):
                 used.add(j)
                 run = _Run(
-                    _twin_name(run.name, other.name),
+                    _twin_name(events.name, csv.name, [r.name for r in runs]),
                     _merge_sources(events.rows, csv.rows),
                     "both",
                     run.folders + other.folders,
@@ -251,7 +258,8 @@ def read_logs(path: str | os.PathLike[str]) -> Logs:
 
     Like :func:`read_metrics`, and besides: runs that logged no scalar (a run that stopped at
     fit start) are kept in ``runs``, a run logged to TensorBoard and CSV in two folders is one
-    run named ``<common path>/<first>+<second>``, and the error a run stopped with is read
+    run (named by the parent of Lightning's two version folders, ``gpt2_b8``, or else by its
+    TensorBoard folder; ``Logs.folders`` lists both), and the error a run stopped with is read
     from the TensorBoard text ``gns/error``.
     """
     found = find_runs(path)

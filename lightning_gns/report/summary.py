@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from lightning_gns.report.logs import COLUMNS, Logs
 
 B_SIMPLE = "gns/b_simple"
 LOWER, UPPER, SE = "gns/b_simple_lower", "gns/b_simple_upper", "gns/b_simple_se"
-OPTIMAL = "gns/optimal_batch_size"
+MULTIPLE = "gns/batch_size_multiple"
 SUMMARY_COLUMNS = [
     "run",
     "last_step",
@@ -29,6 +30,7 @@ SUMMARY_COLUMNS = [
     "known_points",
     "recommended_batch_size",
     "grow_to_batch_size",
+    "batch_size_multiple",
     "efficiency",
     "steps_change_pct",
     "examples_change_pct",
@@ -89,28 +91,10 @@ def _interval(at: dict[str, float], b: float) -> tuple[float, float]:
     return math.nan, math.nan
 
 
-def _no_advice_note(
-    step: int, b: float, lower: float, upper: float, logged: int, known: int
-) -> str:
-    """Why the run's last read-out gives no recommendation, in the order the checks fail."""
-    if logged == 0:
-        return f"no {B_SIMPLE} logged"
-    unknown = f"B_simple not yet known at any of its {logged} logged points; " if not known else ""
-    if not math.isfinite(lower):
-        why = f"no 95% interval yet at step {step} (it needs two effective steps)"
-    elif math.isinf(upper):
-        why = f"|G|² not significantly above zero at step {step}, so the interval has no upper end"
-    elif not (lower > 0 and upper <= advice.MAX_SPREAD * lower):
-        span = f"{upper / lower:.3g}x" if lower > 0 else "more than any ratio"
-        why = (
-            f"the 95% interval at step {step} spans {span}, more than the "
-            f"{advice.MAX_SPREAD:g}x that advice needs"
-        )
-    elif not math.isfinite(b):
-        why = f"no {B_SIMPLE} value at step {step}"
-    else:
-        why = f"no recommendation at step {step}"
-    return unknown + why
+def _multiple(at: dict[str, float]) -> int | None:
+    """The callback's ``batch_size_multiple`` at the read-out (logged only when set)."""
+    m = at.get(MULTIPLE, math.nan)
+    return int(m) if math.isfinite(m) and m >= 1 and float(m).is_integer() else None
 
 
 def summarize(data: pd.DataFrame | Logs) -> pd.DataFrame:
@@ -120,12 +104,12 @@ def summarize(data: pd.DataFrame | Logs) -> pd.DataFrame:
     Every value of a row describes the run's last read-out (``last_step``): B_simple (NaN
     while its interval has no upper end), the 95% interval, the batch size and the advice.
     The advice is what the callback gives for the same values, from the same function
-    (:func:`lightning_gns.advice.supported`): a recommended batch size only where the interval
-    is precise (the callback's logged ``gns/optimal_batch_size`` there, which honours
-    ``batch_size_multiple``); with only a lower bound above the batch used, the batch to grow
-    to (``grow_to_batch_size``, the logged value again); nothing otherwise, with the reason in
-    ``note``. Efficiency and the change in steps and examples on moving to the recommendation
-    follow from B_simple. ``b_simple_early`` is the mean of the first 10% of known points.
+    (:func:`lightning_gns.advice.decide`, with the logged ``gns/batch_size_multiple``): a
+    recommended batch size only where the interval is precise; with only a lower bound far
+    enough above the batch used, the batch to grow to (``grow_to_batch_size``); nothing
+    otherwise, with the reason in ``note``. Efficiency and the change in steps and examples on
+    moving to the recommendation follow from B_simple. ``b_simple_early`` is the mean of the
+    first 10% of known points.
 
     ``data`` is ``read_metrics``' table or ``read_logs``' result (which also lists runs that
     logged nothing, with the error they stopped with).
@@ -187,25 +171,16 @@ def _row(run: str, rows: pd.DataFrame, error: str) -> dict:
         logged_points=int((gns["metric"] == B_SIMPLE).sum()),
         known_points=len(known),
     )
-    verdict = advice.supported(b, lower, upper)  # the callback's own function, same values
-    logged = at.get(OPTIMAL, math.nan)  # the callback's gns/optimal_batch_size there
-    if verdict.kind == "estimate":  # the logged value honours batch_size_multiple
-        rec = logged if math.isfinite(logged) and logged > 0 else float(verdict.recommended or 0)
-    else:
-        rec = math.nan
-        batch = row["batch_size"]
-        if verdict.kind == "at_least" and math.isfinite(batch) and batch < verdict.lower:
-            grow = logged if math.isfinite(logged) and logged > batch else math.nan
-            if math.isnan(grow):  # logs without the key, or from before it said so
-                grow = advice.supported_batch_size(verdict, batch)
-            row["grow_to_batch_size"] = grow if grow > batch else math.nan
-    if not (math.isfinite(rec) and rec > 0):
-        row["note"] = _no_advice_note(step, b, lower, upper, row["logged_points"], len(known))
+    row["batch_size_multiple"] = float(_multiple(at) or math.nan)
+    a = _decide(row)
+    row["recommended_batch_size"] = a.recommended if a.recommended is not None else math.nan
+    row["grow_to_batch_size"] = a.grow_to if a.grow_to is not None else math.nan
+    if a.kind != "recommend":
+        row["note"] = _note(step, a.reason, row["logged_points"], len(known))
         return row
-    row["recommended_batch_size"] = rec
-    if math.isfinite(row["batch_size"]) and math.isfinite(b) and b > 0:
-        batch = row["batch_size"]
-        row["efficiency"] = advice.efficiency(batch, b)
+    rec, batch = float(a.size), row["batch_size"]
+    row["efficiency"] = a.efficiency
+    if math.isfinite(batch):
         row["steps_change_pct"] = 100 * (
             advice.steps_ratio(rec, b) / advice.steps_ratio(batch, b) - 1
         )
@@ -213,6 +188,34 @@ def _row(run: str, rows: pd.DataFrame, error: str) -> dict:
             advice.examples_ratio(rec, b) / advice.examples_ratio(batch, b) - 1
         )
     return row
+
+
+def _note(step: int, reason: str, logged: int, known: int) -> str:
+    """Why the run's last read-out gives no recommendation."""
+    if logged == 0:
+        return f"no {B_SIMPLE} logged"
+    return f"{_unknown(logged, known)}at step {step}, {reason}"
+
+
+def _unknown(logged: int, known: int) -> str:
+    return "" if known else f"B_simple not yet known at any of its {logged} logged points; "
+
+
+def _decide(row: Any) -> advice.Advice:
+    """:func:`lightning_gns.advice.decide` on a row's values (a dict or a table row): what the
+    callback decided."""
+
+    def get(key: str) -> float:
+        return float(row[key] if isinstance(row, dict) else getattr(row, key))
+
+    multiple = get("batch_size_multiple")
+    return advice.decide(
+        get("b_simple"),
+        get("b_simple_lower"),
+        get("b_simple_upper"),
+        get("batch_size"),
+        int(multiple) if math.isfinite(multiple) else None,
+    )
 
 
 def fmt_num(x: float) -> str:
@@ -308,53 +311,67 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+_NUMERIC = re.compile(r"[-+≥∞]?\s?[\d.,]*\d[\d.,]*(%|x)?|∞|n/a")
+
+
+def text_table(table: pd.DataFrame) -> str:
+    """A plain-text table whose columns line up: each header over a rule of dashes as wide as
+    its column, two spaces between columns, numbers right-aligned and text left-aligned."""
+    cols = [str(c) for c in table.columns]
+    cells = [[str(v) for v in table[c]] for c in table.columns]
+    widths = [max([len(h), *map(len, col)]) for h, col in zip(cols, cells, strict=True)]
+    right = [all(_NUMERIC.fullmatch(v) for v in col) and col for col in cells]
+
+    def line(values: list[str]) -> str:
+        parts = [
+            v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    rows = [line(cols), line(["-" * w for w in widths])]
+    rows += [line([col[i] for col in cells]) for i in range(len(table))]
+    return "\n".join(rows)
+
+
 def advise(summary: pd.DataFrame) -> list[str]:
-    """One plain-language line per run of ``summarize``'s table: advice where the data support
-    it, the reason and what the lower bound implies otherwise."""
+    """One plain-language line per run of ``summarize``'s table: the sentence of
+    :func:`lightning_gns.advice.decide` (what the callback prints for the same values), with
+    the change in steps and examples where there is a recommendation."""
     lines = []
     for row in summary.itertuples(index=False):
         head = f"{row.run}: "
         if row.coverage < 0.9:
             head += f"(covers {row.coverage:.0%} of the parameters) "
-        rec = row.recommended_batch_size
-        if not math.isfinite(rec):
-            lower, batch, grow = row.b_simple_lower, row.batch_size, row.grow_to_batch_size
-            if math.isfinite(grow):  # only a lower bound, above the batch used: grow
-                text = (
-                    f"{row.note}. B_noise is at least {fmt_num(lower)} (95%); batch size "
-                    f"{fmt_num(batch)} is below it: grow it to at least {fmt_num(grow)}."
-                )
-            else:
-                text = f"no advice: {row.note or 'no usable estimate'}."
-                if math.isfinite(lower) and lower > 0:
-                    text += f" B_noise is at least {fmt_num(lower)} (95%)."
-            lines.append(head + text)
+        if row.logged_points == 0 or not isinstance(row.note, str):
+            lines.append(f"{head}no advice: {row.note or 'no usable estimate'}.")
             continue
-        lines.append(head + _advice_text(row))
+        a = _decide(row)
+        if a.kind == "recommend":
+            lines.append(head + _advice_text(row, a))
+        elif a.kind == "grow":
+            lines.append(f"{head}{a.sentence()}; no recommendation yet: {row.note}.")
+        else:
+            unknown = _unknown(row.logged_points, row.known_points)
+            lines.append(f"{head}{unknown}{a.sentence(int(row.last_step))}.")
     return lines
 
 
-def _advice_text(row: Any) -> str:
-    b, batch, rec = row.b_simple, row.batch_size, int(row.recommended_batch_size)
+def _advice_text(row: Any, a: advice.Advice) -> str:
+    b, batch, rec = a.b_simple, row.batch_size, int(a.size)
     interval = fmt_interval(row.b_simple_lower, row.b_simple_upper)
-    value = f"B_simple ≈ {fmt_num(b)}" if math.isfinite(b) else "B_simple not yet known"
-    text = f"{value} at step {fmt_num(row.last_step)} (95% interval {interval}), "
-    text += f"recommended batch size {rec}. "
+    text = f"B_simple ≈ {fmt_num(b)} at step {fmt_num(row.last_step)} (95% interval {interval}), "
+    text += f"{a.sentence()}."
     steps, examples = row.steps_change_pct, row.examples_change_pct
-    if not math.isfinite(batch):
-        text += "The batch size was not logged (gns/batch_size)."
-    elif not math.isfinite(steps):
-        text += f"Batch size {fmt_num(batch)}."
-    elif batch == rec:
-        text += "The batch size already matches it."
+    if not (math.isfinite(batch) and math.isfinite(steps)) or batch == rec:
+        pass  # the sentence said it: the batch used is unknown, or it is the recommendation
     elif batch < rec:
         text += (
-            f"Batch size {fmt_num(batch)} is below it: moving to {rec} would need about "
+            f" Moving from {fmt_num(batch)} to {rec} would need about "
             f"{-steps:.0f}% fewer optimizer steps for {examples:.0f}% more examples."
         )
     else:
         text += (
-            f"Batch size {fmt_num(batch)} is above it: moving to {rec} would need about "
+            f" Moving from {fmt_num(batch)} to {rec} would need about "
             f"{-examples:.0f}% fewer examples (compute) for {steps:.0f}% more optimizer steps."
         )
     early = row.b_simple_early
