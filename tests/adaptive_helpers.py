@@ -40,6 +40,34 @@ class LoudNoise(GradientNoiseScale):
         self.step_listeners = _LoudListeners()
 
 
+def record(b_noise: float) -> StepNorms:
+    """One process's record of a step with |G|² = 1 and tr(Σ) = ``b_noise`` exactly (B_small
+    1, B_big 2): B_noise = ``b_noise``, known once a window holds a few of them."""
+    return StepNorms(
+        torch.tensor([b_noise + 1.0]), torch.tensor([1.0 + b_noise / 2]), 1.0, 1.0, 1.0, 0.5
+    )
+
+
+class _ScriptedListeners(list):
+    def __init__(self, script) -> None:
+        super().__init__()
+        self.script, self.count = script, 0
+
+    def __iter__(self):  # noqa: ANN204
+        self.count += 1
+        value = record(self.script(self.count))
+        for listener in list.__iter__(self):
+            yield lambda sample, listener=listener: listener(None if sample is None else value)
+
+
+class ScriptedNoise(GradientNoiseScale):
+    """Hands AdaptiveBatchSize (one process) B_noise = ``script(k)`` at the k-th record."""
+
+    def __init__(self, script, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.step_listeners = _ScriptedListeners(script)
+
+
 class Small(pl.LightningModule):
     """The digits MLP on the first ``n`` examples (SGD, fixed order unless ``seed``);
     ``sampler``: a ResizableBatchSampler class to draw batches with."""

@@ -29,9 +29,9 @@ class DocsModule(Small):
     """docs/adaptive.md's DataLoader: ``ResizableBatchSampler(RandomSampler(data), 8)``, no
     generator (the global RNG orders every epoch); ``weighted``: a WeightedRandomSampler."""
 
-    def __init__(self, weighted: bool = False, **kw) -> None:
+    def __init__(self, weighted: bool = False, workers: int = 0, **kw) -> None:
         super().__init__(**kw)
-        self.weighted = weighted
+        self.weighted, self.workers = weighted, workers
         self.validated: list[tuple[int, int]] = []  # (epoch, global step) of each validation
         self.examples: dict[int, int] = {}  # examples trained on, by epoch
         self.steps: list[tuple[int, int]] = []  # (epoch, global step) before each batch
@@ -49,7 +49,8 @@ class DocsModule(Small):
             inner = WeightedRandomSampler(torch.linspace(1, 2, self.n), self.n)
         else:
             inner = RandomSampler(data)
-        return DataLoader(data, batch_sampler=ResizableBatchSampler(inner, self.batch_size))
+        sampler = ResizableBatchSampler(inner, self.batch_size)
+        return DataLoader(data, batch_sampler=sampler, num_workers=self.workers)
 
     def validation_step(self, batch, batch_idx) -> None:
         if batch_idx == 0:
@@ -83,12 +84,15 @@ def per_epoch(rows: list[tuple[int, int]]) -> dict[int, int]:
     return out
 
 
-@pytest.mark.parametrize("weighted", [False, True], ids=["docs-RandomSampler", "weighted"])
-def test_the_docs_example_resumes_exactly_mid_epoch(tmp_path, weighted) -> None:
-    """Global-RNG inner samplers: a checkpoint after 5 steps (epoch 0, the micro-batch grown
-    to 16), resumed in a process whose global RNG is elsewhere, ends with the parameters of
-    the uninterrupted run (the epochs after the checkpoint come in the same order)."""
-    kw = {"module_kw": {"weighted": weighted}}
+@pytest.mark.parametrize(
+    ("weighted", "workers"), [(False, 2), (True, 0)], ids=["docs-example", "weighted"]
+)
+def test_the_docs_example_resumes_exactly_mid_epoch(tmp_path, weighted, workers) -> None:
+    """docs/adaptive.md's DataLoader (``ResizableBatchSampler(RandomSampler(data), 8)``, two
+    workers), and a WeightedRandomSampler: global-RNG inner samplers. A checkpoint after 5
+    steps (epoch 0, the micro-batch grown to 16), resumed in a process whose global RNG is
+    elsewhere, ends with the parameters of the uninterrupted run."""
+    kw = {"module_kw": {"weighted": weighted, "workers": workers}}
     _, full, full_module = run(tmp_path / "full", **kw)
     saver = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=5, save_top_k=-1)
     run(tmp_path / "a", callbacks=[saver], max_steps=5, **kw)

@@ -43,9 +43,11 @@ class AdaptiveBatchSize(Resumable, Growing, Callback):
     r"""Grow the batch as the gradient noise scale grows (needs a
     :class:`~lightning_gns.GradientNoiseScale` in the same ``Trainer``, before or after it).
 
-    The first step is a probe of at least ``probe`` examples (at the user's learning rate);
-    its noise scale sets the batch the run continues with. Every ``check_every_n_steps``
-    steps the rule (:mod:`lightning_gns.adaptive.rules`) may change the batch by powers of
+    The first steps are a probe of at least ``probe`` examples (at the user's learning rate)
+    until B_noise's interval is within 1.5× or 10 records are in; the run goes on at the
+    largest batch at most ``multiple`` × its lower bound. Every rule grows on the interval's
+    lower bound and shrinks on its upper bound, never on a point estimate. Every
+    ``check_every_n_steps`` steps the rule (:mod:`lightning_gns.adaptive.rules`) may change the batch by powers of
     ``factor``: the micro-batch first, when the DataLoader draws with a
     :class:`~lightning_gns.adaptive.sampler.ResizableBatchSampler` and ``max_micro_batch``
     allows, then
