@@ -47,8 +47,8 @@ class AdaptiveBatchSize(Resumable, Growing, Callback):
     until B_noise's interval is within 1.5× or 10 records are in; the run goes on at the
     largest batch at most ``multiple`` × its lower bound. Every rule grows on the interval's
     lower bound and shrinks on its upper bound, never on a point estimate. Every
-    ``check_every_n_steps`` steps the rule (:mod:`lightning_gns.adaptive.rules`) may change the batch by powers of
-    ``factor``: the micro-batch first, when the DataLoader draws with a
+    ``check_every_n_steps`` steps the rule (:mod:`lightning_gns.adaptive.rules`) may change
+    the batch by powers of ``factor``: the micro-batch first, when the DataLoader draws with a
     :class:`~lightning_gns.adaptive.sampler.ResizableBatchSampler` and ``max_micro_batch``
     allows, then
     ``accumulate_grad_batches``. A change starts with a whole accumulation window, on every DDP
