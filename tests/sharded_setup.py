@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,7 +89,14 @@ def rank_env(rank: int, port: int, root: object, world: int = 2) -> dict[str, st
         "LOCAL_RANK": str(rank),
         "GNS_TEST_RANK": str(rank),
         "GNS_TEST_WORLD": str(world),  # (Lightning's teardown drops WORLD_SIZE)
+        "GNS_TEST_PORTS": ports_dir(port),
     }
+
+
+def ports_dir(port: int) -> str:
+    """Where one launch's ranks agree on each Trainer's port (:func:`next_port`): named by the
+    launching process and its first port, the same for every rank it starts."""
+    return os.path.join(tempfile.gettempdir(), f"gns-ports-{os.getpid()}-{port}")
 
 
 def place(nodes: int) -> int:
@@ -182,11 +191,13 @@ FITS_STARTED = [0]  # Trainers started in this process
 
 def next_port(wait: float = 300.0) -> str:
     """A port free now, for the next Trainer: rank 0 asks the system for one and leaves it in
-    the working directory (every rank's, the launcher's folder); the others read it. (Counting
-    up from one port collided with other multi-process tests on the same machine.)"""
+    the launch's :func:`ports_dir`; the others read it. (Counting up from one port collided
+    with other multi-process tests on the same machine.)"""
     FITS_STARTED[0] += 1
-    path = Path(f"port.{FITS_STARTED[0]}")
+    folder = Path(os.environ["GNS_TEST_PORTS"])
+    path = folder / f"port.{FITS_STARTED[0]}"
     if os.environ["GNS_TEST_RANK"] == "0":
+        folder.mkdir(parents=True, exist_ok=True)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = str(s.getsockname()[1])
@@ -255,6 +266,7 @@ def launch(out: Path, configs: list[str], world: int = 2, timeout: float = 900) 
                 p.kill()
         for log in logs:
             log.close()
+        shutil.rmtree(ports_dir(port), ignore_errors=True)
     tails = "".join((out.parent / f"log.rank{r}").read_text()[-3000:] for r in range(world))
     assert codes == [0] * world, tails
     return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(world)]
