@@ -179,3 +179,15 @@ def test_the_users_schedule_in_examples() -> None:
     assert loop.validates(32, 48, epoch=0) and not loop.validates(0, 32, epoch=0)
     across = UserLoop(base_micro=8, examples=100, limit=13, val_every=5, across_epochs=True)
     assert [across.validates(a, a + 16, 1) for a in (0, 16, 32, 48)] == [True, False, False, True]
+
+
+@pytest.mark.parametrize("at", [5, 16])  # epoch 0 (mid), epoch 1 (mid, whole epochs at 32)
+def test_a_resumed_run_validates_where_the_uninterrupted_one_does(tmp_path, at) -> None:
+    kw = {"val_check_interval": 0.5}
+    _, _, full = run(tmp_path / "full", **kw)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=at, save_top_k=-1)
+    run(tmp_path / "a", callbacks=[saver], max_steps=at, **kw)
+    (ckpt,) = (tmp_path / "ck").glob(f"*step={at}.ckpt")
+    _, _, module = run(tmp_path / "b", ckpt=str(ckpt), **kw)
+    assert module.validated == [v for v in full.validated if v[1] > at]
+    assert len(full.validated) == 6
