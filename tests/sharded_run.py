@@ -9,7 +9,8 @@ GNS_TEST_RANK, WORLD_SIZE, MASTER_*):
           resume:KIND[:SOURCE]         2 epochs at once, and 1 epoch + resume for the second
           nan:KIND                     rank 1's loss is NaN at step 5
   KIND    ddp | fsdp1 (use_orig_params=True) | fsdp1_flat (False) | fsdp2 | hsdp (FSDP2 on a
-          (replicate, shard) mesh) | hybrid (FSDP1 HYBRID_SHARD, use_orig_params=True)
+          (replicate, shard) mesh) | hybrid (FSDP1 HYBRID_SHARD, use_orig_params=True) |
+          hybrid_zero2 (FSDP1 _HYBRID_SHARD_ZERO2)
 Each rank writes OUT.json.rank<global rank>.
 """
 

@@ -51,7 +51,8 @@ class CPUFSDPStrategy(FSDPStrategy):
     def _setup_model(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-        if self.sharding_strategy == ShardingStrategy.HYBRID_SHARD:
+        hybrid = (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2)
+        if self.sharding_strategy in hybrid:
             self.kwargs["device_mesh"] = hybrid_mesh()
         return FullyShardedDataParallel(
             module=model,
@@ -169,9 +170,13 @@ class Module(pl.LightningModule):
         return DataLoader(data(), batch_size=BATCH, shuffle=False)
 
 
+FSDP1_SHARDING = {"hybrid": "HYBRID_SHARD", "hybrid_zero2": "_HYBRID_SHARD_ZERO2"}
+
+
 def strategy_for(kind: str, world: int = 2) -> pl.strategies.Strategy:
     """``ddp``; ``fsdp2`` (1-D mesh) and ``hsdp`` (FSDP2 on :func:`hybrid_mesh`); ``fsdp1``
-    (``use_orig_params``), ``fsdp1_flat`` and ``hybrid`` (FSDP1 ``HYBRID_SHARD``)."""
+    (``use_orig_params``), ``fsdp1_flat``, ``hybrid`` and ``hybrid_zero2`` (FSDP1
+    ``HYBRID_SHARD``, ``_HYBRID_SHARD_ZERO2``: :func:`hybrid_mesh`)."""
     if kind == "ddp":
         return DDPStrategy()
     if kind in ("fsdp2", "hsdp"):
@@ -180,8 +185,8 @@ def strategy_for(kind: str, world: int = 2) -> pl.strategies.Strategy:
 
     return CPUFSDPStrategy(
         auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
-        use_orig_params=kind in ("fsdp1", "hybrid"),
-        sharding_strategy="HYBRID_SHARD" if kind == "hybrid" else "FULL_SHARD",
+        use_orig_params=kind in ("fsdp1", "hybrid", "hybrid_zero2"),
+        sharding_strategy=FSDP1_SHARDING.get(kind, "FULL_SHARD"),
         state_dict_type="sharded",  # ("full" crashed rank 0 on CPU)
     )
 

@@ -18,8 +18,11 @@ ONE_NODE = [
     "fit:hybrid:1:micro_batch",
     "fit:ddp:2:micro_batch",
     "fit:hybrid:2:micro_batch",
+    "fit:hybrid_zero2:2:micro_batch",
     "fit:ddp:1:per_example",
     "fit:hsdp:1:per_example",
+    "fit:ddp:2:per_example",
+    "fit:hsdp:2:per_example",
 ]
 TWO_NODES = [
     "fit:ddp:1:micro_batch:2",
@@ -52,6 +55,7 @@ def test_hybrid_and_two_nodes_log_the_ddp_estimate_and_the_replay(ranks) -> None
         "hsdp": [[2, 2], ["R", "S(0)"]],
         "fsdp2": [[4], ["S(0)"]],
         "hybrid": ["HYBRID_SHARD", 2],
+        "hybrid_zero2": ["_HYBRID_SHARD_ZERO2", 2],
     }
     for config in ONE_NODE + TWO_NODES:
         _, kind, acc, source, *nodes = config.split(":")
