@@ -1,6 +1,7 @@
 """GradientNoiseMeter in own loops on 2 CPU processes (gloo); every rank writes JSON results.
 
 Usage: python tests/meter_run.py OUT.json ddp    (Fabric DDP: per-example norms)
+       python tests/meter_run.py OUT.json fsdp   (Fabric FSDP1: micro-batches)
        python tests/meter_run.py OUT.json torch PORT   (torch.distributed DDP: micro-batches)
        python tests/meter_run.py OUT.json fsdp2 PORT   (FSDP2 fully_shard: per-example norms)
 Rank r writes OUT.json.rank<r>. (Fabric's strategy="ddp" relaunches this script in new
@@ -73,6 +74,41 @@ def fabric_loop(out: str) -> None:
     dist.destroy_process_group()
 
 
+def fabric_fsdp(out: str) -> None:
+    """Fabric FSDP (FSDP1: micro-batches, 2 per step) on CPU; Fabric refuses FSDP on CPU by an
+    exact-type check, and Fabric wraps with device_id=None, which FSDP1 refuses on CPU."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class CPUFSDP(FSDPStrategy):
+        def setup_module(self, module: nn.Module) -> nn.Module:
+            return FullyShardedDataParallel(module, device_id=torch.device("cpu"))
+
+    fabric = Fabric(accelerator="cpu", devices=2, strategy=CPUFSDP(timeout=TIMEOUT))
+    fabric.launch()
+    model = fabric.setup_module(mlp())
+    optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.0))
+    x, y = digits()
+    gen = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True, generator=gen)
+    loader = fabric.setup_dataloaders(loader)
+    meter = GradientNoiseMeter(model, ema_decay=0.98, accumulate=2, log_every_n_steps=10)
+    for epoch in range(EPOCHS):
+        loader.sampler.set_epoch(epoch)
+        batches = list(loader)
+        for i in range(0, len(batches) - 1, 2):
+            for j, (xb, yb) in enumerate(batches[i : i + 2]):
+                with fabric.no_backward_sync(model, enabled=j == 0):
+                    fabric.backward(nn.functional.cross_entropy(model(xb), yb) / 2)
+            meter.step()
+            optimizer.step()
+            optimizer.zero_grad()
+    write(out, fabric.global_rank, fabric.world_size, meter)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def fsdp2_worker(rank: int, out: str) -> None:
     """A plain loop on FSDP2 (fully_shard): per-example norms of sharded parameters."""
     from torch.distributed.fsdp import fully_shard
@@ -133,6 +169,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[2] == "ddp":
         fabric_loop(sys.argv[1])
+    elif sys.argv[2] == "fsdp":
+        fabric_fsdp(sys.argv[1])
     else:
         worker = fsdp2_worker if sys.argv[2] == "fsdp2" else torch_worker
         if "RANK" in os.environ:  # rank 1, started by rank 0 below

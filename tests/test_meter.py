@@ -220,8 +220,13 @@ def free_port() -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "mode,source,batch_size",  # B_big: micro-batch × accumulation × world size
-    [("ddp", "per_example", 32), ("torch", "micro_batch", 64), ("fsdp2", "per_example", 32)],
-    ids=["fabric-ddp", "torch-ddp", "torch-fsdp2"],
+    [
+        ("ddp", "per_example", 32),
+        ("fsdp", "micro_batch", 64),
+        ("torch", "micro_batch", 64),
+        ("fsdp2", "per_example", 32),
+    ],
+    ids=["fabric-ddp", "fabric-fsdp", "torch-ddp", "torch-fsdp2"],
 )
 def test_two_processes_match_exact(mode, source, batch_size, tmp_path, truth) -> None:
     out = tmp_path / "result.json"
