@@ -48,6 +48,18 @@ def test_docstring_examples_run(name: str, tmp_path: Path, monkeypatch: pytest.M
     assert result.failed == 0, f"{result.failed} example(s) of {name} failed (output above)"
 
 
+def test_docstring_examples_are_google_examples_sections() -> None:
+    """Griffe reads "Example:" as an admonition of prose (its ``>>>`` lines become nested
+    quotes on the site) and "Examples:" as code: every doctest sits under "Examples:"."""
+    wrong = [
+        f"{path.relative_to(ROOT)}:{text[: m.start()].count(chr(10)) + 1}"
+        for path in sorted((ROOT / "lightning_gns").rglob("*.py"))
+        for text in [path.read_text(encoding="utf-8")]
+        for m in re.finditer(r"^\s*Example:\s*\n\s*>>>", text, flags=re.M)
+    ]
+    assert not wrong, f"write 'Examples:' (plural) above doctests: {wrong}"
+
+
 class TinyModel(pl.LightningModule):
     """What the snippets call ``model``: a LightningModule that is also a plain classifier."""
 
@@ -119,6 +131,24 @@ def _mkdocs() -> list[str]:
     return [exe]
 
 
+def assert_examples_render_as_code(api: str) -> None:
+    """Docstring examples are highlighted code with their ``>>>`` prompts, not Markdown quotes
+    (a ``>>>`` line under "Example:" renders as three nested block quotes, ``__init__`` as a
+    bold "init"), and no code block of the API page is empty."""
+    assert "<blockquote" not in api, "a docstring example rendered as a block quote"
+    assert "<strong>init</strong>" not in api, "__init__ rendered as bold 'init'"
+    blocks = re.findall(r"<pre[^>]*>(.*?)</pre>", api, flags=re.S)
+    texts = [re.sub(r"<[^>]+>", "", b).strip() for b in blocks]
+    assert blocks and all(texts), "an empty code block on the API page"
+    examples = re.findall(
+        r'doc-section-title">Examples:</span></p>\s*<div class="highlight"><pre>(.*?)</pre>',
+        api,
+        flags=re.S,
+    )
+    prompt = '<span class="gp">&gt;&gt;&gt; </span>'
+    assert len(examples) >= len(API) and all(prompt in e for e in examples), len(examples)
+
+
 @pytest.mark.slow
 def test_the_site_builds_strictly_and_its_pages_render(tmp_path: Path) -> None:
     site = tmp_path / "site"
@@ -154,6 +184,7 @@ def test_the_site_builds_strictly_and_its_pages_render(tmp_path: Path) -> None:
         assert f'id="{module}"' in api, module
     for section in ("Raises:", "Example"):
         assert section in api, section
+    assert_examples_render_as_code(api)
     assert not re.search(r":(func|class|meth|attr|mod|data):`", api)  # roles became code
     images = [p.name for p in (site / "img").glob("*.png")]
     assert {"tensorboard_custom_scalars.png", "report.png"} <= set(images)
