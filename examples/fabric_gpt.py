@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_gpt import TinyGPT, char_dataset  # noqa: E402
 
 from lightning_gns import GradientNoiseMeter  # noqa: E402
+from lightning_gns.publish import tensorboard_layout  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> GradientNoiseMeter:
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> GradientNoiseMeter:
     logger = TensorBoardLogger(args.logdir, name="")
     fabric = Fabric(accelerator="auto", devices=args.devices, precision="32-true", loggers=logger)
     fabric.launch()
+    if fabric.is_global_zero:  # B_simple with its interval, one chart on Custom Scalars
+        logger.experiment.add_custom_scalars(tensorboard_layout())
     fabric.seed_everything(0)
     data, vocab = char_dataset(args.seq_len, max_chars=200_000)
     loader = DataLoader(data, batch_size=args.micro_batch, shuffle=True, drop_last=True)

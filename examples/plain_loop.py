@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_gpt import TinyGPT, char_dataset  # noqa: E402
 
 from lightning_gns import GradientNoiseMeter  # noqa: E402
+from lightning_gns.publish import tensorboard_layout  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> GradientNoiseMeter:
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> GradientNoiseMeter:
     model = TinyGPT(vocab, args.seq_len, args.width, args.layers, n_heads=4).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     writer = SummaryWriter(args.logdir)
+    writer.add_custom_scalars(tensorboard_layout())  # B_simple with its interval, one chart
 
     # The meter counts the micro-batches of each step (the loss is divided by their number).
     meter = GradientNoiseMeter(model, log_every_n_steps=args.log_every)

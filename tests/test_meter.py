@@ -31,7 +31,9 @@ def loader() -> DataLoader:
     return Classifier(mlp(), batch_size=BATCH).train_dataloader()
 
 
-def own_loop(meter_kw: dict, fabric: bool = False, counted: bool = False) -> GradientNoiseMeter:
+def own_loop(
+    meter_kw: dict, fabric: bool = False, counted: bool = False, bf16: bool = False
+) -> GradientNoiseMeter:
     """Lightning's accumulation written out: the loss / 4, a step every 4 micro-batches and
     at the end of each epoch (a short last window), on the frozen digits MLP."""
     model = mlp()
@@ -51,7 +53,9 @@ def own_loop(meter_kw: dict, fabric: bool = False, counted: bool = False) -> Gra
         for i, (x, y) in enumerate(data):
             if counted and n - i <= n % ACCUMULATE:
                 break  # counted: whole windows only (the loss is divided by the count)
-            backward(nn.functional.cross_entropy(model(x), y) / ACCUMULATE)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            backward(loss / ACCUMULATE)
             if (i + 1) % ACCUMULATE == 0 or i + 1 == n:
                 meter.step()
                 optimizer.step()
@@ -92,6 +96,14 @@ def test_fabric_single_device_gives_the_plain_loops_values(truth) -> None:
 def test_counted_accumulation_matches_exact(source, truth) -> None:
     meter = own_loop({"ema_decay": 0.98, "source": source}, counted=True)
     assert meter.batch_size == BATCH * ACCUMULATE and meter.values.skipped == 0
+    assert meter.b_simple == pytest.approx(truth["b_simple"], rel=TOL)
+    assert meter.grad_variance == pytest.approx(truth["trace_cov"], rel=TOL)
+
+
+@pytest.mark.parametrize("source", ["micro_batch", "per_example"])
+def test_bf16_autocast_matches_exact(source, truth) -> None:
+    meter = own_loop({"ema_decay": 0.98, "source": source}, counted=True, bf16=True)
+    assert meter.values.skipped == 0
     assert meter.b_simple == pytest.approx(truth["b_simple"], rel=TOL)
     assert meter.grad_variance == pytest.approx(truth["trace_cov"], rel=TOL)
 
