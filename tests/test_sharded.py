@@ -138,6 +138,10 @@ def test_hybrid_meshes_are_measured_and_tensor_parallel_placements_refused() -> 
     assert not laid(Replicate(), Shard(0), Shard(1))  # hybrid × tensor parallel
     assert not laid(_StridedShard(0, split_factor=2)) and not laid()
     assert "fully_shard on a 1-D data-parallel mesh, or on a 2-D (replicate, shard)" in MIXED_MESH
+    tp_only = nn.Linear(2, 2)  # parallelize_module without fully_shard: DTensors, no FSDP unit
+    tp_only.weight.device_mesh, tp_only.weight.placements = object(), (Shard(0),)
+    assert "fully_shard on a 1-D or (replicate, shard) mesh" in refusal(object(), tp_only)
+    assert refusal(object(), nn.Linear(2, 2)) is None
 
 
 def test_a_process_share_of_a_replicated_gradient() -> None:

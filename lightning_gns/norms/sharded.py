@@ -109,6 +109,13 @@ def refusal(strategy: object, model: nn.Module) -> str | None:
         for p in model.parameters():
             if _is_dtensor(p) and not data_parallel_only(p):
                 return MIXED_MESH
+    elif any(_is_dtensor(p) for p in model.parameters()):
+        return (
+            "DTensor parameters without fully_shard (tensor parallelism through "
+            "parallelize_module) are not supported: each example's gradient is split across "
+            "processes. Train data parallel (DDP), or shard with fully_shard on a 1-D or "
+            "(replicate, shard) mesh"
+        )
     return None
 
 
