@@ -496,3 +496,32 @@ def test_the_report_of_a_real_sweep_agrees_with_its_logs(
     for line in out.splitlines():
         sentences = [x.strip() for x in re.split(r"[.;] ", line) if x.strip()]
         assert len(sentences) == len(set(sentences)), line
+
+
+def _legend(fig: Figure) -> list[str]:
+    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_legends_list_only_what_is_drawn() -> None:
+    """No "recommended" star without a recommendation, no "lower bound" or "95% interval" or
+    "batch size" entry without its curve."""
+    known = {
+        "gns/b_simple": [100.0] * 5,
+        "gns/b_simple_lower": [85.0] * 5,
+        "gns/b_simple_upper": [120.0] * 5,
+        "gns/batch_size": [32.0] * 5,
+    }
+    wide = {**known, "gns/b_simple_upper": [400.0] * 5}  # no recommendation
+    bare = frame({"bare": {"gns/b_simple": [100.0] * 5}})  # no interval, bound or batch size
+    assert _legend(noise_scale_figure(bare)) == ["bare"]
+    labels = _legend(noise_scale_figure(frame({"known": known})))
+    assert "95% interval" in labels and "batch size (dashed)" in labels
+    assert not any("lower bound" in label for label in labels)  # known at every point
+    bound = {**known, "gns/b_simple": [math.nan] * 5, "gns/b_simple_upper": [math.nan] * 5}
+    assert "lower bound (not yet known)" in _legend(noise_scale_figure(frame({"b": bound})))
+    for runs, starred in (({"wide": wide}, False), ({"known": known}, True)):
+        curves = _curves_from_summary(summarize(frame(runs)))
+        for fig in (efficiency_figure(curves), pareto_figure(curves)):
+            assert ("recommended" in _legend(fig)) == starred, runs.keys()
+    plain = [Curve("B_noise = 300", 300.0, "C0")]  # no batch size marked
+    assert "batch size used" not in _legend(efficiency_figure(plain))

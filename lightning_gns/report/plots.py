@@ -137,7 +137,8 @@ def noise_scale_figure(df: pd.DataFrame, runs: Sequence[str] | None = None) -> F
         _empty_note(fig, f"no finite {B_SIMPLE} or lower bound logged")
         return fig
     ax = fig.add_subplot()
-    lows = []
+    lows: list[float] = []
+    drawn: set[str] = set()  # what the legend explains: only what is on the axes
     for i, run in enumerate(chosen):
         color = f"C{i % 10}"
         noise = series(df, run, B_SIMPLE)
@@ -147,26 +148,32 @@ def noise_scale_figure(df: pd.DataFrame, runs: Sequence[str] | None = None) -> F
         if not band.empty:
             ax.fill_between(band["step"], band["lo"], band["hi"], color=color, alpha=0.18, lw=0)
             lows.append(float(band["lo"].min()))
+            drawn.add("band")
         bound = series(df, run, LOWER)
         only = bound["value"].where(~bound["step"].isin(noise["step"]) & (bound["value"] > 0))
         if only.notna().any():  # not yet known: the lower bound is what the data say
             ax.plot(bound["step"], only, color=color, ls=":", marker="^", ms=3, lw=1)
             lows.append(float(only.min()))
+            drawn.add("bound")
         sizes = series(df, run, "gns/batch_size")
         if not sizes.empty:
             ax.step(sizes["step"], sizes["value"], where="post", color=color, ls="--", lw=1.2)
             lows.append(float(sizes["value"].min()))
+            drawn.add("batch")
         if len(values):
             lows.append(float(values.min()))
     if lows and min(lows) > 0:
         ax.set_yscale("log")
         ax.set_ylim(bottom=0.5 * min(lows))
         _plain_ticks(ax, "y")
-    ax.plot([], [], color="0.3", ls="--", lw=1.2, label="batch size (dashed)")
-    ax.fill_between([], [], [], color="0.3", alpha=0.18, lw=0, label="95% interval")
-    ax.plot(
-        [], [], color="0.3", ls=":", marker="^", ms=3, lw=1, label="lower bound (not yet known)"
-    )
+    if "batch" in drawn:
+        ax.plot([], [], color="0.3", ls="--", lw=1.2, label="batch size (dashed)")
+    if "band" in drawn:
+        ax.fill_between([], [], [], color="0.3", alpha=0.18, lw=0, label="95% interval")
+    if "bound" in drawn:
+        ax.plot(
+            [], [], color="0.3", ls=":", marker="^", ms=3, lw=1, label="lower bound (not yet known)"
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("examples (B_simple and batch size)")
     ax.set_title("Gradient noise scale B_simple = tr(Σ)/|G|² during training")
@@ -239,8 +246,9 @@ def efficiency_figure(curves: Sequence[Curve], point_label: str = "batch size us
         for b in c.recommended:
             eff = 100 * float(advice.efficiency(b, c.b_noise))
             ax.plot([b], [eff], "*", color="white", mec=c.color, mew=1.5, ms=13, zorder=6)
-    ax.plot([], [], "o", color="0.5", mec="black", label=point_label)
-    ax.plot([], [], "*", color="white", mec="0.3", ms=12, label="recommended")
+    if any(c.current for c in curves):
+        ax.plot([], [], "o", color="0.5", mec="black", label=point_label)
+    _recommended_legend(ax, curves)
     ax.set_xscale("log", base=2)
     _plain_ticks(ax, "x")
     ax.set_ylim(0, 105)
@@ -250,6 +258,12 @@ def efficiency_figure(curves: Sequence[Curve], point_label: str = "batch size us
     ax.grid(True, which="major", alpha=0.3)
     _legend_outside(ax)
     return fig
+
+
+def _recommended_legend(ax: Axes, curves: Sequence[Curve]) -> None:
+    """The legend's "recommended" star, only where one is drawn."""
+    if any(c.recommended for c in curves):
+        ax.plot([], [], "*", color="white", mec="0.3", ms=12, label="recommended")
 
 
 def plot_pareto_curves(
@@ -301,7 +315,7 @@ def pareto_figure(curves: Sequence[Curve], point_label: str = "batch size used")
                 ms=13,
                 zorder=6,
             )
-    ax.plot([], [], "*", color="white", mec="0.3", ms=12, label="recommended")
+    _recommended_legend(ax, curves)
     ax.set_xscale("log")
     ax.set_yscale("log")
     _plain_ticks(ax, "xy")
