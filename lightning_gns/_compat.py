@@ -7,6 +7,8 @@ docstring), never the user's run: nothing here raises inside the user's forward 
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from math import inf
@@ -316,3 +318,46 @@ def fsdp2_unsharded(unit: Any) -> list[Tensor] | None:
     if params is None:
         return None
     return [fp._unsharded_param for fp in params if hasattr(fp, "_unsharded_param")]
+
+
+# -- Python: a misspelled keyword argument ------------------------------------------------------
+
+
+def _close_names(key: str, names: list[str]) -> list[str]:
+    """The argument names a misspelled ``key`` most likely meant: prefixes first, then
+    :func:`difflib.get_close_matches`."""
+    prefixed = [n for n in names if n.startswith(key) or key.startswith(n)]
+    return prefixed or difflib.get_close_matches(key, names, n=2, cutoff=0.6)
+
+
+def check_keywords(cls: type, kwargs: dict[str, Any]) -> None:
+    """Raise Python's own ``TypeError`` for a keyword ``cls.__init__`` does not take, with the
+    argument most likely meant (``ema`` -> ``ema_decay``) or the ones it takes."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    names = [
+        n
+        for n, p in list(params.items())[1:]  # without self
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    for key in kwargs:
+        if key not in names:
+            close = _close_names(key, names)
+            hint = (
+                f"did you mean {' or '.join(map(repr, close))}?"
+                if close
+                else f"it takes {', '.join(names)}"
+            )
+            raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {key!r}; {hint}")
+
+
+class SuggestsArguments:
+    """A base whose constructor answers a misspelled keyword with the argument meant
+    (``GradientNoiseScale(ema=2)``: "did you mean 'ema_decay'?") instead of Python's bare
+    "unexpected keyword argument". It checks in ``__new__``, so ``__init__`` and its signature
+    (LightningCLI, the docs) stay as they are."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        check_keywords(cls, kwargs)
+        return super().__new__(cls)

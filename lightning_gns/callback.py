@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_gns import host_sync
+from lightning_gns._compat import SuggestsArguments
 from lightning_gns.meter import Readings
 from lightning_gns.publish import (
     publish,
@@ -36,7 +37,7 @@ from lightning_gns.trainer_setup import (
 )
 
 
-class GradientNoiseScale(Readings, Callback):
+class GradientNoiseScale(SuggestsArguments, Readings, Callback):
     r"""Measure the gradient noise scale B_simple = tr(Σ)/|G|² during training and log it.
 
     Small-batch squared norms come from per-example norms or from each micro-batch/rank

@@ -39,7 +39,7 @@ from lightning_gns.callback import GradientNoiseScale
 __all__ = ["AdaptiveBatchSize", "Change"]
 
 
-class AdaptiveBatchSize(Resumable, Growing, Callback):
+class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback):
     r"""Grow the batch as the gradient noise scale grows (needs a
     :class:`~lightning_gns.GradientNoiseScale` in the same ``Trainer``, before or after it).
 
