@@ -333,12 +333,12 @@ def _close_names(key: str, names: list[str]) -> list[str]:
 def check_keywords(cls: type, kwargs: dict[str, Any]) -> None:
     """Raise Python's own ``TypeError`` for a keyword ``cls.__init__`` does not take, with the
     argument most likely meant (``ema`` -> ``ema_decay``) or the ones it takes."""
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters  # its __init__'s, without self
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     names = [
         n
-        for n, p in list(params.items())[1:]  # without self
+        for n, p in params.items()
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     ]
     for key in kwargs:
