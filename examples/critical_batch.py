@@ -1,7 +1,9 @@
 """Does B_simple predict the critical batch size, and does growing the batch pay? (CPU)
 
 For each task (scikit-learn's digits with an MLP; a character-level language model on the
-dataset descriptions that ship with scikit-learn), and each batch size B of a sweep, the
+dataset descriptions that ship with scikit-learn; a student MLP trained to near the noise
+floor of a random teacher's noisy labels, where B_noise grows by an order of magnitude), and
+each batch size B of a sweep, the
 learning rate is tuned on a small grid (Adam) and the optimizer steps S to a fixed training
 loss are recorded (E = B·S examples). The paper's Pareto law S/S_min − 1 = (E/E_min − 1)⁻¹,
 i.e. S(B) = S_min + E_min/B (McCandlish et al. 2018, eq. 2.11), is fitted to the best run
@@ -107,6 +109,33 @@ def charlm_task(quick: bool, context: int = 8) -> Task:
     return Task("charlm", data, model, target, 3e-3, steps, seeds, branch_loss=2.8)
 
 
+def teacher_task(quick: bool, dim: int = 16, classes: int = 8) -> Task:
+    """A student MLP learns a random teacher MLP's class probabilities from labels drawn from
+    them (label noise: the Bayes loss, the teacher's mean entropy, is the floor). Trained to
+    near that floor the mean gradient vanishes while the per-example noise stays, so B_noise
+    grows by an order of magnitude or more over the run: the regime where growing the batch
+    should pay (McCandlish et al. 2018 §5)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 8_192 if quick else 32_768
+    x = torch.randn(n, dim, generator=gen)
+    teacher = nn.Sequential(nn.Linear(dim, 64), nn.Tanh(), nn.Linear(64, classes))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / math.sqrt(p.shape[-1])))
+        probs = torch.softmax(2.0 * teacher(x), dim=1)
+    y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    floor = float(-(probs * probs.clamp_min(1e-12).log()).sum(1).mean())
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(dim, 128), nn.LayerNorm(128), nn.Tanh(), nn.Linear(128, classes)
+    )
+    data = TensorDataset(x, y)
+    margin, steps, seeds = (0.08, 1500, 1) if quick else (0.03, 8000, 3)
+    task = Task("teacher", data, model, floor + margin, 3e-3, steps, seeds)
+    task.branch_loss = floor + 0.3
+    return task
+
+
 # -- one training run ---------------------------------------------------------------------
 
 
@@ -203,6 +232,7 @@ def train(
     read_every: int = 10,
     resizable: bool = False,
     micro_only: bool = False,
+    schedule: OpenLoop | None = None,
 ) -> Run:
     """One run at batch B (2 micro-batches of B/2, so the preconditioned scale is measured),
     or, with ``adaptive``, from micro-batches of B that grow (``resizable``: the micro-batch
@@ -216,6 +246,8 @@ def train(
     cbs: list[pl.Callback] = [gns, norm, ToTarget(run, task, [gns, norm])]
     if adaptive is not None:
         cbs.append(adaptive)
+    if schedule is not None:
+        cbs.append(schedule)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps or task.max_steps,
         accumulate_grad_batches=acc, logger=False, enable_checkpointing=False,
@@ -224,7 +256,77 @@ def train(
     trainer.fit(Net(task, lr, micro, seed, resizable))
     if adaptive is not None:
         run.adaptive = [asdict(c) for c in adaptive.changes]
+    if schedule is not None:
+        run.adaptive = schedule.changes
     return run
+
+
+class OpenLoop(pl.Callback):
+    """A batch schedule fixed in advance, measuring nothing: ``at(step)`` gives the batch
+    (one micro-batch, drawn by the run's ResizableBatchSampler) and the learning rate of each
+    optimizer step. The field's schedules (:func:`linear_ramp`, :func:`seesaw`)."""
+
+    def __init__(self, at: Any) -> None:
+        self.at = at
+        self.changes: list[dict[str, Any]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        batch_size, lr = self.at(step)
+        for g in trainer.optimizers[0].param_groups:
+            g["lr"] = lr
+        sampler = trainer.train_dataloader.batch_sampler
+        following = self.at(step + 1)[0]
+        if following != sampler.batch_size:  # the next batch is drawn at the next size
+            sampler.resize(following, batch_idx + 1)
+            self.changes.append({"step": step + 1, "batch_size": following, "lr": lr})
+
+
+def linear_ramp(b0: int, b_max: int, lr0: float, ramp: float) -> Any:
+    """Megatron's ``rampup_batch_size`` (and nanoGNS's ramp): from ``b0`` to ``b_max`` in
+    increments of ``b0``, linearly over ``ramp`` examples; Adam's rate lr0·√(B/b0)."""
+    seen = [0.0, 0.0]  # (step, examples so far)
+
+    def at(step: int) -> tuple[int, float]:
+        frac = min(1.0, seen[1] / ramp) if ramp > 0 else 1.0
+        b = min(b_max, b0 * (1 + round(frac * (b_max / b0 - 1))))
+        if step > seen[0]:
+            seen[0], seen[1] = step, seen[1] + b
+        return b, lr0 * math.sqrt(b / b0)
+
+    return at
+
+
+def seesaw(b0: int, b_max: int, lr0: float, period: int) -> Any:
+    """Seesaw (2025): where a step schedule would halve the rate every ``period`` steps, the
+    batch doubles and the rate is divided by √2 instead (halved once the batch is b_max)."""
+
+    def at(step: int) -> tuple[int, float]:
+        k = step // period
+        doublings = min(k, int(math.log2(b_max // b0)))
+        return b0 * 2**doublings, lr0 / math.sqrt(2) ** doublings / 2 ** (k - doublings)
+
+    return at
+
+
+def open_loop_runs(task: Task, name: str, b0: int, lr: float, b_max: int, base: Run) -> dict:
+    """An open-loop schedule from ``b0`` at its tuned rate, sized by a fixed run (``base``,
+    the smallest batch that reached the target): the ramp reaches ``b_max`` after the
+    examples that run needed; Seesaw's period spreads its doublings over that run's steps.
+    Over ``task.seeds`` data orders."""
+    runs = []
+    for seed in range(task.seeds):
+        if name == "linear ramp":
+            at = linear_ramp(b0, b_max, lr, base.examples)
+        else:
+            at = seesaw(b0, b_max, lr, max(1, int(base.steps / (1 + math.log2(b_max / b0)))))
+        runs.append(train(task, b0, lr, seed, micro_only=True, resizable=True,
+                          schedule=OpenLoop(at)))  # fmt: skip
+    out = asdict(runs[0])
+    for attr in ("steps", "examples", "seconds"):
+        out[attr] = statistics.fmean(getattr(r, attr) for r in runs)
+        out[f"per_seed_{attr}"] = [getattr(r, attr) for r in runs]
+    return out
 
 
 def branched(
@@ -385,8 +487,17 @@ def summarise(task: Task, best: dict[int, Run]) -> dict[str, Any]:
         "b_simple_at_target": _gmean([over_run(r.b_simple[-1:]) for r in reached.values()]),
         "preconditioned": _gmean([over_run(r.preconditioned) for r in reached.values()]),
         "norm": _gmean([over_run(r.norm) for r in reached.values()]),
+        "b_noise_growth": growth(best[min(best)]) if best else math.nan,
         "runs": {b: asdict(r) for b, r in best.items()},
     }
+
+
+def growth(run: Run, reads: int = 3) -> float:
+    """How much B_noise grew over a run, as the callback measured it: B_simple of its last
+    ``reads`` read-outs over that of its first ``reads`` (:func:`over_run` on each)."""
+    if len(run.b_simple) < 2 * reads:
+        return math.nan
+    return over_run(run.b_simple[-reads:]) / over_run(run.b_simple[:reads])
 
 
 def run_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -396,7 +507,7 @@ def run_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     batches = [8, 32, 128, 512] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1024]
     grid = [0.5, 2.0] if args.quick else [0.5, 1.0, 2.0]  # × the LR tuned at B = 32, √-scaled
-    makers = {"digits": digits_task, "charlm": charlm_task}
+    makers = {"digits": digits_task, "charlm": charlm_task, "teacher": teacher_task}
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -418,11 +529,19 @@ def run_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
         summary["adaptive"][key] = a
         log(f"{name}: adaptive ({rule}): steps {a['per_seed_steps']}, mean {a['steps']:.0f}, "
             f"examples {a['examples']:.0f}")  # fmt: skip
+    # sized by the smallest fixed batch that reached the target
+    base = next((best[b] for b in batches if b in best and math.isfinite(best[b].steps)), None)
+    if base is not None and not args.no_open_loop:
+        for schedule in ("linear ramp", "Seesaw"):
+            a = open_loop_runs(task, schedule, b0, best[b0].lr, batches[-1], base)
+            summary["adaptive"][f"open loop: {schedule}"] = a
+            log(f"{name}: {schedule}: steps {a['per_seed_steps']}, examples {a['examples']:.0f}")
     if "branched" not in summary:
         ks = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]
         summary["branched"] = branched(task, 32, best[32].lr, ks, budget=8 * 32 * ks[-1])
     log(f"{name}: B_crit {summary['b_crit']:.0f} (branched {summary['branched']['b_crit']}),"
-        f" B_simple {summary['b_simple']:.0f}")  # fmt: skip
+        f" B_simple {summary['b_simple']:.0f}, B_noise grows "
+        f"{summary.get('b_noise_growth', math.nan):.1f}× over the B = {b0} run")  # fmt: skip
     return summary
 
 
@@ -430,11 +549,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small setting (a minute)")
     parser.add_argument("--out", default="results/critical_batch")
-    parser.add_argument("--tasks", default="digits,charlm")
+    parser.add_argument("--tasks", default="digits,charlm,teacher")
     parser.add_argument("--from-json", action="store_true", help="redraw from results.json")
     parser.add_argument("--rules", default=",".join(RULES), help="adaptive rules to run")
     parser.add_argument("--reuse", help="take the fixed-batch sweep from this results.json")
     parser.add_argument("--multiple", type=float, help="AdaptiveBatchSize(multiple=...)")
+    parser.add_argument("--no-open-loop", action="store_true", help="no open-loop schedules")
     args = parser.parse_args()
     if args.from_json:
         results = json.loads((Path(args.out) / "results.json").read_text())
@@ -500,15 +620,17 @@ def table(results: list[dict[str, Any]]) -> str:
         + [""]
         + [
             "| task | target loss | B_crit (fit) | B_simple (over runs) | at target "
-            "| preconditioned | norm layers | B_simple / B_crit | B_crit (branched) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| preconditioned | norm layers | B_simple / B_crit | B_crit (branched) "
+            "| B_noise growth (smallest B) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
     )
     for r in results:
         lines.append(
             f"| {r['task']} | {r['target_loss']} | {r['b_crit']:.0f} | {r['b_simple']:.0f} | "
             f"{r['b_simple_at_target']:.0f} | {r['preconditioned']:.0f} | {r['norm']:.0f} | "
-            f"{r['b_simple'] / r['b_crit']:.2f} | {r['branched']['b_crit']} |"
+            f"{r['b_simple'] / r['b_crit']:.2f} | {r['branched']['b_crit']} | "
+            f"{r.get('b_noise_growth', math.nan):.1f}× |"
         )
     lines += [
         "",
@@ -534,7 +656,8 @@ def table(results: list[dict[str, Any]]) -> str:
         for rule, a in r["adaptive"].items():
             grown = " → ".join(str(int(c["batch_size"])) for c in a["adaptive"])
             lines.append(
-                f"| {r['task']} | adaptive ({rule}) from B={a['batch']} "
+                f"| {r['task']} | {'' if rule.startswith('open') else 'adaptive '}({rule}) "
+                f"from B={a['batch']} "
                 f"({grown or 'no change'}) | {a['steps']:.0f} | {a['examples']:.0f} | "
                 f"{a['seconds']:.1f} "
                 f"| {over_run(a['b_simple']):.0f} | |"

@@ -7,7 +7,8 @@ the DataLoader, ``AdaptiveBatchSize(max_micro_batch=...)``) runs the same schedu
 larger passes. Every run here draws the same stream of examples (a seeded sampler with
 replacement), Adam with the learning rate lr₀·√(B/8) at batch B.
 
-    python examples/growing_batch_time.py                 # both tasks, 3 data orders
+    python examples/growing_batch_time.py                 # every task, 3 data orders
+    python examples/growing_batch_time.py --quick --seeds 1 --tasks teacher  # a smoke test
     python examples/growing_batch_time.py --tasks digits --seeds 1
 
 Writes ``time.md`` and ``time.json`` under ``--out``.
@@ -33,7 +34,7 @@ import critical_batch as cb  # noqa: E402
 
 from lightning_gns.adaptive import AdaptiveBatchSize  # noqa: E402
 
-LR0 = {"digits": 3e-3, "charlm": 1.5e-3}  # Adam at B = 8 (the best of critical_batch's grid)
+LR0 = {"digits": 3e-3, "charlm": 1.5e-3, "teacher": 1.5e-3}  # Adam at B = 8 (teacher: untuned)
 FIXED = (8, 32, 128, 512)
 
 
@@ -84,8 +85,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", default="digits,charlm")
+    parser.add_argument("--tasks", default="digits,charlm,teacher")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small tasks, B ≤ 128 (a smoke test)")
     parser.add_argument("--out", default="results/growing_batch_time")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -93,14 +95,15 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    makers = {"digits": cb.digits_task, "charlm": cb.charlm_task}
-    hows = ["grow micro-batch", "grow accumulation", *(f"fixed B = {b}" for b in FIXED)]
+    makers = {"digits": cb.digits_task, "charlm": cb.charlm_task, "teacher": cb.teacher_task}
+    fixed = FIXED[:3] if args.quick else FIXED
+    hows = ["grow micro-batch", "grow accumulation", *(f"fixed B = {b}" for b in fixed)]
     rows = []
     for name in args.tasks.split(","):
-        task = makers[name](quick=False)
+        task = makers[name](quick=args.quick)
         for seed in range(args.seeds):  # seed-major: a busy spell hits every schedule alike
             for how in hows:
-                row = {"task": name, **one(task, how, seed, largest=1024)}
+                row = {"task": name, **one(task, how, seed, largest=128 if args.quick else 1024)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     (out / "time.json").write_text(json.dumps(rows, indent=1))

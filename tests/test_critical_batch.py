@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow  # make test-fast leaves these out
 SCRIPT = Path(__file__).parents[1] / "examples" / "critical_batch.py"
@@ -37,3 +38,22 @@ def test_quick_experiment_writes_its_table_and_plots(tmp_path) -> None:
     assert grown[-1]["new_micro"] > grown[0]["old_micro"]  # micro-batch first (resizable)
     assert "Pareto front" in (tmp_path / "table.md").read_text()  # the verdict per rule
     assert "B_crit (fit)" in (tmp_path / "table.md").read_text()
+    assert math.isfinite(r["b_noise_growth"]) and r["b_noise_growth"] > 0
+    # the field's open-loop schedules are rows of the same table
+    ramp, seesaw = r["adaptive"]["open loop: linear ramp"], r["adaptive"]["open loop: Seesaw"]
+    assert math.isfinite(ramp["steps"]) and math.isfinite(seesaw["steps"])
+    assert ramp["adaptive"][-1]["batch_size"] > ramp["batch"]  # the ramp grew the batch
+    assert "(open loop: Seesaw)" in (tmp_path / "table.md").read_text()
+
+
+def test_the_teacher_task_s_noise_scale_grows_tenfold() -> None:
+    """The third task is there for a B_noise that grows: at B = 32, the callback's B_simple
+    over its last read-outs is at least 10× that of its first (issue 26, item 3)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import critical_batch as cb
+
+    torch.set_num_threads(1)
+    task = cb.teacher_task(quick=True)
+    run = cb.train(task, 32, 3e-3, max_steps=900)
+    assert math.isfinite(run.steps)  # it reached the target near the noise floor
+    assert cb.growth(run) >= 10
