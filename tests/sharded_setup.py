@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
+from filelock import FileLock  # (a dependency of torch)
 from helpers import CloseProcessGroup, digits, trainer_kwargs
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
@@ -275,6 +277,26 @@ def launch(out: Path, configs: list[str], world: int = 2, timeout: float = 900) 
     tails = "".join((out.parent / f"log.rank{r}").read_text()[-3000:] for r in range(world))
     assert codes == [0] * world, tails
     return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(world)]
+
+
+def launch_once(
+    factory: pytest.TempPathFactory, name: str, configs: list[str], world: int = 2
+) -> list[dict]:
+    """:func:`launch`, once per test session: under pytest-xdist a module's tests may be split
+    between workers, and each would launch its own processes. The first worker to take the
+    lock launches and leaves the results; the others read them."""
+    base = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by this session's workers
+    folder = base / f"launch-{name}"
+    folder.mkdir(exist_ok=True)
+    done = folder / "ranks.json"
+    with FileLock(str(folder / "lock")):
+        if done.exists():
+            return json.loads(done.read_text())
+        ranks = launch(folder / "out.json", configs, world)
+        done.write_text(json.dumps(ranks))
+        return ranks
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:

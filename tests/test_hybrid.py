@@ -10,7 +10,7 @@ resuming under both hybrids continues the estimate exactly.
 from __future__ import annotations
 
 import pytest
-from sharded_setup import launch, per_example_grads, replay
+from sharded_setup import launch_once, per_example_grads, replay
 
 ONE_NODE = [
     "fit:ddp:1:micro_batch",
@@ -37,7 +37,7 @@ KEYS = ("grad_norm_sq", "grad_variance", "b_simple", "logged_b_simple", "lower",
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     configs = ONE_NODE + TWO_NODES + RESUMES
-    return launch(tmp_path_factory.mktemp("hybrid") / "out.json", configs, world=4)
+    return launch_once(tmp_path_factory, "hybrid", configs, world=4)
 
 
 def same_as_ddp(config: str) -> str:

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from sharded_setup import N, launch, per_example_grads, replay
+from sharded_setup import N, launch_once, per_example_grads, replay
 from torch import Tensor, nn
 
 from lightning_gns.norms.sharded import (
@@ -37,7 +37,7 @@ RESUMED_CHECK = (
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    return launch(tmp_path_factory.mktemp("sharded") / "out.json", FITS + OTHERS)
+    return launch_once(tmp_path_factory, "sharded", FITS + OTHERS)
 
 
 @pytest.fixture(scope="module")
