@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_gns import CriticalBatchProbe, GradientNoiseScale, keys
 from lightning_gns.probe import branches
 from lightning_gns.probe.restore import Snapshot
+from lightning_gns.report.summary import probe_lines
 
 SCRIPT = Path(__file__).with_name("probe_ddp_run.py")
 
@@ -211,6 +212,38 @@ def test_keys_are_logged_at_the_probed_step_and_the_line_printed(tmp_path, caplo
     text = caplog.text
     assert f"B_crit (branched, step {probe.results[-1].step})" in text
     assert f"{probe.spent:,} examples" in text and f"the run's {16 * 16:,}" in text
+
+
+def test_the_report_lists_and_draws_the_probes(tmp_path: Path) -> None:
+    from lightning_gns.report.cli import main
+    from lightning_gns.report.logs import read_metrics
+    from lightning_gns.report.plots import noise_scale_figure
+
+    probe = small_probe()
+    probed_run(tmp_path, probe, logger=CSVLogger(tmp_path / "logs", name="run"))
+    df = read_metrics(tmp_path / "logs")
+    lines = probe_lines(df)
+    assert len(lines) == len(probe.results) == 2
+    for line, r in zip(lines, probe.results, strict=True):
+        assert f"step {r.step:,}) {r.b_crit:.0f} ({r.lower:.0f}–{r.upper:.0f})" in line
+    assert "B_simple" in lines[1]  # read at step 8, before the probe at step 11
+    fig = noise_scale_figure(df)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "B_crit (branched probe)" in labels
+    assert main(["report", str(tmp_path / "logs"), "--out", str(tmp_path / "report")]) == 0
+
+
+def test_tensorboard_gets_the_probe_charts(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    written: list[dict] = []
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    logger.experiment.add_custom_scalars = written.append  # type: ignore[method-assign]
+    probed_run(tmp_path, small_probe(at_steps=[5]), logger=logger, max_steps=6)
+    assert written and "critical batch (branched)" in written[-1]  # the last layout is read
+    charts = written[-1]["critical batch (branched)"]
+    assert keys.B_CRIT_BRANCHED in charts["B_crit (branched) with its 95% interval"][1]
+    assert "gradient noise scale B_simple" in written[-1]  # GradientNoiseScale's kept
 
 
 # -- refusals -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
@@ -24,7 +25,7 @@ from lightning_gns.probe import branches
 from lightning_gns.probe.branches import ProbeResult
 from lightning_gns.probe.restore import Snapshot, quiet
 from lightning_gns.probe.runner import Draws, Runner, run_branches
-from lightning_gns.publish import publish
+from lightning_gns.publish import publish, tensorboard_layout
 
 EXACT_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16-true")
 
@@ -134,6 +135,10 @@ class CriticalBatchProbe(Callback):
             raise RuntimeError(f"{name}: precision {trainer.precision!r} scales the loss with "
                                "a GradScaler the branches would not reproduce; use '32-true' "
                                "or 'bf16-mixed'")  # fmt: skip
+
+        for logger in trainer.loggers:  # after GradientNoiseScale's (setup): this one is read
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                logger.experiment.add_custom_scalars(layout())
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -263,3 +268,21 @@ def planned(trainer: pl.Trainer, batch: int) -> float:
         return float(trainer.estimated_stepping_batches) * batch
     except Exception:  # no length known
         return math.inf
+
+
+def layout() -> dict[str, dict[str, list[Any]]]:
+    """GradientNoiseScale's custom-scalars layout and a category for the probe: B_crit
+    (branched) with its interval, and B_simple and B_crit on one chart."""
+    return {
+        **tensorboard_layout(),
+        "critical batch (branched)": {
+            "B_crit (branched) with its 95% interval": [
+                "Margin",
+                [keys.B_CRIT_BRANCHED, keys.B_CRIT_BRANCHED_LOWER, keys.B_CRIT_BRANCHED_UPPER],
+            ],
+            "B_simple and B_crit (branched)": [
+                "Multiline",
+                [f"^{keys.B_SIMPLE}$", f"^{keys.B_CRIT_BRANCHED}$"],
+            ],
+        },
+    }

@@ -82,7 +82,7 @@ def _report(args: argparse.Namespace) -> int:
     from lightning_gns.report import advise, format_summary, summarize, write_report
     from lightning_gns.report.logs import find_runs, read_logs
     from lightning_gns.report.page import runs_note
-    from lightning_gns.report.summary import text_table
+    from lightning_gns.report.summary import probe_lines, text_table
 
     folders = find_runs(args.path)
     _progress(f"reading {len(folders)} log folder(s) under {args.path} ...")
@@ -100,7 +100,7 @@ def _report(args: argparse.Namespace) -> int:
     summary = summarize(logs)
     print(text_table(format_summary(summary)))
     print()
-    for line in advise(summary) + runs_note(logs):
+    for line in advise(summary) + probe_lines(df) + runs_note(logs):
         print(line)
     page = write_report(logs, args.out, progress=_progress, source=str(args.path))
     print(page)

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from lightning_gns import advice
-from lightning_gns.report.summary import B_SIMPLE, check_frame, fmt_num, series
+from lightning_gns.report.summary import B_SIMPLE, check_frame, fmt_num, probe_points, series
 
 MAX_RUNS = 8
 LOWER = "gns/b_simple_lower"
@@ -162,6 +162,13 @@ def noise_scale_figure(df: pd.DataFrame, runs: Sequence[str] | None = None) -> F
             drawn.add("batch")
         if len(values):
             lows.append(float(values.min()))
+        crit = probe_points(df, run)  # CriticalBatchProbe: B_crit (branched) with its interval
+        if not crit.empty:
+            v = crit["value"].to_numpy(dtype=float)
+            yerr = [v - crit["lo"].to_numpy(dtype=float), crit["hi"].to_numpy(dtype=float) - v]
+            ax.errorbar(crit["step"], v, yerr=yerr, fmt="D", color=color, ms=6, capsize=3)
+            lows.append(float(crit["lo"].min()))
+            drawn.add("crit")
     if lows and min(lows) > 0:
         ax.set_yscale("log")
         ax.set_ylim(bottom=0.5 * min(lows))
@@ -174,6 +181,8 @@ def noise_scale_figure(df: pd.DataFrame, runs: Sequence[str] | None = None) -> F
         ax.plot(
             [], [], color="0.3", ls=":", marker="^", ms=3, lw=1, label="lower bound (not yet known)"
         )
+    if "crit" in drawn:
+        ax.errorbar([], [], yerr=[], fmt="D", color="0.3", ms=6, label="B_crit (branched probe)")
     ax.set_xlabel("step")
     ax.set_ylabel("examples (B_simple and batch size)")
     ax.set_title("Gradient noise scale B_simple = tr(Σ)/|G|² during training")

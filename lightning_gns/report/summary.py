@@ -50,6 +50,37 @@ def _finite(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[["step", "value"]].reset_index(drop=True)
 
 
+def probe_points(df: pd.DataFrame, run: str) -> pd.DataFrame:
+    """CriticalBatchProbe's logged B_crit (branched) of one run: columns step, value, lo, hi."""
+    point = series(df, run, "gns/b_crit_branched")
+    for name, end in (("lo", "lower"), ("hi", "upper")):
+        bound = series(df, run, f"gns/b_crit_branched_{end}").rename(columns={"value": name})
+        point = point.merge(bound, on="step", how="left")
+        point[name] = point[name].fillna(point["value"])
+    return point
+
+
+def probe_lines(df: pd.DataFrame) -> list[str]:
+    """One line per logged B_crit (branched), per run, with the B_simple read at or before it.
+
+    Examples:
+        >>> rows = [("a", 10, "gns/b_simple", 90.0), ("a", 20, "gns/b_crit_branched", 128.0),
+        ...         ("a", 20, "gns/b_crit_branched_lower", 64.0),
+        ...         ("a", 20, "gns/b_crit_branched_upper", 256.0)]
+        >>> probe_lines(pd.DataFrame(rows, columns=["run", "step", "metric", "value"]))
+        ['a: B_crit (branched, step 20) 128 (64–256), B_simple 90']
+    """
+    lines = []
+    for run in sorted(df.loc[df["metric"] == "gns/b_crit_branched", "run"].astype(str).unique()):
+        simple = series(df, run, B_SIMPLE)
+        for p in probe_points(df, run).itertuples():
+            before = simple[simple["step"] <= p.step]
+            said = f", B_simple {fmt_num(before['value'].iloc[-1])}" if len(before) else ""
+            lines.append(f"{run}: B_crit (branched, step {int(p.step):,}) {fmt_num(p.value)} "
+                         f"({fmt_num(p.lo)}–{fmt_num(p.hi)}){said}")  # fmt: skip
+    return lines
+
+
 def check_frame(df: pd.DataFrame) -> None:
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
