@@ -1,4 +1,5 @@
-"""Screenshots for the documentation: TensorBoard's Custom Scalars tab and the HTML report.
+"""Screenshots for the documentation: TensorBoard's Custom Scalars tab, the HTML report and an
+example of the API reference.
 
 Runs the small sweep of ``examples/sweep.py`` (each run logged to TensorBoard and CSV at once,
 a run with only a lower bound, a run refused at fit start), writes ``lightning-gns report``'s
@@ -6,13 +7,18 @@ page, starts TensorBoard on localhost and takes headless-Chromium screenshots (D
 ``chromium``) at 1400 px wide:
 
     .venv/bin/python docs/screenshots.py            # about 5 minutes on 2 CPU cores
+    .venv/bin/python docs/screenshots.py --api      # only the API page (a few seconds)
 
-writes ``docs/img/tensorboard_custom_scalars.png`` and ``docs/img/report.png``.
+writes ``docs/img/tensorboard_custom_scalars.png``, ``docs/img/report.png`` and
+``docs/img/api_example.png`` (``GradientNoiseScale``'s example on the built site: highlighted
+code with its ``>>>`` prompts).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -63,6 +69,54 @@ def screenshot(url: str, out: Path, width: int, height: int, wait_ms: int = 3000
     return out
 
 
+_MEASURE = """<script>addEventListener("load", () => {
+  const title = [...document.querySelectorAll(".doc-section-title")]
+    .find((e) => e.textContent.startsWith("Examples"));
+  document.body.dataset.top = Math.round(title.getBoundingClientRect().top + scrollY);
+});</script></body>"""
+
+
+def api_screenshot(out: Path, width: int = 1400, height: int = 900) -> Path:
+    """The first docstring example of the built API page (``GradientNoiseScale``'s), as
+    Chromium draws it: the page is measured in a throw-away copy (where the "Examples:"
+    title sits), then drawn tall enough to hold it and cropped around it."""
+    import matplotlib.image as mpimg
+
+    with tempfile.TemporaryDirectory(prefix="gns-site-") as tmp:
+        site = Path(tmp) / "site"
+        subprocess.run(
+            [str(Path(sys.executable).parent / "mkdocs"), "build", "--site-dir", str(site)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        )
+        page = site / "api" / "index.html"
+        probe = page.with_name("measure.html")
+        probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _MEASURE, 1))
+        dom = subprocess.run(
+            [
+                shutil.which(CHROMIUM) or CHROMIUM,
+                *FLAGS,
+                f"--user-data-dir={tmp}/profile",
+                f"--window-size={width},{height}",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                probe.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        ).stdout
+        found = re.search(r'data-top="(\d+)"', dom)
+        if found is None:
+            raise RuntimeError("no 'Examples:' section on the API page")
+        top = max(0, int(found.group(1)) - 120)
+        full = screenshot(page.as_uri(), Path(tmp) / "full.png", width, top + height, 5000)
+        mpimg.imsave(out, mpimg.imread(full)[top : top + height])
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,9 +161,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "img"), help="where PNGs go")
     parser.add_argument("--logs", help="keep the sweep's logs here (default: a temp folder)")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
+    parser.add_argument("--api", action="store_true", help="only the API reference's example")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    print(api_screenshot(out / "api_example.png"))
+    if args.api:
+        return
     with tempfile.TemporaryDirectory(prefix="gns-sweep-") as tmp:
         logs = Path(args.logs) if args.logs else Path(tmp) / "sweep"
         if not logs.exists():

@@ -141,7 +141,7 @@ def assert_examples_render_as_code(api: str) -> None:
     texts = [re.sub(r"<[^>]+>", "", b).strip() for b in blocks]
     assert blocks and all(texts), "an empty code block on the API page"
     examples = re.findall(
-        r'doc-section-title">Examples:</span></p>\s*<div class="highlight"><pre>(.*?)</pre>',
+        r'doc-section-title">Examples:</span></p>\s*<div class="highlight"><pre[^>]*>(.*?)</pre>',
         api,
         flags=re.S,
     )
@@ -187,4 +187,4 @@ def test_the_site_builds_strictly_and_its_pages_render(tmp_path: Path) -> None:
     assert_examples_render_as_code(api)
     assert not re.search(r":(func|class|meth|attr|mod|data):`", api)  # roles became code
     images = [p.name for p in (site / "img").glob("*.png")]
-    assert {"tensorboard_custom_scalars.png", "report.png"} <= set(images)
+    assert {"tensorboard_custom_scalars.png", "report.png", "api_example.png"} <= set(images)
