@@ -169,7 +169,8 @@ class PerExampleSource:
         return coverage_note(self.norms, self.several_gradients, size_note)
 
     def _reset(self) -> None:
-        self.total: Tensor | None = None  # Σ_j |g_j|² in backward units × b² (mean loss)
+        self.parts: list[Tensor] = []  # each micro-batch's |g_j|² in backward units (B,)
+        self.weights: list[float] = []  # and its weight (b² for a mean loss), summed at the step
         self.layers: dict[str, Tensor] = {}
         self.count = 0  # examples measured
         self.sizes: list[int] = []
@@ -201,8 +202,8 @@ class PerExampleSource:
             return
         # A mean-reduced loss gives example j the share g_j/b of the gradient: undo 1/b.
         w = float(batch_size**2) if reduction == "mean" else 1.0
-        part = acc.sum() * w
-        self.total = part if self.total is None else self.total + part
+        self.parts.append(acc)  # summed once per step (fewer ops per micro-batch)
+        self.weights.append(w)
         self.count += acc.shape[0]
         self.sizes.append(batch_size)
         for name, v in layers.items():
@@ -218,7 +219,7 @@ class PerExampleSource:
     def _step(self, units: Units) -> StepNorms:
         if self.bad is not None:
             raise SkipStep(self.bad, silent=self.bad == "structural check step")
-        if self.total is None or not self.sizes:
+        if not self.parts or not self.sizes:
             raise SkipStep("no per-example norm was recorded this step")
         m, n = len(self.sizes), sum(self.sizes)
         if units.world_size * n < 2:
@@ -227,7 +228,7 @@ class PerExampleSource:
                 "optimizer step (raise the batch size or accumulate gradients)"
             )
         scale = units.accumulate**2 * units.inv_loss_scale_sq  # Σ over examples
-        small = [self.total * scale]
+        small = [self._total() * scale]
         big = [big_sq(self.params, units, m, n, self.big)]
         for name in self.layer_names:
             site = self.norms.sites.get(name)
@@ -242,6 +243,15 @@ class PerExampleSource:
         big_m, big_inv = big_parts(units, self.sizes)
         count = float(self.count)
         return StepNorms(torch.stack(small), torch.stack(big), count, count, big_m, big_inv)
+
+    def _total(self) -> Tensor:
+        """Σ_j |g_j|² × the micro-batches' weights, in backward units × b² (mean loss)."""
+        w = self.weights[0]
+        if all(v == w for v in self.weights):  # one batch size: one sum
+            parts = self.parts
+            return (parts[0] if len(parts) == 1 else torch.cat(parts)).sum() * w
+        pairs = zip(self.parts, self.weights, strict=True)
+        return torch.stack([p.sum() * v for p, v in pairs]).sum()
 
 
 def coverage_note(

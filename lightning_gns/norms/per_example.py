@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_gns.norms import moe, site_hooks
+from lightning_gns.norms import moe, relative_bias, site_hooks
 from lightning_gns.norms.check import StructuralCheck
 from lightning_gns.norms.record import MicroBatchRecord
 from lightning_gns.norms.simultaneous import can_route, qualifies, route, unroute
@@ -83,16 +83,19 @@ class PerExampleNorms:
         total = sum(p.numel() for p in trainable_parameters(self.model))
         return sum(p.numel() for p in self.params) / total if total else 0.0
 
-    def drop(self, name: str, reason: str) -> None:
-        """Leave a site out for good, with the reason."""
+    def drop(self, name: str, reason: str | None) -> None:
+        """Leave a site out for good, with the reason (None: its parameters are covered
+        through other sites, nothing is left out)."""
         site = self.sites.pop(name, None)
         if site is None:
             return
         self._params = None
+        self.record.forget_sinks()
         site.active = False
         site.remove_hook()
         self._unroute(site)
-        self.left_out[name] = reason
+        if reason is not None:
+            self.left_out[name] = reason
 
     def adopt(self, name: str, parent: str) -> None:
         """The site ``parent`` (a torch.func site) takes over the parameters of site ``name``,
@@ -105,6 +108,7 @@ class PerExampleNorms:
         child.remove_hook()
         self._unroute(child)
         self._params = None
+        self.record.forget_sinks()
 
     def fail(self, site: Site, reason: str) -> None:
         """A module broke an assumption. In the structural check it is left out for good; later
@@ -117,6 +121,7 @@ class PerExampleNorms:
     # -- set-up ---------------------------------------------------------------------------
     def attach(self) -> None:
         self.detach()
+        self.record.forget_sinks()
         self.scopes.attach()
         for site in self.sites.values():
             site.tokenwise = tokenwise(site.module)
@@ -127,6 +132,10 @@ class PerExampleNorms:
                     moe.tap_gate(site.module)  # the experts' z, kept for their rule
                 continue
             site.handle = site.module.register_forward_hook(site_hooks.forward_hook(self, site))
+            owner = relative_bias.bias_owner(self.model, site.name, site.module)
+            if owner is not None:  # T5's relative position bias (norms/relative_bias.py)
+                relative_bias.attach(owner, self, site)
+                site.relative = True
             if self.simultaneous and not site.shared and can_route(site.module):
                 route(site.module, self._route_for(site))
                 site.routed = True
@@ -166,7 +175,8 @@ class PerExampleNorms:
     def _reset(self, batch_size: int | None) -> None:
         self.record.reset(batch_size)
         for site in self.sites.values():
-            site.seen = Seen()
+            if site.seen.calls or site.seen.inputs is not None:  # else still fresh
+                site.seen = Seen()
 
     def close_micro_batch(self) -> tuple[Tensor | None, dict[str, Tensor], str | None]:
         """Per-example |g_j|² (B,) over covered parameters, per-layer ones, and a reason if the
@@ -188,6 +198,11 @@ class PerExampleNorms:
     # -- the simultaneous route (norms/simultaneous.py) -----------------------------------
     def _unroute(self, site: Site) -> None:
         moe.untap_gate(site.module)
+        if site.relative:
+            owner = relative_bias.bias_owner(self.model, site.name, site.module)
+            if owner is not None:
+                relative_bias.detach(owner)
+            site.relative = False
         if site.routed:
             unroute(site.module)
             site.routed = False

@@ -26,6 +26,15 @@ def not_a_batch(x: object) -> bool:
     return False
 
 
+def expanded_to_batch(x: object, b: int | None) -> bool:
+    """``x`` is one row broadcast along dim 0 to the batch (stride 0), as BERT's token-type
+    ids (a buffer of zeros expanded to (B, T)): not computed from the batch, yet each example
+    gets its own row of the layer's output, so dim 0 does hold examples."""
+    if not isinstance(x, Tensor) or b is None or b < 2 or x.dim() == 0:
+        return False
+    return x.shape[0] == b and x.stride(0) == 0
+
+
 def expand_positions(site: Site, x: object, output: Tensor, b: int | None) -> tuple | None:
     """An embedding called on positions shared by the batch ((T,) or (1, T)): (positions,
     output) expanded to the batch (None: not such a call), so each example's output gradient

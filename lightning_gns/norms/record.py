@@ -16,6 +16,8 @@ class MicroBatchRecord:
 
     def __init__(self, per_layer: bool = False) -> None:
         self.per_layer = per_layer
+        # (n, device, names), sinks, tied sinks: leaves reused while the sites stay the same
+        self._kept: tuple[tuple, dict[str, Tensor], dict[int, Tensor]] | None = None
         self.reset(None)
 
     def reset(self, batch_size: int | None) -> None:
@@ -43,6 +45,12 @@ class MicroBatchRecord:
         """One (n,) sink for the model, or one per site with ``per_layer``, and one
         (n, *shape) per tied weight; n examples are measured."""
         names = list(sites) if self.per_layer else [""]
+        kept = self._kept
+        if kept is not None and kept[0] == (n, device, tuple(names)):
+            self.sinks, self.tied_sinks = kept[1], kept[2]  # last micro-batch's leaves, reused
+            for sink in (*self.sinks.values(), *self.tied_sinks.values()):
+                sink.grad = None
+            return
         self.sinks = {k: torch.zeros(n, device=device, requires_grad=True) for k in names}
         for site in sites.values():
             for attr in site.shared:
@@ -50,6 +58,11 @@ class MicroBatchRecord:
                 if id(p) not in self.tied_sinks:  # zeros that take no memory
                     zero = torch.zeros((), device=device).expand(n, *p.shape)
                     self.tied_sinks[id(p)] = zero.requires_grad_()
+        self._kept = ((n, device, tuple(names)), self.sinks, self.tied_sinks)
+
+    def forget_sinks(self) -> None:
+        """The sites changed: the next micro-batch makes new sinks."""
+        self._kept = None
 
     def sink_for(self, site: Site) -> Tensor | None:
         return self.sinks.get(site.name if self.per_layer else "")

@@ -179,6 +179,26 @@ def linear_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def linear_flat_total(module: nn.Module, a: Tensor, g: Tensor) -> Tensor | None:
+    """The sum of :func:`linear_norm`'s values for a 2-D input, in the fewest ops:
+    |g|²(|a|² + 1) (weight and bias), |g|²|a|² or |g|²; None: no trainable parameter."""
+    w, b = _wants(module, "weight"), _wants(module, "bias")
+    if not (w or b):
+        return None
+    g_sq = _row_sq(g)
+    if not w:
+        return g_sq
+    a_sq = _row_sq(a)
+    return torch.addcmul(g_sq, a_sq, g_sq) if b else a_sq.mul_(g_sq)
+
+
+def _row_sq(x: Tensor) -> Tensor:
+    """Squared norm of each row of a 2-D tensor, in float32 (one op for float32 rows)."""
+    if x.dtype == torch.float32:
+        return torch.linalg.vecdot(x, x)
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).square_()
+
+
 @register_norm(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_norm(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     """weight: per group, Linear rule on im2col patches (B, L, C_in/G*K); bias: |sum_l g_l|^2."""

@@ -97,6 +97,8 @@ class RoutedForward:
         self.is_transposed = transposed(module)  # decided once, not per call
 
     def __call__(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() < 3:  # no sequence: never routed (qualifies)
+            return type(self.module).forward(self.module, x)
         if host_sync.CHECK.enabled:
             with host_sync.watched():
                 return _routed_forward(self.module, x, self.sink_for, self.is_transposed)

@@ -33,6 +33,7 @@ from lightning_gns.norms.moe import gate_call
 from lightning_gns.norms.positions import (
     broadcast_positions,
     expand_positions,
+    expanded_to_batch,
     not_a_batch,
     positions_problem,
     token_batch_of,
@@ -103,6 +104,7 @@ def tap(norms: Norms, site: Site, args: tuple, output: object) -> Tensor | None:
     expanded = expand_positions(site, x, output, b)
     a, out = expanded if expanded is not None else (x, output)
     flat = _flattened_tokens(norms, site, x, output, b) if expanded is None else None
+    relative = site.relative  # measured eagerly only (norms/relative_bias.py): poisoned here
     if flat is not None:  # (B·T, ...) rows of a flatten (MoE) viewed as (B, T, ...)
         a, out = flat
     tied = tuple(sorted(site.shared))
@@ -110,6 +112,7 @@ def tap(norms: Norms, site: Site, args: tuple, output: object) -> Tensor | None:
     # a batch other than the one announced poisons the step (NaN), never a silent error
     mismatch = not isinstance(a, Tensor) or a.dim() == 0 or a.shape[0] != b
     poison = mismatch or out.dim() == 0 or out.shape[0] != b or undecided_positions(site, x, b)
+    poison = poison or relative
     rules = (site.rule, site.grad_sample_rule)
     tapped = Tap.apply(out, a, sink, site.module, rules, tied, poison, *tied_sinks)
     return tapped if flat is None else tapped.reshape(output.shape)
@@ -146,23 +149,32 @@ def eager(norms: Norms, site: Site, args: tuple, output: object) -> Tensor | Non
     if site.seen.calls > 1:
         norms.fail(site, f"called {site.seen.calls} times in one forward")
         return None
-    if norms.route_sink(site, x) is not None:  # the route's backward has it
+    if site.relative:  # T5's bucket ids (q, k): the owner's compute_bias hooks the gradient
+        site.seen.activation = x  # (norms/relative_bias.py)
+        return None
+    routable = site.routed and isinstance(x, Tensor) and x.dim() > 2  # (route: sequences)
+    if routable and norms.route_sink(site, x) is not None:  # the route's backward has it
         return None
     site.seen.activation = x
     if site.tokenwise:  # (B·T, ...) rows of flattened or gathered tokens (MoE)
         site.seen.tokens = norms.scopes.map_for(site.name, x)
-    if record.token_batch is None:
-        record.token_batch = token_batch_of(site, x)
-    if problem := positions_problem(site, x, record.batch_size, record.token_batch):
-        norms.fail(site, problem)  # expanded to the wrong batch, the model would crash
-        return None
-    origin = norms.from_batch(x) if norms.checking else None
-    broadcast = broadcast_positions(site, x, output, record.batch_size, origin)
-    if broadcast is not None:  # positions without a batch dim: per example from here
-        output = broadcast
-    elif origin is False or (norms.checking and origin is None and not_a_batch(x)):
-        norms.fail(site, NOT_FROM_BATCH)
-        return None
+    broadcast = None
+    if site.embedding:  # positions shared by the batch are only ever an embedding's input
+        if record.token_batch is None:
+            record.token_batch = token_batch_of(site, x)
+        if problem := positions_problem(site, x, record.batch_size, record.token_batch):
+            norms.fail(site, problem)  # expanded to the wrong batch, the model would crash
+            return None
+    if site.embedding or norms.checking:
+        origin = norms.from_batch(x) if norms.checking else None
+        broadcast = broadcast_positions(site, x, output, record.batch_size, origin)
+        if broadcast is not None:  # positions without a batch dim: per example from here
+            output = broadcast
+        elif origin is False and expanded_to_batch(x, record.batch_size):
+            pass  # one row broadcast to every example: each example has its own output row
+        elif origin is False or (norms.checking and origin is None and not_a_batch(x)):
+            norms.fail(site, NOT_FROM_BATCH)
+            return None
     base = view_base(output)
     if base is not None and base.numel() == output.numel() and output.is_contiguous():
         # Linear on (B, T, d) returns a view of a 2-D product; an in-place op on that view
@@ -196,7 +208,8 @@ def on_output_grad(norms: Norms, site: Site, g: Tensor) -> None:
     except Exception as err:  # noqa: BLE001 - never break the user's backward
         norms.fail(site, f"its per-example rule failed ({type(err).__name__}: {err})")
         return
-    record.add_tied(site, samples)
+    if samples:
+        record.add_tied(site, samples)
     if total is not None:
         record.add(site, total)
 

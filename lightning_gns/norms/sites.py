@@ -20,6 +20,8 @@ from lightning_gns.norms.rules import (
     NormRule,
     apply_rules,
     grad_sample_rule_for,
+    linear_flat_total,
+    linear_norm,
     norm_rule_for,
 )
 from lightning_gns.norms.tokens import TokenMap
@@ -107,6 +109,11 @@ class Site:
     shared_inputs: frozenset[int] = frozenset()  # generic: input leaves not from the batch
     routed: bool = False  # its forward goes through norms/simultaneous.py while attached
     tokenwise: bool = False  # its rule may see (B, T, ...) tokens for (B·T, ...) rows (MoE)
+    embedding: bool = field(init=False)  # an nn.Embedding: its input may be shared positions
+    relative: bool = False  # T5's relative bias: measured through its owner's compute_bias
+
+    def __post_init__(self) -> None:
+        self.embedding = isinstance(self.module, nn.Embedding)
 
     @property
     def generic(self) -> bool:
@@ -120,6 +127,8 @@ class Site:
         """Per-example squared norms of its own parameters and per-example gradients of tied
         ones (:func:`~lightning_gns.norms.rules.apply_rules`)."""
         assert self.rule is not None
+        if not self.shared and self.rule is linear_norm and a.dim() == 2:
+            return linear_flat_total(self.module, a, g), {}  # the MLP's case, fewest ops
         tied = frozenset(self.shared)
         return apply_rules(self.rule, self.grad_sample_rule, self.module, tied, a, g)
 
@@ -143,6 +152,10 @@ def find_sites(model: nn.Module, layers: str) -> tuple[dict[str, Site], dict[str
         sites[name] = Site(name, mod, own, norm_rule_for(mod), grad_sample_rule_for(mod))
         for attr, p in own.items():
             owners.setdefault(id(p), []).append((name, attr))
+    for name in [n for n, site in sites.items() if _held_elsewhere(n, site, sites, owners)]:
+        del sites[name]  # e.g. BERT's cls.predictions.bias, the decoder's bias: not left out
+        for owner in owners.values():
+            owner[:] = [o for o in owner if o[0] != name]
     for owner in owners.values():
         if len(owner) < 2:
             continue
@@ -156,3 +169,17 @@ def find_sites(model: nn.Module, layers: str) -> tuple[dict[str, Site], dict[str
             else:
                 site.shared.add(attr)
     return sites, left_out
+
+
+def _held_elsewhere(
+    name: str, site: Site, sites: dict[str, Site], owners: dict[int, list[tuple[str, str]]]
+) -> bool:
+    """A module without a rule whose every parameter is also held by a module with a
+    per-example gradient rule (a tied bias: ``self.decoder.bias = self.bias``). The holders
+    cover it; the structural check verifies that their gradients make up the whole one."""
+    if site.grad_sample_rule is not None or site.rule is not None:
+        return False
+    return all(
+        any(n != name and sites[n].grad_sample_rule is not None for n, _ in owners[id(p)])
+        for p in site.params.values()
+    )
