@@ -161,6 +161,15 @@ def test_rates_follow_the_adaptive_rule(tmp_path: Path) -> None:
     assert adam.results[0].batch == 16  # micro-batch 8 × accumulation 2
 
 
+def test_every_n_steps_and_the_checkpointed_results(tmp_path: Path) -> None:
+    probe = small_probe(at_steps=[], every_n_steps=6)
+    probed_run(tmp_path, probe, max_steps=13)
+    assert [r.step for r in probe.results] == [6, 12]
+    again = small_probe(at_steps=[1])
+    again.load_state_dict(probe.state_dict())
+    assert again.results == probe.results and again.spent == probe.spent > 0
+
+
 @pytest.mark.slow
 def test_bit_identical_under_ddp(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
