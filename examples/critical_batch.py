@@ -522,18 +522,22 @@ def run_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
         summary = summarise(task, best)
     b0 = batches[0]
     summary["adaptive"] = {}
+    # sized by the smallest fixed batch that reached the target; its rate (√-scaled) stands
+    # in for b0's when no rate of the grid took b0 there
+    base = next((best[b] for b in batches if b in best and math.isfinite(best[b].steps)), None)
+    lr0 = best[b0].lr
+    if not math.isfinite(best[b0].steps) and base is not None:
+        lr0 = base.lr * math.sqrt(b0 / base.batch)
     for rule in [r for r in args.rules.split(",") if r]:
         kwargs = {"multiple": args.multiple} if args.multiple is not None else {}
         key = rule if not kwargs else f"{rule} ×{args.multiple:g}"
-        a = adaptive_runs(task, rule, b0, best[b0].lr, batches[-1], **kwargs)
+        a = adaptive_runs(task, rule, b0, lr0, batches[-1], **kwargs)
         summary["adaptive"][key] = a
         log(f"{name}: adaptive ({rule}): steps {a['per_seed_steps']}, mean {a['steps']:.0f}, "
             f"examples {a['examples']:.0f}")  # fmt: skip
-    # sized by the smallest fixed batch that reached the target
-    base = next((best[b] for b in batches if b in best and math.isfinite(best[b].steps)), None)
     if base is not None and not args.no_open_loop:
         for schedule in ("linear ramp", "Seesaw"):
-            a = open_loop_runs(task, schedule, b0, best[b0].lr, batches[-1], base)
+            a = open_loop_runs(task, schedule, b0, lr0, batches[-1], base)
             summary["adaptive"][f"open loop: {schedule}"] = a
             log(f"{name}: {schedule}: steps {a['per_seed_steps']}, examples {a['examples']:.0f}")
     if "branched" not in summary:
@@ -654,7 +658,10 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{over_run(run['preconditioned']):.0f} |"
             )
         for rule, a in r["adaptive"].items():
-            grown = " → ".join(str(int(c["batch_size"])) for c in a["adaptive"])
+            sizes = [str(int(c["batch_size"])) for c in a["adaptive"]]
+            grown = " → ".join(sizes)
+            if len(sizes) > 8:  # a ramp: its ends
+                grown = f"{sizes[0]} → … → {sizes[-1]}, {len(sizes)} changes"
             lines.append(
                 f"| {r['task']} | {'' if rule.startswith('open') else 'adaptive '}({rule}) "
                 f"from B={a['batch']} "
