@@ -13,7 +13,7 @@ runs are compared with B_crit. Finally :class:`~lightning_gns.adaptive.AdaptiveB
 starts at the smallest batch and is compared with every fixed batch: steps, examples and
 wall time to the same loss.
 
-    python examples/critical_batch.py            # the three tasks side by side (2 cores: hours)
+    python examples/critical_batch.py            # the three tasks (two: under an hour on 2 cores)
     python examples/critical_batch.py --quick    # a small setting (the test suite runs it)
 
 Writes ``table.md``, ``results.json``, ``pareto.png`` and ``adaptive.png`` under ``--out``.
