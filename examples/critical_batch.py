@@ -513,6 +513,7 @@ def run_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
         print(msg, flush=True)
 
     task = makers[name](args.quick)
+    task.seeds = args.seeds or task.seeds
     reused = {r["task"]: r for r in json.loads(Path(args.reuse).read_text())} if args.reuse else {}
     if name in reused:  # the fixed-batch sweep of an earlier run
         summary = {k: v for k, v in reused[name].items() if k not in ("adaptive",)}
@@ -559,6 +560,7 @@ def main() -> None:
     parser.add_argument("--reuse", help="take the fixed-batch sweep from this results.json")
     parser.add_argument("--multiple", type=float, help="AdaptiveBatchSize(multiple=...)")
     parser.add_argument("--no-open-loop", action="store_true", help="no open-loop schedules")
+    parser.add_argument("--seeds", type=int, help="data orders (default: 3, --quick: 1)")
     args = parser.parse_args()
     if args.from_json:
         results = json.loads((Path(args.out) / "results.json").read_text())
