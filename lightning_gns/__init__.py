@@ -31,7 +31,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """``read_metrics`` needs pandas: imported when first used, not with the package."""
     if name == "read_metrics":
-        from lightning_gns.report.logs import read_metrics
+        from lightning_gns.report import read_metrics  # names the [report] extra if missing
 
         return read_metrics
     raise AttributeError(f"module 'lightning_gns' has no attribute {name!r}")

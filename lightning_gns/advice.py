@@ -414,7 +414,12 @@ def efficiency_table(b_noise: float, batch_sizes: ArrayLike) -> pd.DataFrame:
     """
     noise = _scalar_noise(b_noise)
     sizes = np.atleast_1d(_batch(batch_sizes)).ravel()
-    import pandas as pd  # only the table needs pandas; the package imports without it
+    try:
+        import pandas as pd  # only the table needs pandas; the package imports without it
+    except ImportError:
+        raise ModuleNotFoundError(
+            'efficiency_table needs pandas: pip install "lightning-gns[report]"', name="pandas"
+        ) from None
 
     return pd.DataFrame(
         {

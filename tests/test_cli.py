@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
@@ -137,3 +139,41 @@ def test_module_entry_point_prints_no_traceback(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         f"lightning-gns: error: no such file or directory: {tmp_path / 'nope'}"
     ]
+
+
+@pytest.mark.slow
+def test_without_the_report_extra_training_works_and_the_report_says_what_to_install(
+    tmp_path: Path,
+) -> None:
+    """pandas and matplotlib are the [report] extra: the callback imports neither, and the
+    command names the extra in one line instead of a traceback. The environment without them:
+    this one's site-packages, less pandas and matplotlib, on a path of links."""
+    site = Path(pd.__file__).resolve().parents[1]
+    shadow = tmp_path / "site"
+    shadow.mkdir()
+    for entry in site.iterdir():
+        if not entry.name.startswith(("pandas", "matplotlib")) and entry.suffix != ".pth":
+            (shadow / entry.name).symlink_to(entry)
+    code = (
+        "import sys\n"
+        "from lightning_gns import GradientNoiseScale, advice\n"
+        "GradientNoiseScale()\n"
+        "print(advice.decide(100.0, 85.0, 120.0, 32).sentence())\n"
+        "assert not any(m.startswith(('pandas', 'matplotlib')) for m in sys.modules)\n"
+        "from lightning_gns.report.cli import main\n"
+        "sys.exit(main(['report', sys.argv[1]]))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": f"{shadow}{os.pathsep}{root}"},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "recommended batch size 128" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "lightning-gns: error: lightning_gns.report (lightning-gns report and explore, "
+        'read_metrics) needs matplotlib: pip install "lightning-gns[report]"'
+    )

@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         missing = exc.filename or exc
         return _fail(f"no such file or directory: {missing}" if exc.filename else missing)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ImportError) as exc:  # ImportError: the [report] extra
         return _fail(exc)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
