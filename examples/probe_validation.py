@@ -2,12 +2,14 @@
 
 For each task of ``examples/critical_batch.py`` (digits MLP, character model), the offline
 measurement (``branched``: plain PyTorch, B = 32 trained to a loss, then branches at k·32 with
-√k × the rate over 8,192 examples each, 1% tolerance) runs first; then one Lightning run at
-B = 32 with the same Adam rate carries a ``GradientNoiseScale`` and a ``CriticalBatchProbe``
-with the offline settings (factors 1–32, 8,192 examples, 1%, 4,096 held-back examples; 3 data
-orders, which the bootstrap resamples with the evaluation batches) at the
-step the offline measurement branched from, and at 2× and 4× that step. A second run with the
-probe's defaults gives its cost. Writes ``probe_validation.json`` and prints a Markdown table.
+√k × the rate over 8,192 examples each, 1% tolerance) runs first, over three data orders, with
+fresh examples per branch and, as the probe draws them, with one stream for every branch. Then
+one Lightning run at B = 32 with the same Adam rate carries a ``GradientNoiseScale`` and a
+``CriticalBatchProbe`` with the offline settings (factors 1–32, 8,192 examples, 1%, 4,096
+held-back examples; 3 data orders, which the bootstrap resamples with the evaluation batches)
+at the step the offline measurement branched from, and at 2× and 4× that step. A second run
+with the probe's defaults gives its cost. Writes ``probe_validation.json`` and prints a
+Markdown table.
 
     python examples/probe_validation.py            # both tasks, about 10 minutes on 2 cores
     python examples/probe_validation.py --quick    # digits only, fewer factors
@@ -16,6 +18,7 @@ probe's defaults gives its cost. Writes ``probe_validation.json`` and prints a M
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -26,12 +29,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from critical_batch import Net, Task, branched, charlm_task, digits_task  # noqa: E402
 
 from lightning_gns import CriticalBatchProbe, GradientNoiseScale  # noqa: E402
+from lightning_gns.probe import branches  # noqa: E402
 
 B0 = 32
 LR = 6e-3  # Adam at B = 32: the top of critical_batch.py's grid, where its best runs sat
@@ -68,6 +73,42 @@ def lightning_run(
     }
 
 
+def same_stream(task: Task, ks: list[int], budget: int, seed: int) -> float:
+    """The offline measurement with one stream of examples for every branch, as the probe
+    draws them (``critical_batch.branched`` gives each branch fresh examples)."""
+    x, y = task.data.tensors
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:4096]
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(model(x[idx]), y[idx]))
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer, b: int) -> None:
+        i = torch.randint(0, len(x), (b,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+
+    model = copy.deepcopy(task.model)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    while loss(model) > task.branch_loss:
+        for _ in range(5):
+            step(model, opt, B0)
+    start, losses = gen.get_state(), {}
+    for k in ks:
+        gen.set_state(start)
+        branch = copy.deepcopy(model)
+        o = torch.optim.Adam(branch.parameters(), lr=LR)
+        o.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for g in o.param_groups:
+            g["lr"] = LR * math.sqrt(k)
+        for _ in range(budget // (k * B0)):
+            step(branch, o, k * B0)
+        losses[k] = loss(branch)
+    return branches.b_crit(losses, B0, 0.01)
+
+
 def validate(name: str, quick: bool) -> dict[str, Any]:
     task = {"digits": digits_task, "charlm": charlm_task}[name](quick=False)
     ks = [1, 2, 4, 8] if quick else [1, 2, 4, 8, 16, 32]
@@ -77,6 +118,7 @@ def validate(name: str, quick: bool) -> dict[str, Any]:
     offline["seconds"] = time.perf_counter() - start
     orders = [offline] + [branched(task, B0, LR, ks, budget=budget, seed=i) for i in (1, 2)]
     offline["orders"] = [o["b_crit"] for o in orders]  # the offline scatter over data orders
+    offline["same_stream"] = [same_stream(task, ks, budget, seed) for seed in range(3)]
     s = int(offline["branch_step"])
     at = [s] if quick else [s, 2 * s, 4 * s]
     same = CriticalBatchProbe(at_steps=at, factors=ks, examples=budget, eval_batches=128, repeats=3)
@@ -93,14 +135,16 @@ def number(x: float) -> str:
 
 
 def offline_cell(off: dict[str, Any]) -> str:
-    others = ", ".join(number(b) for b in off["orders"][1:])
-    return f"{number(off['b_crit'])} (other orders: {others})"
+    orders = ", ".join(number(b) for b in off["orders"])
+    same = ", ".join(number(b) for b in off["same_stream"])
+    return f"{orders}; one stream: {same}"
 
 
 def table(results: list[dict[str, Any]]) -> str:
     fitted = {"digits": 704, "charlm": 1062}  # docs/critical-batch.md, the sweep's fit
     lines = [
-        "| task | step | built-in probe (95%, 3 data orders) | offline branches | fitted B_crit "
+        "| task | step | built-in probe (95%, 3 data orders) | offline branches (orders 0, 1, 2) "
+        "| fitted B_crit "
         "| B_simple at the step | probe seconds |",
         "|---|---|---|---|---|---|---|",
     ]
