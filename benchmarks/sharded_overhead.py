@@ -1,11 +1,13 @@
-"""The callback's cost per optimizer step under DDP, FSDP1 and FSDP2 (2 CPU processes, gloo).
+"""The callback's cost per optimizer step under DDP, FSDP1, FSDP2 and both hybrids (2 CPU
+processes, gloo; hybrid: 2 replicas of one process each, so each gradient shard is a replica).
 
 Both ranks are launched here; each fit is timed per optimizer step (median after warm-up),
 with and without the callback, in the same pair of processes, plain runs before and after the
 measured ones (their mean is the reference). Model: an MLP 256 → 1024 → 1024 → 10 on random
 data, micro-batch 64 per rank.
 
-    python benchmarks/sharded_overhead.py              # about 5 minutes on 2 cores
+    python benchmarks/sharded_overhead.py              # about 7 minutes on 2 cores
+    python benchmarks/sharded_overhead.py hsdp hybrid  # only these strategies
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ CONFIGS = [
     ("fsdp1", "micro_batch", 2),
     ("fsdp2", "micro_batch", 2),
     ("fsdp2", "per_example", 1),
+    ("hsdp", "micro_batch", 2),
+    ("hsdp", "per_example", 1),
+    ("hybrid", "micro_batch", 2),
 ]
+ONLY = "GNS_OVERHEAD_ONLY"  # the strategies to run, from the command line
 STEPS, WARMUP = 40, 8
 
 
@@ -84,7 +90,10 @@ def worker(out: str) -> None:
 
     results = {}
     timed("ddp", 1, None)  # warm-up: the first fit in a process pays one-off costs
+    only = os.environ.get(ONLY, "").split()
     for kind, source, acc in CONFIGS:
+        if only and kind not in only:
+            continue
         plain = [timed(kind, acc, None)]
         gns = timed(kind, acc, GradientNoiseScale(source=source, log_every_n_steps=20))
         plain.append(timed(kind, acc, None))
@@ -105,7 +114,7 @@ def main() -> None:
 
     procs = []
     for rank in (0, 1):
-        env = rank_env(rank, port, HERE.parent)
+        env = {**rank_env(rank, port, HERE.parent), ONLY: " ".join(sys.argv[1:])}
         cmd = [sys.executable, __file__, "--worker", str(out)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
     assert [p.wait() for p in procs] == [0, 0]

@@ -37,12 +37,13 @@ HYBRID_DIMS = ("replicate", "shard")
 
 
 def hybrid_mesh() -> object:
-    """The (replicate, shard) CPU mesh of hybrid sharding: shard within a node of 2 processes,
-    replicate across nodes ([[0, 1], [2, 3]] on 4 processes)."""
+    """The (replicate, shard) CPU mesh of hybrid sharding: 2 replicas, each sharded over half
+    the processes (on 4: shard within a node of 2, replicate across nodes, [[0, 1], [2, 3]];
+    on 2: replicas of one process each)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     world = torch.distributed.get_world_size()
-    return init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=HYBRID_DIMS)
+    return init_device_mesh("cpu", (2, world // 2), mesh_dim_names=HYBRID_DIMS)
 
 
 class CPUFSDPStrategy(FSDPStrategy):

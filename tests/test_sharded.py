@@ -20,6 +20,7 @@ from lightning_gns.norms.sharded import (
     data_parallel_only,
     local_sq,
     refusal,
+    replicas_of,
     sharding_of,
 )
 
@@ -149,4 +150,5 @@ def test_a_process_share_of_a_replicated_gradient() -> None:
     assert float(local_sq(t)) == pytest.approx(14.0)
     assert float(local_sq(t, replicas=2)) == pytest.approx(7.0)  # DDP: each holds all of it
     assert local_sq(None) is None and local_sq(t.bfloat16()).dtype == torch.float32
+    assert replicas_of(4, 4) == 1 and replicas_of(2, 4) == 2 and replicas_of(None, 4) == 4
     assert N % 32 == 0  # whole micro-batches on both ranks

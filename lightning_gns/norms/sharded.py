@@ -187,17 +187,22 @@ def data_parallel_only(p: Tensor) -> bool:
     return all(isinstance(q, Replicate) for q in outer) and type(last) is Shard
 
 
-def fsdp1_replicas(unit: nn.Module, world_size: int) -> int:
-    """How many processes hold each element of an FSDP1 unit's local gradient shard: 1 under
-    ``FULL_SHARD``/``SHARD_GRAD_OP``, the number of shard groups under hybrid sharding
-    (world / the unit's shard ``process_group``), every process under ``NO_SHARD``."""
+def fsdp1_shard_size(unit: nn.Module) -> int | None:
+    """The processes an FSDP1 unit shards its flat parameter over (its ``process_group``: all
+    of them, or one shard group under hybrid sharding); None under ``NO_SHARD`` (each process
+    holds the whole gradient)."""
     if not fsdp1_sharded(unit):
-        return world_size
+        return None
     group = getattr(unit, "process_group", None)
     if group is None or not torch.distributed.is_initialized():
-        return 1
-    shard = torch.distributed.get_world_size(group)
-    return max(1, world_size // shard) if shard > 0 else 1
+        return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return torch.distributed.get_world_size(group)
+
+
+def replicas_of(shard: int | None, world_size: int) -> int:
+    """How many processes hold each element of a local gradient shard: world / shard size (1
+    when sharded over all, R replica groups under hybrid sharding), every process unsharded."""
+    return world_size if shard is None else max(1, world_size // max(shard, 1))
 
 
 def local_sq(grad: Tensor | None, replicas: int = 1) -> Tensor | None:
@@ -239,12 +244,16 @@ def big_part_for(model: nn.Module, kind: Sharding) -> BigPart:
     if kind == "none":
         return replicated_big
     units = fsdp1_units(model) if kind == "fsdp1" else []
-    owner = {id(fsdp1_flat_param(u)): u for u in units if fsdp1_flat_param(u) is not None}
+    shard = {  # FSDP1: each flat parameter's shard size, read once (no call per step)
+        id(fsdp1_flat_param(u)): fsdp1_shard_size(u)
+        for u in units
+        if fsdp1_flat_param(u) is not None
+    }
 
     def big(params: Iterable[nn.Parameter], world_size: int) -> Tensor | None:
         parts = [
-            local_sq(_shard_grad(p), fsdp1_replicas(owner[id(p)], world_size))
-            if id(p) in owner
+            local_sq(_shard_grad(p), replicas_of(shard[id(p)], world_size))
+            if id(p) in shard
             else local_sq(p.grad)  # FSDP2: a DTensor knows its replicas
             for p in params
             if p.requires_grad
