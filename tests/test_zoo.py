@@ -154,7 +154,7 @@ def test_t5_relative_bias_at_a_length_equal_to_the_batch_is_measured_per_example
     model, data, loss = t5()
     cb = GradientNoiseScale(per_layer=True, log_every_n_steps=10)
     fit(cb, tmp_path, ZooModule(model, data, loss, 16), max_steps=30)
-    assert cb.left_out == {} and cb.coverage == 1.0, cb.left_out
+    assert cb.coverage == 1.0 and set(cb.left_out) == {"model.shared"}, cb.left_out  # tied
     bias = [k for k in cb.layer_values if "relative_attention_bias" in k]
     assert len(bias) == 2
     assert cb.values.skipped == 0 and cb.values.steps == 29

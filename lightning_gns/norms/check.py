@@ -40,7 +40,7 @@ class Checked(Protocol):
     @property
     def params(self) -> list[nn.Parameter]: ...
 
-    def drop(self, name: str, reason: str | None) -> None: ...
+    def drop(self, name: str, reason: str) -> None: ...
 
     def adopt(self, name: str, parent: str) -> None: ...
 
@@ -95,9 +95,6 @@ class StructuralCheck:
         _adopt_uncalled(norms)
         local: dict[int, Tensor] = {}
         for name, site in list(norms.sites.items()):
-            if site.seen.calls == 0 and _held_by_others(norms, name, site):
-                norms.drop(name, None)  # a tied weight, covered where it is used: not left out
-                continue
             reason = _call_problem(site)
             if reason is None:  # a router on flattened tokens must not mix examples
                 reason = token_check_problem(site, norms.record.batch_size)
@@ -154,13 +151,6 @@ def _adopt_uncalled(norms: Checked) -> None:
             if parent is not None and parent.generic and parent.seen.calls == 1:
                 norms.adopt(name, parent_name)
                 break
-
-
-def _held_by_others(norms: Checked, name: str, site: Site) -> bool:
-    """Every parameter of the site is also held by another site (T5's ``shared`` embedding,
-    whose weight the encoder's and decoder's ``embed_tokens`` use)."""
-    others = {id(p) for n, s in norms.sites.items() if n != name for p in s.params.values()}
-    return all(id(p) in others for p in site.params.values())
 
 
 def _call_problem(site: Site) -> str | None:

@@ -83,9 +83,8 @@ class PerExampleNorms:
         total = sum(p.numel() for p in trainable_parameters(self.model))
         return sum(p.numel() for p in self.params) / total if total else 0.0
 
-    def drop(self, name: str, reason: str | None) -> None:
-        """Leave a site out for good, with the reason (None: its parameters are covered
-        through other sites, nothing is left out)."""
+    def drop(self, name: str, reason: str) -> None:
+        """Leave a site out for good, with the reason."""
         site = self.sites.pop(name, None)
         if site is None:
             return
@@ -94,8 +93,7 @@ class PerExampleNorms:
         site.active = False
         site.remove_hook()
         self._unroute(site)
-        if reason is not None:
-            self.left_out[name] = reason
+        self.left_out[name] = reason
 
     def adopt(self, name: str, parent: str) -> None:
         """The site ``parent`` (a torch.func site) takes over the parameters of site ``name``,
@@ -131,14 +129,16 @@ class PerExampleNorms:
                 if moe.token_rule_for(site.module) is not None:
                     moe.tap_gate(site.module)  # the experts' z, kept for their rule
                 continue
-            site.handle = site.module.register_forward_hook(site_hooks.forward_hook(self, site))
+            hook = site_hooks.forward_hook(self, site)
+            if self.simultaneous and not site.shared and can_route(site.module):
+                route(site.module, self._route_for(site), hook)  # the hook runs in its forward
+                site.routed = True
+                continue
+            site.handle = site.module.register_forward_hook(hook)
             owner = relative_bias.bias_owner(self.model, site.name, site.module)
             if owner is not None:  # T5's relative position bias (norms/relative_bias.py)
                 relative_bias.attach(owner, self, site)
                 site.relative = True
-            if self.simultaneous and not site.shared and can_route(site.module):
-                route(site.module, self._route_for(site))
-                site.routed = True
 
     def detach(self) -> None:
         self.scopes.detach()

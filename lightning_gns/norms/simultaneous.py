@@ -36,6 +36,8 @@ CONV1D = "transformers.pytorch_utils.Conv1D"  # y = x W + b with W (d_in, d_out)
 # x -> the sink (a (B,) leaf) whose gradient receives this call's per-example squared norms,
 # or None: run the plain forward
 SinkFor = Callable[[Tensor], "Tensor | None"]
+# (module, args, output) -> a replacement output or None: the site's forward hook
+After = Callable[[nn.Module, tuple, Tensor], Any]
 
 
 def _qualname(module: nn.Module) -> str:
@@ -76,10 +78,12 @@ def qualifies(module: Any, x: Tensor) -> bool:
     return t > 1 and not _use_gram(t, d_in, d_out)
 
 
-def route(module: nn.Module, sink_for: SinkFor) -> None:
+def route(module: nn.Module, sink_for: SinkFor, after: After | None = None) -> None:
     """Give ``module`` the routed forward; ``sink_for(x)`` is asked at each call for the sink
-    that takes this call's per-example norms (None: run the plain forward)."""
-    module.forward = RoutedForward(module, sink_for)
+    that takes this call's per-example norms (None: run the plain forward); ``after(module,
+    (x,), y)`` runs on each call's output as a forward hook would (its result, if not None,
+    replaces it), without making the module's call take the hooked path."""
+    module.forward = RoutedForward(module, sink_for, after)
 
 
 def unroute(module: nn.Module) -> None:
@@ -92,17 +96,24 @@ class RoutedForward:
     """A routed layer's forward. A copy (``copy.deepcopy``, pickle) is bound to the copied
     module and has no sink: it runs the plain forward."""
 
-    def __init__(self, module: nn.Module, sink_for: SinkFor | None = None) -> None:
-        self.module, self.sink_for = module, sink_for
+    def __init__(
+        self, module: nn.Module, sink_for: SinkFor | None = None, after: After | None = None
+    ) -> None:
+        self.module, self.sink_for, self.after = module, sink_for, after
         self.is_transposed = transposed(module)  # decided once, not per call
 
     def __call__(self, x: Tensor) -> Tensor:
         if isinstance(x, Tensor) and x.dim() < 3:  # no sequence: never routed (qualifies)
-            return type(self.module).forward(self.module, x)
-        if host_sync.CHECK.enabled:
+            y = type(self.module).forward(self.module, x)
+        elif host_sync.CHECK.enabled:
             with host_sync.watched():
-                return _routed_forward(self.module, x, self.sink_for, self.is_transposed)
-        return _routed_forward(self.module, x, self.sink_for, self.is_transposed)
+                y = _routed_forward(self.module, x, self.sink_for, self.is_transposed)
+        else:
+            y = _routed_forward(self.module, x, self.sink_for, self.is_transposed)
+        if self.after is None:
+            return y
+        out = self.after(self.module, (x,), y)
+        return y if out is None else out
 
     def __reduce__(self) -> tuple:
         return (RoutedForward, (self.module, None))
