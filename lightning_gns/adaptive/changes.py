@@ -110,7 +110,8 @@ class Growing:
 
     def _start_probe(self, trainer: pl.Trainer, batch: Any) -> None:
         """The first steps accumulate at least ``probe`` examples (at the user's rate) until
-        one gives a record: its noise scale picks the batch to go on with."""
+        B_noise's interval is tight or 10 records are in: its lower bound picks the batch to
+        go on with (:meth:`~lightning_gns.adaptive.ladder.Rules.after_probe`)."""
         assert self._gns is not None and self.batches.accumulate is not None
         fn = self._gns.batch_size_fn
         micro = int(fn(batch) if fn else extract_batch_size(batch)) * trainer.world_size
