@@ -114,7 +114,14 @@ def test_report_on_the_demos_logs_end_to_end(chromium: Path, tmp_path: Path) -> 
         env=env,
     )
     assert demo.returncode == 0, demo.stderr[-2000:]
-    assert "final B_simple" in demo.stdout and "tensorboard --logdir runs" in demo.stdout
+    assert "final               : B_simple" in demo.stdout
+    assert "tensorboard --logdir runs" in demo.stdout
+    said = (demo.stdout + demo.stderr).splitlines()
+    top = said.index("GradientNoiseScale summary")  # the callback's end-of-fit summary
+    headline, advice_line = said[top + 1].strip(), said[top + 2].strip()
+    assert any(line.startswith(f"final               : {headline}") for line in said)
+    assert f"advice              : {advice_line}" in said  # the demo says what the callback said
+    assert not re.search(r"\bnan\b", demo.stdout, flags=re.I)
     cli = subprocess.run(
         [sys.executable, "-m", "lightning_gns.report.cli", "report", "runs", "--out", "report"],
         cwd=tmp_path,
