@@ -112,7 +112,9 @@ def apply_rules(
 
 
 def _wants(module: nn.Module, name: str) -> bool:
-    p = getattr(module, name, None)
+    p = module._parameters.get(name)  # (the usual case, without nn.Module.__getattr__)
+    if p is None:
+        p = getattr(module, name, None)
     return isinstance(p, Tensor) and p.requires_grad
 
 

@@ -156,8 +156,9 @@ def eager(norms: Norms, site: Site, args: tuple, output: object) -> Tensor | Non
     if routable and norms.route_sink(site, x) is not None:  # the route's backward has it
         return None
     site.seen.activation = x
-    if site.tokenwise:  # (B·T, ...) rows of flattened or gathered tokens (MoE)
-        site.seen.tokens = norms.scopes.map_for(site.name, x)
+    b = record.batch_size
+    if site.tokenwise and not (isinstance(x, Tensor) and x.dim() and x.shape[0] == b):
+        site.seen.tokens = norms.scopes.map_for(site.name, x)  # (B·T, ...) rows of tokens (MoE)
     broadcast = None
     if site.embedding:  # positions shared by the batch are only ever an embedding's input
         if record.token_batch is None:
