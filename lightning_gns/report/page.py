@@ -144,9 +144,10 @@ def write_report(
         _table_html(format_summary(summary)),
         '<p class="meta">Each row describes the run\'s last read-out (step): B_simple there '
         "(not yet known while its interval has no upper end), its 95% interval, the batch size "
-        "and the advice the callback gives for them: the recommended batch size where the "
-        f"interval spans at most {advice.MAX_SPREAD:g}x, ≥ X where only a lower bound above the "
-        "batch used is known (grow to at least X). B_simple early: the mean of the first 10% of "
+        "and the advice the callback gives for them (the same function): the recommended batch "
+        f"size where the interval spans at most {advice.MAX_SPREAD:g}x, ≥ X where only a lower "
+        "bound is known and X, that bound rounded down, is above the batch used (grow to at "
+        "least X). B_simple early: the mean of the first 10% of "
         "known points. At recommended: the change in optimizer steps (time) and in examples "
         "(compute) to reach the same loss at the recommended batch size instead of the one "
         "used. Source: where the small-batch norms came from; coverage: the fraction of "
