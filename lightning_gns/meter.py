@@ -199,7 +199,14 @@ class Readings:
             self._restore(state_dict)
 
     def _restore(self, sd: dict[str, Any]) -> None:
+        """Resumed per-example norms keep the checked layers: no second structural check
+        (FSDP restores callback state after the source is built, on the first step)."""
         assert self._driver is not None
+        source, left_out = self._driver.source, sd.get("left_out")
+        if isinstance(source, PerExampleSource) and left_out is not None and source.needs_check:
+            for name, reason in left_out.items():
+                source.norms.drop(name, reason)
+            source.needs_check = False
         self._driver.load_state_dict(sd)
         self._steps = self._logged_at = int(sd.get("steps", 0))
         self.values = self._driver.tracker.read()[MODEL]
@@ -418,12 +425,3 @@ class GradientNoiseMeter(Readings):
             self._closed = True
             self._hook.remove()
             self._driver.detach()
-
-    def _restore(self, sd: dict[str, Any]) -> None:
-        """Resumed per-example norms keep the checked layers: no second structural check."""
-        source, left_out = self._driver.source if self._driver else None, sd.get("left_out")
-        if isinstance(source, PerExampleSource) and left_out is not None and source.needs_check:
-            for name, reason in left_out.items():
-                source.norms.drop(name, reason)
-            source.needs_check = False
-        super()._restore(sd)

@@ -28,12 +28,6 @@ KINDS = ("ddp", "fsdp1", "fsdp1_flat", "fsdp2")
 FITS = [f"fit:{k}:{a}:micro_batch" for k in KINDS for a in (1, 2)]
 FITS += [f"fit:{k}:{a}:per_example" for k in ("ddp", "fsdp2") for a in (1, 2)]
 OTHERS = ["resume:fsdp2", "resume:fsdp1", "resume:fsdp2:per_example", "nan:fsdp2"]
-RESUMED_CHECK = (
-    "issue 28: FSDP strategies restore callbacks after on_fit_start, so the driver is built "
-    "before the checkpoint's left_out is known and the resumed run repeats the structural "
-    "check (one step fewer). Fix: Readings._restore (lightning_gns/meter.py) drops the saved "
-    "left_out and clears needs_check, as GradientNoiseMeter._restore does"
-)
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +74,7 @@ def test_one_collective_per_logging_step_and_no_host_read_between(ranks, config)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "fsdp2",
-        "fsdp1",
-        pytest.param(
-            "fsdp2:per_example", marks=pytest.mark.xfail(reason=RESUMED_CHECK, strict=True)
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1", "fsdp2:per_example"])
 def test_resume_under_fsdp_continues_the_estimate(ranks, kind) -> None:
     for r in ranks:
         res = r[f"resume:{kind}"]
