@@ -3,7 +3,8 @@
 Each setting is trained with and without the callback in short ``Trainer.fit`` runs that are
 interleaved (baseline, setting 1, setting 2, ..., then rotated: setting 1, setting 2, ...,
 baseline, ...) so that drifts in
-machine load hit both alike. A timing callback records ``time.perf_counter()`` at the first
+machine load hit both alike. A timing callback records ``time.perf_counter()`` (``--clock cpu``:
+the training thread's CPU time, for a shared machine) at the first
 ``on_train_batch_start`` and the last ``on_train_batch_end`` of each optimizer step (it is the
 first callback at batch start and the last at batch end, so the GNS callback's own hooks are
 inside the window; on CUDA it synchronizes first). Warm-up steps, which include the
@@ -49,13 +50,20 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from lightning_gns import GradientNoiseScale
 
+CLOCKS: dict[str, Callable[[], float]] = {
+    "wall": time.perf_counter,
+    # this thread's CPU time: a process sharing the cores does not count (one thread, CPU)
+    "cpu": time.thread_time,
+}
+
 
 class StepTimes:
-    """Per-optimizer-step wall times, from two callbacks placed first and last in the list."""
+    """Per-optimizer-step times, from two callbacks placed first and last in the list."""
 
-    def __init__(self, accumulate: int, device: str) -> None:
+    def __init__(self, accumulate: int, device: str, clock: str = "wall") -> None:
         self.accumulate = accumulate
         self.device = device
+        self.clock = CLOCKS[clock]
         self.times: list[float] = []
         self._t0 = 0.0
 
@@ -67,13 +75,13 @@ class StepTimes:
             def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
                 if args[-1] % owner.accumulate == 0:
                     sync(owner.device)
-                    owner._t0 = time.perf_counter()
+                    owner._t0 = owner.clock()
 
         class End(Callback):
             def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
                 if (args[-1] + 1) % owner.accumulate == 0:
                     sync(owner.device)
-                    owner.times.append(time.perf_counter() - owner._t0)
+                    owner.times.append(owner.clock() - owner._t0)
 
         return Start(), End()
 
@@ -143,7 +151,7 @@ def fit_once(
         sampler=RandomSampler(work.data, replacement=True, num_samples=n, generator=gen),
         drop_last=True,
     )
-    timer = StepTimes(setting.accumulate, args.device)
+    timer = StepTimes(setting.accumulate, args.device, args.clock)
     start, end = timer.callbacks()
     mid = [GradientNoiseScale(**setting.gns)] if setting.gns is not None else []
     trainer = pl.Trainer(
@@ -345,6 +353,13 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: perf_counter; cpu: the training thread's CPU time (CPU, --threads 1 only), "
+        "which time slices given to other processes on a shared machine do not inflate",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the model in every fit (with and without the callback)",
@@ -355,6 +370,8 @@ def main() -> None:
         args = p.parse_args()
     if args.accumulate < 2:
         p.error("--accumulate must be at least 2 (the micro_batch source needs two)")
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        p.error("--clock cpu times one CPU thread: use it with --device cpu --threads 1")
     quiet()
     set_threads(args.threads or None, args.device)
     rows: list[list[str]] = []
@@ -373,6 +390,7 @@ def main() -> None:
     print(
         f"\nGradientNoiseScale overhead on {describe_device(args.device)}, precision "
         f"{args.precision}{', compiled' if args.compile else ''}, torch {torch.__version__}, "
+        f"{'thread CPU time, ' if args.clock == 'cpu' else ''}"
         f"median of {args.repeats} interleaved "
         f"fits per setting ({time.perf_counter() - t0:.0f} s)\n"
     )
