@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 
-from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
+from lightning_gns import AdaptiveBatchSize, CriticalBatchProbe, GradientNoiseScale
 
 
 @pytest.mark.parametrize(
@@ -17,6 +17,8 @@ from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
         (GradientNoiseScale, {"sourse": "auto"}, "did you mean 'source'?"),
         (AdaptiveBatchSize, {"max_accum": 8}, "did you mean 'max_accumulate'?"),
         (AdaptiveBatchSize, {"lr_scale": "auto"}, "did you mean 'lr_scaling'?"),
+        (CriticalBatchProbe, {"every_n_step": 5}, "did you mean 'every_n_steps'?"),
+        (CriticalBatchProbe, {"at_step": [5]}, "did you mean 'at_steps'?"),
     ],
 )
 def test_a_misspelled_argument_names_the_one_meant(cls: type, kwargs: dict, meant: str) -> None:

@@ -170,6 +170,21 @@ def test_every_n_steps_and_the_checkpointed_results(tmp_path: Path) -> None:
     assert again.results == probe.results and again.spent == probe.spent > 0
 
 
+def test_a_run_resumed_at_a_probed_step_does_not_probe_it_again(monkeypatch) -> None:
+    """Accumulating, the first micro-batch after a resume at probed step 5 ends at step 5."""
+    probe = small_probe()
+    calls: list[int] = []
+    monkeypatch.setattr(probe, "probe", lambda trainer, module: calls.append(trainer.global_step))
+    trainer, batch = SimpleNamespace(global_step=5, world_size=1), torch.zeros(8, 2)
+    probe.on_train_batch_end(trainer, None, None, batch, 0)  # type: ignore[arg-type]
+    assert calls == [5]
+    again = small_probe()
+    again.load_state_dict(probe.state_dict())
+    monkeypatch.setattr(again, "probe", lambda trainer, module: calls.append(trainer.global_step))
+    again.on_train_batch_end(trainer, None, None, batch, 0)  # type: ignore[arg-type]
+    assert calls == [5]
+
+
 @pytest.mark.slow
 def test_bit_identical_under_ddp(tmp_path: Path) -> None:
     out = tmp_path / "result.json"

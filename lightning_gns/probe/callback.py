@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset, default_collate
 from typing_extensions import override
 
 from lightning_gns import host_sync, keys
+from lightning_gns._compat import SuggestsArguments
 from lightning_gns.adaptive.rules import LRScaling, lr_scale
 from lightning_gns.callback import GradientNoiseScale
 from lightning_gns.norms.preconditioner import keeps_second_moment
@@ -30,7 +31,7 @@ from lightning_gns.publish import publish, tensorboard_layout
 EXACT_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16-true")
 
 
-class CriticalBatchProbe(Callback):
+class CriticalBatchProbe(SuggestsArguments, Callback):
     r"""B_crit(branched) at chosen optimizer steps, measured on the run itself and undone.
 
     At each step of ``at_steps`` (and every ``every_n_steps``), from the model and optimizer
@@ -239,12 +240,19 @@ class CriticalBatchProbe(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"results": [asdict(r) for r in self.results], "run_examples": self.run_examples}
+        # the step last seen: a run resumed at a probed step (accumulating, its first
+        # micro-batch ends at that step again) does not probe it a second time
+        return {
+            "results": [asdict(r) for r in self.results],
+            "run_examples": self.run_examples,
+            "seen": self._seen,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = [ProbeResult(**r) for r in state_dict.get("results", [])]
         self.run_examples = int(state_dict.get("run_examples", 0))
+        self._seen = int(state_dict.get("seen", -1))
 
 
 def rate_scales(
