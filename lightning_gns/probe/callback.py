@@ -240,19 +240,14 @@ class CriticalBatchProbe(SuggestsArguments, Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # the step last seen: a run resumed at a probed step (accumulating, its first
-        # micro-batch ends at that step again) does not probe it a second time
-        return {
-            "results": [asdict(r) for r in self.results],
-            "run_examples": self.run_examples,
-            "seen": self._seen,
-        }
+        return {"results": [asdict(r) for r in self.results], "run_examples": self.run_examples,
+                "seen": self._seen}  # fmt: skip
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = [ProbeResult(**r) for r in state_dict.get("results", [])]
         self.run_examples = int(state_dict.get("run_examples", 0))
-        self._seen = int(state_dict.get("seen", -1))
+        self._seen = int(state_dict.get("seen", -1))  # resumed at a probed step: not again
 
 
 def rate_scales(
