@@ -152,6 +152,18 @@ def test_a_probe_that_fails_warns_and_leaves_the_run_alone(tmp_path: Path) -> No
     assert probed == plain
 
 
+def test_a_probe_whose_copy_runs_out_of_memory_is_skipped(tmp_path, monkeypatch) -> None:
+    def no_memory(*args: object) -> Snapshot:
+        raise torch.OutOfMemoryError("CUDA out of memory (the snapshot)")
+
+    plain, _, _ = probed_run(tmp_path, None)
+    monkeypatch.setattr(Snapshot, "take", no_memory)
+    probe = small_probe()
+    with pytest.warns(UserWarning, match="failed and was skipped.*out of memory"):
+        probed, _, _ = probed_run(tmp_path, probe)
+    assert probe.results == [] and probed == plain
+
+
 def test_rates_follow_the_adaptive_rule(tmp_path: Path) -> None:
     adam, sgd = small_probe(at_steps=[5]), small_probe(at_steps=[5])
     probed_run(tmp_path, adam, max_steps=6)

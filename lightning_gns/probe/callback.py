@@ -198,18 +198,15 @@ class CriticalBatchProbe(SuggestsArguments, Callback):
         b_simple = float(gns.b_simple) if gns is not None else math.nan
         scales = rate_scales(self.lr_scaling, self.factors, trainer, batch, b_simple)
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
-        snapshot = Snapshot.take(pl_module, optimizer, schedulers)
-        try:
+        snapshot: Snapshot | None = None
+        try:  # the copy too: out of memory there must not end the run
+            snapshot = Snapshot.take(pl_module, optimizer, schedulers)
             with quiet(pl_module, optimizer):
                 per_batch = run_branches(runner, snapshot, self._draws, step, self.factors,
                                          self._micro, accumulate, e, scales,
                                          self.repeats)  # fmt: skip
         except Exception as error:  # the run must go on: restored, said, nothing logged
-            snapshot.restore()
-            rank_zero_warn(f"CriticalBatchProbe: the probe at step {step:,} failed and was "
-                           f"skipped ({type(error).__name__}: {error}); the run continues "
-                           "unchanged")  # fmt: skip
-            return None
+            return skipped(snapshot, step, error)
         losses = {k: math.fsum(map(math.fsum, v)) / sum(map(len, v)) for k, v in per_batch.items()}
         lower, upper = branches.bootstrap(per_batch, batch, self.tolerance, seed=self.seed)
         spent = self.repeats * len(self.factors) * (e + held)
@@ -248,6 +245,14 @@ class CriticalBatchProbe(SuggestsArguments, Callback):
         self.results = [ProbeResult(**r) for r in state_dict.get("results", [])]
         self.run_examples = int(state_dict.get("run_examples", 0))
         self._seen = int(state_dict.get("seen", -1))  # resumed at a probed step: not again
+
+
+def skipped(snapshot: Snapshot | None, step: int, error: Exception) -> None:
+    """A probe that failed: the state restored (if it was copied), a warning, no result."""
+    if snapshot is not None:
+        snapshot.restore()
+    rank_zero_warn(f"CriticalBatchProbe: the probe at step {step:,} failed and was skipped "
+                   f"({type(error).__name__}: {error}); the run continues unchanged")  # fmt: skip
 
 
 def rate_scales(
