@@ -247,12 +247,13 @@ class CriticalBatchProbe(SuggestsArguments, Callback):
         self._seen = int(state_dict.get("seen", -1))  # resumed at a probed step: not again
 
 
-def skipped(snapshot: Snapshot | None, step: int, error: Exception) -> None:
+def skipped(snapshot: Snapshot | None, step: int, error: Exception) -> ProbeResult | None:
     """A probe that failed: the state restored (if it was copied), a warning, no result."""
     if snapshot is not None:
         snapshot.restore()
     rank_zero_warn(f"CriticalBatchProbe: the probe at step {step:,} failed and was skipped "
                    f"({type(error).__name__}: {error}); the run continues unchanged")  # fmt: skip
+    return None
 
 
 def rate_scales(
