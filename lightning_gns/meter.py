@@ -19,6 +19,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_gns import host_sync, keys
+from lightning_gns._compat import SuggestsArguments
 from lightning_gns.driver import StepDriver
 from lightning_gns.estimator import GNSValues
 from lightning_gns.norms.sharded import refusal
@@ -241,7 +242,7 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-class GradientNoiseMeter(Readings):
+class GradientNoiseMeter(SuggestsArguments, Readings):
     r"""Measure B_simple = tr(Σ)/|G|² in your own training loop (Fabric or plain PyTorch).
 
     Call :meth:`step` once per optimizer step, after the backward and before

@@ -6,7 +6,12 @@ import inspect
 
 import pytest
 
-from lightning_gns import AdaptiveBatchSize, CriticalBatchProbe, GradientNoiseScale
+from lightning_gns import (
+    AdaptiveBatchSize,
+    CriticalBatchProbe,
+    GradientNoiseMeter,
+    GradientNoiseScale,
+)
 
 
 @pytest.mark.parametrize(
@@ -19,6 +24,8 @@ from lightning_gns import AdaptiveBatchSize, CriticalBatchProbe, GradientNoiseSc
         (AdaptiveBatchSize, {"lr_scale": "auto"}, "did you mean 'lr_scaling'?"),
         (CriticalBatchProbe, {"every_n_step": 5}, "did you mean 'every_n_steps'?"),
         (CriticalBatchProbe, {"at_step": [5]}, "did you mean 'at_steps'?"),
+        (GradientNoiseMeter, {"accumulation": 2}, "did you mean 'accumulate'?"),
+        (GradientNoiseMeter, {"log_every": 5}, "did you mean 'log_every_n_steps'?"),
     ],
 )
 def test_a_misspelled_argument_names_the_one_meant(cls: type, kwargs: dict, meant: str) -> None:
