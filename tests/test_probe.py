@@ -130,6 +130,19 @@ def test_the_run_is_bit_identical_with_the_probe(tmp_path: Path) -> None:
     assert math.isfinite(probe.results[1].b_simple)  # GradientNoiseScale's read at step 8
 
 
+def test_the_branches_train_the_model_with_its_own_hooks(tmp_path: Path) -> None:
+    def counted(tmp: Path, probe: CriticalBatchProbe | None) -> tuple[dict, int]:
+        module, calls = Noisy(batch_size=8), [0]
+        first = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+        first.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        return probed_run(tmp, probe, module)[0], calls[0]
+
+    plain, plain_calls = counted(tmp_path, None)
+    probed, probed_calls = counted(tmp_path, small_probe(at_steps=[5]))
+    assert probed_calls > plain_calls  # the user's hook ran in the branches too
+    assert probed == plain
+
+
 def test_the_comparison_sees_a_probe_that_does_not_restore(tmp_path, monkeypatch) -> None:
     plain, _, _ = probed_run(tmp_path, None)
     monkeypatch.setattr(Snapshot, "restore", lambda self: None)

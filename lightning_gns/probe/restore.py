@@ -4,8 +4,9 @@
 module's train/eval mode, the optimizer's state and parameter groups, the schedulers' states
 and every random generator (torch, CUDA when started, numpy, Python's ``random``).
 :meth:`Snapshot.restore` writes them back in place (the same tensor objects, so whatever holds
-a reference sees the old values). :func:`quiet` switches off the hooks other callbacks put on
-the modules, parameters and optimizer, and ``self.log``, while the branches run.
+a reference sees the old values). :func:`quiet` switches off this package's own hooks (the
+norms, the adaptive rate) and ``self.log`` while the branches run; the model's and the user's
+hooks keep running, so the branches train the model as it is.
 """
 
 from __future__ import annotations
@@ -158,14 +159,24 @@ class Snapshot:
         set_rng_state(self.rng)
 
 
+def _ours(hook: Any) -> bool:
+    """Whether ``hook`` was defined in this package (a function, method, partial or object)."""
+    fn = getattr(hook, "func", hook)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # a bound method
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return module == "lightning_gns" or module.startswith("lightning_gns.")
+
+
 def _silence(holders: list[Any], names: tuple[str, ...]) -> list[tuple[dict[Any, Any], list]]:
+    """Take this package's hooks out of ``holders``' hook dicts; (dict, its items) to restore."""
     cleared = []
     for holder in holders:
         for name in names:
             hooks = getattr(holder, name, None)
-            if isinstance(hooks, dict) and hooks:
+            if isinstance(hooks, dict) and any(_ours(h) for h in hooks.values()):
                 cleared.append((hooks, list(hooks.items())))
-                hooks.clear()  # in place: autograd holds a parameter's dict itself
+                for key in [k for k, h in hooks.items() if _ours(h)]:
+                    del hooks[key]  # in place: autograd holds a parameter's dict itself
     return cleared
 
 
@@ -175,16 +186,18 @@ def _no_log(*args: Any, **kwargs: Any) -> None:
 
 @contextmanager
 def quiet(module: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """No other callback's hook and no ``self.log`` sees what runs inside.
+    """None of this package's hooks and no ``self.log`` sees what runs inside; the model's
+    and the user's own hooks (weight norm, pruning, a pre-hook) keep running.
 
     Examples:
-        >>> net = nn.Linear(2, 1)
-        >>> seen = []
-        >>> _ = net.register_forward_hook(lambda *a: seen.append(1))
+        >>> from torch.nn.utils import prune
+        >>> from lightning_gns.probe.restore import _no_log
+        >>> net = prune.l1_unstructured(nn.Linear(2, 1), "weight", amount=0.5)  # torch's pre-hook
+        >>> _ = net.register_forward_hook(_no_log)  # stands for one of the package's hooks
         >>> with quiet(net, torch.optim.SGD(net.parameters(), lr=0.1)):
-        ...     _ = net(torch.ones(1, 2))
-        >>> _ = net(torch.ones(1, 2)); seen
-        [1]
+        ...     inside = len(net._forward_pre_hooks), len(net._forward_hooks)
+        >>> inside, (len(net._forward_pre_hooks), len(net._forward_hooks))
+        ((1, 0), (1, 1))
     """
     cleared = _silence(list(module.modules()), MODULE_HOOKS)
     cleared += _silence(list(module.parameters()), TENSOR_HOOKS)
