@@ -89,12 +89,23 @@ class Runner:
             for chunk in chunks[start : start + per_step]:
                 (self._loss(chunk) / per_step).backward()
             if self.world > 1:
-                for p in params:
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad.div_(self.world)
+                self._average(params)
             self._clip(params)
             optimizer.step()
+
+    def _average(self, params: list[torch.nn.Parameter]) -> None:
+        """DDP's mean gradient; a gradient missing on some ranks only (a layer one rank did
+        not use) counts as zeros there, so every rank issues the same all-reduces."""
+        device = self.trainer.strategy.root_device
+        present = torch.tensor([int(p.grad is not None) for p in params], device=device)
+        torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX)
+        for p, used in zip(params, present.tolist(), strict=True):
+            if not used:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(self.world)
 
     def _clip(self, params: list[torch.nn.Parameter]) -> None:
         value = self.trainer.gradient_clip_val
