@@ -525,3 +525,24 @@ def test_legends_list_only_what_is_drawn() -> None:
             assert ("recommended" in _legend(fig)) == starred, runs.keys()
     plain = [Curve("B_noise = 300", 300.0, "C0")]  # no batch size marked
     assert "batch size used" not in _legend(efficiency_figure(plain))
+
+
+def test_advice_survives_a_summary_read_back_from_csv(tmp_path) -> None:
+    values = growing(20)
+    df = frame(
+        {
+            "a": {
+                "gns/b_simple": values,
+                "gns/b_simple_lower": [v * 0.9 for v in values],
+                "gns/b_simple_upper": [v * 1.2 for v in values],
+                "gns/batch_size": [16] * 20,
+            },
+        }
+    )
+    summary = summarize(df)
+    assert summary["note"].tolist() == [""]  # a recommendation: no note
+    path = tmp_path / "summary.csv"
+    summary.to_csv(path, index=False)
+    back = pd.read_csv(path)
+    assert advise(back) == advise(summary)
+    assert not any("nan" in line for line in advise(back))

@@ -373,14 +373,15 @@ def advise(summary: pd.DataFrame) -> list[str]:
         head = f"{row.run}: "
         if row.coverage < 0.9:
             head += f"(covers {row.coverage:.0%} of the parameters) "
-        if row.logged_points == 0 or not isinstance(row.note, str):
-            lines.append(f"{head}no advice: {row.note or 'no usable estimate'}.")
+        note = row.note if isinstance(row.note, str) else ""  # an empty note reads back NaN
+        if row.logged_points == 0:
+            lines.append(f"{head}no advice: {note or 'no usable estimate'}.")
             continue
         a = _decide(row)
         if a.kind == "recommend":
             lines.append(head + _advice_text(row, a))
         elif a.kind == "grow":
-            lines.append(f"{head}{a.sentence()}; no recommendation yet: {row.note}.")
+            lines.append(f"{head}{a.sentence()}; no recommendation yet: {note}.")
         else:
             unknown = _unknown(row.logged_points, row.known_points)
             lines.append(f"{head}{unknown}{a.sentence(int(row.last_step))}.")
