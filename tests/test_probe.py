@@ -143,6 +143,28 @@ def test_the_branches_train_the_model_with_its_own_hooks(tmp_path: Path) -> None
     assert probed == plain
 
 
+def test_the_evaluation_batches_stay_when_the_micro_batch_grows(tmp_path, monkeypatch) -> None:
+    counts, bootstrap = [], branches.bootstrap
+
+    def spy(per_batch, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        counts.append(len(per_batch[1][0]))
+        return bootstrap(per_batch, *args, **kw)
+
+    class Grown(pl.Callback):  # stands for AdaptiveBatchSize growing the micro-batch
+        def on_train_batch_end(self, trainer, *args) -> None:  # noqa: ANN001, ANN002
+            if trainer.global_step > 6:
+                probe._micro = 32
+
+    monkeypatch.setattr(branches, "bootstrap", spy)
+    probe = small_probe()  # eval_batches=4 of the micro-batch of 8 at the first probe
+    seed_everything(0)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=12, accumulate_grad_batches=2),
+                         callbacks=[Grown(), probe])  # fmt: skip
+    trainer.fit(Noisy(batch_size=8))
+    assert [r.step for r in probe.results] == [5, 11]
+    assert counts == [4, 4]
+
+
 def test_the_comparison_sees_a_probe_that_does_not_restore(tmp_path, monkeypatch) -> None:
     plain, _, _ = probed_run(tmp_path, None)
     monkeypatch.setattr(Snapshot, "restore", lambda self: None)

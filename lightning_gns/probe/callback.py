@@ -189,7 +189,7 @@ class CriticalBatchProbe(SuggestsArguments, Callback):
         batch = self._micro * accumulate * world
         if self._draws is None:  # the held-back batches, fixed once
             held = min(self.eval_batches * self._micro, len(runner.dataset) // 2)
-            self._draws = Draws(len(runner.dataset), held, self.seed)
+            self._draws = Draws(len(runner.dataset), held, self.seed, self._micro)
         held = len(self._draws.held)
         e = branches.branch_examples(self.examples, self.factors, batch,
                                      planned(trainer, batch), held, self.repeats)  # fmt: skip

@@ -19,7 +19,9 @@ from lightning_gns.probe.restore import Snapshot
 
 
 class Draws:
-    """Indices of ``size`` examples: ``held`` for evaluation, the rest (``pool``) to train on.
+    """Indices of ``size`` examples: ``held`` for evaluation, in batches of ``eval_micro``
+    (fixed with them, so a micro-batch grown later keeps the count of evaluation batches the
+    bootstrap resamples), the rest (``pool``) to train on.
 
     Examples:
         >>> d = Draws(size=100, held=20, seed=0)
@@ -29,9 +31,9 @@ class Draws:
         True
     """
 
-    def __init__(self, size: int, held: int, seed: int) -> None:
+    def __init__(self, size: int, held: int, seed: int, eval_micro: int = 1) -> None:
         order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
-        self.seed = seed
+        self.seed, self.eval_micro = seed, eval_micro
         self.held, self.pool = order[:held], order[held:]
 
     def stream(self, step: int, rank: int, n: int, repeat: int = 0) -> Tensor:
@@ -156,7 +158,7 @@ def run_branches(
             stream = draws.stream(step, runner.rank, per_rank, repeat)
             for k in factors:
                 runner.train(snapshot.optimizer, stream, micro, k * accumulate, scales[k])
-                out[k].append(runner.evaluate(draws.held, micro))
+                out[k].append(runner.evaluate(draws.held, draws.eval_micro))
                 snapshot.restore()
     finally:
         snapshot.restore()
