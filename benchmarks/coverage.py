@@ -56,9 +56,9 @@ def models() -> dict[str, torch.nn.Module]:
 def summarize(truth: float, values: dict, batch: int) -> dict[str, float]:
     vs = list(values.values())
     covered = [v.b_simple_lower <= truth <= v.b_simple_upper for v in vs]
-    known = [v for v in vs if v.known]
+    known = [v for v in vs if v.precise]
     close = [abs(v.b_simple / truth - 1) <= 0.25 for v in known]
-    lower = [v.b_simple_lower for v in vs if not v.known and v.b_simple_lower > 0]
+    lower = [v.b_simple_lower for v in vs if not v.precise and v.b_simple_lower > 0]
     return {
         "coverage": sum(covered) / len(vs),
         "known": len(known) / len(vs),

@@ -47,7 +47,7 @@ class Points(pl.Callback):
             self.rows.append(
                 (
                     float(m[keys.B_SIMPLE]),
-                    v.b_simple if v.known else math.nan,  # the rule before issue 19
+                    v.b_simple if v.precise else math.nan,  # the rule before issue 19
                     float(m[keys.OPTIMAL_BATCH_SIZE]),
                     v.b_simple_lower,
                     v.b_simple_upper,

@@ -81,7 +81,7 @@ def summary(truth: float, values: list) -> str:
     covered = sum(v.b_simple_lower <= truth <= v.b_simple_upper for v in values) / len(values)
     widths = [v.b_simple_upper / v.b_simple_lower for v in values if v.b_simple_lower > 0]
     width = statistics.median(widths) if widths else float("nan")
-    known = sum(v.known for v in values) / len(values)
+    known = sum(v.precise for v in values) / len(values)
     lower = statistics.median(max(v.b_simple_lower, 0.0) / truth for v in values)
     return (
         f"coverage {covered:6.1%}  width ×{width:6.2f}  lower/truth {lower:5.2f}  "

@@ -24,8 +24,8 @@ T = TypeVar("T", Tensor, float)  # the formulas work on floats and on tensors al
 # Layout of a state row: smoothed moments that average linearly across processes, then counts.
 FIELDS = ("g", "s", "gg", "ss", "gs", "w", "w2", "steps", "skipped", "stale")
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
-# B_simple is "known" when its 95% interval spans at most this factor (upper ≤ 1.5 × lower,
-# about ±20%); otherwise only the lower bound is reported.
+# B_simple is precise enough to act on when its 95% interval spans at most this factor
+# (upper ≤ 1.5 × lower, about ±20%); otherwise advice is given on the lower bound only.
 PRECISION = 1.5
 # The adaptive window: EMAs at these decays (about 100, 1,000 and 10,000 steps) run side by
 # side; the read-out takes the shortest one whose interval spans at most TARGET (about ±11%),
@@ -157,7 +157,7 @@ class GNSValues:
         return GNSValues(nan, nan, nan, nan, nan, nan, steps, skipped, stale)
 
     @property
-    def known(self) -> bool:
+    def precise(self) -> bool:
         """Whether the 95% interval is precise enough to act on (:func:`precise`)."""
         return precise(self.b_simple_lower, self.b_simple_upper)
 

@@ -60,7 +60,7 @@ def test_interval_coverage_and_honest_point_estimates(grads, model, batch, ratio
         vs = list(values.values())
         coverage = sum(v.b_simple_lower <= truth <= v.b_simple_upper for v in vs) / len(vs)
         assert coverage >= 0.90, (steps, coverage)
-        known = [v for v in vs if v.known]
+        known = [v for v in vs if v.precise]
         close = sum(abs(v.b_simple / truth - 1) <= 0.25 for v in known)
         assert close + len(vs) - len(known) >= 0.95 * len(vs), (steps, close, len(known))
 
@@ -71,9 +71,9 @@ def test_hard_case_reports_a_lower_bound_between_the_batch_and_the_truth(grads) 
     assert batch / truth < 0.06  # B far below B_noise
     vs = list(reads[2000].values())
     for v in vs:
-        if not v.known:
+        if not v.precise:
             assert v.b_simple_lower > batch
-    bounded = [v for v in vs if not v.known]
+    bounded = [v for v in vs if not v.precise]
     assert sum(v.b_simple_lower < truth for v in bounded) >= 0.95 * len(bounded)
 
 

@@ -198,20 +198,20 @@ def test_adaptive_window_does_not_lag_behind_a_moving_noise_scale() -> None:
     tracker = GNSTracker(columns=["model"])  # the adaptive default
     tracker.update(g.unsqueeze(1), s.unsqueeze(1))
     v = tracker.read()["model"]
-    assert not (v.known and abs(v.b_simple / 150 - 1) > 0.25), v
-    assert not v.known and v.b_simple_lower > 100  # the bound says: far above the old 50
+    assert not (v.precise and abs(v.b_simple / 150 - 1) > 0.25), v
+    assert not v.precise and v.b_simple_lower > 100  # the bound says: far above the old 50
     # A fixed long window lags: it reports a precise, wrong value.
     long = GNSTracker(ema_decay=0.999, columns=["model"])
     long.update(g.unsqueeze(1), s.unsqueeze(1))
     lagging = long.read()["model"]
-    assert lagging.known and lagging.b_simple < 100
+    assert lagging.precise and lagging.b_simple < 100
 
 
 def test_precise_is_the_one_bar_for_acting() -> None:
     assert precise(10.0, 15.0) and not precise(10.0, 15.01)
     assert not precise(0.0, 1.0) and not precise(10.0, math.inf) and not precise(math.nan, 3.0)
-    assert GNSValues(12, 1, 10.0, 14.0, 1, 12, 5, 0).known
-    assert not GNSValues(12, 1, 10.0, 16.0, 1, 12, 5, 0).known
+    assert GNSValues(12, 1, 10.0, 14.0, 1, 12, 5, 0).precise
+    assert not GNSValues(12, 1, 10.0, 16.0, 1, 12, 5, 0).precise
 
 
 def test_pooled_records_give_the_estimates_of_all_small_batches_together() -> None:

@@ -110,7 +110,7 @@ class Rules:
         """At a read-out at the batch ``now`` = (accumulation, micro-batch); the steps since
         the last change (None: none yet)."""
         batch = ladder.batch(*now)
-        if self.rule == "sqrt" and self.reference is None and v.known:  # no probe
+        if self.rule == "sqrt" and self.reference is None and v.precise:  # no probe
             self.reference = (batch, v.b_simple)
         left = self.min_steps_between - (steps_since_change or 0)
         if steps_since_change is not None and left > 0:
@@ -130,13 +130,13 @@ class Rules:
         ``PROBE_MAX_STEPS`` records: the largest level at most ``multiple`` × the interval's
         lower bound (:func:`rules.probe_level`), the user's batch without one. None: go on
         probing. The sqrt rule's reference is the probe's estimate if it is within 1.5×."""
-        if v.steps < PROBE_STEPS or (not v.known and v.steps < PROBE_MAX_STEPS):
+        if v.steps < PROBE_STEPS or (not v.precise and v.steps < PROBE_MAX_STEPS):
             return None  # not enough records yet (the per-example check step has none)
         batch = ladder.batch(*now)
         found = rules.probe_level(v, batch, ladder.base_batch(now[1]), self.factor, self.multiple)
         level, why = found or (0, f"{v.steps} probe steps give no lower bound of B_noise")
         target = ladder.allocate(level, now[1])
-        if self.rule == "sqrt" and v.known:
+        if self.rule == "sqrt" and v.precise:
             self.reference = (ladder.batch(*target), v.b_simple)
         if target == now:
             return f"{why}: staying"

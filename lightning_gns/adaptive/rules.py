@@ -43,7 +43,7 @@ def number(x: float) -> str:
 def noise_bound(v: GNSValues) -> tuple[float, str]:
     """What is known of B_noise: the estimate once its 95% interval is tight, otherwise the
     interval's lower bound (NaN before two read-outs), and how to say it."""
-    if v.known:
+    if v.precise:
         return v.b_simple, f"B_noise is {number(v.b_simple)}"
     if math.isfinite(v.b_simple_lower) and v.b_simple_lower > 0:
         return v.b_simple_lower, f"B_noise is at least {number(v.b_simple_lower)} (95% confidence)"
