@@ -189,24 +189,39 @@ class GradientNoiseScale(SuggestsArguments, Readings, Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._driver is not None:
+        driver = self._driver
+        if driver is None:
+            return
+        if host_sync.CHECK.enabled:  # only inside forbid_host_sync: a contextmanager costs
             with host_sync.watched():
-                self._driver.start_micro_batch(batch)
+                driver.start_micro_batch(batch)
+        else:
+            driver.start_micro_batch(batch)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._driver is not None:
+        driver = self._driver
+        if driver is None:
+            return
+        if host_sync.CHECK.enabled:
             with host_sync.watched():
-                self._driver.end_micro_batch(self.loss_reduction)
+                driver.end_micro_batch(self.loss_reduction)
+        else:
+            driver.end_micro_batch(self.loss_reduction)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._driver is not None:
-            self._stepped = True
+        driver = self._driver
+        if driver is None:
+            return
+        self._stepped = True
+        if host_sync.CHECK.enabled:
             with host_sync.watched():
-                self._driver.end_step(units(trainer, self.loss_reduction))
+                driver.end_step(units(trainer, self.loss_reduction))
+        else:
+            driver.end_step(units(trainer, self.loss_reduction))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -231,13 +246,12 @@ class GradientNoiseScale(SuggestsArguments, Readings, Callback):
     ) -> None:
         if not self._stepped:
             return
-        with host_sync.watched():
-            self._stepped = False
-            self._steps += 1
-            every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 50
-            if trainer.global_step % every == 0:
-                with host_sync.allowed():
-                    self._log(trainer, pl_module)
+        self._stepped = False
+        self._steps += 1
+        every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 50
+        if trainer.global_step % every == 0:
+            with host_sync.allowed():
+                self._log(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

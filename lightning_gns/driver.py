@@ -81,22 +81,29 @@ class StepDriver:
         """Size the micro-batch and open it; returns its size (0: unknown)."""
         if self.steps == 0 and self.allowance is None:
             self.allowance = host_sync.Allowance()  # the probe and the structural check read
-        with host_sync.watched():
-            try:
-                fn = self.batch_size_fn
-                self.current = int(fn(batch) if fn is not None else infer_batch_size(batch))
-            except Exception:  # noqa: BLE001 - an odd batch only costs this step
-                self.current = 0
-        if self.current < 1:
+        if host_sync.CHECK.enabled:
+            with host_sync.watched():
+                current = self._size_of(batch)
+        else:
+            current = self._size_of(batch)
+        self.current = current
+        if current < 1:
             self.bad = "could not tell the batch size of a micro-batch; pass batch_size_fn"
             return 0
         if self.probe_model is not None:
             self.probe, self.probe_model = BatchDimProbe(self.probe_model), None
-        self.recent.append(self.current)
-        self.source.start_micro_batch(self.current, batch)
+        self.recent.append(current)
+        self.source.start_micro_batch(current, batch)
         for f in self.followers:
-            f.source.start_micro_batch(self.current)
-        return self.current
+            f.source.start_micro_batch(current)
+        return current
+
+    def _size_of(self, batch: Any) -> int:
+        try:
+            fn = self.batch_size_fn
+            return int(fn(batch) if fn is not None else infer_batch_size(batch))
+        except Exception:  # noqa: BLE001 - an odd batch only costs this step
+            return 0
 
     def end_micro_batch(self, reduction: Reduction) -> None:
         seen = self.close_probe() if self.probe is not None else None
@@ -108,11 +115,18 @@ class StepDriver:
                 f"model's layers see {seen} examples per micro-batch; if {seen} is right, pass "
                 f"{self.name}(batch_size_fn=lambda batch: ...) (the estimate depends on it)",
             )
-        if self.current > 0:
-            with host_sync.watched():
-                self.source.end_micro_batch(self.current, reduction)
-                for f in self.followers:
-                    f.source.end_micro_batch(self.current, reduction)
+        current = self.current
+        if current > 0:
+            if host_sync.CHECK.enabled:
+                with host_sync.watched():
+                    self._end_sources(current, reduction)
+            else:
+                self._end_sources(current, reduction)
+
+    def _end_sources(self, current: int, reduction: Reduction) -> None:
+        self.source.end_micro_batch(current, reduction)
+        for f in self.followers:
+            f.source.end_micro_batch(current, reduction)
 
     def close_probe(self) -> int | None:
         self.probe_model = None
@@ -123,13 +137,20 @@ class StepDriver:
     def end_step(self, units: Units) -> StepNorms | None:
         """Record this step (skipped: warned once, counted); the record, or None."""
         bad, self.bad = self.bad, None
-        with host_sync.watched():
-            step = self._step(units, bad)
-            for f in self.followers:
-                f.end_step(units)
+        if host_sync.CHECK.enabled:
+            with host_sync.watched():
+                step = self._step_all(units, bad)
+        else:
+            step = self._step_all(units, bad)
         self.steps += 1
         if self.allowance is not None and self.steps >= 1:
             self.allowance.close()
+        return step
+
+    def _step_all(self, units: Units, bad: str | None) -> StepNorms | None:
+        step = self._step(units, bad)
+        for f in self.followers:
+            f.end_step(units)
         return step
 
     def _step(self, units: Units, bad: str | None) -> StepNorms | None:

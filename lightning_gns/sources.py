@@ -64,7 +64,8 @@ def big_sq(params: list[nn.Parameter], units: Units, m: int, n: int, big: BigPar
     part = big(params, units.world_size)
     if part is None:
         raise SkipStep("no covered parameter has a gradient this step")
-    return part * big_scale(units, m, n)
+    scale = big_scale(units, m, n)
+    return part if scale == 1.0 else part * scale  # × 1.0 is exact: one op less
 
 
 class MicroBatchSource:
@@ -114,8 +115,10 @@ class MicroBatchSource:
             raise SkipStep(
                 "only one micro-batch gradient in this step (a short last accumulation window)"
             )
-        k = units.accumulate
-        small = total * (k * k) * units.inv_loss_scale_sq  # Σ over micro-batches
+        k, inv_sq = units.accumulate, units.inv_loss_scale_sq
+        small = total * (k * k)  # Σ over micro-batches
+        if not (isinstance(inv_sq, float) and inv_sq == 1.0):  # × 1.0 is exact: skipped
+            small = small * inv_sq
         big = self._big_sq(units, m, sum(sizes))
         big_m, big_inv = big_parts(units, sizes)
         inv = sum(1.0 / b for b in sizes)
@@ -228,7 +231,13 @@ class PerExampleSource:
                 "optimizer step (raise the batch size or accumulate gradients)"
             )
         scale = units.accumulate**2 * units.inv_loss_scale_sq  # Σ over examples
-        small = [self._total() * scale]
+        total = self._total() * scale
+        big_m, big_inv = big_parts(units, self.sizes)
+        count = float(self.count)
+        if not self.layer_names:  # one column: a view, not a stack (the same values)
+            big_all = big_sq(self.params, units, m, n, self.big)
+            return StepNorms(total.reshape(1), big_all.reshape(1), count, count, big_m, big_inv)
+        small = [total]
         big = [big_sq(self.params, units, m, n, self.big)]
         for name in self.layer_names:
             site = self.norms.sites.get(name)
@@ -240,8 +249,6 @@ class PerExampleSource:
                 continue
             small.append(part * scale)
             big.append(grads * big_scale(units, m, n))
-        big_m, big_inv = big_parts(units, self.sizes)
-        count = float(self.count)
         return StepNorms(torch.stack(small), torch.stack(big), count, count, big_m, big_inv)
 
     def _total(self) -> Tensor:

@@ -266,5 +266,7 @@ def big_part_for(model: nn.Module, kind: Sharding) -> BigPart:
 
 def replicated_big(params: Iterable[nn.Parameter], world_size: int) -> Tensor | None:
     """One device or DDP: every process holds all of ``.grad``; its share is 1/world."""
-    total = squared_norm(p.grad for p in params)
-    return None if total is None else total / world_size
+    total = squared_norm([p.grad for p in params])
+    if total is None or world_size == 1:  # / 1 is exact: one op less
+        return total
+    return total / world_size
