@@ -330,14 +330,16 @@ def open_loop_runs(task: Task, name: str, b0: int, lr: float, b_max: int, base: 
 
 
 def branched(
-    task: Task, b0: int, lr0: float, ks: list[int], budget: int, tol: float = 0.01, seed: int = 0
-) -> dict[str, Any]:
+    task: Task, b0: int, lr0: float, ks: list[int], budget: int, tol: float = 0.01, seed: int = 0,
+    one_stream: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """Merrill et al. 2025's branched measurement (plain PyTorch, Adam): train at ``b0`` to
     ``task.branch_loss``; from that model and optimizer state train at k·b0 with √k·lr0 for
     ``budget`` examples each; B_crit ≈ b0 × the largest k whose loss stays within ``tol``
     (relative) of k = 1's (:func:`lightning_gns.probe.branches.b_crit`; inside a Lightning
     run, :class:`~lightning_gns.CriticalBatchProbe` does the same and restores the run).
-    ``seed``: the data order (the trunk's and the branches', one stream)."""
+    ``seed``: the data order (the trunk's and the branches', one stream). ``one_stream``: every
+    branch draws the same examples, as the probe's branches do (else each continues the stream)."""
     gen = torch.Generator().manual_seed(seed)
     x, y = task.data.tensors
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:4096]
@@ -359,8 +361,10 @@ def branched(
         for _ in range(5):
             step(model, opt, b0)
         steps += 5
-    losses = {}
+    losses, start = {}, gen.get_state()
     for k in ks:
+        if one_stream:
+            gen.set_state(start)
         branch = copy.deepcopy(model)
         o = torch.optim.Adam(branch.parameters(), lr=lr0)
         o.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict shares tensors

@@ -18,7 +18,6 @@ Markdown table.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -29,14 +28,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from critical_batch import Net, Task, branched, charlm_task, digits_task  # noqa: E402
 
 from lightning_gns import CriticalBatchProbe, GradientNoiseScale  # noqa: E402
-from lightning_gns.probe import branches  # noqa: E402
 
 B0 = 32
 LR = 6e-3  # Adam at B = 32: the top of critical_batch.py's grid, where its best runs sat
@@ -73,42 +70,6 @@ def lightning_run(
     }
 
 
-def same_stream(task: Task, ks: list[int], budget: int, seed: int) -> float:
-    """The offline measurement with one stream of examples for every branch, as the probe
-    draws them (``critical_batch.branched`` gives each branch fresh examples)."""
-    x, y = task.data.tensors
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:4096]
-    gen = torch.Generator().manual_seed(seed)
-
-    def loss(model: nn.Module) -> float:
-        with torch.no_grad():
-            return float(nn.functional.cross_entropy(model(x[idx]), y[idx]))
-
-    def step(model: nn.Module, opt: torch.optim.Optimizer, b: int) -> None:
-        i = torch.randint(0, len(x), (b,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[i]), y[i]).backward()
-        opt.step()
-
-    model = copy.deepcopy(task.model)
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    while loss(model) > task.branch_loss:
-        for _ in range(5):
-            step(model, opt, B0)
-    start, losses = gen.get_state(), {}
-    for k in ks:
-        gen.set_state(start)
-        branch = copy.deepcopy(model)
-        o = torch.optim.Adam(branch.parameters(), lr=LR)
-        o.load_state_dict(copy.deepcopy(opt.state_dict()))
-        for g in o.param_groups:
-            g["lr"] = LR * math.sqrt(k)
-        for _ in range(budget // (k * B0)):
-            step(branch, o, k * B0)
-        losses[k] = loss(branch)
-    return branches.b_crit(losses, B0, 0.01)
-
-
 def validate(name: str, quick: bool) -> dict[str, Any]:
     task = {"digits": digits_task, "charlm": charlm_task}[name](quick=False)
     ks = [1, 2, 4, 8] if quick else [1, 2, 4, 8, 16, 32]
@@ -118,7 +79,10 @@ def validate(name: str, quick: bool) -> dict[str, Any]:
     offline["seconds"] = time.perf_counter() - start
     orders = [offline] + [branched(task, B0, LR, ks, budget=budget, seed=i) for i in (1, 2)]
     offline["orders"] = [o["b_crit"] for o in orders]  # the offline scatter over data orders
-    offline["same_stream"] = [same_stream(task, ks, budget, seed) for seed in range(3)]
+    offline["same_stream"] = [  # one stream of examples for every branch, as the probe draws
+        branched(task, B0, LR, ks, budget=budget, seed=seed, one_stream=True)["b_crit"]
+        for seed in range(3)
+    ]
     s = int(offline["branch_step"])
     at = [s] if quick else [s, 2 * s, 4 * s]
     same = CriticalBatchProbe(at_steps=at, factors=ks, examples=budget, eval_batches=128, repeats=3)
