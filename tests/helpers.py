@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from sklearn.datasets import load_digits
@@ -184,3 +190,23 @@ def simulate_per_example(
             done += k
         reads[stop] = tracker.read()
     return truth, reads
+
+
+def run_script(script: Path, *args: object, cwd: Path) -> None:
+    """Run a test script (it starts its own processes) in a fresh interpreter of one thread,
+    warnings off; fail with the end of its stderr."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def rank_results(out: Path, world: int = 2) -> list[dict]:
+    """What each process of a script wrote to ``{out}.rank{r}``."""
+    return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(world)]

@@ -10,18 +10,20 @@ processes, so tests call it in a subprocess rather than importing it.)
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from helpers import digits, mlp  # noqa: E402
-from torch import nn  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
 from lightning_gns import GradientNoiseMeter  # noqa: E402
@@ -48,6 +50,38 @@ def write(out: str, rank: int, world: int, meter: GradientNoiseMeter) -> None:
         json.dump(result, f)
 
 
+def epochs(loader: DataLoader, sampler: DistributedSampler) -> Callable[[int], list]:
+    """The micro-batches of one epoch, its sampler set to that epoch."""
+
+    def batches(epoch: int) -> list:
+        sampler.set_epoch(epoch)
+        return list(loader)
+
+    return batches
+
+
+def train(
+    meter: GradientNoiseMeter,
+    optimizer: torch.optim.Optimizer,
+    batches: Callable[[int], list],
+    backward: Callable[[Tensor, bool], None],
+    model: nn.Module,
+    accumulate: int = 1,
+) -> None:
+    """EPOCHS epochs of whole windows of ``accumulate`` micro-batches: ``backward(loss, sync)``
+    of each (the loss divided by ``accumulate``; sync on the window's last), then
+    ``meter.step()`` before the optimizer's."""
+    for epoch in range(EPOCHS):
+        micro = batches(epoch)
+        for i in range(0, len(micro) - accumulate + 1, accumulate):
+            for j, (xb, yb) in enumerate(micro[i : i + accumulate]):
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                backward(loss / accumulate, j == accumulate - 1)  # exact when accumulate is 1
+            meter.step()
+            optimizer.step()
+            optimizer.zero_grad()
+
+
 def fabric_loop(out: str) -> None:
     """A litgpt-style loop: fabric.setup, fabric.backward; the frozen digits MLP."""
     from lightning.fabric import Fabric
@@ -62,13 +96,8 @@ def fabric_loop(out: str) -> None:
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True, generator=gen)
     loader = fabric.setup_dataloaders(loader)
     meter = GradientNoiseMeter(model, ema_decay=0.98, log_every_n_steps=10)
-    for epoch in range(EPOCHS):
-        loader.sampler.set_epoch(epoch)
-        for xb, yb in loader:
-            fabric.backward(nn.functional.cross_entropy(model(xb), yb))
-            meter.step()
-            optimizer.step()
-            optimizer.zero_grad()
+    train(meter, optimizer, epochs(loader, loader.sampler),
+          lambda loss, sync: fabric.backward(loss), model)  # fmt: skip
     write(out, fabric.global_rank, fabric.world_size, meter)
     dist.barrier()
     dist.destroy_process_group()
@@ -94,16 +123,12 @@ def fabric_fsdp(out: str) -> None:
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True, generator=gen)
     loader = fabric.setup_dataloaders(loader)
     meter = GradientNoiseMeter(model, ema_decay=0.98, accumulate=2, log_every_n_steps=10)
-    for epoch in range(EPOCHS):
-        loader.sampler.set_epoch(epoch)
-        batches = list(loader)
-        for i in range(0, len(batches) - 1, 2):
-            for j, (xb, yb) in enumerate(batches[i : i + 2]):
-                with fabric.no_backward_sync(model, enabled=j == 0):
-                    fabric.backward(nn.functional.cross_entropy(model(xb), yb) / 2)
-            meter.step()
-            optimizer.step()
-            optimizer.zero_grad()
+
+    def backward(loss: Tensor, sync: bool) -> None:
+        with fabric.no_backward_sync(model, enabled=not sync):
+            fabric.backward(loss)
+
+    train(meter, optimizer, epochs(loader, loader.sampler), backward, model, accumulate=2)
     write(out, fabric.global_rank, fabric.world_size, meter)
     dist.barrier()
     dist.destroy_process_group()
@@ -124,13 +149,7 @@ def fsdp2_worker(rank: int, out: str) -> None:
     sampler = DistributedSampler(data, shuffle=True, seed=0)
     loader = DataLoader(data, batch_size=BATCH, sampler=sampler)
     meter = GradientNoiseMeter(model, ema_decay=0.98, log_every_n_steps=10)
-    for epoch in range(EPOCHS):
-        sampler.set_epoch(epoch)
-        for xb, yb in loader:
-            nn.functional.cross_entropy(model(xb), yb).backward()
-            meter.step()
-            optimizer.step()
-            optimizer.zero_grad()
+    train(meter, optimizer, epochs(loader, sampler), lambda loss, sync: loss.backward(), model)
     write(out, rank, 2, meter)
     dist.barrier()
     dist.destroy_process_group()
@@ -147,19 +166,12 @@ def torch_worker(rank: int, out: str) -> None:
     sampler = DistributedSampler(data, shuffle=True, seed=0)
     loader = DataLoader(data, batch_size=BATCH, sampler=sampler)
     meter = GradientNoiseMeter(model, ema_decay=0.98, source="micro_batch", accumulate=2)
-    for epoch in range(EPOCHS):
-        sampler.set_epoch(epoch)
-        batches = list(loader)
-        for i in range(0, len(batches) - 1, 2):  # whole windows of 2 micro-batches
-            for j, (xb, yb) in enumerate(batches[i : i + 2]):
-                if j == 0:
-                    with model.no_sync():
-                        (nn.functional.cross_entropy(model(xb), yb) / 2).backward()
-                else:
-                    (nn.functional.cross_entropy(model(xb), yb) / 2).backward()
-            meter.step()
-            optimizer.step()
-            optimizer.zero_grad()
+
+    def backward(loss: Tensor, sync: bool) -> None:
+        with contextlib.nullcontext() if sync else model.no_sync():
+            loss.backward()
+
+    train(meter, optimizer, epochs(loader, sampler), backward, model, accumulate=2)
     write(out, rank, 2, meter)
     dist.barrier()
     dist.destroy_process_group()

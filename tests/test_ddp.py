@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import rank_results, run_script
 
 pytestmark = pytest.mark.slow  # make test-fast leaves these out
 
@@ -17,16 +15,7 @@ SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 def run_ddp(tmp_path: Path, source: str, accumulate: int) -> dict | None:
     out = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), source, str(accumulate)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(SCRIPT, out, source, accumulate, cwd=tmp_path)
     return json.loads(out.read_text()) if out.exists() else None
 
 
@@ -48,7 +37,7 @@ def test_ddp_matches_exact(tmp_path, source, accumulate, batch_size) -> None:
 
 def test_adaptive_batch_size_changes_on_every_rank_together(tmp_path) -> None:
     run_ddp(tmp_path, "adaptive", 1)
-    ranks = [json.loads((tmp_path / f"result.json.rank{r}").read_text()) for r in (0, 1)]
+    ranks = rank_results(tmp_path / "result.json")
     assert ranks[0]["changes"], "the batch never grew: nothing to compare"
     assert ranks[0]["changes"] == ranks[1]["changes"]
     assert ranks[0]["steps"] == ranks[1]["steps"]  # same accumulation at every optimizer step
@@ -61,7 +50,7 @@ def test_the_micro_batch_grows_on_every_rank_together(tmp_path) -> None:
     same step, every step has the same micro-batch size and accumulation on both, and each
     epoch still draws every example once across the ranks."""
     run_ddp(tmp_path, "resizable", 1)
-    ranks = [json.loads((tmp_path / f"result.json.rank{r}").read_text()) for r in (0, 1)]
+    ranks = rank_results(tmp_path / "result.json")
     assert ranks[0]["changes"] == ranks[1]["changes"]
     assert [(c[1], c[2]) for c in ranks[0]["changes"]] == [(8, 1), (16, 1), (16, 2)]
     shape = [[[e, len(i), a] for e, i, a in r["seen"]] for r in ranks]

@@ -3,18 +3,15 @@ reference on a frozen model, Fabric, DDP on 2 gloo processes, resume, refusals, 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import runpy
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import Classifier, digits, fit, mlp
+from helpers import Classifier, digits, fit, mlp, rank_results, run_script
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -242,17 +239,8 @@ def free_port() -> str:
 )
 def test_two_processes_match_exact(mode, source, batch_size, tmp_path, truth) -> None:
     out = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "meter_run.py"), str(out), mode, free_port()],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
+    run_script(ROOT / "tests" / "meter_run.py", out, mode, free_port(), cwd=tmp_path)
+    ranks = rank_results(out)
     r = ranks[0]
     assert r["world_size"] == 2 and r["chosen_source"] == source
     assert r["batch_size"] == batch_size

@@ -4,12 +4,8 @@ for bit as without the probe (one device here, DDP with 2 gloo processes in a su
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +13,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from helpers import trainer_kwargs
+from helpers import rank_results, run_script, trainer_kwargs
 from lightning.pytorch.loggers import CSVLogger
 from probe_helpers import Noisy, Trace, flat_state, seed_everything
 from torch.utils.data import DataLoader, IterableDataset
@@ -235,13 +231,8 @@ def test_a_run_resumed_at_a_probed_step_does_not_probe_it_again(monkeypatch) -> 
 @pytest.mark.slow
 def test_bit_identical_under_ddp(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out)], cwd=tmp_path, env=env, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
+    run_script(SCRIPT, out, cwd=tmp_path)
+    ranks = rank_results(out)
     for r in ranks:
         assert r["world_size"] == 2
         assert r["probed"] == r["plain"]
