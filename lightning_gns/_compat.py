@@ -11,7 +11,6 @@ import difflib
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from math import inf
 from typing import Any
 
 import torch
@@ -250,28 +249,20 @@ def batches_ready(trainer: Any, fallback: int) -> int:
         return fallback
 
 
-def sync_epoch_length(trainer: Any) -> None:
-    """Tell Lightning the epoch's new number of batches after a resize: it reads the length
-    once, at set-up, for the end of the epoch (the last batch steps the optimizer), epoch-end
-    validation and the progress bar. Private loop attributes;
-    fallback: nothing (Lightning ends the epoch when the loader does)."""
+def set_epoch_length(trainer: Any, n: int) -> None:
+    """Tell Lightning the epoch now has ``n`` batches (a grown micro-batch): it reads the length
+    once, at set-up, for the end of the epoch, epoch-end validation and the progress bar.
+    Private loop attributes (one train loader only); fallback: nothing (Lightning ends the
+    epoch when the loader does)."""
     loop = trainer.fit_loop
     loader = getattr(loop, "_combined_loader", None)
-    if loader is None:
+    if loader is None or len(getattr(loader, "flattened", [])) != 1:
         return
-    from lightning.fabric.utilities.data import sized_len
-
-    n = sized_len(loader)
-    if n is None:
-        return
+    loader.limits = [n]
     loop.max_batches = n
     fetcher = getattr(loop, "_data_fetcher", None)
     if fetcher is not None and getattr(fetcher, "length", None) is not None:
         fetcher.length = n
-    interval = trainer.val_check_interval
-    timed = getattr(trainer, "_val_check_time_interval", None) is not None
-    if isinstance(interval, float) and not timed and trainer.val_check_batch not in (None, inf):
-        trainer.val_check_batch = max(1, int(n * interval))
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_gns._compat import set_epoch_length
 from lightning_gns.adaptive.sampler import ResizableBatchSampler, epoch_batches
 
 
@@ -94,7 +95,7 @@ class LoopKeeper:
         key = (sampler.epoch, tuple(sampler.sizes))
         if key != self._seen:
             self._seen = key
-            _set_epoch_length(trainer, self.loop.batches(sampler))
+            set_epoch_length(trainer, self.loop.batches(sampler))
 
     def after_batch(self, trainer: Any, sampler: ResizableBatchSampler | None, index: int) -> None:
         """Before Lightning asks whether to validate after batch ``index``: yes exactly where
@@ -119,18 +120,6 @@ class LoopKeeper:
     def _grown(self, sampler: ResizableBatchSampler) -> bool:
         assert self.loop is not None
         return any(size != self.loop.base_micro for _, size in sampler.sizes)
-
-
-def _set_epoch_length(trainer: Any, n: int) -> None:
-    loop = trainer.fit_loop
-    loader = getattr(loop, "_combined_loader", None)
-    if loader is None or len(getattr(loader, "flattened", [])) != 1:
-        return
-    loader.limits = [n]
-    loop.max_batches = n
-    fetcher = getattr(loop, "_data_fetcher", None)
-    if fetcher is not None and getattr(fetcher, "length", None) is not None:
-        fetcher.length = n
 
 
 def cannot_grow(trainer: Any, max_micro_batch: int | None) -> str | None:
