@@ -63,6 +63,7 @@ FORMS = {  # the form, and its slots per (example, expert) group (None: the larg
     "masked_gram": ("masked", None),
     "padded_to_largest_group": ("padded", None),
     "padded_to_T": ("padded", "T"),
+    "bucketed": ("bucketed", None),  # groups in multiples of 8 slots, batched by size (CPU)
 }
 
 
@@ -344,6 +345,7 @@ def test_the_forms_in_pair_order_with_sentinels(per_token) -> None:
         moe_forms.padded_sq_norm(
             rows_a, g.reshape(-1, d_g), example, key.reshape(-1), b, num, t, chunk=2
         ),
+        moe_forms.bucketed_sq_norm(rows_a, g.reshape(-1, d_g), example, key.reshape(-1), b, num),
     ):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
 

@@ -122,8 +122,8 @@ def test_a_gate_call_in_rows_the_rule_does_not_expect_is_dropped(monkeypatch) ->
     recomputes for the rest of the run: exact; per layer 2 grouped products for each of the
     check's norms, its gradients, and the next micro-batch's norms."""
     calls = _count_grouped(monkeypatch)
-    rows = moe._forward_rows
-    monkeypatch.setattr(moe, "_forward_rows", lambda m, idx: rows(m, idx).flip(0))
+    order = moe._forward_order
+    monkeypatch.setattr(moe, "_forward_order", lambda m, idx: order(m, idx).flip(0))
     torch.manual_seed(0)
     model, data, loss = MOE_MODELS["mixtral"](impl="grouped_mm")
     _assert_exact_on_four(model, data, loss, rtol=1e-4, counted=calls)
@@ -385,8 +385,8 @@ def test_experts_frozen_after_the_check_do_not_break_backward() -> None:
 def test_rows_out_of_place_after_a_resume_fall_back_to_recomputing(monkeypatch) -> None:
     """A resumed fit skips the structural check: the first step reads the order check once
     and, the rows being out of place, recomputes (exact) instead of dropping every step."""
-    rows = moe._forward_rows
-    monkeypatch.setattr(moe, "_forward_rows", lambda m, idx: rows(m, idx).flip(0))
+    order = moe._forward_order
+    monkeypatch.setattr(moe, "_forward_order", lambda m, idx: order(m, idx).flip(0))
     model, x, y, loss, norms = _hooked_grouped_mixtral()
     try:
         norms.start_micro_batch(4)  # no check, as after a resume

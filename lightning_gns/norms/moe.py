@@ -67,9 +67,10 @@ def _experts_inputs(module: Experts, args: tuple, kwargs: dict) -> tuple[Tensor,
 
 
 class _Pairs:
-    """Every (token, k) pair of one experts call, sorted by expert (stable: within an expert,
-    by token): its input x, pre-activation z, gradient dz, activation h and down-output
-    gradient c = w·g, and its expert (E for the sentinels of expert parallelism); ``dz``,
+    """Every (token, k) pair of one experts call, sorted by expert (in the forward's own order
+    when its rows are taken from a ``grouped_mm`` forward, else stably): its input x,
+    pre-activation z, gradient dz, activation h and down-output gradient c = w·g, and its
+    expert (E for the sentinels of expert parallelism); ``dz``,
     ``h``, ``c``, ``key`` in pair order (token-major) on demand. z, h and dz are the
     forward's and backward's (:class:`GateCall`) or recomputed expert by expert."""
 
@@ -83,7 +84,13 @@ class _Pairs:
         e = idx.reshape(-1).long()
         self.key = torch.where((e >= 0) & (e < self.num), e, self.num)
         self.x = x.detach().to(dt)
-        self.order = torch.argsort(self.key, stable=True)
+        self.z_ok: Tensor | None = None  # the forward's z matched x·up (a 0-d bool), or None
+        taken = call is not None and call.dz is not None and call.h is not None
+        # the forward's own order where it sorted the pairs (grouped_mm): its rows need no
+        # gather; else (and to recompute) sorted here, stably, the sentinels last
+        forward_order = _forward_order(module, idx) if taken else None
+        same = forward_order is not None
+        self.order = forward_order if forward_order is not None else _stable_order(self.key)
         self.key_s = self.key[self.order]
         valid = self.key_s < self.num
         tok = torch.div(self.order, self.k, rounding_mode="floor")
@@ -91,17 +98,20 @@ class _Pairs:
         self.c_s = w_s * g.detach().to(dt)[tok]
         self.x_s = self.x[tok]
         up, down = _as_right_factors(module, dt)
-        self.z_ok: Tensor | None = None  # the forward's z matched x·up (a 0-d bool), or None
         expert = self.key_s.clamp(max=self.num - 1)
         bias = getattr(module, "gate_up_proj_bias" if module.has_gate else "up_proj_bias", None)
         bias = (
             bias.detach().to(dt)[expert] if module.has_bias and isinstance(bias, Tensor) else None
         )
-        if call is not None and call.dz is not None and call.h is not None:  # backward passed
-            rows = self._from_forward(module, call, idx, up, bias, dt)
-            if rows is not None:
-                self.h_s = call.h.index_select(0, rows).to(dt)
-                self.dz_s = call.dz.index_select(0, rows).to(dt)
+        if taken:  # backward passed the forward's gate call
+            assert call is not None and call.h is not None and call.dz is not None
+            rows = None if same else _forward_rows(module, idx)
+            if (same or rows is not None) and self._check(module, call, rows, bias, dt):
+                h, dz = call.h, call.dz
+                if rows is not None:
+                    rows = rows[self.order]
+                    h, dz = h.index_select(0, rows), dz.index_select(0, rows)
+                self.h_s, self.dz_s = h.to(dt), dz.to(dt)
                 return
         counts = bincount(self.key, self.num + 1)[: self.num]
         z = _grouped(self.x_s, up, counts, valid)
@@ -117,27 +127,28 @@ class _Pairs:
         """The example of each sorted pair."""
         return torch.div(self.order, self.n // batch * self.k, rounding_mode="floor")
 
-    def _from_forward(
-        self, module: Experts, call: GateCall, idx: Tensor, up: Tensor, bias: Tensor | None,
+    def _check(
+        self, module: Experts, call: GateCall, rows: Tensor | None, bias: Tensor | None,
         dt: torch.dtype,
-    ) -> Tensor | None:  # fmt: skip
-        """The row of the forward's :class:`GateCall` of each sorted pair, and ``z_ok``: the
-        projection of every row of z on :func:`probe_vector` against x·(up[e]·v) (+ bias), a
-        check of the order that costs d per row and reads nothing back."""
-        rows = _forward_rows(module, idx)
+    ) -> bool:  # fmt: skip
+        """Sets ``z_ok``: the projection of every row of the forward's z (:func:`probe`)
+        (``rows``: the forward's row of each pair in pair order; None:
+        the forward's rows are the sorted pairs) against x·(up[e]·v) (+ bias), a check of the
+        order that costs d per row and reads nothing back. False if the call cannot tell."""
         zv = call.zv
-        if rows is None or zv is None or zv.shape != rows.shape:
-            return None
-        rows = rows[self.order]
-        v = probe_vector(up.shape[2], zv.dtype, up.device).to(dt)
-        got = zv.index_select(0, rows).to(dt)
-        pred = (self.x_s * (up @ v)[self.key_s.clamp(max=self.num - 1)]).sum(1)
-        pred = pred if bias is None else pred + bias @ v
+        if zv is None or zv.shape[0] != self.key.shape[0]:
+            return False
+        got = zv.to(dt) if rows is None else zv.index_select(0, rows[self.order]).to(dt)
+        where, v = probe(_up_width(module), zv.dtype, zv.device)
+        v = v.to(dt)
+        uv = _up_times(module, where, v, dt)
+        pred = (self.x_s * uv[self.key_s.clamp(max=self.num - 1)]).sum(1)
+        pred = pred if bias is None else pred + bias[:, where] @ v
         valid = self.key_s < self.num
         sq = torch.where(valid, pred, 0).square()
         scale = sq.sum() / valid.sum().clamp(min=1)  # each row against its own size and the mean
         self.z_ok = (torch.where(valid, got - pred, 0).square() <= 1e-3 * (sq + scale)).all()
-        return rows
+        return True
 
     def unsorted(self, v: Tensor) -> Tensor:
         """Rows of a sorted tensor back in pair order (a row gather)."""
@@ -146,14 +157,22 @@ class _Pairs:
         return v.index_select(0, self._back)
 
 
-def probe_vector(width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A fixed vector (cosines) on which the rows of z are projected to check their order."""
-    return torch.cos(torch.arange(width, device=device, dtype=torch.float32) * 2.39996).to(dtype)
+PROBED = 16  # coordinates of z in the order check
+
+
+def probe(width: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(coordinates, weights): the fixed projection of each row of z, z[coordinates]·weights,
+    that checks the rows' order (at most :data:`PROBED` coordinates spread over the width,
+    weighted by cosines; each row's projection depends on its token and expert)."""
+    m = min(PROBED, width)
+    where = torch.div(torch.arange(m, device=device) * width, m, rounding_mode="floor")
+    weights = torch.cos(torch.arange(m, device=device, dtype=torch.float32) * 2.39996 + 0.5)
+    return where, weights.to(dtype)
 
 
 class GateCall:
     """One forward's call of the experts' gate, one row per (token, k) pair in the forward's
-    order: z (its input, the up projection) projected on :func:`probe_vector`, its output h,
+    order: z (its input, the up projection) projected (:func:`probe`), its output h,
     and z's gradient dz once backward has passed it (None before, or if z needs no gradient);
     ``then(call)`` runs at that moment, once. :meth:`drop` lets go of every tensor."""
 
@@ -191,13 +210,15 @@ class GateTap:
         self.usable = True  # the forward's rows are where the rule expects them
         self.verified = False  # ... which a read has confirmed (the check, or the first step)
         self.active = True  # False in a copy of the model: the class's gate, nothing kept
-        self._probe: Tensor | None = None
+        self._probe: tuple[Tensor, Tensor] | None = None
+        self._width = 0
 
     def __call__(self, z: Tensor) -> Tensor:
         h = type(self.module)._apply_gate(self.module, z)
         if self.active and self.usable and self._recording(z):
             try:
-                call = GateCall(z.detach() @ self._probe_for(z), h.detach())
+                where, v = self._probe_for(z)
+                call = GateCall(z.detach()[:, where] @ v, h.detach())
             except Exception:  # noqa: BLE001 - never break the user's forward (a DTensor, …)
                 call = GateCall(None, None)
                 call.drop()
@@ -212,10 +233,11 @@ class GateTap:
             return False
         return not saving_through_hooks()
 
-    def _probe_for(self, z: Tensor) -> Tensor:
-        p = self._probe
-        if p is None or p.shape[0] != z.shape[1] or p.dtype != z.dtype or p.device != z.device:
-            p = self._probe = probe_vector(z.shape[1], z.dtype, z.device)
+    def _probe_for(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        p, width = self._probe, z.shape[1]
+        if p is None or p[1].dtype != z.dtype or p[1].device != z.device or self._width != width:
+            p = self._probe = probe(width, z.dtype, z.device)
+            self._width = width
         return p
 
     def take(self) -> GateCall | None:
@@ -255,16 +277,45 @@ def gate_call(module: nn.Module) -> GateCall | None:
     return tap.take() if isinstance(tap, GateTap) else None
 
 
-def _forward_rows(module: Experts, idx: Tensor) -> Tensor | None:
-    """The row of the forward's z of each (token, k) pair: ``grouped_mm`` sorts the pairs by
-    expert (``torch.sort``, as here), ``batched_mm`` keeps them; None for other forwards."""
-    impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
-    n = idx.numel()
-    if impl == "batched_mm":
-        return torch.arange(n, device=idx.device)
-    if impl != "grouped_mm":
+def _implementation(module: Experts) -> str | None:
+    return getattr(getattr(module, "config", None), "_experts_implementation", None)
+
+
+def _forward_order(module: Experts, idx: Tensor) -> Tensor | None:
+    """The pair (token-major index) of each row of the forward's z where the forward sorted the
+    pairs (``grouped_mm``: ``torch.sort`` of the expert indices, as here): the rule takes that
+    order, and the forward's rows as they are. None for other forwards."""
+    if _implementation(module) != "grouped_mm":
         return None
-    return _inverse(torch.sort(idx.reshape(-1))[1])
+    return torch.sort(idx.reshape(-1))[1]
+
+
+def _forward_rows(module: Experts, idx: Tensor) -> Tensor | None:
+    """The row of the forward's z of each (token, k) pair in pair order: ``batched_mm`` keeps
+    the pairs in order; None for other forwards (``grouped_mm``: :func:`_forward_order`)."""
+    if _implementation(module) == "batched_mm":
+        return torch.arange(idx.numel(), device=idx.device)
+    return None
+
+
+def _stable_order(key: Tensor) -> Tensor:
+    """The pairs sorted by expert, within an expert by token (the sentinels, key E, last)."""
+    return torch.argsort(key, stable=True)
+
+
+def _up_width(module: Experts) -> int:
+    """The width of z (2f with a gate, f without)."""
+    up = module.gate_up_proj if module.has_gate else module.up_proj
+    return int(up.shape[2] if module.is_transposed else up.shape[1])
+
+
+def _up_times(module: Experts, where: Tensor, v: Tensor, dt: torch.dtype) -> Tensor:
+    """(E, d): Σ_i v_i up[e][where_i], z's projection (:func:`probe`) as a function of x, from
+    the probed rows of the weights as stored (the weights are not read whole)."""
+    up = module.gate_up_proj if module.has_gate else module.up_proj
+    if module.is_transposed:  # (E, d, 2f)
+        return up.detach()[:, :, where].to(dt) @ v
+    return torch.einsum("epd,p->ed", up.detach()[:, where, :].to(dt), v)
 
 
 def _inverse(perm: Tensor) -> Tensor:
@@ -350,10 +401,12 @@ def stacked_experts_norm(
     def routed(
         a_s: Tensor, g_s: Tensor, a: Callable[[], Tensor], g: Callable[[], Tensor]
     ) -> Tensor:
-        """The padded form straight from the sorted pairs; the others in pair order."""
+        """The padded forms straight from the sorted pairs; the others in pair order."""
         per_token = a_s is pairs.x_s
         d_a, d_g = a_s.shape[1], g_s.shape[1]
         form, cap, chunk = forms.choose_form(key, num, t, k, d_a, d_g, per_token)
+        if form == "bucketed":
+            return forms.bucketed_sq_norm(a_s, g_s, example, pairs.key_s, batch, num)
         if form == "padded":
             return forms.padded_sq_norm(a_s, g_s, example, pairs.key_s, batch, num, cap, chunk)
         if form == "grouped":

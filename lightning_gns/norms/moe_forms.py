@@ -33,22 +33,25 @@ def _group_sizes(key: Tensor, num: int) -> Tensor:
 def choose_form(
     key: Tensor, num: int, t: int, k: int, d_a: int, d_g: int, a_per_token: bool
 ) -> tuple[str, int, int]:
-    """("grouped" | "masked" | "padded", C, examples at once) for pairs with experts ``key``
-    (B, T·k) (``num``: none, a sentinel of expert parallelism): the fewest multiply-adds among
-    the forms whose buffers for one example fit in ``_HELD`` elements (else the smallest
-    buffers), as many examples at once as fit."""
+    """("grouped" | "masked" | "padded" | "bucketed", C, examples at once) for pairs with
+    experts ``key`` (B, T·k) (``num``: none, a sentinel of expert parallelism): the fewest
+    multiply-adds among the forms whose buffers for one example fit in ``_HELD`` elements
+    (else the smallest buffers), as many examples at once as fit (the bucketed form, on a
+    CPU, takes all examples at once: its buffers are counted for the whole batch)."""
     cpu = key.device.type == "cpu"
-    cap = largest_group(key, num) if cpu else t
     tk = t * k
+    work = {"masked": (t * t if a_per_token else tk * tk) * d_a + tk * tk * (d_g + 3)}
+    held = {"masked": 3 * tk * tk}
+    if cpu:  # the group sizes, read back (free there)
+        sizes = _group_sizes(key, num)[:, :num]
+        with reading_host_tensor(sizes):
+            cap = _slots(max(1, int(sizes.max())))
+            work["bucketed"], held["bucketed"] = _bucketed_cost(sizes, d_a, d_g)
+    else:
+        cap = t
     gram = cap * (d_a + d_g) < d_a * d_g
-    work = {
-        "masked": (t * t if a_per_token else tk * tk) * d_a + tk * tk * (d_g + 3),
-        "padded": num * cap * (min(cap * (d_a + d_g), d_a * d_g) + d_a + d_g),
-    }
-    held = {
-        "masked": 3 * tk * tk,
-        "padded": num * cap * (d_a + d_g) + (2 * num * cap * cap if gram else num * d_a * d_g),
-    }
+    work["padded"] = num * cap * (min(cap * (d_a + d_g), d_a * d_g) + d_a + d_g)
+    held["padded"] = num * cap * (d_a + d_g) + (2 * num * cap * cap if gram else num * d_a * d_g)
     if not cpu:  # (a CPU's grouped product is slow)
         work["grouped"] = tk * d_a * d_g + (num + 1) * d_a * d_g + tk * (d_a + d_g)
         held["grouped"] = (num + 1) * d_a * d_g + tk * (d_a + d_g)
@@ -57,11 +60,30 @@ def choose_form(
     return form, cap, max(1, _HELD // held[form])
 
 
+def _bucketed_cost(sizes: Tensor, d_a: int, d_g: int) -> tuple[int, int]:
+    """(multiply-adds per example, elements held for the whole batch) of
+    :func:`bucketed_sq_norm` for (B, E) group sizes (read back: a CPU tensor)."""
+    slots = torch.div(sizes + 7, 8, rounding_mode="floor") * 8
+    gram = slots * (d_a + d_g) < d_a * d_g
+    per = torch.where(gram, slots * (d_a + d_g), d_a * d_g)
+    work = int((slots * (per + d_a + d_g)).sum()) // sizes.shape[0]
+    materialised = int((~gram & (slots > 0)).sum())
+    held = int(slots.sum()) * (d_a + d_g) + int(torch.where(gram, 2 * slots * slots, 0).sum())
+    held += min(materialised, max(1, _HELD // (d_a * d_g))) * d_a * d_g if materialised else 0
+    return work, held
+
+
 def largest_group(key: Tensor, num: int) -> int:
     """The most pairs one example sends one expert (a host read)."""
     counts = _group_sizes(key, num)
     with reading_host_tensor(counts):
         return max(1, int(counts[:, :num].max()))
+
+
+def _slots(cap: int) -> int:
+    """Slots for groups of at most ``cap`` pairs: rounded up to a multiple of 8, whose
+    batched products run faster than the exact size (a CPU's matmul kernels tile by 8)."""
+    return -(-cap // 8) * 8
 
 
 def padded_sq_norm(
@@ -99,6 +121,53 @@ def padded_sq_norm(
             sq = torch.linalg.vector_norm(torch.bmm(pg.mT, pa), dim=(1, 2)).square()
         parts.append(sq.view(m, num).sum(1))
     return torch.cat(parts)
+
+
+def bucketed_sq_norm(
+    a: Tensor, g: Tensor, example: Tensor, expert: Tensor, batch: int, num: int
+) -> Tensor:
+    """The padded form with little padding, on a CPU (one host read of the group sizes, free
+    there): each (example, expert) group's rows in its size rounded up to a multiple of 8
+    slots, the groups of equal slots side by side in one buffer, then per such bucket the Gram
+    or the materialised form, the cheaper (materialised groups in chunks of at most
+    ``_HELD`` elements). Rows in any order; ``expert`` ``num``: none."""
+    d_a, d_g = a.shape[1], g.shape[1]
+    groups = batch * num
+    real = expert < num
+    gid = torch.where(real, example * num + expert.clamp(max=num - 1), groups)
+    pos, sizes = rank_in_group(gid, groups + 1)
+    slots = torch.div(sizes[:groups] + 7, 8, rounding_mode="floor") * 8
+    by_slots = torch.argsort(slots, stable=True)  # groups of equal slots side by side
+    ends = torch.cumsum(slots[by_slots], 0)
+    start = torch.empty_like(ends)
+    start[by_slots] = ends - slots[by_slots]
+    with reading_host_tensor(slots):
+        buckets = torch.unique_consecutive(slots[by_slots], return_counts=True)
+        caps, counts = buckets[0].tolist(), buckets[1].tolist()
+        total = int(ends[-1]) if groups else 0
+    # one copy of the rows into their slots; the sentinels' rows go to a dump slot at the end
+    slot = torch.where(real, start[gid.clamp(max=groups - 1)] + pos, total)
+    pa = a.new_zeros(total + 1, d_a).index_copy_(0, slot, a)
+    pg = g.new_zeros(total + 1, d_g).index_copy_(0, slot, g)
+    per_group = []
+    row = 0
+    for cap, n in zip(caps, counts, strict=True):
+        if cap == 0:
+            per_group.append(a.new_zeros(n))
+            continue
+        ba = pa[row : row + n * cap].view(n, cap, d_a)
+        bg = pg[row : row + n * cap].view(n, cap, d_g)
+        row += n * cap
+        if cap * (d_a + d_g) < d_a * d_g:
+            per_group.append((torch.bmm(ba, ba.mT) * torch.bmm(bg, bg.mT)).sum((1, 2)))
+            continue
+        step = max(1, _HELD // (d_a * d_g))
+        for i in range(0, n, step):
+            per = torch.bmm(bg[i : i + step].mT, ba[i : i + step])
+            per_group.append(torch.linalg.vector_norm(per, dim=(1, 2)).square())
+    sq = torch.cat(per_group) if per_group else a.new_zeros(0)
+    owner = torch.div(by_slots, num, rounding_mode="floor")  # the example of each group
+    return a.new_zeros(batch).index_add_(0, owner, sq)
 
 
 def _per_pair(a: Tensor, t: int, k: int) -> Tensor:
