@@ -1,5 +1,7 @@
-"""The callback's cost per optimizer step under DDP, FSDP1, FSDP2 and both hybrids (2 CPU
-processes, gloo; hybrid: 2 replicas of one process each, so each gradient shard is a replica).
+"""The callback's cost per optimizer step under DDP, FSDP1, FSDP2, both hybrids and tensor
+parallelism (2 CPU processes, gloo; hybrid: 2 replicas of one process each, so each gradient
+shard is a replica; tp: tensor parallel over both processes, the first Linear column-wise and
+the second row-wise, so both see the same micro-batch of 64).
 
 Both ranks are launched here; each fit is timed per optimizer step (median after warm-up),
 with and without the callback, in the same pair of processes, plain runs before and after the
@@ -8,6 +10,7 @@ data, micro-batch 64 per rank.
 
     python benchmarks/sharded_overhead.py              # about 7 minutes on 2 cores
     python benchmarks/sharded_overhead.py hsdp hybrid  # only these strategies
+    python benchmarks/sharded_overhead.py ddp tp       # DDP beside tensor parallel
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ CONFIGS = [
     ("hsdp", "micro_batch", 2),
     ("hsdp", "per_example", 1),
     ("hybrid", "micro_batch", 2),
+    ("tp", "micro_batch", 2),
+    ("tp", "per_example", 1),
 ]
 ONLY = "GNS_OVERHEAD_ONLY"  # the strategies to run, from the command line
 STEPS, WARMUP = 40, 8
@@ -55,6 +60,18 @@ def worker(out: str) -> None:
                 nn.Linear(256, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(),
                 nn.Linear(1024, 10),
             )  # fmt: skip
+
+        def configure_model(self) -> None:
+            if self.kind != "tp":
+                return super().configure_model()
+            from torch.distributed.tensor.parallel import (
+                ColwiseParallel,
+                RowwiseParallel,
+                parallelize_module,
+            )
+
+            plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+            parallelize_module(self.model, self.device_mesh["tensor_parallel"], plan)
 
         def train_dataloader(self) -> DataLoader:
             gen = torch.Generator().manual_seed(0)

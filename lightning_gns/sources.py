@@ -38,6 +38,12 @@ from lightning_gns.norms.sharded import (
     sharding_of,
 )
 from lightning_gns.norms.sites import coupled_modules, unrecognised_norm_layers
+from lightning_gns.norms.tensor_parallel import (
+    Layout,
+    adapt_per_example,
+    big_share,
+    micro_batch_norms,
+)
 from lightning_gns.records import MODEL, PRECONDITIONED, Reduction, SkipStep, StepNorms, Units
 
 
@@ -68,11 +74,27 @@ def big_sq(params: list[nn.Parameter], units: Units, m: int, n: int, big: BigPar
     return part if scale == 1.0 else part * scale  # × 1.0 is exact: one op less
 
 
+def counted(step: StepNorms, share: float) -> StepNorms:
+    """A step whose small batches this process counts ``share`` of (tensor parallelism: the
+    processes of a group see the same examples, each counts 1/TP)."""
+    if share == 1.0:
+        return step
+    return StepNorms(
+        step.small_sum,
+        step.big_part,
+        step.small_count * share,
+        step.small_inv * share,
+        step.big_count * share,
+        step.big_inv * share,
+    )
+
+
 class MicroBatchSource:
     """Small batches are micro-batches (gradient accumulation) and ranks (DDP)."""
 
     name = "micro_batch"
     coverage = 1.0  # every trainable parameter
+    share = 1.0  # of the small batches this process counts (tensor parallel: 1/TP)
 
     def __init__(
         self,
@@ -122,7 +144,8 @@ class MicroBatchSource:
         big = self._big_sq(units, m, sum(sizes))
         big_m, big_inv = big_parts(units, sizes)
         inv = sum(1.0 / b for b in sizes)
-        return StepNorms(small.reshape(1), big.reshape(1), float(m), inv, big_m, big_inv)
+        step = StepNorms(small.reshape(1), big.reshape(1), float(m), inv, big_m, big_inv)
+        return counted(step, self.share)
 
     def _big_sq(self, units: Units, m: int, n: int) -> Tensor:
         return big_sq(self.params, units, m, n, self.big)
@@ -136,6 +159,7 @@ class PerExampleSource:
     """
 
     name = "per_example"
+    share = 1.0  # of the examples this process counts (tensor parallel: 1/TP)
 
     def __init__(
         self,
@@ -215,7 +239,7 @@ class PerExampleSource:
 
     def end_step(self, units: Units) -> StepNorms:
         try:
-            return self._step(units)
+            return counted(self._step(units), self.share)
         finally:
             self._reset()
 
@@ -366,6 +390,7 @@ def choose_source(
     examples_per_batch: int | None = None,
     left_out: dict[str, str] | None = None,
     wrapped: nn.Module | None = None,
+    layout: Layout | None = None,
 ) -> Choice:
     """The source for this model and set-up, or a ``ValueError`` that says what to do.
 
@@ -377,6 +402,7 @@ def choose_source(
     (BatchNorm in train mode mixes the examples of a batch). Under FSDP1 only micro-batches
     are measured (its flat parameters hide the layers' own); under FSDP2 both. ``wrapped``:
     the model as the strategy wraps it (an FSDP1 root unit wraps the LightningModule itself).
+    ``layout``: tensor parallelism (:mod:`lightning_gns.norms.tensor_parallel`).
     """
     wrapped = wrapped if wrapped is not None else model
     sharding = sharding_of(wrapped)
@@ -391,7 +417,7 @@ def choose_source(
                 "source='per_example' (the default 'auto' picks it)"
             )
         why = "source='micro_batch' was asked for" if source == "micro_batch" else FSDP1_WHY
-        return Choice(micro_batch_source(wrapped, params, sharding), why)
+        return Choice(micro_batch_source(wrapped, params, sharding, layout), why)
     if sharding == "fsdp1":
         raise ValueError(
             f"per-example norms are not measured under FSDP1 ({FSDP1_WHY}): use "
@@ -400,6 +426,8 @@ def choose_source(
         )
     sharded = sharding != "none"
     norms = PerExampleNorms(model, layers, per_layer, examples_per_batch, sharded=sharded)
+    if layout is not None:  # weighted rules on local shards; partial sums left out
+        adapt_per_example(norms, layout)
     coupled = coupled_modules(model)
     generic = [site.label for site in norms.sites.values() if site.generic]
     # auto prefers the fast path: per-example norms when dedicated rules cover every parameter
@@ -411,7 +439,7 @@ def choose_source(
             if coupled
             else f"no per-example rule for {', '.join(generic[:3]) or 'some layers'}"
         )
-        source_ = micro_batch_source(wrapped, params, sharding)
+        source_ = micro_batch_source(wrapped, params, sharding, layout)
         return Choice(source_, f"auto: {why}; measured between micro-batches")
     _refuse_per_example(model, norms, coupled, layers)
     if source == "per_example":
@@ -422,15 +450,25 @@ def choose_source(
         why = "auto: per-example rules cover every trainable parameter"
     else:
         why = "auto: one gradient per step (one device, no accumulation), so per example"
-    chosen = PerExampleSource(norms, per_layer, left_out, big_part_for(wrapped, sharding))
+    big = big_share(layout) if layout is not None else big_part_for(wrapped, sharding)
+    chosen = PerExampleSource(norms, per_layer, left_out, big)
     chosen.several_gradients = several_gradients
+    chosen.share = 1.0 / layout.tp if layout is not None else 1.0
     return Choice(chosen, why)
 
 
 def micro_batch_source(
-    model: nn.Module, params: list[nn.Parameter], sharding: Sharding
+    model: nn.Module, params: list[nn.Parameter], sharding: Sharding, layout: Layout | None = None
 ) -> MicroBatchSource:
-    """Micro-batch norms where each micro-batch's gradient is whole on this process."""
+    """Micro-batch norms where each micro-batch's gradient is whole on this process (or, under
+    tensor parallelism, its shards are: :mod:`lightning_gns.norms.tensor_parallel`)."""
+    if layout is not None:
+        tp_norms, covered, left = micro_batch_norms(model, params, layout)
+        source = MicroBatchSource(covered, tp_norms, big_share(layout))
+        total = sum(p.numel() for p in params)
+        source.coverage = sum(p.numel() for p in covered) / total if total else 0.0
+        source.left_out, source.share = left, 1.0 / layout.tp
+        return source
     if sharding == "none":
         return MicroBatchSource(params)
     covered = flat_params(model) if sharding == "fsdp1" else params

@@ -22,6 +22,7 @@ from lightning_gns.driver import StepDriver, Warn
 from lightning_gns.estimator import check_decay
 from lightning_gns.norms.preconditioner import keeps_second_moment
 from lightning_gns.norms.sharded import refusal, sharding_of
+from lightning_gns.norms.tensor_parallel import data_parallel_size, layout_of
 from lightning_gns.records import PRECONDITIONED, Units
 from lightning_gns.sources import PreconditionedSource, Source, SourceName, choose_source
 from lightning_gns.tracker import GNSTracker
@@ -77,7 +78,7 @@ def check_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """A clear error at fit start for what the callback cannot measure."""
     strategy = trainer.strategy
     supported = (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, ModelParallelStrategy)
-    if (why := refusal(strategy, trainer.model or pl_module)) is not None:
+    if (why := refusal(strategy, trainer.model or pl_module, tensor_parallel=True)) is not None:
         raise RuntimeError(f"GradientNoiseScale: {why}")
     if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, supported):
         got = f"strategy {type(strategy).__name__}"
@@ -97,13 +98,16 @@ def units(trainer: pl.Trainer, reduction: str) -> Units:
         inv: torch.Tensor | float = 1.0 / scale.double().square()
     else:
         inv = 1.0 / scale**2 if scale else float("nan")  # unreadable: the step is skipped
-    return Units(trainer.accumulate_grad_batches, reduction, inv, trainer.world_size)  # type: ignore[arg-type]
+    world = data_parallel_size(trainer.strategy, trainer.world_size)  # (tensor parallel: / TP)
+    return Units(trainer.accumulate_grad_batches, reduction, inv, world)  # type: ignore[arg-type]
 
 
 def several_gradients_per_step(trainer: pl.Trainer) -> bool:
     """Whether steps combine several micro-batch or rank gradients (now or by a schedule, or
     because an AdaptiveBatchSize callback keeps accumulating)."""
-    if trainer.accumulate_grad_batches > 1 or trainer.world_size > 1:
+    if trainer.accumulate_grad_batches > 1:
+        return True
+    if data_parallel_size(trainer.strategy, trainer.world_size) > 1:
         return True
     for c in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(c, GradientAccumulationScheduler) and c.going_to_accumulate_grad_batches():
@@ -144,9 +148,11 @@ def preconditioned_driver(
             "GradientNoiseScale(preconditioned=True) measures between micro-batches: set "
             "Trainer(accumulate_grad_batches>=2) or train on 2+ devices (DDP)"
         )
-    if sharding_of(trainer.model or pl_module) != "none":
+    tp = layout_of(trainer.strategy, trainer.world_size) is not None
+    if sharding_of(trainer.model or pl_module) != "none" or tp:
         raise RuntimeError(
-            "GradientNoiseScale(preconditioned=True) is not supported under FSDP (the "
+            "GradientNoiseScale(preconditioned=True) is not supported under FSDP or tensor "
+            "parallelism (the "
             "optimizer's state is sharded like the parameters): measure it with DDP, or drop "
             "preconditioned=True"
         )
@@ -179,6 +185,7 @@ def build_driver(
             cb.examples_per_batch,
             left_out,
             trainer.model,
+            layout_of(trainer.strategy, trainer.world_size),
         )
     except ValueError as err:
         raise RuntimeError(f"GradientNoiseScale: {err}") from None

@@ -182,6 +182,8 @@ def strategy_for(kind: str, world: int = 2) -> pl.strategies.Strategy:
     ``HYBRID_SHARD``, ``_HYBRID_SHARD_ZERO2``: :func:`hybrid_mesh`)."""
     if kind == "ddp":
         return DDPStrategy()
+    if kind == "tp":  # tensor parallel over every process (the module's configure_model plans)
+        return ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=world)
     if kind in ("fsdp2", "hsdp"):
         return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -252,9 +254,16 @@ def run(
 
 
 # -- the launching test's side -----------------------------------------------------------------
-def launch(out: Path, configs: list[str], world: int = 2, timeout: float = 900) -> list[dict]:
-    """Every rank of tests/sharded_run.py (LOCAL_RANK, WORLD_SIZE, MASTER_* set here:
-    Lightning does not relaunch); each rank's results, by global rank."""
+def launch(
+    out: Path,
+    configs: list[str],
+    world: int = 2,
+    timeout: float = 900,
+    script: str = "sharded_run.py",
+) -> list[dict]:
+    """Every rank of tests/sharded_run.py, or another ``script`` of tests/ (LOCAL_RANK,
+    WORLD_SIZE, MASTER_* set here: Lightning does not relaunch); each rank's results, by
+    global rank."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = 20000 + s.getsockname()[1] % 30000  # each Trainer takes the next port
@@ -264,7 +273,7 @@ def launch(out: Path, configs: list[str], world: int = 2, timeout: float = 900) 
         env = rank_env(rank, port, here.parent, world)
         log = open(out.parent / f"log.rank{rank}", "w")  # noqa: SIM115 - closed below
         logs.append(log)
-        cmd = [sys.executable, str(here / "sharded_run.py"), str(out), *configs]
+        cmd = [sys.executable, str(here / script), str(out), *configs]
         procs.append(subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=log, stderr=log))
     try:
         codes = wait_all(procs, timeout)
@@ -281,7 +290,11 @@ def launch(out: Path, configs: list[str], world: int = 2, timeout: float = 900) 
 
 
 def launch_once(
-    factory: pytest.TempPathFactory, name: str, configs: list[str], world: int = 2
+    factory: pytest.TempPathFactory,
+    name: str,
+    configs: list[str],
+    world: int = 2,
+    script: str = "sharded_run.py",
 ) -> list[dict]:
     """:func:`launch`, once per test session: under pytest-xdist a module's tests may be split
     between workers, and each would launch its own processes. The first worker to take the
@@ -295,7 +308,7 @@ def launch_once(
     with FileLock(str(folder / "lock")):
         if done.exists():
             return json.loads(done.read_text())
-        ranks = launch(folder / "out.json", configs, world)
+        ranks = launch(folder / "out.json", configs, world, script=script)
         done.write_text(json.dumps(ranks))
         return ranks
 

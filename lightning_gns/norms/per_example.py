@@ -17,6 +17,7 @@ from lightning_gns.norms.check import StructuralCheck
 from lightning_gns.norms.record import MicroBatchRecord
 from lightning_gns.norms.simultaneous import can_route, qualifies, route, unroute
 from lightning_gns.norms.sites import Seen, Site, find_sites, trainable_parameters
+from lightning_gns.norms.tensor_parallel import hooks_first
 from lightning_gns.norms.token_sites import TokenScopes, tokenwise
 
 
@@ -134,7 +135,8 @@ class PerExampleNorms:
                 route(site.module, self._route_for(site), hook)  # the hook runs in its forward
                 site.routed = True
                 continue
-            site.handle = site.module.register_forward_hook(hook)
+            first = hooks_first(site.module)  # tensor parallel: before the style's output hook
+            site.handle = site.module.register_forward_hook(hook, prepend=first)
             owner = relative_bias.bias_owner(self.model, site.name, site.module)
             if owner is not None:  # T5's relative position bias (norms/relative_bias.py)
                 relative_bias.attach(owner, self, site)

@@ -75,8 +75,10 @@ def flat_params(model: nn.Module) -> list[nn.Parameter]:
     return list(out.values())
 
 
-def refusal(strategy: object, model: nn.Module) -> str | None:
-    """Why the callback cannot measure this set-up, with what to do instead; None if it can."""
+def refusal(strategy: object, model: nn.Module, tensor_parallel: bool = False) -> str | None:
+    """Why the callback cannot measure this set-up, with what to do instead; None if it can.
+    ``tensor_parallel``: the caller measures tensor and 2-D parallelism
+    (:mod:`lightning_gns.norms.tensor_parallel`; the callback does, the meter not yet)."""
     if "DeepSpeed" in type(strategy).__name__:
         return (
             "DeepSpeed is not supported (its ZeRO stages keep gradients in their own buffers, "
@@ -84,7 +86,8 @@ def refusal(strategy: object, model: nn.Module) -> str | None:
             "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)"
         )
     tp = getattr(strategy, "_tensor_parallel_size", 1)
-    if isinstance(tp, int) and tp > 1:
+    tp = tp if isinstance(tp, int) else 1
+    if tp > 1 and not tensor_parallel:
         return (
             f"tensor parallelism (tensor_parallel_size={tp}) splits each example's gradient "
             "across processes: use ModelParallelStrategy(data_parallel_size=N, "
@@ -107,8 +110,16 @@ def refusal(strategy: object, model: nn.Module) -> str | None:
                     "units of .grad: keep FSDP's default (the mean over processes)"
                 )
         for p in model.parameters():
-            if _is_dtensor(p) and not data_parallel_only(p):
+            if _is_dtensor(p) and not data_parallel_only(p) and tp == 1:
                 return MIXED_MESH
+    elif tp > 1:
+        dp = getattr(strategy, "_data_parallel_size", 1)
+        if isinstance(dp, int) and dp > 1:
+            return (
+                f"data_parallel_size={dp} with tensor parallelism and no fully_shard: the "
+                "data-parallel ranks' gradients are not averaged. Apply fully_shard over the "
+                "data-parallel mesh in configure_model"
+            )
     elif any(_is_dtensor(p) for p in model.parameters()):
         return (
             "DTensor parameters without fully_shard (tensor parallelism through "
@@ -171,6 +182,9 @@ class UnshardedGradNorms(MicroBatchNorms):
 
 def _is_dtensor(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor" or hasattr(t, "device_mesh")
+
+
+is_dtensor = _is_dtensor
 
 
 def data_parallel_only(p: Tensor) -> bool:

@@ -1,0 +1,150 @@
+"""Tensor parallelism and 2-D data × tensor parallelism on 4 CPU processes (gloo), issue 28:
+a transformer block under ``parallelize_module`` (column-wise q, k, v, w1; row-wise o, w2;
+with and without ``SequenceParallel`` norms), alone (TP 4) and with ``fully_shard`` over the
+data-parallel mesh (DP 2 × TP 2), through Lightning's ``ModelParallelStrategy``.
+
+Against the same model unsharded: each example's squared norm (torch.func, float64) equals the
+sum over its tensor-parallel group of the processes' per-example values; each step's Σ
+|micro-batch gradient|² the sum of their shares; the logged estimate a float64 replay of the
+same data-parallel batches. One launch of tests/tp_run.py runs every configuration.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sharded_setup import launch_once, replay
+from torch import Tensor, nn
+from tp_run import BATCH, SP_NORMS, Net, data
+
+from lightning_gns.norms.tensor_parallel import SEQUENCE_PARALLEL, Layout, weights_for
+
+WORLD = 4
+FITS = [
+    "fit:1:tp:per_example:1",  # TP 4
+    "fit:1:sp:per_example:1",
+    "fit:1:tp:micro_batch:2",
+    "fit:2:tp:per_example:1",  # DP 2 × TP 2, fully_shard over DP
+    "fit:2:sp:per_example:1",
+    "fit:2:tp:micro_batch:1",
+    "fit:2:sp:micro_batch:2",
+]
+REFUSE = "refuse:2"
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    return launch_once(tmp_path_factory, "tp", [*FITS, REFUSE], world=WORLD, script="tp_run.py")
+
+
+def per_example_grads(left_out: tuple[str, ...]) -> Tensor:
+    """Every example's gradient of the unsharded net over the covered parameters, (N, d)
+    float64 (torch.func)."""
+    from torch.func import functional_call, grad, vmap
+
+    model = Net().double()
+    named = {
+        k: v.detach()
+        for k, v in model.named_parameters()
+        if not any(k.startswith(f"{m}.") for m in left_out)
+    }
+    x, y, _ = data().tensors
+
+    def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        out = functional_call(model, p, (xi.unsqueeze(0).double(),))
+        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(named, x, y)
+    return torch.cat([g[k].flatten(1) for k in named], dim=1)
+
+
+def groups(dp: int) -> list[list[int]]:
+    """The tensor-parallel groups of Lightning's (data_parallel, tensor_parallel) mesh."""
+    tp = WORLD // dp
+    return [list(range(d * tp, (d + 1) * tp)) for d in range(dp)]
+
+
+def split(config: str) -> tuple[int, str, str, int]:
+    _, dp, plan, source, acc = config.split(":")
+    return int(dp), plan, source, int(acc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", FITS)
+def test_tensor_parallel_norms_equal_the_unsharded_model(ranks, config) -> None:
+    """Per example (or per step's micro-batches), summed over each tensor-parallel group: the
+    unsharded model's values to 1e-5; the logged estimate: the float64 replay to 1e-4."""
+    dp, plan, source, acc = split(config)
+    got = [r[config] for r in ranks]
+    left = tuple(SP_NORMS) if plan == "sp" else ()
+    assert all(r["chosen_source"] == source and r["skipped"] == 0 for r in got)
+    expected_left = {f"model.{m}": SEQUENCE_PARALLEL for m in left}
+    assert all(r["left_out"] == expected_left for r in got), got[0]["left_out"]
+    assert all((r["coverage"] == 1.0) == (plan == "tp") for r in got)
+    assert got[0]["placements"] == (["S(0)"] if dp == 1 else ["_S(0, 2)", "S(0)"])  # FSDP × TP
+    per_example = per_example_grads(left)
+    sq = per_example.square().sum(1)
+    for group in groups(dp):
+        members = [got[r] for r in group]
+        assert all(m["seen"] == members[0]["seen"] for m in members)  # the same examples
+        seen = members[0]["seen"]
+        rows = [m["rows"] for m in members]
+        if source == "per_example":
+            for i, idx in enumerate(seen):
+                parts = torch.tensor([r[i] for r in rows], dtype=torch.float64) * BATCH**2
+                want = sq[idx]
+                torch.testing.assert_close(parts.sum(0), want, rtol=1e-5, atol=0)
+                assert (parts.max(0).values < 0.9 * want).all()  # shards, not copies
+        else:
+            for s in range(len(seen) // acc):
+                micro = seen[s * acc : (s + 1) * acc]
+                want = sum(float(per_example[m].mean(0).square().sum()) for m in micro)
+                parts = [r[s] * acc**2 for r in rows]
+                assert sum(parts) == pytest.approx(want, rel=1e-5), (group, s)
+                assert max(parts) < 0.9 * want
+    leaders = [got[g[0]] for g in groups(dp)]  # one process per data-parallel rank
+    want_gns = replay(per_example, leaders, acc, source).read()["model"]
+    for rank, r in enumerate(got):
+        where = f"{config} rank {rank}"
+        assert r["steps"] == want_gns.steps, where
+        assert r["grad_norm_sq"] == pytest.approx(want_gns.grad_norm_sq, rel=1e-4), where
+        assert r["grad_variance"] == pytest.approx(want_gns.grad_variance, rel=1e-4), where
+        assert r["collectives"] == [1 if s % 4 == 0 else 0 for s in range(1, 13)], where
+        assert r["host_reads"] == 0, where
+
+
+@pytest.mark.slow
+def test_tensor_parallel_without_fully_shard_over_data_parallel_ranks_is_refused(ranks) -> None:
+    for r in ranks:
+        assert "data_parallel_size=2" in r[REFUSE]["error"]
+        assert "fully_shard" in r[REFUSE]["error"]
+
+
+# -- one process -------------------------------------------------------------------------------
+def test_each_layout_gets_its_weight_or_its_reason() -> None:
+    """Column-wise: shards (1); row-wise: the weight's shard (1), the replicated bias 1/TP;
+    outside the plan: 1/TP; replicated by the plan (SequenceParallel): left out."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import Replicate, Shard
+
+    layout = Layout(tp=2, world=4)
+    mesh = SimpleNamespace(mesh_dim_names=("data_parallel", "tensor_parallel"))
+
+    def laid(*placements: object) -> nn.Parameter:
+        p = nn.Parameter(torch.zeros(1))
+        p.device_mesh, p.placements = mesh, placements  # type: ignore[attr-defined]
+        return p
+
+    lin, ln = nn.Linear(2, 2), nn.LayerNorm(2)
+    col = {"weight": laid(Shard(0), Shard(0)), "bias": laid(Shard(0), Shard(0))}
+    row = {"weight": laid(Shard(0), Shard(1)), "bias": laid(Shard(0), Replicate())}
+    seq = {"weight": laid(Shard(0), Replicate()), "bias": laid(Shard(0), Replicate())}
+    plain = dict(lin.named_parameters())
+    assert weights_for(lin, col, layout) == {"weight": 1.0, "bias": 1.0}
+    assert weights_for(lin, row, layout) == {"weight": 1.0, "bias": 0.5}
+    assert weights_for(lin, plain, layout) == {"weight": 0.5, "bias": 0.5}
+    assert weights_for(ln, seq, layout) == SEQUENCE_PARALLEL
+    assert weights_for(ln, {"weight": laid(Shard(0), Shard(0))}, layout) != 1.0
+    bad_row = {"weight": laid(Shard(0), Shard(1)), "bias": laid(Shard(0), Shard(0))}
+    assert isinstance(weights_for(lin, bad_row, layout), str)
