@@ -41,8 +41,8 @@ class Settings(Protocol):
 
 
 SUPPORTED = (
-    "single-device, DDP, FSDP (FSDPStrategy) and FSDP2 (ModelParallelStrategy with "
-    "tensor_parallel_size=1) strategies with one optimizer and automatic optimization"
+    "single-device, DDP, FSDP (FSDPStrategy) and ModelParallelStrategy (FSDP2, tensor and "
+    "2-D parallelism) strategies with one optimizer and automatic optimization"
 )
 CHOICES = {
     "source": ("auto", "micro_batch", "per_example"),

@@ -1,8 +1,10 @@
 """Sharded data parallelism (FSDP1 and FSDP2): where the micro-batch and big-batch norms live.
 
 * :func:`sharding_of` / :func:`refusal`: the layout of a wrapped model, and what is not
-  supported (tensor parallel, CPU offload, DeepSpeed), with what to do instead. Hybrid
-  sharding is supported (FSDP1 ``HYBRID_SHARD``, FSDP2 on a 2-D replicate × shard mesh).
+  supported (CPU offload, DeepSpeed; tensor parallelism in your own loop), with what to do
+  instead. Hybrid sharding is supported (FSDP1 ``HYBRID_SHARD``, FSDP2 on a 2-D replicate ×
+  shard mesh), and so are tensor and 2-D parallelism under the callback
+  (:mod:`lightning_gns.norms.tensor_parallel`).
 * :class:`UnshardedGradNorms`: each micro-batch's rank-local gradient where it is still whole:
   FSDP1's ``FlatParameter`` s (a hook fires before FSDP's reduce-scatter; Lightning
   accumulates FSDP1 under ``no_sync``), FSDP2's unsharded parameters (created at the first
@@ -89,9 +91,10 @@ def refusal(strategy: object, model: nn.Module, tensor_parallel: bool = False) -
     tp = tp if isinstance(tp, int) else 1
     if tp > 1 and not tensor_parallel:
         return (
-            f"tensor parallelism (tensor_parallel_size={tp}) splits each example's gradient "
-            "across processes: use ModelParallelStrategy(data_parallel_size=N, "
-            "tensor_parallel_size=1) with fully_shard in configure_model"
+            f"tensor parallelism (tensor_parallel_size={tp}) is measured by the "
+            "GradientNoiseScale callback (Trainer), not in your own loop yet: use "
+            "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with "
+            "fully_shard in configure_model, or the Trainer"
         )
     kind = sharding_of(model)
     if kind == "fsdp1":
