@@ -20,7 +20,7 @@ structural check: it equals autograd's only if the rule models the module.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -30,10 +30,21 @@ from torch import Tensor, nn
 
 from lightning_gns._compat import saving_through_hooks
 from lightning_gns.norms import moe_forms as forms
+from lightning_gns.norms.generic import is_replaying
 from lightning_gns.norms.tokens import acc_dtype, bincount, reading_host_tensor
 
 Experts = Any
 """A stacked-experts module (:func:`is_stacked_experts`): its attributes are read by name."""
+Weights = Mapping[str, Tensor]
+"""The tensors the forward used, by attribute, where they are not the registered parameters
+(FSDP2 unshards them for the forward and reshards after: copies, ``Seen.live``)."""
+
+
+def _tensor(module: Experts, name: str, weights: Weights | None) -> Any:
+    """The module's tensor ``name`` as its forward used it."""
+    if weights is not None and name in weights:
+        return weights[name]
+    return getattr(module, name, None)
 
 
 def is_stacked_experts(module: nn.Module) -> bool:
@@ -75,8 +86,9 @@ class _Pairs:
     forward's and backward's (:class:`GateCall`) or recomputed expert by expert."""
 
     def __init__(
-        self, module: Experts, args: tuple, kwargs: dict, g: Tensor, call: GateCall | None = None
-    ) -> None:
+        self, module: Experts, args: tuple, kwargs: dict, g: Tensor, call: GateCall | None = None,
+        weights: Weights | None = None,
+    ) -> None:  # fmt: skip
         x, idx, w = _experts_inputs(module, args, kwargs)
         dt = acc_dtype(g)
         self.n, self.k = idx.shape
@@ -97,9 +109,10 @@ class _Pairs:
         w_s = w.detach().reshape(-1, 1).to(dt)[self.order] * valid.unsqueeze(1)
         self.c_s = w_s * g.detach().to(dt)[tok]
         self.x_s = self.x[tok]
-        up, down = _as_right_factors(module, dt)
+        self.weights = weights
+        up, down = _as_right_factors(module, dt, weights)
         expert = self.key_s.clamp(max=self.num - 1)
-        bias = getattr(module, "gate_up_proj_bias" if module.has_gate else "up_proj_bias", None)
+        bias = _tensor(module, "gate_up_proj_bias" if module.has_gate else "up_proj_bias", weights)
         bias = (
             bias.detach().to(dt)[expert] if module.has_bias and isinstance(bias, Tensor) else None
         )
@@ -141,7 +154,7 @@ class _Pairs:
         got = zv.to(dt) if rows is None else zv.index_select(0, rows[self.order]).to(dt)
         where, v = probe(_up_width(module), zv.dtype, zv.device)
         v = v.to(dt)
-        uv = _up_times(module, where, v, dt)
+        uv = _up_times(module, where, v, dt, self.weights)
         pred = (self.x_s * uv[self.key_s.clamp(max=self.num - 1)]).sum(1)
         pred = pred if bias is None else pred + bias[:, where] @ v
         valid = self.key_s < self.num
@@ -231,6 +244,8 @@ class GateTap:
     def _recording(z: Tensor) -> bool:
         if not torch.is_grad_enabled() or torch.compiler.is_compiling() or z.dim() != 2:
             return False
+        if is_replaying():  # a check's or torch.func's re-run of the forward
+            return False
         return not saving_through_hooks()
 
     def _probe_for(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -309,10 +324,12 @@ def _up_width(module: Experts) -> int:
     return int(up.shape[2] if module.is_transposed else up.shape[1])
 
 
-def _up_times(module: Experts, where: Tensor, v: Tensor, dt: torch.dtype) -> Tensor:
+def _up_times(
+    module: Experts, where: Tensor, v: Tensor, dt: torch.dtype, weights: Weights | None
+) -> Tensor:
     """(E, d): Σ_i v_i up[e][where_i], z's projection (:func:`probe`) as a function of x, from
     the probed rows of the weights as stored (the weights are not read whole)."""
-    up = module.gate_up_proj if module.has_gate else module.up_proj
+    up = _tensor(module, "gate_up_proj" if module.has_gate else "up_proj", weights)
     if module.is_transposed:  # (E, d, 2f)
         return up.detach()[:, :, where].to(dt) @ v
     return torch.einsum("epd,p->ed", up.detach()[:, where, :].to(dt), v)
@@ -325,11 +342,13 @@ def _inverse(perm: Tensor) -> Tensor:
     return out
 
 
-def _as_right_factors(module: Experts, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+def _as_right_factors(
+    module: Experts, dt: torch.dtype, weights: Weights | None
+) -> tuple[Tensor, Tensor]:
     """(E, d, 2f) with z = x @ up[e], and (E, d, f) with dh = c @ down[e], whichever way the
     module stores its weights ((E, d_out, d_in), or (E, d_in, d_out) when ``is_transposed``)."""
-    up = (module.gate_up_proj if module.has_gate else module.up_proj).detach().to(dt)
-    down = module.down_proj.detach().to(dt)
+    up = _tensor(module, "gate_up_proj" if module.has_gate else "up_proj", weights)
+    up, down = up.detach().to(dt), _tensor(module, "down_proj", weights).detach().to(dt)
     if module.is_transposed:
         return up, down.mT
     return up.mT, down
@@ -365,12 +384,13 @@ def _grouped(x: Tensor, w: Tensor, counts: Tensor, valid: Tensor) -> Tensor:
 
 
 def _pairs_of(
-    module: Experts, args: tuple, kwargs: dict, g: Tensor, call: GateCall | None
-) -> _Pairs:
+    module: Experts, args: tuple, kwargs: dict, g: Tensor, call: GateCall | None,
+    weights: Weights | None,
+) -> _Pairs:  # fmt: skip
     """:class:`_Pairs` from the forward's call. At its first use (the structural check, or the
     first step after a resume) the order check is read once: rows out of place, the tap keeps
     nothing more and the pairs are recomputed."""
-    pairs = _Pairs(module, args, kwargs, g, call)
+    pairs = _Pairs(module, args, kwargs, g, call, weights)
     tap = module.__dict__.get("_apply_gate")
     if pairs.z_ok is None or not isinstance(tap, GateTap) or tap.verified:
         return pairs
@@ -380,17 +400,19 @@ def _pairs_of(
     if ok:
         return pairs
     tap.usable = False
-    return _Pairs(module, args, kwargs, g)
+    return _Pairs(module, args, kwargs, g, weights=weights)
 
 
 def stacked_experts_norm(
-    module: Experts, args: tuple, kwargs: dict, g: Tensor, batch: int, call: GateCall | None = None
-) -> dict[str, Tensor]:
+    module: Experts, args: tuple, kwargs: dict, g: Tensor, batch: int,
+    call: GateCall | None = None, weights: Weights | None = None,
+) -> dict[str, Tensor]:  # fmt: skip
     """Per-example squared norms (B,) of a stacked-experts module's parameters, by name, from
     its forward's inputs (hidden (B·T, d), top_k_index, top_k_weights), output gradient and,
     if kept (:class:`GateTap`), its gate's call: NaN (the step is dropped) if the call's rows
-    are not where they were found at the first use."""
-    pairs = _pairs_of(module, args, kwargs, g, call)
+    are not where they were found at the first use. ``weights``: the tensors the forward used
+    where they are not the registered parameters (FSDP2)."""
+    pairs = _pairs_of(module, args, kwargs, g, call, weights)
     n, k, num = pairs.n, pairs.k, pairs.num
     if n % batch:
         raise ValueError(f"{n} tokens do not split into {batch} examples")
@@ -432,12 +454,12 @@ def stacked_experts_norm(
 
 
 def stacked_experts_grads(
-    module: Experts, args: tuple, kwargs: dict, g: Tensor
+    module: Experts, args: tuple, kwargs: dict, g: Tensor, weights: Weights | None = None
 ) -> dict[str, Tensor]:
     """The module's whole gradient from the rule's own recomputation, for the structural check:
     it equals autograd's only if the rule models the module (gate, layout, routing weight).
     (The check's norms, computed before, have used and dropped the forward's gate call.)"""
-    pairs = _Pairs(module, args, kwargs, g)
+    pairs = _Pairs(module, args, kwargs, g, weights=weights)
     num, key = pairs.num, pairs.key_s
     up = "gate_up_proj" if module.has_gate else "up_proj"
     out: dict[str, Tensor] = {}
@@ -453,8 +475,8 @@ def stacked_experts_grads(
 
 
 TokenRule = Callable[..., dict[str, Tensor]]
-"""``rule(module, args, kwargs, grad_output, batch, call) -> {parameter name: (B,)}``, call the
-forward's :class:`GateCall` or None."""
+"""``rule(module, args, kwargs, grad_output, batch, call, weights) -> {parameter name: (B,)}``,
+call the forward's :class:`GateCall` or None, weights as :func:`stacked_experts_norm`'s."""
 
 
 def token_rule_for(module: nn.Module) -> TokenRule | None:

@@ -141,7 +141,7 @@ def token_site_norms(site: Site, batch: int) -> Tensor:
         args, kwargs = seen.inputs
         call, seen.gate_call = seen.gate_call, None
         try:
-            got = rule(site.module, args, kwargs, seen.out_grads[0], batch, call)
+            got = rule(site.module, args, kwargs, seen.out_grads[0], batch, call, seen.live)
         finally:
             if call is not None:
                 call.drop()
@@ -164,7 +164,7 @@ def norms_when_backward_passes(site: Site, batch: int | None) -> Callable[[Any],
         g, (args, kwargs) = seen.out_grads[0], seen.inputs
         try:
             with replaying(), torch.autocast(g.device.type, enabled=False):
-                got = moe.stacked_experts_norm(site.module, args, kwargs, g, batch, call)
+                got = moe.stacked_experts_norm(site.module, args, kwargs, g, batch, call, seen.live)
                 if not got:  # no trainable parameter left (frozen since the check)
                     return
                 seen.early = torch.stack(list(got.values())).sum(0)
@@ -184,7 +184,7 @@ def token_local_grads(site: Site) -> dict[str, Tensor] | None:
     if seen.tokens is None or moe.token_rule_for(site.module) is None or seen.inputs is None:
         return None
     args, kwargs = seen.inputs
-    got = moe.stacked_experts_grads(site.module, args, kwargs, seen.out_grads[0])
+    got = moe.stacked_experts_grads(site.module, args, kwargs, seen.out_grads[0], seen.live)
     return {k: v.float() for k, v in got.items() if k in site.params}
 
 
@@ -197,5 +197,7 @@ def token_check_problem(site: Site, batch: int | None) -> str | None:
     if moe.token_rule_for(site.module) is not None:
         return None
     with torch.no_grad():
-        same = tokens.slices_agree(site.module, seen.inputs, seen.outputs, batch, seen.tokens[1])
+        same = tokens.slices_agree(
+            site.module, seen.inputs, seen.outputs, batch, seen.tokens[1], seen.live
+        )
     return None if same else "mixes the tokens of different examples (not per token)"

@@ -278,22 +278,31 @@ def _cut(x: Any, rows: slice, n: int) -> Any:
 
 
 def slices_agree(
-    module: nn.Module, inputs: tuple[tuple, dict], outputs: list[Any], batch: int, t: int
+    module: nn.Module,
+    inputs: tuple[tuple, dict],
+    outputs: list[Any],
+    batch: int,
+    t: int,
+    live: Mapping[str, Tensor] | None = None,
 ) -> bool:
     """The module run on each example's token slice gives the call's outputs (it treats the
     examples' tokens independently): the structural check's test for
-    :func:`token_generic_sq_norms`. One forward per example; run once."""
+    :func:`token_generic_sq_norms`. One forward per example; run once. ``live``: the tensors
+    the forward used where they are not the registered parameters (FSDP2 has resharded
+    those), swapped in."""
     args, kwargs = inputs
     n = batch * t
     for b in range(batch):
         rows = slice(b * t, (b + 1) * t)
+        cut = (
+            tuple(_cut(a, rows, n) for a in args),
+            {k: _cut(v, rows, n) for k, v in kwargs.items()},
+        )
         with torch.no_grad():
-            got, _ = tree_flatten(
-                module(
-                    *[_cut(a, rows, n) for a in args],
-                    **{k: _cut(v, rows, n) for k, v in kwargs.items()},
-                )
-            )
+            if live:
+                got, _ = tree_flatten(functional_call(module, dict(live), cut[0], cut[1]))
+            else:
+                got, _ = tree_flatten(module(*cut[0], **cut[1]))
         for mine, full in zip(got, outputs, strict=False):
             if not isinstance(full, Tensor) or not isinstance(mine, Tensor):
                 continue
