@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from lightning_gns._compat import fsdp2_param_group
 from lightning_gns.norms.micro_batch import MicroBatchNorms
 from lightning_gns.norms.rules import NormRule
-from lightning_gns.norms.sharded import UnshardedGradNorms, fsdp2_units, is_dtensor
+from lightning_gns.norms.sharded import BigPart, UnshardedGradNorms, fsdp2_units, is_dtensor
 
 TP_DIM = "tensor_parallel"  # the name of Lightning's tensor-parallel mesh dimension
 SEQUENCE_PARALLEL = (
@@ -248,7 +248,9 @@ class TensorParallelUnshardedNorms(UnshardedGradNorms):
         self._parts.append(micro_sq(grad, self.layout.tp, self.layout.dim))
 
 
-def micro_batch_norms(model: nn.Module, params: list[nn.Parameter], layout: Layout) -> tuple:
+def micro_batch_norms(
+    model: nn.Module, params: list[nn.Parameter], layout: Layout
+) -> tuple[MicroBatchNorms, list[nn.Parameter], dict[str, str]]:
     """(norms, covered parameters, left out) of the micro-batch source under TP."""
     left = partial_params(model, layout)
     skip = {
@@ -263,7 +265,7 @@ def micro_batch_norms(model: nn.Module, params: list[nn.Parameter], layout: Layo
     return TensorParallelGradNorms(covered, layout), covered, left
 
 
-def big_share(layout: Layout):  # noqa: ANN201
+def big_share(layout: Layout) -> BigPart:
     """``big(params, world_size)``: this process's share of Σ_p |p.grad|²: |local shard|² /
     (world / Π sizes of its ``Shard`` mesh dims); a plain ``.grad`` is whole on every process
     (/ world). A ``Partial`` gradient: NaN (such parameters are left out beforehand)."""
