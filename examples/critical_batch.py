@@ -109,16 +109,20 @@ def charlm_task(quick: bool, context: int = 8) -> Task:
     return Task("charlm", data, model, target, 3e-3, steps, seeds, branch_loss=2.8)
 
 
-def teacher_task(quick: bool, dim: int = 16, classes: int = 8) -> Task:
+def teacher_task(
+    quick: bool, dim: int = 16, classes: int = 8, seed: int = 0, width: int = 64,
+    name: str = "teacher",
+) -> Task:  # fmt: skip
     """A student MLP learns a random teacher MLP's class probabilities from labels drawn from
     them (label noise: the Bayes loss, the teacher's mean entropy, is the floor). Trained to
     near that floor the mean gradient vanishes while the per-example noise stays, so B_noise
     grows 6–13× over a run (quick setting, B = 32: 12–13× at the rate 3e-3, 6× at 6e-3): the
-    regime where growing the batch should pay (McCandlish et al. 2018 §5)."""
-    gen = torch.Generator().manual_seed(0)
+    regime where growing the batch should pay (McCandlish et al. 2018 §5). ``seed``, ``dim``,
+    ``classes``, ``width``: another teacher (:func:`held_out_task`)."""
+    gen = torch.Generator().manual_seed(seed)
     n = 8_192 if quick else 32_768
     x = torch.randn(n, dim, generator=gen)
-    teacher = nn.Sequential(nn.Linear(dim, 64), nn.Tanh(), nn.Linear(64, classes))
+    teacher = nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Linear(width, classes))
     with torch.no_grad():
         for p in teacher.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / math.sqrt(p.shape[-1])))
@@ -131,9 +135,19 @@ def teacher_task(quick: bool, dim: int = 16, classes: int = 8) -> Task:
     )
     data = TensorDataset(x, y)
     margin, steps, seeds = (0.08, 1500, 1) if quick else (0.03, 8000, 3)
-    task = Task("teacher", data, model, floor + margin, 3e-3, steps, seeds)
+    task = Task(name, data, model, floor + margin, 3e-3, steps, seeds)
     task.branch_loss = floor + 0.3
     return task
+
+
+def held_out_task(quick: bool) -> Task:
+    """A task of the teacher's kind that no rule was tuned on: another teacher (seed 1, 24
+    inputs, 10 classes, 96 hidden units), the same student and margins."""
+    return teacher_task(quick, dim=24, classes=10, seed=1, width=96, name="held-out")
+
+
+TASKS = {"digits": digits_task, "charlm": charlm_task, "teacher": teacher_task,
+         "held-out": held_out_task}  # fmt: skip
 
 
 # -- one training run ---------------------------------------------------------------------
@@ -519,12 +533,11 @@ def run_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     batches = [8, 32, 128, 512] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1024]
     grid = [0.5, 2.0] if args.quick else [0.5, 1.0, 2.0]  # × the LR tuned at B = 32, √-scaled
-    makers = {"digits": digits_task, "charlm": charlm_task, "teacher": teacher_task}
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    task = makers[name](args.quick)
+    task = TASKS[name](args.quick)
     task.seeds = args.seeds or task.seeds
     reused = {r["task"]: r for r in json.loads(Path(args.reuse).read_text())} if args.reuse else {}
     if name in reused:  # the fixed-batch sweep of an earlier run
@@ -555,10 +568,15 @@ def run_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
             log(f"{name}: {schedule}: steps {a['per_seed_steps']}, examples {a['examples']:.0f}")
     if "branched" not in summary:
         ks = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]
-        summary["branched"] = branched(task, 32, best[32].lr, ks, budget=8 * 32 * ks[-1])
+        lr32 = best[32].lr  # B = 32's tuned rate; √-scaled from the smallest reaching batch
+        if not math.isfinite(best[32].steps) and base is not None:  # when none took B = 32 there
+            lr32 = base.lr * math.sqrt(32 / base.batch)
+        summary["branched"] = branched(task, 32, lr32, ks, budget=8 * 32 * ks[-1])
     log(f"{name}: B_crit {summary['b_crit']:.0f} (branched {summary['branched']['b_crit']}),"
         f" B_simple {summary['b_simple']:.0f}, B_noise grows "
         f"{summary.get('b_noise_growth', math.nan):.1f}× over a fixed run")  # fmt: skip
+    out = Path(args.out) / f"{name}.json"  # each task on its own too: a later failure keeps it
+    out.write_text(json.dumps([summary], indent=1, default=str))
     return summary
 
 
@@ -566,7 +584,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small setting (a minute)")
     parser.add_argument("--out", default="results/critical_batch")
-    parser.add_argument("--tasks", default="digits,charlm,teacher")
+    parser.add_argument("--tasks", default="digits,charlm,teacher",
+                        help=f"of {','.join(TASKS)}")  # fmt: skip
     parser.add_argument("--from-json", action="store_true", help="redraw from results.json")
     parser.add_argument("--rules", default=",".join(RULES), help="adaptive rules to run")
     parser.add_argument("--reuse", help="take the fixed-batch sweep from this results.json")

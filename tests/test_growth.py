@@ -107,11 +107,12 @@ def test_the_probe_waits_for_a_tight_interval_or_takes_its_bound() -> None:
     assert rules.after_probe(ladder, wide, (16, None)) is None  # probing on
     late = values(1449, 20, 4000, steps=PROBE_MAX_STEPS)
     decision = rules.after_probe(ladder, late, (16, None))
-    assert decision == (2, None, decision[2]) and rules.reference is None  # 16 ≤ 20 < 32
+    assert decision == (2, None, decision[2])  # 16 ≤ 20 < 32
+    assert rules.reference == (20.0, 20)  # the bound it took is the sqrt rule's reference too
     tight = values(300, 250, 360, steps=3)  # within 1.5×: goes on at once, sets the reference
     decision = rules.after_probe(ladder, tight, (16, None))
     assert isinstance(decision, str) and decision.endswith("staying")  # 128 ≤ 250 < 256
-    assert rules.reference == (128.0, 300)
+    assert rules.reference == (300.0, 300)  # multiple × B_noise₀, not the rung 128 below it
     none = values(math.nan, math.nan, math.nan, steps=PROBE_MAX_STEPS)
     assert rules.after_probe(ladder, none, (16, None)) == (1, None, ANY)  # the user's batch
 
@@ -132,3 +133,23 @@ def test_second_moment_ratio_is_the_expected_square_of_the_batch_gradient() -> N
     assert second_moment_ratio(1e-9, 32, 128) == pytest.approx(1.0, rel=1e-6)
     assert second_moment_ratio(100, 100, 200) == pytest.approx(1.5 / 2.0)
     assert second_moment_ratio(math.nan, 32, 128) == 1.0
+
+
+def test_the_sqrt_rule_follows_half_the_geometric_mean_by_default() -> None:
+    """Default ``multiple`` ½: B* = ½·√(B_noise₀·B_noise) from the probe's estimate, whatever
+    rung the probe's floor went on at (before: B₀ was that rung, so two probes that both go on
+    at 128 grew alike later, up to a factor 2 below B*)."""
+    ladder = Ladder(2, 256, None, lambda: 8.0, base=(1, None))
+    grown = {}
+    for noise0, lower0, upper0 in ((300.0, 260.0, 380.0), (450.0, 400.0, 590.0)):
+        rules = Rules("sqrt", 2, 0.5, 1.0, False, 0)
+        decision = rules.after_probe(ladder, values(noise0, lower0, upper0, steps=3), (16, None))
+        assert isinstance(decision, str) and decision.endswith("staying")  # ½ × lower: 128 rung
+        assert rules.reference == (0.5 * noise0, noise0)
+        later = values(16 * noise0, 15 * noise0, 17 * noise0)
+        b_star = 0.5 * math.sqrt(noise0 * 15 * noise0)  # on the lower bound: 581 and 871
+        decision = rules.decide(ladder, later, (16, None), 10, None)
+        assert not isinstance(decision, str) and decision is not None
+        grown[noise0] = decision[0] * 8
+        assert grown[noise0] == 128 * 2 ** math.floor(math.log2(b_star / 128) + 0.25)
+    assert grown == {300.0: 512, 450.0: 1024}

@@ -66,7 +66,9 @@ class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback)
         rule: ``sqrt`` (default), ``noise``, ``lower_bound`` or ``goodput``
             (:mod:`lightning_gns.adaptive.rules`).
         multiple: the probe starts the run at ``multiple`` × B_noise (``sqrt``, ``noise``);
-            the ``noise`` rule follows ``multiple`` × B_noise from there.
+            the ``sqrt`` rule follows ``multiple`` × √(B_noise₀·B_noise) from there, the
+            ``noise`` rule ``multiple`` × B_noise. The default ½ is the batch that minimizes
+            steps × examples² (eq. 2.11: 30% fewer steps are worth 15% more examples).
         factor: integer factor of each change (2: doubling), at most 16.
         margin: ``lower_bound`` rule: grow when B_noise's lower bound ≥ margin × next batch.
         lr_scaling: ``auto`` (``sqrt`` when the optimizer keeps a second moment in its state,
@@ -107,7 +109,7 @@ class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback)
         max_accumulate: int = 64,
         min_accumulate: int | None = None,
         rule: Rule = "sqrt",
-        multiple: float = 1.0,
+        multiple: float = 0.5,
         factor: int = 2,
         margin: float = 1.0,
         lr_scaling: LRScaling = "auto",

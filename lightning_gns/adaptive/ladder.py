@@ -111,7 +111,7 @@ class Rules:
         the last change (None: none yet)."""
         batch = ladder.batch(*now)
         if self.rule == "sqrt" and self.reference is None and v.precise:  # no probe
-            self.reference = (batch, v.b_simple)
+            self.reference = (self.multiple * v.b_simple, v.b_simple)
         left = self.min_steps_between - (steps_since_change or 0)
         if steps_since_change is not None and left > 0:
             return f"{left} more steps before the next change (min_steps_between): waiting"
@@ -136,8 +136,9 @@ class Rules:
         found = rules.probe_level(v, batch, ladder.base_batch(now[1]), self.factor, self.multiple)
         level, why = found or (0, f"{v.steps} probe steps give no lower bound of B_noise")
         target = ladder.allocate(level, now[1])
-        if self.rule == "sqrt" and v.precise:
-            self.reference = (ladder.batch(*target), v.b_simple)
+        if self.rule == "sqrt" and found is not None:  # the estimate, or the bound it took
+            noise0 = v.b_simple if v.precise else rules.bounds(v)[0]
+            self.reference = (self.multiple * noise0, noise0)
         if target == now:
             return f"{why}: staying"
         return (*target, f"{why}: going on at {batch_text(ladder.batch(*target))}")

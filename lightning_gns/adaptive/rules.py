@@ -79,7 +79,11 @@ def bounds(v: GNSValues) -> tuple[float, float]:
 
 
 def sqrt_rule(
-    v: GNSValues, batch: float, factor: int, reference: tuple[float, float] | None
+    v: GNSValues,
+    batch: float,
+    factor: int,
+    reference: tuple[float, float] | None,
+    multiple: float = 1.0,
 ) -> Move:
     """B* = B₀·√(B_noise/B_noise₀) (the paper's adaptive model, B ∝ √B_noise: the batch that
     trades steps against examples at a fixed rate, §5), from the reference (B₀, B_noise₀) set
@@ -95,7 +99,7 @@ def sqrt_rule(
         1
     """
     if reference is None:
-        move = lower_bound_rule(v, batch, factor, 1.0, False)
+        move = lower_bound_rule(v, batch, factor, 1.0 / multiple, False)
         return Move(move.steps, f"no reference yet (the sqrt rule takes the first estimate "
                                 f"within 1.5×); {move.reason}")  # fmt: skip
     lower, upper = bounds(v)
@@ -214,7 +218,7 @@ def move(
     if rule == "lower_bound":
         return lower_bound_rule(v, batch, factor, margin, shrink)
     if rule == "sqrt":
-        return sqrt_rule(v, batch, factor, reference)
+        return sqrt_rule(v, batch, factor, reference, multiple)
     return goodput_rule(v, batch, factor, timing)
 
 
