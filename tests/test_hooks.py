@@ -292,3 +292,38 @@ def test_positions_as_long_as_the_batch_are_recognised_once_not_every_step(monke
         acc, _, bad = norms.close_micro_batch()
         assert bad is None and acc is not None
     assert calls["n"] == before  # decided during the first steps, not again
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_plain_2d_layers_take_the_lean_hook_and_stay_exact(inplace: bool) -> None:
+    """A 2-D MLP's Linears are hooked through their autograd node (site_hooks._lean): the
+    norms equal torch.func's, with an in-place activation right after each output, and a
+    second backward through a kept graph adds its norms as the tensor hooks did."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 7), nn.ReLU(inplace=inplace), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 3)
+    )
+    x, w = torch.randn(6, 5), torch.linspace(-1, 1, 3)
+    named = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict, xi: Tensor) -> Tensor:
+        return (functional_call(model, p, (xi.unsqueeze(0),)) * w).sum()
+
+    g = vmap(grad(loss), in_dims=(None, 0))(named, x)
+    exact = sum(v.flatten(1).square().sum(1) for v in g.values())
+    norms = PerExampleNorms(model)
+    norms.attach()
+    norms.start_micro_batch(6)
+    norms.start_check(None)
+    (model(x) * w).sum().backward()
+    norms.close_micro_batch()
+    assert norms.left_out == {} and all(s.lean_hook for s in norms.sites.values())
+    for backwards in (1, 2):
+        norms.start_micro_batch(6)
+        out = (model(x) * w).sum()
+        for _ in range(backwards):
+            out.backward(retain_graph=True)
+        acc, _, bad = norms.close_micro_batch()
+        assert bad is None
+        torch.testing.assert_close(acc, exact * backwards, rtol=1e-5, atol=1e-7)
+    norms.detach()

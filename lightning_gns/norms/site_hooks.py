@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gns._compat import in_backward_pass, saving_through_hooks, tree_flatten, view_base
-from lightning_gns.host_sync import on_step_path
+from lightning_gns.host_sync import CHECK, on_step_path
 from lightning_gns.norms.compiled import Tap
 from lightning_gns.norms.generic import (
     generic_sq_norms,
@@ -142,6 +142,8 @@ def eager(norms: Norms, site: Site, args: tuple, output: object) -> Tensor | Non
     if not isinstance(output, Tensor) or not args or not output.requires_grad:
         return None
     record, x = norms.record, args[0]
+    if site.lean_hook is not False and _lean(norms, site, x, output):
+        return None
     if site.seen.calls and in_backward_pass():  # a recomputation: the first call's hooks stand
         expanded = expand_positions(site, x, output, record.batch_size)
         return expanded[1] if expanded is not None else None
@@ -185,6 +187,40 @@ def eager(norms: Norms, site: Site, args: tuple, output: object) -> Tensor | Non
     else:
         output.register_hook(on_step_path(lambda g: on_output_grad(norms, site, g)))
     return broadcast
+
+
+def _lean(norms: Norms, site: Site, x: object, output: Tensor) -> bool:
+    """The common call, in the fewest steps: a plain layer (no positions, tied or relative
+    weights) on a 2-D input of the batch's examples, outside the check, whose output is not a
+    view. What :func:`eager` would do then: keep the input and hook the output's gradient,
+    here through a pre-hook of its autograd node (the same gradient, in-place ops after it
+    included)."""
+    hook = site.lean_hook
+    if hook is None:  # decided once per site (its kind does not change while attached)
+        plain = not (site.embedding or site.relative or site.shared)
+        site.lean_hook = hook = _lean_hook(norms, site) if plain else False
+        if not plain:
+            return False
+    if site.seen.calls or norms.checking or CHECK.enabled:
+        return False
+    node = output.grad_fn
+    if not isinstance(x, Tensor) or x.dim() != 2 or node is None or output._base is not None:
+        return False
+    if site.tokenwise and x.shape[0] != norms.record.batch_size:
+        return False  # (B·T, d) rows of tokens (MoE): the token map is needed
+    site.seen.calls = 1
+    site.seen.activation = x
+    node.register_prehook(hook)
+    return True
+
+
+def _lean_hook(norms: Norms, site: Site) -> Callable[[tuple], None]:
+    def hook(grad_outputs: tuple) -> None:
+        g = grad_outputs[0]
+        if g is not None:
+            on_output_grad(norms, site, g)
+
+    return hook
 
 
 def on_output_grad(norms: Norms, site: Site, g: Tensor) -> None:

@@ -111,6 +111,7 @@ class Site:
     tokenwise: bool = False  # its rule may see (B, T, ...) tokens for (B·T, ...) rows (MoE)
     embedding: bool = field(init=False)  # an nn.Embedding: its input may be shared positions
     relative: bool = False  # T5's relative bias: measured through its owner's compute_bias
+    lean_hook: Any = None  # the output-gradient hook of its plain 2-D calls (site_hooks.py)
 
     def __post_init__(self) -> None:
         self.embedding = isinstance(self.module, nn.Embedding)
