@@ -21,8 +21,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gns._compat import tree_flatten
 from lightning_gns.norms.generic import is_replaying, replaying
 from lightning_gns.norms.sites import Site
+from lightning_gns.norms.tensor_parallel import hooks_first, local
 
 Hook = Callable[..., Any]
 
@@ -39,18 +41,23 @@ class LiveGradCheck:
         self._owners: dict[int, list[str]] = {}
         self._live: dict[int, Tensor] = {}
         self._calls: dict[int, tuple[dict[str, int], tuple, dict]] = {}  # id(module) -> call
+        self._pending: dict[str, tuple] = {}  # site -> a call of several outputs (_several)
         self._handles: list[RemovableHandle] = []
         for name, site in sites.items():
             module = site.module
             self._handles.append(
                 module.register_forward_pre_hook(self._pre_hook(name, site), with_kwargs=True)
             )
-            self._handles.append(module.register_forward_hook(self._forward_hook(site)))
+            first = hooks_first(module)  # tensor parallel: the output before it is redistributed
+            self._handles.append(
+                module.register_forward_hook(self._forward_hook(site), prepend=first)
+            )
 
     def stop(self) -> dict[str, float]:
         for h in self._handles:
             h.remove()
         self._handles, self._live, self._local, self._calls = [], {}, {}, {}
+        self._pending = {}
         return dict(self.errors)
 
     def _pre_hook(self, name: str, site: Site) -> Hook:
@@ -78,35 +85,59 @@ class LiveGradCheck:
             if is_replaying():
                 return
             call = self._calls.pop(id(module), None)
+            if call is not None and not isinstance(output, Tensor):  # several (an MoE router)
+                self._several(site, module, call, output)
             if call is None or not isinstance(output, Tensor) or not output.requires_grad:
                 return
             output.register_hook(lambda g: self._own(site, module, call, g))
 
         return hook
 
-    def _own(self, site: Site, module: nn.Module, call: tuple, g: Tensor) -> None:
+    def _several(self, site: Site, module: nn.Module, call: tuple, output: object) -> None:
+        """A module with several outputs (an MoE router: logits, weights, indices): each
+        output's gradient is kept as it arrives; the own gradient is recomputed from those that
+        came when its parameters' whole gradient arrives (:meth:`_whole`): by then every output
+        that leads to it has its gradient."""
+        grads: dict[int, Tensor] = {}
+        for i, t in enumerate(tree_flatten(output)[0]):
+            if isinstance(t, Tensor) and t.requires_grad:
+                t.register_hook(lambda g, i=i: grads.__setitem__(i, g.detach()))
+        self._pending[site.name] = (site, module, call, grads)
+
+    def _own(
+        self, site: Site, module: nn.Module, call: tuple, g: Tensor | dict[int, Tensor]
+    ) -> None:
+        """``g``: the output's gradient, or those of several outputs by position."""
         if is_replaying():
             return
         keys, args, kwargs = call
         try:
             copies = {a: getattr(module, a).detach().requires_grad_() for a in keys}
             with torch.enable_grad(), _swapped(module, copies), replaying():
-                out = type(module).forward(module, *args, **kwargs)
-                grads = torch.autograd.grad(out, list(copies.values()), g, allow_unused=True)
+                out = local(type(module).forward(module, *args, **kwargs))  # (TP: local shards)
+                if isinstance(g, dict):  # several outputs: those that got a gradient
+                    outs, gs = [tree_flatten(out)[0][i] for i in g], list(g.values())
+                else:
+                    outs, gs = [out], [local(g)]
+                grads = torch.autograd.grad(outs, list(copies.values()), gs, allow_unused=True)
         except Exception:  # noqa: BLE001 - a check that cannot run must not break backward
             self.errors[site.name] = float("inf")
             return
         for key, gr in zip(keys.values(), grads, strict=True):
             if gr is not None:
-                gr = gr.detach().float()
+                gr = local(gr.detach()).float()
                 self._local[key] = gr if key not in self._local else self._local[key] + gr
 
     def _whole(self, key: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             if is_replaying():  # the torch.func fallback or the check itself re-running
                 return
+            for name in self._owners.get(key, []):  # several outputs: their gradients are in
+                pending = self._pending.pop(name, None)
+                if pending is not None and pending[3]:
+                    self._own(*pending)
             mine = self._local.pop(key, None)
-            whole = grad.detach().float()
+            whole = local(grad.detach()).float()
             diff = float("inf") if mine is None else float((mine - whole).norm())
             self.diffs[key] = (diff, float(whole.norm()))
 

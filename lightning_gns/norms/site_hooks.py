@@ -122,12 +122,10 @@ def _flattened_tokens(
     norms: Norms, site: Site, x: object, output: Tensor, b: int | None
 ) -> tuple[Tensor, Tensor] | None:
     """(input, output) viewed as (B, T, ...) when a token-wise site's input is the (B·T, ...)
-    flatten of a (B, ...) tensor, read eagerly (activation checkpointing; under torch.compile
-    autograd's graph is not there, and gathered rows need a scatter: both poison the step, as
-    any input without a batch dimension does)."""
+    flatten of a (B, ...) tensor, read eagerly (activation checkpointing), or under
+    torch.compile as the eager steps found it (``TokenScopes.map_for``); gathered rows need a
+    scatter: they poison the step, as any input without a batch dimension does."""
     if not site.tokenwise or b is None or not isinstance(x, Tensor):
-        return None
-    if torch.compiler.is_compiling():
         return None
     tokens = norms.scopes.map_for(site.name, x)
     if tokens is None or tokens[0] is not None:
