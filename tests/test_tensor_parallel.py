@@ -11,6 +11,9 @@ same data-parallel batches. One launch of tests/tp_run.py runs every configurati
 
 from __future__ import annotations
 
+import functools
+import math
+
 import pytest
 import torch
 from sharded_setup import launch_once, replay
@@ -37,6 +40,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     return launch_once(tmp_path_factory, "tp", [*FITS, REFUSE], world=WORLD, script="tp_run.py")
 
 
+@functools.cache
 def per_example_grads(left_out: tuple[str, ...]) -> Tensor:
     """Every example's gradient of the unsharded net over the covered parameters, (N, d)
     float64 (torch.func)."""
@@ -148,3 +152,32 @@ def test_each_layout_gets_its_weight_or_its_reason() -> None:
     assert weights_for(ln, {"weight": laid(Shard(0), Shard(0))}, layout) != 1.0
     bad_row = {"weight": laid(Shard(0), Shard(1)), "bias": laid(Shard(0), Shard(0))}
     assert isinstance(weights_for(lin, bad_row, layout), str)
+
+
+def test_a_process_share_of_each_gradient_counts_each_element_once() -> None:
+    """Big batch: 1 / the processes holding each local element (world / Π shard dims); micro
+    batch: its TP shard, or 1/TP of a gradient whole on the group; Partial: NaN."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from lightning_gns.norms import tensor_parallel as tpm
+
+    def on(shape: tuple[int, ...], *placements: object) -> Tensor:
+        t = torch.zeros(1)
+        names = ("data_parallel", "tensor_parallel")[-len(shape) :]
+        t.device_mesh = SimpleNamespace(shape=shape, mesh_dim_names=names)  # type: ignore[attr-defined]
+        t.placements = placements  # type: ignore[attr-defined]
+        return t
+
+    strided = _StridedShard(0, split_factor=2)
+    assert tpm.big_factor(on((2, 2), strided, Shard(0)), 4) == 1.0  # FSDP × column-wise
+    assert tpm.big_factor(on((2, 2), Shard(0), Replicate()), 4) == 0.5  # × row-wise bias
+    assert tpm.big_factor(on((2,), Shard(0)), 4) == 0.5  # outside the plan, on the DP mesh
+    assert tpm.big_factor(torch.zeros(1), 4) == 0.25  # plain: whole everywhere
+    assert math.isnan(tpm.big_factor(on((2,), Partial()), 2))
+    assert tpm.micro_share(on((2,), Shard(1)), 2, "tensor_parallel") == 1.0
+    assert tpm.micro_share(on((2,), Replicate()), 2, "tensor_parallel") == 0.5
+    assert tpm.micro_share(torch.zeros(1), 2, "tensor_parallel") == 0.5
+    assert math.isnan(tpm.micro_share(on((2,), Partial()), 2, "tensor_parallel"))

@@ -199,36 +199,39 @@ def partial_params(model: nn.Module, layout: Layout) -> dict[str, str]:
     return out
 
 
-def micro_sq(grad: Tensor, tp: int, dim: str) -> Tensor:
-    """This process's share of a micro-batch gradient's |g|² (float32): its local shard over
-    the TP group, or 1/TP of a gradient whole on every process of the group. A ``Partial``
-    gradient cannot be squared per process: NaN (the step is skipped, never wrong)."""
+def micro_share(t: Tensor, tp: int, dim: str) -> float:
+    """What a micro-batch gradient's local |g|² counts for on this process (read once per
+    tensor): 1 for its shard over the TP group, 1/TP where the gradient is whole on every
+    process of the group, NaN where it is a ``Partial`` sum (cannot be squared per process:
+    the step is skipped, never wrong)."""
+    placement = tp_placement(t, dim)
+    if placement is not None and placement.is_partial():
+        return float("nan")
+    return 1.0 if _shard_dim(placement) is not None else 1.0 / tp
+
+
+def _local_sq(grad: Tensor, factor: float) -> Tensor:
     g = local(grad.detach())
     sq = torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).square()
-    placement = tp_placement(grad, dim)
-    if placement is not None and placement.is_partial():
-        return sq * float("nan")
-    return sq if _shard_dim(placement) is not None else sq / tp
+    return sq if factor == 1.0 else sq * factor
 
 
 class TensorParallelGradNorms(MicroBatchNorms):
-    """Micro-batch norms of (DTensor) parameters under TP alone: :func:`micro_sq` per
-    gradient."""
+    """Micro-batch norms of (DTensor) parameters under TP alone: each gradient's local |g|²
+    times its :func:`micro_share`."""
 
     def __init__(self, params: list[nn.Parameter], layout: Layout) -> None:
         super().__init__(params)
         self.layout = layout
 
     def _hook_for(self, i: int, p: nn.Parameter) -> Any:
-        return self._tp_hook
-
-    def _tp_hook(self, grad: Tensor) -> None:
-        self._parts.append(micro_sq(grad, self.layout.tp, self.layout.dim))
+        factor = micro_share(p, self.layout.tp, self.layout.dim)
+        return lambda grad: self._parts.append(_local_sq(grad, factor))
 
 
 class TensorParallelUnshardedNorms(UnshardedGradNorms):
     """Micro-batch norms of FSDP2's unsharded (TP DTensor) parameters under 2-D parallelism:
-    :func:`micro_sq` per gradient, the ``skip`` parameters (partial sums) not hooked."""
+    local |g|² times :func:`micro_share`; the ``skip`` parameters (partial sums) not hooked."""
 
     def __init__(self, model: nn.Module, layout: Layout, skip: set[int]) -> None:
         super().__init__(model, "fsdp2")
@@ -244,8 +247,12 @@ class TensorParallelUnshardedNorms(UnshardedGradNorms):
                 if isinstance(live, Tensor):
                     self._hook_tensor(live)
 
-    def _hook(self, grad: Tensor) -> None:
-        self._parts.append(micro_sq(grad, self.layout.tp, self.layout.dim))
+    def _hook_tensor(self, t: Tensor) -> None:
+        if t.requires_grad and id(t) not in self._hooked:
+            self._hooked[id(t)] = t
+            factor = micro_share(t, self.layout.tp, self.layout.dim)
+            hook = lambda grad: self._parts.append(_local_sq(grad, factor))  # noqa: E731
+            self._handles.append(t.register_hook(hook))
 
 
 def micro_batch_norms(
@@ -270,24 +277,30 @@ def big_share(layout: Layout) -> BigPart:
     (world / Π sizes of its ``Shard`` mesh dims); a plain ``.grad`` is whole on every process
     (/ world). A ``Partial`` gradient: NaN (such parameters are left out beforehand)."""
     world = layout.world
+    factors: dict[int, float] = {}  # id(p) -> its share's factor (placements stay)
 
     def big(params: Any, world_size: int) -> Tensor | None:
-        parts = [_big_sq(p.grad, world) for p in params if p.requires_grad and p.grad is not None]
+        parts = []
+        for p in params:
+            if p.requires_grad and p.grad is not None:
+                factor = factors.get(id(p))
+                if factor is None:
+                    factor = factors[id(p)] = big_factor(p.grad, world)
+                parts.append(_local_sq(p.grad, factor))
         return torch.stack(parts).sum() if parts else None
 
     return big
 
 
-def _big_sq(grad: Tensor, world: int) -> Tensor:
-    g = local(grad)
-    sq = torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).square()
+def big_factor(grad: Tensor, world: int) -> float:
+    """1 / the processes holding each element of ``grad``'s local tensor: world / Π sizes of
+    its shard mesh dims (FSDP × TP's ``_StridedShard`` is a shard); a plain tensor is whole
+    on every process. NaN for a ``Partial`` gradient."""
     if not is_dtensor(grad):
-        return sq / world
+        return 1.0 / world
     sharded, partial = 1, False
     dt: Any = grad
     for size, placement in zip(dt.device_mesh.shape, dt.placements, strict=True):
-        partial = partial or placement.is_partial()  # (FSDP × TP: _StridedShard, a shard)
+        partial = partial or placement.is_partial()
         sharded *= 1 if placement.is_replicate() or placement.is_partial() else size
-    if partial:
-        return sq * float("nan")
-    return sq * (sharded / world)
+    return float("nan") if partial else sharded / world
