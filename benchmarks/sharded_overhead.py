@@ -11,6 +11,8 @@ data, micro-batch 64 per rank.
     python benchmarks/sharded_overhead.py              # about 7 minutes on 2 cores
     python benchmarks/sharded_overhead.py hsdp hybrid  # only these strategies
     python benchmarks/sharded_overhead.py ddp tp       # DDP beside tensor parallel
+    python benchmarks/sharded_overhead.py --clock cpu ddp tp  # each training thread's CPU
+                                                       # time (a machine shared with others)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ CONFIGS = [
     ("tp", "per_example", 1),
 ]
 ONLY = "GNS_OVERHEAD_ONLY"  # the strategies to run, from the command line
+CLOCK = "GNS_OVERHEAD_CLOCK"  # "cpu": the training thread's CPU time, else wall time
 STEPS, WARMUP = 40, 8
 
 
@@ -79,6 +82,8 @@ def worker(out: str) -> None:
             y = torch.randint(0, 10, (x.shape[0],), generator=gen)
             return DataLoader(TensorDataset(x, y, torch.arange(len(x))), batch_size=64)
 
+    now_of = time.thread_time if os.environ.get(CLOCK) == "cpu" else time.perf_counter
+
     class Clock(pl.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
@@ -86,12 +91,12 @@ def worker(out: str) -> None:
 
         def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
             if self.t0 is None:
-                self.t0 = time.perf_counter()
+                self.t0 = now_of()
 
         def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
             if trainer.fit_loop._should_accumulate():
                 return
-            now = time.perf_counter()
+            now = now_of()
             assert self.t0 is not None
             self.times.append(now - self.t0)
             self.t0 = now
@@ -129,9 +134,12 @@ def main() -> None:
     sys.path.insert(0, str(TESTS))
     from sharded_setup import rank_env
 
+    args, clock = sys.argv[1:], "wall"
+    if args[:1] == ["--clock"]:
+        clock, args = args[1], args[2:]
     procs = []
     for rank in (0, 1):
-        env = {**rank_env(rank, port, HERE.parent), ONLY: " ".join(sys.argv[1:])}
+        env = {**rank_env(rank, port, HERE.parent), ONLY: " ".join(args), CLOCK: clock}
         cmd = [sys.executable, __file__, "--worker", str(out)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
     assert [p.wait() for p in procs] == [0, 0]
@@ -141,7 +149,8 @@ def main() -> None:
         plain = statistics.mean(r[key][0] for r in ranks)
         gns = statistics.mean(r[key][1] for r in ranks)
         print(f"{key:32s} {1e3 * plain:14.1f} {1e3 * gns:10.1f} {gns / plain:7.3f}")
-    print(f"({time.time() - t0:.0f} s; median step time after {WARMUP} warm-up steps, 2 ranks)")
+    what = "CPU time of the training thread" if clock == "cpu" else "step time"
+    print(f"({time.time() - t0:.0f} s; median {what} after {WARMUP} warm-up steps, 2 ranks)")
 
 
 if __name__ == "__main__":
