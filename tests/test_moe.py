@@ -361,3 +361,39 @@ def test_the_forms_buffers_are_budgeted(monkeypatch) -> None:
     big = torch.zeros(1, 4096 * 2, dtype=torch.long, device="meta")
     monkeypatch.setattr(moe_forms, "_HELD", 1 << 25)
     assert moe_forms.choose_form(big, 8, 4096, 2, 4096, 2 * 14336, True)[0] == "masked"
+
+
+@pytest.mark.parametrize("d_a,d_g", [(5, 7), (40, 56)])  # groups materialised; Grams
+def test_the_bucketed_form_reads_per_token_sides_off_token_grams(d_a, d_g) -> None:
+    """The bucketed form with a side per token (x for up; c = w·g for down), its Grams read
+    off the examples' token Grams, against the same rows gathered, sentinels included."""
+    torch.manual_seed(0)
+    b, t, k, num = 3, 6, 2, 4
+    key = torch.stack([torch.randperm(num)[:k] for _ in range(b * t)]).reshape(-1)
+    key[[3, 20]] = num
+    order = torch.argsort(key, stable=True)
+    tok, key_s = order // k, key[order]
+    example = tok // t
+    x = torch.randn(b * t, d_a, dtype=torch.float64)
+    g = torch.randn(b * t, d_g, dtype=torch.float64)
+    w = torch.rand(b * t * k, dtype=torch.float64)[order]
+    pair_a = torch.randn(b * t * k, d_a, dtype=torch.float64)
+    pair_g = torch.randn(b * t * k, d_g, dtype=torch.float64)
+    lay = moe_forms.Buckets(example, key_s, b, num)
+    for a_side, g_side, a_rows, g_rows in (
+        (moe_forms.TokenSide(x, tok, t), lay.rows(pair_g), x[tok], pair_g),
+        (lay.rows(pair_a), moe_forms.TokenSide(g, tok, t, w), pair_a, w[:, None] * g[tok]),
+    ):
+        want = moe_forms.bucketed_sq_norm(a_rows, g_rows, example, key_s, b, num)
+        torch.testing.assert_close(lay.sq_norm(a_side, g_side), want, rtol=1e-10, atol=0)
+        brute = torch.stack(
+            [
+                sum(
+                    (g_rows[m].mT @ a_rows[m]).square().sum()
+                    for e in range(num)
+                    if (m := (example == j) & (key_s == e)).any()
+                )
+                for j in range(b)
+            ]
+        )
+        torch.testing.assert_close(want, brute, rtol=1e-10, atol=0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import torch
@@ -105,17 +105,14 @@ class _Pairs:
         self.order = forward_order if forward_order is not None else _stable_order(self.key)
         self.key_s = self.key[self.order]
         valid = self.key_s < self.num
-        tok = torch.div(self.order, self.k, rounding_mode="floor")
-        w_s = w.detach().reshape(-1, 1).to(dt)[self.order] * valid.unsqueeze(1)
-        self.c_s = w_s * g.detach().to(dt)[tok]
-        self.x_s = self.x[tok]
+        self.tok = torch.div(self.order, self.k, rounding_mode="floor")  # of each sorted pair
+        self.w_s = w.detach().reshape(-1, 1).to(dt)[self.order] * valid.unsqueeze(1)
+        self.g = g.detach().to(dt)  # per token
         self.weights = weights
         up, down = _as_right_factors(module, dt, weights)
         expert = self.key_s.clamp(max=self.num - 1)
         bias = _tensor(module, "gate_up_proj_bias" if module.has_gate else "up_proj_bias", weights)
-        bias = (
-            bias.detach().to(dt)[expert] if module.has_bias and isinstance(bias, Tensor) else None
-        )
+        bias = bias.detach().to(dt) if module.has_bias and isinstance(bias, Tensor) else None
         if taken:  # backward passed the forward's gate call
             assert call is not None and call.h is not None and call.dz is not None
             rows = None if same else _forward_rows(module, idx)
@@ -128,13 +125,23 @@ class _Pairs:
                 return
         counts = bincount(self.key, self.num + 1)[: self.num]
         z = _grouped(self.x_s, up, counts, valid)
-        z = z if bias is None else z + bias
+        z = z if bias is None else z + bias[expert]
         dh = _grouped(self.c_s, down, counts, valid)
         with torch.enable_grad():
             zl = z.detach().requires_grad_()
             h = _gate(module)(zl) if module.has_gate else module.act_fn(zl)
             (dz,) = torch.autograd.grad(h, zl, dh)
         self.dz_s, self.h_s = dz, h.detach()
+
+    @cached_property
+    def x_s(self) -> Tensor:
+        """The input of each sorted pair (its token's row)."""
+        return self.x[self.tok]
+
+    @cached_property
+    def c_s(self) -> Tensor:
+        """The down-output gradient of each sorted pair, w·g (0 for the sentinels)."""
+        return self.w_s * self.g[self.tok]
 
     def example_s(self, batch: int) -> Tensor:
         """The example of each sorted pair."""
@@ -155,8 +162,11 @@ class _Pairs:
         where, v = probe(_up_width(module), zv.dtype, zv.device)
         v = v.to(dt)
         uv = _up_times(module, where, v, dt, self.weights)
-        pred = (self.x_s * uv[self.key_s.clamp(max=self.num - 1)]).sum(1)
-        pred = pred if bias is None else pred + bias[:, where] @ v
+        per = self.x @ uv.T  # (N, E): each token's projection under each expert
+        if bias is not None:
+            per = per + bias[:, where] @ v
+        expert = self.key_s.clamp(max=self.num - 1)
+        pred = per[self.tok, expert]
         valid = self.key_s < self.num
         sq = torch.where(valid, pred, 0).square()
         scale = sq.sum() / valid.sum().clamp(min=1)  # each row against its own size and the mean
@@ -420,17 +430,27 @@ def stacked_experts_norm(
     key, example = pairs.key.view(batch, t * k), pairs.example_s(batch)
     up = "gate_up_proj" if module.has_gate else "up_proj"
 
-    def routed(
-        a_s: Tensor, g_s: Tensor, a: Callable[[], Tensor], g: Callable[[], Tensor]
-    ) -> Tensor:
-        """The padded forms straight from the sorted pairs; the others in pair order."""
-        per_token = a_s is pairs.x_s
-        d_a, d_g = a_s.shape[1], g_s.shape[1]
-        form, cap, chunk = forms.choose_form(key, num, t, k, d_a, d_g, per_token)
+    buckets: list[forms.Buckets] = []  # the bucketed form's layout, shared by the weights
+
+    def routed(up_weight: bool) -> Tensor:
+        """The padded forms straight from the sorted pairs (the bucketed one reading the per-token
+        sides' Grams, x's and c's, off token Grams); the others in pair order."""
+        d_a = (pairs.x if up_weight else pairs.h_s).shape[1]
+        d_g = (pairs.dz_s if up_weight else pairs.g).shape[1]
+        form, cap, chunk = forms.choose_form(key, num, t, k, d_a, d_g, up_weight)
         if form == "bucketed":
-            return forms.bucketed_sq_norm(a_s, g_s, example, pairs.key_s, batch, num)
+            if not buckets:
+                buckets.append(forms.Buckets(example, pairs.key_s, batch, num))
+            lay = buckets[0]
+            if up_weight:
+                return lay.sq_norm(forms.TokenSide(pairs.x, pairs.tok, t), lay.rows(pairs.dz_s))
+            c = forms.TokenSide(pairs.g, pairs.tok, t, pairs.w_s)
+            return lay.sq_norm(lay.rows(pairs.h_s), c)
+        a_s, g_s = (pairs.x_s, pairs.dz_s) if up_weight else (pairs.h_s, pairs.c_s)
         if form == "padded":
             return forms.padded_sq_norm(a_s, g_s, example, pairs.key_s, batch, num, cap, chunk)
+        a = (lambda: pairs.x.view(batch, t, -1)) if up_weight else paired(pairs.h_s)
+        g = paired(pairs.dz_s if up_weight else pairs.c_s)
         if form == "grouped":
             return forms.routed_grouped(a(), g(), key, num, t, k)
         return forms.routed_masked_gram(a(), g(), key, num, t, k, chunk)
@@ -440,10 +460,9 @@ def stacked_experts_norm(
 
     out: dict[str, Tensor] = {}
     if getattr(module, up).requires_grad:
-        x = lambda: pairs.x.view(batch, t, -1)  # noqa: E731 - per token
-        out[up] = routed(pairs.x_s, pairs.dz_s, x, paired(pairs.dz_s))
+        out[up] = routed(True)
     if module.down_proj.requires_grad:
-        out["down_proj"] = routed(pairs.h_s, pairs.c_s, paired(pairs.h_s), paired(pairs.c_s))
+        out["down_proj"] = routed(False)
     for name, v in ((f"{up}_bias", pairs.dz_s), ("down_proj_bias", pairs.c_s)):
         p = getattr(module, name, None)
         if isinstance(p, Tensor) and p.requires_grad:

@@ -123,51 +123,134 @@ def padded_sq_norm(
     return torch.cat(parts)
 
 
+class Buckets:
+    """The layout of the bucketed form (on a CPU; one host read of the group sizes, free
+    there): each (example, expert) group's rows in its size rounded up to a multiple of 8
+    slots, the groups of equal slots side by side in one buffer; per such bucket the Gram or
+    the materialised form, the cheaper (materialised groups in chunks of at most ``_HELD``
+    elements). Rows in any order, ``expert`` ``num`` for none; one layout serves every
+    weight of the same pairs."""
+
+    def __init__(self, example: Tensor, expert: Tensor, batch: int, num: int) -> None:
+        self.batch, self.num, self.n = batch, num, example.shape[0]
+        groups = batch * num
+        real = expert < num
+        gid = torch.where(real, example * num + expert.clamp(max=num - 1), groups)
+        pos, sizes = rank_in_group(gid, groups + 1)
+        slots = torch.div(sizes[:groups] + 7, 8, rounding_mode="floor") * 8
+        self.by_slots = torch.argsort(slots, stable=True)  # groups of equal slots side by side
+        ends = torch.cumsum(slots[self.by_slots], 0)
+        start = torch.empty_like(ends)
+        start[self.by_slots] = ends - slots[self.by_slots]
+        with reading_host_tensor(slots):
+            buckets = torch.unique_consecutive(slots[self.by_slots], return_counts=True)
+            self.caps, self.counts = buckets[0].tolist(), buckets[1].tolist()
+            self.total = int(ends[-1])
+        # each row's slot; the sentinels' rows go to a dump slot at the end
+        self.slot = torch.where(real, start[gid.clamp(max=groups - 1)] + pos, self.total)
+        src = torch.full((self.total + 1,), self.n, dtype=torch.long, device=example.device)
+        src.index_copy_(0, self.slot, torch.arange(self.n, device=example.device))
+        self.src = src.index_fill_(0, torch.tensor([self.total], device=src.device), self.n)
+
+    def rows(self, v: Tensor) -> Tensor:
+        """(slots + 1, D): row r of ``v`` in row r's slot, zeros elsewhere."""
+        return v.new_zeros(self.total + 1, v.shape[1]).index_copy_(0, self.slot, v)
+
+    def sq_norm(self, a: Side, g: Side) -> Tensor:
+        """Σ_e |Σ_{rows of example b routed to e} g aᵀ|² (B,), each side a :meth:`rows`
+        buffer or a :class:`TokenSide` (its Gram read off the examples' token Grams)."""
+        d_a, d_g = _width(a), _width(g)
+        per_group = []
+        row = 0
+        for cap, n in zip(self.caps, self.counts, strict=True):
+            span = slice(row, row + n * cap)
+            row += n * cap
+            if cap == 0:
+                per_group.append(torch.zeros(n, dtype=a.dtype, device=a.device))
+            elif cap * (d_a + d_g) < d_a * d_g:
+                grams = _gram_of(a, self, span, n, cap) * _gram_of(g, self, span, n, cap)
+                per_group.append(grams.sum((1, 2)))
+            else:
+                ba, bg = _rows_of(a, self, span, n, cap), _rows_of(g, self, span, n, cap)
+                step = max(1, _HELD // (d_a * d_g))
+                for i in range(0, n, step):
+                    per = torch.bmm(bg[i : i + step].mT, ba[i : i + step])
+                    per_group.append(torch.linalg.vector_norm(per, dim=(1, 2)).square())
+        sq = torch.cat(per_group) if per_group else torch.zeros(0, dtype=a.dtype, device=a.device)
+        owner = torch.div(self.by_slots, self.num, rounding_mode="floor")  # each group's example
+        return sq.new_zeros(self.batch).index_add_(0, owner, sq)
+
+
+class TokenSide:
+    """One side of the bucketed form whose rows are per token: row r is ``scale[r]`` times
+    ``v[tok[r]]`` (x for the up weight; g and the routing weight for down, c = w·g). Its Gram
+    within a group is read off each example's token Gram v vᵀ (T × T, computed once), scaled:
+    no rows are gathered, and B·T²·D multiply-adds replace Σ_groups C²·D."""
+
+    def __init__(self, v: Tensor, tok: Tensor, t: int, scale: Tensor | None = None) -> None:
+        self.v, self.tok, self.t = v, tok, t
+        self.scale = None if scale is None else scale.reshape(-1)
+        self.width, self.dtype, self.device = v.shape[1], v.dtype, v.device
+        self._grams: Tensor | None = None
+
+    def grams(self) -> Tensor:
+        """Every example's token Gram, flattened, and a 0 at the end (for empty slots)."""
+        if self._grams is None:
+            ex = self.v.view(-1, self.t, self.width)
+            flat = torch.bmm(ex, ex.mT).reshape(-1)
+            self._grams = torch.cat([flat, flat.new_zeros(1)])
+        return self._grams
+
+
+Side = Tensor | TokenSide
+
+
+def _width(side: Side) -> int:
+    return side.shape[1] if isinstance(side, Tensor) else side.width
+
+
+def _slot_pairs(lay: Buckets, span: slice, n: int, cap: int) -> Tensor:
+    """(n, cap): the row in each slot of a bucket (``lay.n``: empty)."""
+    return lay.src[span].view(n, cap)
+
+
+def _gram_of(side: Side, lay: Buckets, span: slice, n: int, cap: int) -> Tensor:
+    """(n, cap, cap): the Gram of each group of a bucket, zeros at empty slots."""
+    if isinstance(side, Tensor):
+        b = side[span].view(n, cap, side.shape[1])
+        return torch.bmm(b, b.mT)
+    pairs = _slot_pairs(lay, span, n, cap)
+    full = pairs < lay.n
+    tok = side.tok[pairs.clamp(max=lay.n - 1)]
+    t = side.t
+    idx = tok[:, :, None] * t + torch.remainder(tok, t)[:, None, :]  # the same example's
+    both = full[:, :, None] & full[:, None, :]
+    gram = side.grams()[torch.where(both, idx, side.grams().shape[0] - 1)]
+    if side.scale is not None:
+        w = torch.where(full, side.scale[pairs.clamp(max=lay.n - 1)], 0)
+        gram = gram * (w[:, :, None] * w[:, None, :])
+    return gram
+
+
+def _rows_of(side: Side, lay: Buckets, span: slice, n: int, cap: int) -> Tensor:
+    """(n, cap, D): the rows of each group of a bucket, zeros at empty slots."""
+    if isinstance(side, Tensor):
+        return side[span].view(n, cap, side.shape[1])
+    pairs = _slot_pairs(lay, span, n, cap)
+    full = pairs < lay.n
+    rows = side.v[side.tok[pairs.clamp(max=lay.n - 1)]]
+    w = full.to(rows.dtype)
+    if side.scale is not None:
+        w = w * side.scale[pairs.clamp(max=lay.n - 1)]
+    return rows * w.unsqueeze(2)
+
+
 def bucketed_sq_norm(
     a: Tensor, g: Tensor, example: Tensor, expert: Tensor, batch: int, num: int
 ) -> Tensor:
-    """The padded form with little padding, on a CPU (one host read of the group sizes, free
-    there): each (example, expert) group's rows in its size rounded up to a multiple of 8
-    slots, the groups of equal slots side by side in one buffer, then per such bucket the Gram
-    or the materialised form, the cheaper (materialised groups in chunks of at most
-    ``_HELD`` elements). Rows in any order; ``expert`` ``num``: none."""
-    d_a, d_g = a.shape[1], g.shape[1]
-    groups = batch * num
-    real = expert < num
-    gid = torch.where(real, example * num + expert.clamp(max=num - 1), groups)
-    pos, sizes = rank_in_group(gid, groups + 1)
-    slots = torch.div(sizes[:groups] + 7, 8, rounding_mode="floor") * 8
-    by_slots = torch.argsort(slots, stable=True)  # groups of equal slots side by side
-    ends = torch.cumsum(slots[by_slots], 0)
-    start = torch.empty_like(ends)
-    start[by_slots] = ends - slots[by_slots]
-    with reading_host_tensor(slots):
-        buckets = torch.unique_consecutive(slots[by_slots], return_counts=True)
-        caps, counts = buckets[0].tolist(), buckets[1].tolist()
-        total = int(ends[-1]) if groups else 0
-    # one copy of the rows into their slots; the sentinels' rows go to a dump slot at the end
-    slot = torch.where(real, start[gid.clamp(max=groups - 1)] + pos, total)
-    pa = a.new_zeros(total + 1, d_a).index_copy_(0, slot, a)
-    pg = g.new_zeros(total + 1, d_g).index_copy_(0, slot, g)
-    per_group = []
-    row = 0
-    for cap, n in zip(caps, counts, strict=True):
-        if cap == 0:
-            per_group.append(a.new_zeros(n))
-            continue
-        ba = pa[row : row + n * cap].view(n, cap, d_a)
-        bg = pg[row : row + n * cap].view(n, cap, d_g)
-        row += n * cap
-        if cap * (d_a + d_g) < d_a * d_g:
-            per_group.append((torch.bmm(ba, ba.mT) * torch.bmm(bg, bg.mT)).sum((1, 2)))
-            continue
-        step = max(1, _HELD // (d_a * d_g))
-        for i in range(0, n, step):
-            per = torch.bmm(bg[i : i + step].mT, ba[i : i + step])
-            per_group.append(torch.linalg.vector_norm(per, dim=(1, 2)).square())
-    sq = torch.cat(per_group) if per_group else a.new_zeros(0)
-    owner = torch.div(by_slots, num, rounding_mode="floor")  # the example of each group
-    return a.new_zeros(batch).index_add_(0, owner, sq)
+    """The bucketed form (:class:`Buckets`) from rows a (S, d_a), g (S, d_g) in any order."""
+    lay = Buckets(example, expert, batch, num)
+    return lay.sq_norm(lay.rows(a), lay.rows(g))
 
 
 def _per_pair(a: Tensor, t: int, k: int) -> Tensor:
