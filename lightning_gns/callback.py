@@ -22,6 +22,7 @@ from typing_extensions import override
 from lightning_gns import host_sync
 from lightning_gns._compat import SuggestsArguments
 from lightning_gns.meter import Readings
+from lightning_gns.norms.tensor_parallel import data_parallel_size
 from lightning_gns.publish import (
     publish,
     record_failure,
@@ -216,6 +217,10 @@ class GradientNoiseScale(SuggestsArguments, Readings, Callback):
 
     def _world_size(self) -> int:
         return 1 if self._trainer is None else self._trainer.world_size
+
+    def _data_parallel(self) -> int:
+        t = self._trainer
+        return 1 if t is None else data_parallel_size(t.strategy, t.world_size)
 
     # -- logging --------------------------------------------------------------------------
     @override

@@ -73,6 +73,10 @@ class Readings:
         """Processes whose gradients each step averages."""
         raise NotImplementedError
 
+    def _data_parallel(self) -> int:
+        """Processes that see different examples (tensor parallel: world / TP)."""
+        return self._world_size()
+
     @property
     def tracker(self) -> GNSTracker | None:
         """The estimators' state, once measuring started."""
@@ -138,10 +142,11 @@ class Readings:
 
     @property
     def batch_size(self) -> float:
-        """Examples per optimizer step now: usual micro-batch × accumulation × world size."""
+        """Examples per optimizer step now: usual micro-batch × accumulation × data-parallel
+        size (the processes that see different examples)."""
         if self._driver is None:
             return math.nan
-        return self._driver.usual * self._accumulate() * self._world_size()
+        return self._driver.usual * self._accumulate() * self._data_parallel()
 
     def summary_text(self) -> str:
         """The end-of-run summary (:func:`lightning_gns.publish.summary`)."""
