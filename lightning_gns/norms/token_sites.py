@@ -56,6 +56,7 @@ class TokenScopes:
             self.ancestors[name] = [a for a in chain if a in every]
         self.watched = {a for chain in self.ancestors.values() for a in chain}
         self.used: set[str] = set()
+        self.flat: set[str] = set()  # sites an eager step found on a flatten of the batch
         self.maps: dict[str, tokens.TokenMap] = {}
         self.batch: int | None = None
         self.handles: list[RemovableHandle] = []
@@ -86,6 +87,8 @@ class TokenScopes:
             b = self.batch
             if b is None or not args or not isinstance(args[0], Tensor):
                 return
+            if torch.compiler.is_compiling():  # no autograd graph to read: see map_for
+                return
             x = args[0]
             if x.dim() == 0 or x.shape[0] == b:
                 return
@@ -97,10 +100,23 @@ class TokenScopes:
 
     def map_for(self, site: str, x: object) -> tokens.TokenMap | None:
         """Which token each row of a site's input is; None when its dim 0 is the batch or no
-        map is known (then the site fails as today: no batch dimension)."""
+        map is known (then the site fails as today: no batch dimension). Inside a
+        ``torch.compile`` graph autograd's graph is not there to read: a site that the eager
+        steps (the first, with the structural check) found on a flatten of the batch takes
+        its rows as B runs of equal length again; gathered rows are not known there."""
         b = self.batch
         if b is None or not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] == b:
             return None
+        if torch.compiler.is_compiling():
+            if site in self.flat and x.shape[0] % b == 0:
+                return None, x.shape[0] // b
+            return None
+        found = self._found(site, x, b)
+        if found is not None and found[0] is None:
+            self.flat.add(site)
+        return found
+
+    def _found(self, site: str, x: Tensor, b: int) -> tokens.TokenMap | None:
         found = tokens.token_map(x, b)
         if found is not None:
             return found
