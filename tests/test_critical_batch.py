@@ -16,8 +16,9 @@ SCRIPT = Path(__file__).parents[1] / "examples" / "critical_batch.py"
 
 
 def test_quick_experiment_writes_its_table_and_plots(tmp_path) -> None:
+    args = ["--quick", "--tasks", "digits", "--rules", "lower_bound,sqrt", "--out", str(tmp_path)]
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--tasks", "digits", "--out", str(tmp_path)],
+        [sys.executable, str(SCRIPT), *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -36,6 +37,8 @@ def test_quick_experiment_writes_its_table_and_plots(tmp_path) -> None:
     grown = a["adaptive"]
     assert grown and grown[-1]["batch_size"] > a["batch"]  # the adaptive run grew its batch
     assert grown[-1]["new_micro"] > grown[0]["old_micro"]  # micro-batch first (resizable)
+    default = r["adaptive"]["sqrt"]  # the default rule reached the target, having grown
+    assert math.isfinite(default["steps"]) and default["adaptive"][-1]["batch_size"] > 8
     assert "Pareto front" in (tmp_path / "table.md").read_text()  # the verdict per rule
     assert "B_crit (fit)" in (tmp_path / "table.md").read_text()
     assert math.isfinite(r["b_noise_growth"]) and r["b_noise_growth"] > 0
