@@ -10,6 +10,11 @@ the dense rows are a SwiGLU MLP
 of Linears with the same active width (k experts' worth) under the dense Linear rule.
 
     python benchmarks/moe.py [--repeats 15] [--batch 8] [--seq 128] [--width 256]
+    python benchmarks/moe.py --graphs   # compiled: graphs and breaks, dense beside MoE
+
+``--graphs``: the tiny models of tests/moe_zoo.py (Mixtral, Qwen2-MoE, grouped_mm) and a dense
+Mistral of the same sizes, compiled, 12 steps of the callback per example: coverage, skipped
+steps, the compiled estimate against eager, dynamo's graphs and graph breaks by reason.
 """
 
 from __future__ import annotations
@@ -182,6 +187,52 @@ def measure_dense(d: int, f: int, b: int, t: int, repeats: int) -> dict:
     return {"plain": median(plain), "rules": median(rules), "shares": {}}
 
 
+def graphs() -> None:
+    """Per-example norms of compiled MoE models and a dense one: graphs and breaks."""
+    import lightning.pytorch as pl
+    from common import quiet
+    from helpers import trainer_kwargs
+    from moe_zoo import MOE_MODELS, _common
+    from torch._dynamo.utils import counters
+    from transformers import MistralConfig, MistralForCausalLM
+    from zoo import ZooModule, hf_logits, lm_loss, text_data
+
+    from lightning_gns import GradientNoiseScale
+
+    quiet()
+
+    def mistral(impl: str) -> tuple:
+        data, vocab = text_data()
+        cfg = MistralConfig(**_common(vocab), intermediate_size=96)
+        return MistralForCausalLM(cfg), data, lm_loss(hf_logits)
+
+    rows = []
+    for name, make in (("dense Mistral", mistral), ("Mixtral", MOE_MODELS["mixtral"]),
+                       ("Qwen2-MoE", MOE_MODELS["qwen2_moe"])):  # fmt: skip
+        got = {}
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            counters.clear()
+            torch.manual_seed(0)
+            model, data, loss = make(impl="grouped_mm")
+            module = ZooModule(model, data, loss, 8)
+            if compiled:
+                module.model = torch.compile(model)
+            gns = GradientNoiseScale(source="per_example", log_every_n_steps=4)
+            kw = trainer_kwargs("/tmp/gns-moe-graphs", max_steps=12, enable_progress_bar=False)
+            pl.Trainer(**kw, callbacks=[gns]).fit(module)
+            breaks = {k.split("\n")[0]: v for k, v in counters["graph_break"].items()}
+            got[compiled] = (gns, counters["stats"]["unique_graphs"], breaks)
+        (eager, _, _), (comp, n_graphs, breaks) = got[False], got[True]
+        ratio = comp.values.b_simple / eager.values.b_simple
+        rows.append([name, f"{comp.coverage:.1%}", str(comp.values.skipped), f"{ratio:.6f}",
+                     str(n_graphs), str(sum(breaks.values())),
+                     ", ".join(f"{k} {v}" for k, v in breaks.items())])  # fmt: skip
+    header = ["model", "coverage", "skipped", "B_simple compiled / eager", "graphs", "breaks",
+              "by reason"]  # fmt: skip
+    print(markdown_table(header, rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=15)
@@ -189,8 +240,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--graphs", action="store_true", help="compiled: graphs and breaks")
     args = ap.parse_args()
     set_threads(args.threads, "cpu")
+    if args.graphs:
+        graphs()
+        return
     b, t, d = args.batch, args.seq, args.width
     cases: list[tuple[str, Callable[[], dict]]] = []
     for impl in ("eager", "grouped_mm"):
