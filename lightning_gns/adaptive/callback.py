@@ -27,7 +27,7 @@ from typing_extensions import override
 
 from lightning_gns import _compat, keys
 from lightning_gns.adaptive import rules
-from lightning_gns.adaptive.changes import Growing, Resumable
+from lightning_gns.adaptive.changes import Growing, Resumable, data_parallel
 from lightning_gns.adaptive.ladder import Change, Ladder, Rules
 from lightning_gns.adaptive.loop import LoopKeeper, warn_cannot_grow
 from lightning_gns.adaptive.per_step import LRScaler, NoiseWindow, StepTimer
@@ -176,9 +176,9 @@ class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback)
             self._probing = self.rule in ("noise", "sqrt") and self.probe > 0
         accumulate = self.batches.accumulate = self.start_accumulation(trainer)
         self.min_accumulate = self.min_accumulate or accumulate
-        ladder.min_accumulate, ladder.world_size = self.min_accumulate, trainer.world_size
+        ladder.min_accumulate, ladder.world_size = self.min_accumulate, data_parallel(trainer)
         ladder.examples_per_micro = lambda: (
-            gns.batch_size / (trainer.accumulate_grad_batches * trainer.world_size)
+            gns.batch_size / (trainer.accumulate_grad_batches * data_parallel(trainer))
         )
         if not self._based:
             ladder.base, self._based = (accumulate, None), True

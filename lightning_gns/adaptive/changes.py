@@ -23,6 +23,7 @@ from lightning_gns.adaptive.sampler import ResizableBatchSampler, resume_next
 from lightning_gns.adaptive.schedule import BatchSchedule, change_message
 from lightning_gns.estimator import GNSValues
 from lightning_gns.norms.preconditioner import keeps_second_moment
+from lightning_gns.norms.tensor_parallel import data_parallel_size
 from lightning_gns.publish import publish
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class Growing:
         go on with (:meth:`~lightning_gns.adaptive.ladder.Rules.after_probe`)."""
         assert self._gns is not None and self.batches.accumulate is not None
         fn = self._gns.batch_size_fn
-        micro = int(fn(batch) if fn else extract_batch_size(batch)) * trainer.world_size
+        micro = int(fn(batch) if fn else extract_batch_size(batch)) * data_parallel(trainer)
         accumulate = self.batches.accumulate
         while micro * accumulate < self.probe and accumulate * self.factor <= self.max_accumulate:
             accumulate *= self.factor
@@ -186,3 +187,8 @@ class Resumable:
         self._probing = bool(state_dict.get("probing", False))
         self._window.saved = state_dict.get("tracker")
         resume_next(state_dict.get("sampler"))
+
+
+def data_parallel(trainer: pl.Trainer) -> int:
+    """Processes that see different examples (tensor parallel: the world / TP)."""
+    return data_parallel_size(trainer.strategy, trainer.world_size)
