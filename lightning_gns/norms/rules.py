@@ -346,3 +346,62 @@ def _transposed(rule: GradSampleRule) -> GradSampleRule:
 # The Frobenius norm of the per-example weight gradient is the Linear one's.
 NORM_RULES_BY_NAME["transformers.pytorch_utils.Conv1D"] = linear_norm
 GRAD_SAMPLE_RULES_BY_NAME["transformers.pytorch_utils.Conv1D"] = _transposed(linear_grad_sample)
+
+
+# Hugging Face's RMSNorm classes: y = w ∘ x̂ (Gemma: (1 + w) ∘ x̂, the same gradient w.r.t. w),
+# x̂ = x / sqrt(mean(x², -1) + eps) over the last dim; weight: |Σ_t g_t ∘ x̂_t|², with x̂ rounded
+# as each forward rounds it (the rule is registered only for classes whose forward was read).
+
+
+def _hf_rms(x: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x², -1) + eps), the mean square in float32 (x's dtype promoted)."""
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
+def hf_rms_norm_cast_first(module: Any, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Llama's form, w ∘ x̂.to(input dtype): x̂ in float32, rounded to the input's dtype."""
+    xhat = _hf_rms(a.float(), module.variance_epsilon).to(a.dtype)
+    return _affine_norm(module, xhat.float(), g.float(), 1)
+
+
+def hf_rms_norm_float32(module: Any, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Gemma's (x̂ ∘ (1 + w)).type_as(x) and OLMo 2's (w ∘ x̂).to(input dtype): x̂ in float32,
+    the product rounded after the weight (eps: ``eps``, else ``variance_epsilon``)."""
+    eps = module.eps if hasattr(module, "eps") else module.variance_epsilon
+    return _affine_norm(module, _hf_rms(a.float(), eps), g.float(), 1)
+
+
+def t5_layer_norm(module: Any, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """T5's w ∘ x̂: x̂ = x · rsqrt(float32 mean square), in x's dtype promoted to float32, rounded
+    to the weight's dtype where that is float16 or bfloat16."""
+    xhat = _hf_rms(a, module.variance_epsilon)
+    if module.weight.dtype in (torch.float16, torch.bfloat16):
+        xhat = xhat.to(module.weight.dtype)
+    return _affine_norm(module, xhat.float(), g.float(), 1)
+
+
+_HF_RMS_NORMS: dict[NormRule, tuple[str, ...]] = {
+    hf_rms_norm_cast_first: (
+        "llama.modeling_llama.LlamaRMSNorm",
+        "mistral.modeling_mistral.MistralRMSNorm",
+        "mixtral.modeling_mixtral.MixtralRMSNorm",
+        "qwen2.modeling_qwen2.Qwen2RMSNorm",
+        "qwen2_moe.modeling_qwen2_moe.Qwen2MoeRMSNorm",
+        "qwen3.modeling_qwen3.Qwen3RMSNorm",
+        "qwen3_moe.modeling_qwen3_moe.Qwen3MoeRMSNorm",
+        "olmoe.modeling_olmoe.OlmoeRMSNorm",
+        "phi3.modeling_phi3.Phi3RMSNorm",
+        "granite.modeling_granite.GraniteRMSNorm",
+        "smollm3.modeling_smollm3.SmolLM3RMSNorm",
+    ),
+    hf_rms_norm_float32: (
+        "gemma.modeling_gemma.GemmaRMSNorm",
+        "gemma2.modeling_gemma2.Gemma2RMSNorm",
+        "gemma3.modeling_gemma3.Gemma3RMSNorm",
+        "olmo2.modeling_olmo2.Olmo2RMSNorm",
+    ),
+    t5_layer_norm: ("t5.modeling_t5.T5LayerNorm",),
+}
+for _rule, _names in _HF_RMS_NORMS.items():
+    for _name in _names:
+        NORM_RULES_BY_NAME[f"transformers.models.{_name}"] = _rule
