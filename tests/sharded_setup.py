@@ -325,13 +325,22 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
     return [p.poll() for p in procs]
 
 
-def per_example_grads() -> Tensor:
-    """Every digit's gradient of the frozen net, (N, d) float64 (torch.func)."""
+def per_example_grads(
+    model: nn.Module | None = None,
+    left_out: tuple[str, ...] = (),
+    dataset: TensorDataset | None = None,
+) -> Tensor:
+    """Every example's gradient of the frozen net (or ``model``, on ``dataset``) over the
+    parameters outside the ``left_out`` modules, (N, d) float64 (torch.func)."""
     from torch.func import functional_call, grad, vmap
 
-    model = net().double()
-    named = {k: v.detach() for k, v in model.named_parameters()}
-    x, y, _ = data().tensors
+    model = (net() if model is None else model).double()
+    named = {
+        k: v.detach()
+        for k, v in model.named_parameters()
+        if not any(k.startswith(f"{m}.") for m in left_out)
+    }
+    x, y, _ = (data() if dataset is None else dataset).tensors
 
     def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
         out = functional_call(model, p, (xi.unsqueeze(0).double(),))

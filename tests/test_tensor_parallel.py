@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 from sharded_setup import launch_once, replay
+from sharded_setup import per_example_grads as sharded_per_example_grads
 from torch import Tensor, nn
 from tp_run import BATCH, SP_NORMS, Net, data
 
@@ -44,22 +45,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 def per_example_grads(left_out: tuple[str, ...]) -> Tensor:
     """Every example's gradient of the unsharded net over the covered parameters, (N, d)
     float64 (torch.func)."""
-    from torch.func import functional_call, grad, vmap
-
-    model = Net().double()
-    named = {
-        k: v.detach()
-        for k, v in model.named_parameters()
-        if not any(k.startswith(f"{m}.") for m in left_out)
-    }
-    x, y, _ = data().tensors
-
-    def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        out = functional_call(model, p, (xi.unsqueeze(0).double(),))
-        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
-
-    g = vmap(grad(loss), in_dims=(None, 0, 0))(named, x, y)
-    return torch.cat([g[k].flatten(1) for k in named], dim=1)
+    return sharded_per_example_grads(Net(), left_out, data())
 
 
 def groups(dp: int) -> list[list[int]]:
