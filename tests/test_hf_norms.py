@@ -4,8 +4,8 @@ Per layer: each registered class's rule equals torch.func per-example gradients 
 own forward, float32 and (under mixed precision) bfloat16 and float16 inputs, where the
 forward rounds x̂ (before the weight: Llama; after: Gemma, OLMo 2) matters. Per model: small
 models built from configurations (random weights, nothing downloaded) are measured whole,
-exactly, with no RMSNorm on the fallback (Gemma's embedding scale set to 1: its scaled
-embedding is not measured exactly, a separate issue, marked xfail below);
+exactly, with no RMSNorm on the fallback (Gemma's embedding scale set to 1 there; its scaled
+embedding is tested on its own below);
 compiled, a Llama gives the eager estimate in one graph, and ``source="auto"`` takes
 per-example norms with accumulation.
 """
@@ -260,13 +260,11 @@ def test_a_compiled_llama_gives_the_eager_estimate_in_one_graph(tmp_path) -> Non
     assert found[True][:2] == pytest.approx(found[False][:2], rel=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="an nn.Embedding subclass scaling its output inherits "
-                   "the Embedding rule, which the structural check does not verify")  # fmt: skip
 def test_gemma_scaled_embedding_is_measured_exactly() -> None:
     """Gemma's embedding (``GemmaTextScaledWordEmbedding``, an ``nn.Embedding`` whose forward
-    multiplies by sqrt(d)) takes the Embedding rule, which misses the factor: the whole model
-    reads 0.45–0.60 of exact (the RMSNorms alone are exact, above). Not an RMSNorm issue: the
-    same at the commit before the RMSNorm rules."""
+    multiplies by sqrt(d)) has its own rule (``rules.scaled_embedding``, read from the forward's
+    source): the whole model is exact. It inherited the plain Embedding rule before, which
+    missed the factor (0.45–0.60 of exact)."""
     torch.manual_seed(0)
     model = build("gemma", unscaled=False)
     x, y = torch.randint(2, V, (B, T)), torch.randint(2, V, (B, T))

@@ -267,3 +267,55 @@ def test_register_decorators() -> None:
     finally:
         NORM_RULES.pop(Custom, None)
         GRAD_SAMPLE_RULES.pop(Custom, None)
+
+
+def test_a_subclass_that_overrides_forward_has_no_rule_and_is_measured_exactly() -> None:
+    """A rule is the registered class's forward: a subclass computing something else (an
+    embedding scaled by √d, as Gemma's) must not inherit it; the torch.func fallback measures
+    it exactly."""
+    from lightning_gns.norms import PerExampleNorms
+
+    class ScaledEmbedding(nn.Embedding):
+        def forward(self, ids: Tensor) -> Tensor:
+            return super().forward(ids) * 3.0
+
+    class ScaledLinear(nn.Linear):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x) * 0.5
+
+    class Kept(nn.Linear):  # the forward kept: the Linear rule
+        pass
+
+    assert norm_rule_for(ScaledEmbedding(5, 3)) is None
+    assert norm_rule_for(ScaledLinear(2, 3)) is None
+    assert norm_rule_for(Kept(2, 3)) is NORM_RULES[nn.Linear]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc, self.out = ScaledEmbedding(7, 4), ScaledLinear(4, 4), Kept(4, 2)
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return self.out(torch.tanh(self.fc(self.emb(ids)))).sum(1)
+
+    torch.manual_seed(0)
+    model, ids, w = Net(), torch.randint(0, 7, (5, 3)), torch.tensor([1.0, -2.0])
+    named = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict, i: Tensor) -> Tensor:
+        return (torch.func.functional_call(model, p, (i.unsqueeze(0),)) * w).sum()
+
+    g = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(named, ids)
+    exact = sum(v.flatten(1).square().sum(1) for v in g.values())
+    norms = PerExampleNorms(model)
+    norms.attach()
+    for check in (True, False):
+        norms.start_micro_batch(5)
+        if check:
+            norms.start_check(None)
+        (model(ids) * w).sum().backward()
+        acc, _, bad = norms.close_micro_batch()
+        model.zero_grad()
+    norms.detach()
+    assert bad is None and norms.left_out == {}
+    torch.testing.assert_close(acc, exact, rtol=1e-5, atol=1e-7)

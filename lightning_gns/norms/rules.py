@@ -12,6 +12,8 @@ containing only parameters that exist and require grad.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -63,24 +65,76 @@ def _unsupported(module: nn.Module) -> bool:
 def _lookup(
     table: dict[type[nn.Module], NormRule], by_name: dict[str, NormRule], module: nn.Module
 ) -> NormRule | None:
-    """The rule of the nearest registered class in the module's MRO (a subclass inherits its
-    parent's rule; the structural check still verifies that the subclass behaves the same);
-    third-party classes are registered by qualified name."""
+    """The rule of the nearest registered class in the module's MRO, if the module computes
+    what that class does: a subclass that keeps its forward inherits the rule; one that
+    overrides it (Gemma's embedding scaled by √d, a quantized Linear) has no rule and goes
+    through the torch.func fallback, which is exact for any forward. Third-party classes are
+    registered by qualified name."""
+    forward = type(module).forward
     for cls in type(module).__mro__:
         rule = table.get(cls) or by_name.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
-            return None if _unsupported(module) else rule
+            if forward is not getattr(cls, "forward", None) or _unsupported(module):
+                return None
+            return rule
     return None
 
 
 def norm_rule_for(module: nn.Module) -> NormRule | None:
     """Norm rule for the module: its class's, or its nearest registered ancestor's."""
+    if scaled_embedding(type(module)):
+        return None if _unsupported(module) else scaled_embedding_norm
     return _lookup(NORM_RULES, NORM_RULES_BY_NAME, module)
 
 
 def grad_sample_rule_for(module: nn.Module) -> GradSampleRule | None:
     """Grad-sample rule for the module: its class's, or its nearest registered ancestor's."""
+    if scaled_embedding(type(module)):
+        return None if _unsupported(module) else scaled_embedding_grad_sample
     return _lookup(GRAD_SAMPLE_RULES, GRAD_SAMPLE_RULES_BY_NAME, module)
+
+
+SCALED_FORWARDS = (  # the whole body of transformers' ``...ScaledWordEmbedding.forward``
+    "return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)",
+    "return super().forward(input_ids) * self.embed_scale",
+)
+
+
+def scaled_embedding(cls: type) -> bool:
+    """An ``nn.Embedding`` of transformers (Gemma, BART, M2M100, … 24 classes in 5.24) whose
+    forward is exactly the embedding times ``embed_scale``, read from its source once."""
+    if not (issubclass(cls, nn.Embedding) and cls.__module__.startswith("transformers.")):
+        return False
+    return _scaled_forward(cls.forward)
+
+
+@functools.cache
+def _scaled_forward(forward: Callable) -> bool:
+    try:
+        lines = inspect.getsource(forward).splitlines()
+    except (OSError, TypeError):
+        return False
+    body = [line.strip() for line in lines[1:] if line.strip()]
+    return len(body) == 1 and body[0] in SCALED_FORWARDS
+
+
+def _embed_scale(module: Any, g: Tensor) -> Tensor | float:
+    """The module's scale as its forward applies it (a buffer cast to the weight's dtype, or
+    a number), without reading a device value back."""
+    scale = module.embed_scale
+    if isinstance(scale, Tensor):
+        return scale.to(module.weight.dtype).to(g.device, torch.float32)
+    return float(scale)
+
+
+def scaled_embedding_norm(module: Any, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """weight: the embedding rule on the scaled output gradient, s·g (out = s·E[x])."""
+    return embedding_norm(module, a, g.float() * _embed_scale(module, g))
+
+
+def scaled_embedding_grad_sample(module: Any, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """weight: the embedding's per-example gradient of s·g."""
+    return embedding_grad_sample(module, a, g.float() * _embed_scale(module, g))
 
 
 def apply_rules(
