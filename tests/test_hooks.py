@@ -317,7 +317,15 @@ def test_plain_2d_layers_take_the_lean_hook_and_stay_exact(inplace: bool) -> Non
     norms.start_check(None)
     (model(x) * w).sum().backward()
     norms.close_micro_batch()
-    assert norms.left_out == {} and all(s.lean_hook for s in norms.sites.values())
+    assert norms.left_out == {}
+    calls: list[str] = []
+    for site in norms.sites.values():  # count the lean hooks' calls from here on
+
+        def counted(grads: tuple, hook=site.lean_hook, name=site.name) -> None:
+            calls.append(name)
+            hook(grads)
+
+        site.lean_hook = counted
     for backwards in (1, 2):
         norms.start_micro_batch(6)
         out = (model(x) * w).sum()
@@ -326,4 +334,56 @@ def test_plain_2d_layers_take_the_lean_hook_and_stay_exact(inplace: bool) -> Non
         acc, _, bad = norms.close_micro_batch()
         assert bad is None
         torch.testing.assert_close(acc, exact * backwards, rtol=1e-5, atol=1e-7)
+    assert sorted(calls) == sorted(list(norms.sites) * 3)  # every Linear, 1 + 2 backwards
     norms.detach()
+
+
+class _AuxThenOut(torch.autograd.Function):
+    """(aux, x W^T + b): the layer's output is its node's second output."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        ctx.save_for_backward(x, w)
+        return x.sum(1, keepdim=True), x @ w.T + b
+
+    @staticmethod
+    def backward(ctx, g_aux: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN001
+        x, w = ctx.saved_tensors
+        return g @ w + g_aux.expand_as(x), g.T @ x, g.sum(0)
+
+
+class _FusedLinear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return _AuxThenOut.apply(x, self.weight, self.bias)[1]
+
+
+def test_an_output_that_is_not_its_nodes_first_takes_the_general_hook() -> None:
+    """A layer whose output is output 1 of its autograd node (a fused kernel returning
+    (aux, out)): the lean pre-hook would read output 0's gradient, so the call takes the
+    general tensor hook, and the norms stay exact (the Linear rule, registered for it)."""
+    from lightning_gns.norms.rules import NORM_RULES, register_norm
+
+    register_norm(_FusedLinear)(NORM_RULES[nn.Linear])
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(_FusedLinear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+        x, w = torch.randn(6, 4), torch.tensor([1.0, -1.0])
+        exact = []  # one backward per example (torch.func cannot run the Function)
+        for xi in x:
+            model.zero_grad()
+            (model(xi.unsqueeze(0)) * w).sum().backward()
+            exact.append(sum(p.grad.square().sum() for p in model.parameters()))
+        model.zero_grad()
+        norms = PerExampleNorms(model)
+        norms.attach()
+        for check in (True, False):
+            norms.start_micro_batch(6)
+            if check:
+                norms.start_check(None)
+            (model(x) * w).sum().backward()
+            acc, _, bad = norms.close_micro_batch()
+        norms.detach()
+        assert bad is None and norms.left_out == {}
+        torch.testing.assert_close(acc, torch.stack(exact), rtol=1e-5, atol=1e-7)
+    finally:
+        NORM_RULES.pop(_FusedLinear, None)

@@ -21,7 +21,12 @@ from sharded_setup import per_example_grads as sharded_per_example_grads
 from torch import Tensor, nn
 from tp_run import BATCH, SP_NORMS, Net, data
 
-from lightning_gns.norms.tensor_parallel import SEQUENCE_PARALLEL, Layout, weights_for
+from lightning_gns.norms.tensor_parallel import (
+    NO_TP_RULE,
+    SEQUENCE_PARALLEL,
+    Layout,
+    weights_for,
+)
 
 WORLD = 4
 FITS = [
@@ -135,7 +140,7 @@ def test_each_layout_gets_its_weight_or_its_reason() -> None:
     assert weights_for(lin, row, layout) == {"weight": 1.0, "bias": 0.5}
     assert weights_for(lin, plain, layout) == {"weight": 0.5, "bias": 0.5}
     assert weights_for(ln, seq, layout) == SEQUENCE_PARALLEL
-    assert weights_for(ln, {"weight": laid(Shard(0), Shard(0))}, layout) != 1.0
+    assert weights_for(ln, {"weight": laid(Shard(0), Shard(0))}, layout) == NO_TP_RULE
     bad_row = {"weight": laid(Shard(0), Shard(1)), "bias": laid(Shard(0), Shard(0))}
     assert isinstance(weights_for(lin, bad_row, layout), str)
 

@@ -199,16 +199,18 @@ def _lean(norms: Norms, site: Site, x: object, output: Tensor) -> bool:
         site.lean_hook = hook = _lean_hook(norms, site) if plain else False
         if not plain:
             return False
-    if site.seen.calls or norms.checking or CHECK.enabled:
+    if site.seen.calls or norms.checking:
         return False
     node = output.grad_fn
     if not isinstance(x, Tensor) or x.dim() != 2 or node is None or output._base is not None:
+        return False
+    if output.output_nr != 0:  # the pre-hook reads its node's first output gradient
         return False
     if site.tokenwise and x.shape[0] != norms.record.batch_size:
         return False  # (B·T, d) rows of tokens (MoE): the token map is needed
     site.seen.calls = 1
     site.seen.activation = x
-    node.register_prehook(hook)
+    node.register_prehook(on_step_path(hook) if CHECK.enabled else hook)
     return True
 
 

@@ -43,10 +43,10 @@ from lightning_gns.norms.sharded import BigPart, UnshardedGradNorms, fsdp2_units
 
 TP_DIM = "tensor_parallel"  # the name of Lightning's tensor-parallel mesh dimension
 SEQUENCE_PARALLEL = (
-    "replicated over the tensor-parallel group by the plan (SequenceParallel): each process "
-    "sees a sequence shard, so its gradient is a partial sum across the group (.grad is "
-    "Partial); summing the per-example partials before squaring would take a collective per "
-    "micro-batch"
+    "replicated over the tensor-parallel group by the plan (SequenceParallel, or NoParallel: "
+    "the placement does not tell them apart): under SequenceParallel each process sees a "
+    "sequence shard, so its gradient is a partial sum across the group (.grad is Partial); "
+    "summing the per-example partials before squaring would take a collective per micro-batch"
 )
 NO_TP_RULE = (
     "sharded over the tensor-parallel group in a layout with no per-example rule here (only "
