@@ -404,7 +404,7 @@ def test_a_compiled_moe_model_gives_the_eager_estimate(tmp_path) -> None:
     """Qwen2-MoE (routers, stacked experts, and the shared expert's Linears and gate on the
     flattened tokens) under torch.compile: every parameter covered, no step skipped, and the
     whole model's and every MoE layer's |G|² and tr(Σ) as eager. (Not in one graph: layers
-    without a rule, here the routers, the experts and transformers' RMSNorms, break it.)"""
+    without a rule, here the routers and the experts, break it.)"""
     import lightning.pytorch as pl
     from helpers import trainer_kwargs
     from zoo import ZooModule
