@@ -178,14 +178,14 @@ def collectives(out: str, accumulate: int) -> None:
 
 
 def routed(out: str) -> None:
-    """Per-example norms of a nanoGPT whose Linears all take the simultaneous route."""
-    from zoo import ZOO, ZooModule, exact
+    """Per-example norms of a frozen nanoGPT whose Linears all take the simultaneous route;
+    every rank writes the examples of its batches and the estimate."""
+    from zoo import ZOO, Batches, ZooModule
 
     from lightning_gns.norms.simultaneous import RoutedForward
 
     torch.manual_seed(0)
     model, data, loss = ZOO["nanogpt_long_context"]()
-    truth = exact(model, data, loss)
     seen: set[str] = set()
 
     class Routed(pl.Callback):
@@ -194,21 +194,21 @@ def routed(out: str) -> None:
                 if isinstance(m.__dict__.get("forward"), RoutedForward):
                     seen.add(type(m).__name__)
 
-    cb = GradientNoiseScale(source="per_example", log_every_n_steps=50)
-    trainer = ddp_trainer(out, max_steps=400, callbacks=[cb, Routed()])
+    cb, batches = GradientNoiseScale(source="per_example", ema_decay=0.9), Batches(data)
+    trainer = ddp_trainer(out, max_steps=24, log_every_n_steps=8, callbacks=[cb, Routed(), batches])
     trainer.fit(ZooModule(model, data, loss, 16))
-    if trainer.global_rank == 0:
-        result = {
-            "world_size": trainer.world_size,
-            "routed": sorted(seen),
-            "coverage": cb.coverage,
-            "b_simple": cb.b_simple,
-            "batch_size": cb.batch_size,
-            "steps": cb.values.steps,
-            "truth": truth,
-        }
-        with open(out, "w") as f:
-            json.dump(result, f)
+    result = {
+        "world_size": trainer.world_size,
+        "routed": sorted(seen),
+        "coverage": cb.coverage,
+        "b_simple": cb.b_simple,
+        "batch_size": cb.batch_size,
+        "steps": cb.values.steps,
+        "skipped": cb.values.skipped,
+        "batches": batches.seen,
+    }
+    with open(f"{out}.rank{trainer.global_rank}", "w") as f:
+        json.dump(result, f)
 
 
 def main(out: str, source: str, accumulate: int) -> None:

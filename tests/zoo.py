@@ -172,6 +172,37 @@ def exact(model: nn.Module, data: TensorDataset, loss: Callable) -> dict[str, fl
     return {"grad_norm_sq": g2, "trace_cov": trace, "b_simple": trace / g2}
 
 
+def b_simple_on_batches(per: Tensor, batches: list[list[int]] | None, beta: float) -> float:
+    """Exact B_simple over the data set (``batches`` None), or what the per-example estimator
+    gives from exact per-example gradients ``per`` (N, d) on the given batches (indices, one
+    list per step), weighted as an EMA of decay ``beta``. From the Gram matrix of the
+    per-example gradients: |Σ_b g_j|² = Σ_{j,j'} g_j·g_j'."""
+    g = per.mean(0)
+    if batches is None:
+        return float((per - g).square().sum(1).mean() / g.square().sum())
+    gram = per @ per.T
+    idx = torch.tensor(batches)  # (steps, B)
+    b = idx.shape[1]
+    small = gram.diagonal()[idx].mean(1)
+    big = gram[idx[:, :, None], idx[:, None, :]].sum((1, 2)) / b**2
+    w = beta ** torch.arange(len(batches) - 1, -1, -1, dtype=per.dtype)
+    g2 = (w * (b * big - small) / (b - 1)).sum()
+    tr = (w * (small - big) * b / (b - 1)).sum()
+    return float(tr / g2)
+
+
+class Batches(pl.Callback):
+    """The examples of every training batch, as indices into the data set (the first index
+    of an identical copy)."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.index = {tuple(x.tolist()): i for i, x in reversed(list(enumerate(data.tensors[0])))}
+        self.seen: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: object, batch, batch_idx) -> None:  # noqa: ANN001
+        self.seen.append([self.index[tuple(x.tolist())] for x in batch[0]])
+
+
 class ZooModule(pl.LightningModule):
     """Frozen training (SGD, learning rate 0) with batches drawn with replacement."""
 
