@@ -38,12 +38,15 @@ FITS = [
     "fit:2:tp:micro_batch:1",
     "fit:2:sp:micro_batch:2",
 ]
+LAYERED = ["fit:2:tp:per_example:1:layers", "fit:1:tp:per_example:1:layers"]  # per_layer
 REFUSE = "refuse:2"
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    return launch_once(tmp_path_factory, "tp", [*FITS, REFUSE], world=WORLD, script="tp_run.py")
+    return launch_once(
+        tmp_path_factory, "tp", [*FITS, *LAYERED, REFUSE], world=WORLD, script="tp_run.py"
+    )
 
 
 @functools.cache
@@ -60,7 +63,7 @@ def groups(dp: int) -> list[list[int]]:
 
 
 def split(config: str) -> tuple[int, str, str, int]:
-    _, dp, plan, source, acc = config.split(":")
+    _, dp, plan, source, acc = config.split(":")[:5]
     return int(dp), plan, source, int(acc)
 
 
@@ -106,6 +109,37 @@ def test_tensor_parallel_norms_equal_the_unsharded_model(ranks, config) -> None:
         assert r["grad_variance"] == pytest.approx(want_gns.grad_variance, rel=1e-4), where
         assert r["collectives"] == [1 if s % 4 == 0 else 0 for s in range(1, 13)], where
         assert r["host_reads"] == 0, where  # (sp: not watched, the hooks' lean path runs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", LAYERED)
+def test_per_layer_values_under_tensor_parallel_equal_the_unsharded_layers(ranks, config) -> None:
+    """per_layer=True: every layer's logged |G|² and tr(Σ), on every process, equal the float64
+    replay of that layer's own gradients on the unsharded model (column-wise, row-wise with
+    its 1/TP bias, and layers outside the plan alike), to 1e-4."""
+    dp, _, source, acc = split(config)
+    got = [r[config] for r in ranks]
+    per_example = per_example_grads(())
+    names = [k for k, p in Net().named_parameters() if p.requires_grad]
+    ends = torch.cumsum(torch.tensor([p.numel() for p in Net().parameters()]), 0).tolist()
+    owner = [n.rsplit(".", 1)[0] for n in names]
+    leaders = [got[g[0]] for g in groups(dp)]
+    assert sorted(got[0]["layers"]) == sorted({f"model.{m}" for m in owner})
+    for layer in sorted(set(owner)):
+        cols = torch.cat(
+            [
+                torch.arange(e - p.numel(), e)
+                for e, p, m in zip(ends, Net().parameters(), owner, strict=True)
+                if m == layer
+            ]
+        )
+        want = replay(per_example[:, cols], leaders, acc, source).read()["model"]
+        for rank, r in enumerate(got):
+            g2, tr, steps = r["layers"][f"model.{layer}"]
+            where = f"{config} {layer} rank {rank}"
+            assert steps == want.steps, where
+            assert g2 == pytest.approx(want.grad_norm_sq, rel=1e-4), where
+            assert tr == pytest.approx(want.grad_variance, rel=1e-4), where
 
 
 @pytest.mark.slow

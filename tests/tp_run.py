@@ -5,7 +5,7 @@ Usage (every rank launched by tests/test_tensor_parallel.py with LOCAL_RANK, GNS
 WORLD_SIZE, MASTER_*):
     python tests/tp_run.py OUT.json CONFIG ...
   CONFIG  fit:DP:PLAN:SOURCE:ACCUMULATE   12 frozen steps of a transformer block, DP
-                                          data-parallel ranks (fully_shard over them when
+          (then :layers for per_layer=True)  data-parallel ranks (fully_shard over them when
                                           DP > 1) × world/DP tensor-parallel ones
           refuse:DP                       tensor parallel, DP > 1, no fully_shard
   PLAN    tp (column-wise q, k, v, w1, head.0; row-wise o, w2, head.2) | sp (the same with
@@ -193,7 +193,9 @@ class Capture(pl.Callback):
             norms.take = taken
 
 
-def fit(root: str, dp: int, kind: str, source: str, accumulate: int) -> dict:
+def fit(
+    root: str, dp: int, kind: str, source: str, accumulate: int, per_layer: bool = False
+) -> dict:
     from lightning.pytorch.strategies import ModelParallelStrategy
     from sharded_run import CountCollectives
     from sharded_setup import next_port, place
@@ -203,7 +205,7 @@ def fit(root: str, dp: int, kind: str, source: str, accumulate: int) -> dict:
     os.environ["MASTER_PORT"] = next_port()
     torch.set_num_threads(1)
     world = int(os.environ["GNS_TEST_WORLD"])
-    cb = GradientNoiseScale(ema_decay=0.9, source=source, log_every_n_steps=4)
+    cb = GradientNoiseScale(ema_decay=0.9, source=source, log_every_n_steps=4, per_layer=per_layer)
     capture, counter = Capture(cb), CountCollectives()
     strategy = ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=world // dp)
     trainer = pl.Trainer(
@@ -238,6 +240,9 @@ def fit(root: str, dp: int, kind: str, source: str, accumulate: int) -> dict:
         "host_reads": len(found),
         "placements": [str(p) for p in weight.placements],
         "global_rank": trainer.global_rank,
+        "layers": {
+            k: [lv.grad_norm_sq, lv.grad_variance, lv.steps] for k, lv in cb.layer_values.items()
+        },
     }
 
 
@@ -278,7 +283,8 @@ def main(out: str, configs: list[str]) -> None:
         mode, dp, *rest = config.split(":")
         where = f"{root}/{config.replace(':', '_')}"
         if mode == "fit":
-            results[config] = fit(where, int(dp), rest[0], rest[1], int(rest[2]))
+            layers = rest[3:] == ["layers"]
+            results[config] = fit(where, int(dp), rest[0], rest[1], int(rest[2]), layers)
         else:
             results[config] = refuse(where, int(dp))
         results[config]["seconds"] = time.perf_counter() - start
