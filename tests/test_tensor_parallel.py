@@ -39,13 +39,14 @@ FITS = [
     "fit:2:sp:micro_batch:2",
 ]
 LAYERED = ["fit:2:tp:per_example:1:layers", "fit:1:tp:per_example:1:layers"]  # per_layer
+RESUME = "resume:2:tp"  # DP 2 × TP 2
 REFUSE = "refuse:2"
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     return launch_once(
-        tmp_path_factory, "tp", [*FITS, *LAYERED, REFUSE], world=WORLD, script="tp_run.py"
+        tmp_path_factory, "tp", [*FITS, *LAYERED, RESUME, REFUSE], world=WORLD, script="tp_run.py"
     )
 
 
@@ -140,6 +141,17 @@ def test_per_layer_values_under_tensor_parallel_equal_the_unsharded_layers(ranks
             assert steps == want.steps, where
             assert g2 == pytest.approx(want.grad_norm_sq, rel=1e-4), where
             assert tr == pytest.approx(want.grad_variance, rel=1e-4), where
+
+
+@pytest.mark.slow
+def test_resume_under_two_d_parallelism_continues_the_estimate(ranks) -> None:
+    """A (distributed) checkpoint at step 6 of DP 2 × TP 2, resumed to step 12: the estimate
+    and its interval equal those of the 12 steps at once, on every process."""
+    for rank, r in enumerate(ranks):
+        whole, first, resumed = (r[RESUME][k] for k in ("whole", "first", "resumed"))
+        assert resumed["steps"] == whole["steps"] > first["steps"], rank
+        for key in ("grad_norm_sq", "grad_variance", "lower", "upper"):
+            assert resumed[key] == pytest.approx(whole[key], rel=1e-6), (rank, key)
 
 
 @pytest.mark.slow

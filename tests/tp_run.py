@@ -7,6 +7,7 @@ WORLD_SIZE, MASTER_*):
   CONFIG  fit:DP:PLAN:SOURCE:ACCUMULATE   12 frozen steps of a transformer block, DP
           (then :layers for per_layer=True)  data-parallel ranks (fully_shard over them when
                                           DP > 1) × world/DP tensor-parallel ones
+          resume:DP:PLAN                  12 steps per example, at once and resumed at 6
           refuse:DP                       tensor parallel, DP > 1, no fully_shard
   PLAN    tp (column-wise q, k, v, w1, head.0; row-wise o, w2, head.2) | sp (the same with
           SequenceParallel norms and row-wise outputs sharded over the sequence; run without
@@ -274,6 +275,50 @@ def refuse(root: str, dp: int) -> dict:
     return {"error": None}
 
 
+def resume(root: str, dp: int, kind: str) -> dict:
+    """Two epochs of 6 steps at once, and one with a (distributed) checkpoint at its end, then
+    the second resumed from it (epochs, not steps: a fit stopped by ``max_steps`` at an
+    epoch's last batch resumes inside that epoch)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from sharded_setup import next_port, place
+
+    from lightning_gns import GradientNoiseScale
+
+    torch.set_num_threads(1)
+    world = int(os.environ["GNS_TEST_WORLD"])
+    out = {}
+    ck = f"{root}/ck"
+    for part, epochs, ckpt in (("whole", 2, None), ("first", 1, None), ("resumed", 2, "last")):
+        os.environ["MASTER_PORT"] = next_port()  # a new process group per fit
+        cb = GradientNoiseScale(ema_decay=0.9, source="per_example", log_every_n_steps=4)
+        extra = [ModelCheckpoint(dirpath=ck, save_last=True)] if part == "first" else []
+        strategy = ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=world // dp)
+        trainer = pl.Trainer(
+            **trainer_kwargs(
+                f"{root}/{part}",
+                devices=place(1),
+                strategy=strategy,
+                max_epochs=epochs,
+                max_steps=-1,
+                limit_train_batches=6,
+                enable_checkpointing=bool(extra),
+                callbacks=[cb, *extra, CloseProcessGroup()],
+            )
+        )
+        path = f"{ck}/last.ckpt" if ckpt else None
+        trainer.fit(Module(kind, shard=dp > 1), ckpt_path=path)
+        v = cb.values
+        out[part] = {
+            "grad_norm_sq": v.grad_norm_sq,
+            "grad_variance": v.grad_variance,
+            "lower": v.b_simple_lower,
+            "upper": v.b_simple_upper,
+            "steps": v.steps,
+        }
+    return out
+
+
 def main(out: str, configs: list[str]) -> None:
     rank = int(os.environ["GNS_TEST_RANK"])
     root = os.path.dirname(os.path.abspath(out))
@@ -285,6 +330,8 @@ def main(out: str, configs: list[str]) -> None:
         if mode == "fit":
             layers = rest[3:] == ["layers"]
             results[config] = fit(where, int(dp), rest[0], rest[1], int(rest[2]), layers)
+        elif mode == "resume":
+            results[config] = resume(where, int(dp), rest[0])
         else:
             results[config] = refuse(where, int(dp))
         results[config]["seconds"] = time.perf_counter() - start
