@@ -399,21 +399,106 @@ def test_the_bucketed_form_reads_per_token_sides_off_token_grams(d_a, d_g) -> No
         torch.testing.assert_close(want, brute, rtol=1e-10, atol=0)
 
 
+def _tap_norms(router: nn.Module, b: int, t: int) -> tuple[object, object, Tensor]:
+    """A site of ``router`` and the hooks' state it reads under torch.compile (the batch size,
+    its sink, the flatten of the batch its input is), for moe_compiled's taps."""
+    from types import SimpleNamespace
+
+    sink = torch.zeros(b, requires_grad=True)
+    record = SimpleNamespace(batch_size=b, sink_for=lambda site: sink)
+    scopes = SimpleNamespace(map_for=lambda name, x: (None, t))
+    params = dict(router.named_parameters())
+    site = SimpleNamespace(name="gate", module=router, params=params, shared=set())
+    return SimpleNamespace(record=record, scopes=scopes), site, sink
+
+
+@pytest.mark.parametrize("name, renormalise", [("mixtral", None), ("qwen2_moe", True),
+                                               ("qwen2_moe", False)])  # fmt: skip
+def test_a_tapped_router_gives_its_outputs_and_the_exact_norms(name, renormalise) -> None:
+    """Compiled, a router of a known form has its logits tapped and its scores recomputed from
+    them (norms/moe_compiled.py): the same outputs as its forward, and per-example norms of
+    ∂L/∂W for a loss of both logits and scores equal to one backward per example."""
+    from lightning_gns.norms import moe_compiled
+
+    torch.manual_seed(0)
+    router = MOE_MODELS[name]()[0].model.layers[0].mlp.gate.double()
+    if renormalise is not None:
+        router.norm_topk_prob = renormalise
+    b, t = 3, 5
+    norms, site, sink = _tap_norms(router, b, t)
+    hook = moe_compiled.compiled_hook(norms, site)
+    assert hook is not None
+    x = torch.randn(b, t, router.hidden_dim, dtype=torch.float64).view(b * t, -1)
+    out = router(x)
+    tapped = hook(router, (x,), {}, out)
+    for got, want in zip(tapped, out, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    r = [torch.randn_like(v.double()) for v in out[:2]]
+
+    def loss(logits: Tensor, scores: Tensor) -> Tensor:  # per token
+        return (logits * r[0]).sum(1) + (scores * r[1]).sum(1)
+
+    loss(*tapped[:2]).sum().backward()
+    per_token = loss(*router(x)[:2])
+    exact = torch.stack([
+        torch.autograd.grad(per_token[j * t : (j + 1) * t].sum(), router.weight,
+                            retain_graph=True)[0].square().sum()
+        for j in range(b)
+    ])  # fmt: skip
+    assert exact.min() > 0
+    torch.testing.assert_close(sink.grad.double(), exact, rtol=1e-5, atol=0)
+
+
+def test_only_routers_of_a_known_form_are_tapped() -> None:
+    """A router whose forward is not one of the forms read (GraniteMoe's: top-k of the logits,
+    then softmax), a subclass overriding the forward, or one with a second parameter, keeps
+    the generic path (after backward, exact; its graph splits)."""
+    from transformers import GraniteMoeConfig
+    from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeTopKRouter
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    from lightning_gns.norms.moe_compiled import router_form
+
+    mixtral_router = mixtral()[0].model.layers[0].mlp.gate
+    assert router_form(mixtral_router) == ("always", False)
+
+    class Scaled(MixtralTopKRouter):
+        def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            logits, scores, index = super().forward(hidden_states)
+            return logits, 2 * scores, index
+
+    other = Scaled(_mixtral_config())
+    cfg = GraniteMoeConfig(hidden_size=32, num_local_experts=4, num_experts_per_tok=2)
+    biased = copy.deepcopy(mixtral_router)
+    biased.bias = nn.Parameter(torch.zeros(4))
+    for router in (GraniteMoeTopKRouter(cfg), other, biased):
+        assert router_form(router) is None, type(router).__name__
+
+
+def _mixtral_config():  # noqa: ANN202
+    from transformers import MixtralConfig
+
+    return MixtralConfig(hidden_size=32, num_local_experts=4, num_experts_per_tok=2)
+
+
 @pytest.mark.slow
 def test_a_compiled_moe_model_gives_the_eager_estimate(tmp_path) -> None:
     """Qwen2-MoE (routers, stacked experts, and the shared expert's Linears and gate on the
     flattened tokens) under torch.compile: every parameter covered, no step skipped, and the
-    whole model's and every MoE layer's |G|² and tr(Σ) as eager. (Not in one graph: layers
-    without a rule, here the routers and the experts, break it.)"""
+    whole model's and every MoE layer's |G|² and tr(Σ) as eager; in one graph, no break (the
+    routers' and the experts' taps, norms/moe_compiled.py; 18 graphs, 11 breaks before), and
+    no host read between logging steps."""
     import lightning.pytorch as pl
     from helpers import trainer_kwargs
+    from torch._dynamo.utils import counters
     from zoo import ZooModule
 
-    from lightning_gns import GradientNoiseScale
+    from lightning_gns import GradientNoiseScale, forbid_host_sync
 
     found = {}
     for compiled in (False, True):
         torch._dynamo.reset()
+        counters.clear()
         torch.manual_seed(0)
         model, data, loss = MOE_MODELS["qwen2_moe"](impl="grouped_mm")
         module = ZooModule(model, data, loss, 8)
@@ -421,7 +506,11 @@ def test_a_compiled_moe_model_gives_the_eager_estimate(tmp_path) -> None:
             module.model = torch.compile(model)
         gns = GradientNoiseScale(source="per_example", per_layer=True, log_every_n_steps=4)
         trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8), callbacks=[gns])
-        trainer.fit(module)
+        with forbid_host_sync():
+            trainer.fit(module)
+        if compiled:
+            breaks = dict(counters["graph_break"])
+            assert counters["stats"]["unique_graphs"] == 1 and not breaks, breaks
         assert gns.coverage == 1.0 and gns.left_out == {}, gns.left_out
         assert gns.values.skipped == 0 and gns.values.steps == 7
         found[compiled] = {

@@ -127,10 +127,11 @@ class _Pairs:
         z = _grouped(self.x_s, up, counts, valid)
         z = z if bias is None else z + bias[expert]
         dh = _grouped(self.c_s, down, counts, valid)
-        with torch.enable_grad():
-            zl = z.detach().requires_grad_()
-            h = _gate(module)(zl) if module.has_gate else module.act_fn(zl)
-            (dz,) = torch.autograd.grad(h, zl, dh)
+        # torch.func's vjp, not autograd.grad: it also runs inside a custom op (the compiled
+        # experts' rule, norms/moe_compiled.py), where autograd's dispatch keys are excluded
+        gate = _gate(module) if module.has_gate else module.act_fn
+        h, vjp = torch.func.vjp(gate, z.detach())[:2]
+        (dz,) = vjp(dh)
         self.dz_s, self.h_s = dz, h.detach()
 
     @cached_property

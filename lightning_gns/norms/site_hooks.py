@@ -30,6 +30,7 @@ from lightning_gns.norms.generic import (
     replaying,
 )
 from lightning_gns.norms.moe import gate_call
+from lightning_gns.norms.moe_compiled import compiled_hook
 from lightning_gns.norms.positions import (
     broadcast_positions,
     expand_positions,
@@ -252,9 +253,15 @@ def on_output_grad(norms: Norms, site: Site, g: Tensor) -> None:
 
 
 def generic_hook(norms: Norms, site: Site) -> Hook:
-    """The forward hook of a site without a rule: keep its inputs and its outputs' gradients."""
+    """The forward hook of a site without a rule: keep its inputs and its outputs' gradients
+    (under torch.compile, routers and stacked experts go through taps: norms/moe_compiled.py)."""
+    compiled = compiled_hook(norms, site)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+        if compiled is not None and torch.compiler.is_compiling():
+            tapped = compiled(module, args, kwargs, output)
+            if tapped is not None:
+                return tapped
         call = gate_call(module)  # stacked experts: their gate's call, taken at every call
         try:
             return keep(module, args, kwargs, output, call)
