@@ -37,6 +37,7 @@ FITS = [
     "fit:2:sp:per_example:1",
     "fit:2:tp:micro_batch:1",
     "fit:2:sp:micro_batch:2",
+    "fit:2:tp:per_example:1:ac",  # the block under activation checkpointing
 ]
 LAYERED = ["fit:2:tp:per_example:1:layers", "fit:1:tp:per_example:1:layers"]  # per_layer
 RESUME = "resume:2:tp"  # DP 2 × TP 2
@@ -77,6 +78,8 @@ def test_tensor_parallel_norms_equal_the_unsharded_model(ranks, config) -> None:
     got = [r[config] for r in ranks]
     left = tuple(SP_NORMS) if plan == "sp" else ()
     assert all(r["chosen_source"] == source and r["skipped"] == 0 for r in got)
+    recomputed = config.endswith(":ac")  # each micro-batch's block forward runs twice
+    assert all(r["block_calls"] == len(r["seen"]) * (2 if recomputed else 1) for r in got)
     expected_left = {f"model.{m}": SEQUENCE_PARALLEL for m in left}
     assert all(r["left_out"] == expected_left for r in got), got[0]["left_out"]
     assert all((r["coverage"] == 1.0) == (plan == "tp") for r in got)

@@ -4,11 +4,12 @@ processes (gloo), Lightning's ``ModelParallelStrategy``: one rank.
 Usage (every rank launched by tests/test_tensor_parallel.py with LOCAL_RANK, GNS_TEST_RANK,
 WORLD_SIZE, MASTER_*):
     python tests/tp_run.py OUT.json CONFIG ...
-  CONFIG  fit:DP:PLAN:SOURCE:ACCUMULATE   12 frozen steps of a transformer block, DP
-          (then :layers for per_layer=True)  data-parallel ranks (fully_shard over them when
-                                          DP > 1) × world/DP tensor-parallel ones
-          resume:DP:PLAN                  12 steps per example, at once and resumed at 6
-          refuse:DP                       tensor parallel, DP > 1, no fully_shard
+  CONFIG  fit:DP:PLAN:SOURCE:ACCUMULATE[:layers][:ac]
+                 12 frozen steps of a transformer block, DP data-parallel ranks (fully_shard
+                 over them when DP > 1) × world/DP tensor-parallel ones; layers: per_layer=True;
+                 ac: the block under activation checkpointing (non-reentrant)
+          resume:DP:PLAN   two epochs of 6 steps per example, at once and resumed after one
+          refuse:DP        tensor parallel, DP > 1, no fully_shard
   PLAN    tp (column-wise q, k, v, w1, head.0; row-wise o, w2, head.2) | sp (the same with
           SequenceParallel norms and row-wise outputs sharded over the sequence; run without
           the host-read check, so the per-example hooks take their lean path)
@@ -136,11 +137,16 @@ class Module(pl.LightningModule):
     """The frozen net (SGD, learning rate 0): ``parallelize_module`` on the tensor-parallel
     mesh, then ``fully_shard`` of the block and the root on the data-parallel one (DP > 1)."""
 
-    def __init__(self, plan: str, shard: bool) -> None:
+    def __init__(self, plan: str, shard: bool, checkpointed: bool = False) -> None:
         super().__init__()
-        self.plan, self.shard = plan, shard
+        self.plan, self.shard, self.checkpointed = plan, shard, checkpointed
         self.model = Net()
         self.seen: list[list[int]] = []
+        self.block_calls = 0  # the block's forwards, recomputations included
+        self.model.block.register_forward_pre_hook(lambda *_: self._count())
+
+    def _count(self) -> None:
+        self.block_calls += 1
 
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -148,6 +154,12 @@ class Module(pl.LightningModule):
 
         mesh = self.device_mesh
         parallelize_module(self.model, mesh["tensor_parallel"], plan(self.plan))
+        if self.checkpointed:  # the block's forward recomputed in the backward (non-reentrant)
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+                checkpoint_wrapper,
+            )
+
+            self.model.block = checkpoint_wrapper(self.model.block)
         if self.shard:
             fully_shard(self.model.block, mesh=mesh["data_parallel"])
             fully_shard(self.model, mesh=mesh["data_parallel"])
@@ -195,7 +207,13 @@ class Capture(pl.Callback):
 
 
 def fit(
-    root: str, dp: int, kind: str, source: str, accumulate: int, per_layer: bool = False
+    root: str,
+    dp: int,
+    kind: str,
+    source: str,
+    accumulate: int,
+    per_layer: bool = False,
+    checkpointed: bool = False,
 ) -> dict:
     from lightning.pytorch.strategies import ModelParallelStrategy
     from sharded_run import CountCollectives
@@ -219,7 +237,7 @@ def fit(
             callbacks=[cb, capture, counter, CloseProcessGroup()],
         )
     )
-    module = Module(kind, shard=dp > 1)
+    module = Module(kind, shard=dp > 1, checkpointed=checkpointed)
     # sp: without the host-read check, so the hooks take their lean path (2-D Linear calls)
     watch = forbid_host_sync(raise_at_exit=False) if kind == "tp" else nullcontext([])
     with watch as found:
@@ -236,6 +254,7 @@ def fit(
         "coverage": cb.coverage,
         "left_out": cb.left_out,
         "seen": module.seen,
+        "block_calls": module.block_calls,
         "rows": [None if r is None else r.tolist() for r in capture.rows],  # (after the fit)
         "collectives": [counter.per_step.get(s, 0) for s in range(1, 13)],
         "host_reads": len(found),
@@ -328,8 +347,10 @@ def main(out: str, configs: list[str]) -> None:
         mode, dp, *rest = config.split(":")
         where = f"{root}/{config.replace(':', '_')}"
         if mode == "fit":
-            layers = rest[3:] == ["layers"]
-            results[config] = fit(where, int(dp), rest[0], rest[1], int(rest[2]), layers)
+            flags = rest[3:]
+            results[config] = fit(
+                where, int(dp), *rest[:2], int(rest[2]), "layers" in flags, "ac" in flags
+            )
         elif mode == "resume":
             results[config] = resume(where, int(dp), rest[0])
         else:
