@@ -482,18 +482,30 @@ def _mixtral_config():  # noqa: ANN202
 
 
 @pytest.mark.slow
-def test_a_compiled_moe_model_gives_the_eager_estimate(tmp_path) -> None:
+def test_a_compiled_moe_model_gives_the_eager_estimate(tmp_path, monkeypatch) -> None:
     """Qwen2-MoE (routers, stacked experts, and the shared expert's Linears and gate on the
     flattened tokens) under torch.compile: every parameter covered, no step skipped, and the
     whole model's and every MoE layer's |G|² and tr(Σ) as eager; in one graph, no break (the
     routers' and the experts' taps, norms/moe_compiled.py; 18 graphs, 11 breaks before), and
-    no host read between logging steps."""
+    no host read between logging steps. The experts' rule takes the forward's z and dz
+    (through the gate's tap), never recomputing them."""
     import lightning.pytorch as pl
     from helpers import trainer_kwargs
     from torch._dynamo.utils import counters
     from zoo import ZooModule
 
     from lightning_gns import GradientNoiseScale, forbid_host_sync
+    from lightning_gns.norms import moe_compiled
+
+    calls = {"taken": 0, "recomputed": 0}
+    for kind, name in (("taken", "_taken_sq_norms"), ("recomputed", "_experts_sq_norms")):
+        inner = getattr(moe_compiled, name)
+
+        def counted(*args, inner=inner, kind=kind):  # noqa: ANN002, ANN202
+            calls[kind] += 1
+            return inner(*args)
+
+        monkeypatch.setattr(moe_compiled, name, counted)
 
     found = {}
     for compiled in (False, True):
@@ -511,6 +523,7 @@ def test_a_compiled_moe_model_gives_the_eager_estimate(tmp_path) -> None:
         if compiled:
             breaks = dict(counters["graph_break"])
             assert counters["stats"]["unique_graphs"] == 1 and not breaks, breaks
+            assert calls == {"taken": 2 * 7, "recomputed": 0}  # 2 MoE layers, 7 steps
         assert gns.coverage == 1.0 and gns.left_out == {}, gns.left_out
         assert gns.values.skipped == 0 and gns.values.steps == 7
         found[compiled] = {

@@ -116,7 +116,9 @@ class _Pairs:
         if taken:  # backward passed the forward's gate call
             assert call is not None and call.h is not None and call.dz is not None
             rows = None if same else _forward_rows(module, idx)
-            if (same or rows is not None) and self._check(module, call, rows, bias, dt):
+            if (same or rows is not None) and (
+                call.trusted or self._check(module, call, rows, bias, dt)
+            ):
                 h, dz = call.h, call.dz
                 if rows is not None:
                     rows = rows[self.order]
@@ -210,14 +212,17 @@ class GateCall:
     """One forward's call of the experts' gate, one row per (token, k) pair in the forward's
     order: z (its input, the up projection) projected (:func:`probe`), its output h,
     and z's gradient dz once backward has passed it (None before, or if z needs no gradient);
-    ``then(call)`` runs at that moment, once. :meth:`drop` lets go of every tensor."""
+    ``then(call)`` runs at that moment, once. :meth:`drop` lets go of every tensor.
+    ``trusted``: the rows are known to be in place (a compiled step, after the eager steps
+    verified them), so the order check is not run."""
 
-    def __init__(self, zv: Tensor | None, h: Tensor | None) -> None:
+    def __init__(self, zv: Tensor | None, h: Tensor | None, trusted: bool = False) -> None:
         self.zv: Tensor | None = zv
         self.h: Tensor | None = h
         self.dz: Tensor | None = None
         self.then: Callable[[GateCall], None] | None = None
         self.dropped = False
+        self.trusted = trusted
 
     def keep_dz(self, dz: Tensor) -> None:
         if self.dropped:
@@ -248,8 +253,23 @@ class GateTap:
         self.active = True  # False in a copy of the model: the class's gate, nothing kept
         self._probe: tuple[Tensor, Tensor] | None = None
         self._width = 0
+        # under torch.compile (norms/moe_compiled.py): z through a tap, given this forward's
+        # (x, top_k_index, top_k_weights) that the pre-hook keeps; the tap's carrier
+        self.compiled: Callable[[Tensor, tuple], tuple[Tensor, Tensor | None]] | None = None
+        self.inputs: tuple | None = None
+        self.carrier: Tensor | None = None
+        self.handle: Any = None
+
+    def before(self, module: nn.Module, args: tuple) -> None:
+        """The experts' forward pre-hook: under torch.compile, keep the inputs for the tap."""
+        if self.compiled is not None and self.active and torch.compiler.is_compiling():
+            self.inputs = args
 
     def __call__(self, z: Tensor) -> Tensor:
+        if self.inputs is not None and torch.compiler.is_compiling():
+            inputs, self.inputs = self.inputs, None
+            if self.compiled is not None:
+                z, self.carrier = self.compiled(z, inputs)
         h = type(self.module)._apply_gate(self.module, z)
         if self.active and self.usable and self._recording(z):
             try:
@@ -289,17 +309,22 @@ class GateTap:
         return None
 
     def __getstate__(self) -> dict:  # a copy of the model keeps nothing and records nothing
-        return {**self.__dict__, "kept": [], "active": False, "_probe": None}
+        gone = {"inputs": None, "carrier": None, "compiled": None, "handle": None}
+        return {**self.__dict__, "kept": [], "active": False, "_probe": None, **gone}
 
 
 def tap_gate(module: nn.Module) -> None:
     """Give a gated stacked-experts module a :class:`GateTap` (not if its gate is replaced)."""
     if getattr(module, "has_gate", False) and "_apply_gate" not in module.__dict__:
-        module.__dict__["_apply_gate"] = GateTap(module)
+        tap = module.__dict__["_apply_gate"] = GateTap(module)
+        tap.handle = module.register_forward_pre_hook(tap.before)
 
 
 def untap_gate(module: nn.Module) -> None:
-    if isinstance(module.__dict__.get("_apply_gate"), GateTap):
+    tap = module.__dict__.get("_apply_gate")
+    if isinstance(tap, GateTap):
+        if tap.handle is not None:
+            tap.handle.remove()
         del module.__dict__["_apply_gate"]
 
 

@@ -10,10 +10,15 @@ state splits the graph at every MoE module. Here, as the dense layers'
   rule on (B, T, d) and (B, T, E), and the scores are recomputed from the tapped logits as the
   forward does (softmax, the forward's top-k entries, renormalised), so that every gradient
   reaching z passes the tap: the router's per-example gradient is Σ_t g_t x_tᵀ, g = ∂L/∂z.
-* stacked experts (:func:`~lightning_gns.norms.moe.token_rule_for`): their output goes through
-  :class:`ExpertsTap`, whose backward runs their rule
-  (:func:`~lightning_gns.norms.moe.stacked_experts_norm`, recomputing z) as one opaque custom
-  op: the rule sizes its buffers from the routing, which a graph cannot hold.
+* stacked experts (:func:`~lightning_gns.norms.moe.token_rule_for`): their rule
+  (:func:`~lightning_gns.norms.moe.stacked_experts_norm`) runs in the backward as one opaque
+  custom op (it sizes its buffers from the routing, which a graph cannot hold). Where the
+  forward calls the gate once on every pair (``grouped_mm``, ``batched_mm``) and the eager
+  steps verified its rows' order, the gate's input z goes through :class:`GateInputTap`
+  (through the module's :class:`~lightning_gns.norms.moe.GateTap`) and the output through
+  :class:`Carrier`, which hands the output's gradient g back to the gate tap's second output:
+  its backward has x, z, dz and g, as the eager rule's gate call, and recomputes no
+  projection. Otherwise the output goes through :class:`ExpertsTap`, whose op recomputes z.
 
 Anything else (an unknown router, rows that are not a flatten of the batch, FSDP2's unsharded
 copies, tied weights) takes the generic path, as before.
@@ -130,6 +135,82 @@ def _(key: int, x: Tensor, index: Tensor, weight: Tensor, g: Tensor, batch: int)
     return g.new_empty(batch, dtype=torch.float32)
 
 
+@torch.library.custom_op("lightning_gns::stacked_experts_sq_norms_taken", mutates_args=())
+def stacked_experts_sq_norms_taken(
+    key: int, x: Tensor, index: Tensor, weight: Tensor, g: Tensor, z: Tensor, dz: Tensor,
+    batch: int,
+) -> Tensor:  # fmt: skip
+    """As :func:`stacked_experts_sq_norms`, from the forward's z (h = its gate, elementwise) and
+    dz in the forward's rows (verified by the eager steps): no projection recomputed."""
+    if host_sync.CHECK.enabled:
+        with host_sync.watched():
+            return _taken_sq_norms(key, x, index, weight, g, z, dz, batch)
+    return _taken_sq_norms(key, x, index, weight, g, z, dz, batch)
+
+
+def _taken_sq_norms(
+    key: int, x: Tensor, index: Tensor, weight: Tensor, g: Tensor, z: Tensor, dz: Tensor,
+    batch: int,
+) -> Tensor:  # fmt: skip
+    module = _EXPERTS.get(key)
+    try:
+        if module is None:
+            raise LookupError("the experts module is gone")
+        with torch.autocast(g.device.type, enabled=False):
+            call = moe.GateCall(None, moe._gate(module)(z), trusted=True)
+            call.dz = dz
+            got = moe.stacked_experts_norm(module, (x, index, weight), {}, g, batch, call)
+        return torch.stack(list(got.values())).sum(0).float()
+    except Exception:  # noqa: BLE001 - never break the user's backward: a NaN step
+        return torch.full((batch,), float("nan"), device=g.device)
+
+
+@stacked_experts_sq_norms_taken.register_fake
+def _(
+    key: int, x: Tensor, index: Tensor, weight: Tensor, g: Tensor, z: Tensor, dz: Tensor,
+    batch: int,
+) -> Tensor:  # fmt: skip
+    return g.new_empty(batch, dtype=torch.float32)
+
+
+class GateInputTap(torch.autograd.Function):
+    """Identity on the experts' gate input z (a copy), and a carrier (zeros shaped as x, the
+    experts' output) that :class:`Carrier` gives the output's gradient g: the backward runs
+    once both dz and g are there, and sends the experts' norms to the sink."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, z: Tensor, x: Tensor, index: Tensor, weight: Tensor, sink: Tensor, key: int,
+        batch: int,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        ctx.save_for_backward(z, x, index, weight)
+        ctx.key, ctx.batch, ctx.n = key, batch, sink.shape[0]
+        ctx.set_materialize_grads(False)
+        return z.clone(), torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx: Any, dz: Tensor | None, g: Tensor | None) -> tuple[Tensor | None, ...]:
+        z, x, index, weight = ctx.saved_tensors
+        if dz is None or g is None:  # the carrier lost (or z unused): a NaN step
+            sq = torch.full((ctx.n,), float("nan"), device=z.device)
+        else:
+            got = stacked_experts_sq_norms_taken(ctx.key, x, index, weight, g, z, dz, ctx.batch)
+            sq = got[: ctx.n]
+        return dz, None, None, None, sq, None, None
+
+
+class Carrier(torch.autograd.Function):
+    """Identity on the experts' output (a copy); its gradient g also goes to the carrier."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, carrier: Tensor) -> Tensor:
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor]:
+        return g, g
+
+
 class ExpertsTap(torch.autograd.Function):
     """Identity on the experts' output (a copy); its backward sends their per-example squared
     norms, from the saved inputs and this gradient, to the sink."""
@@ -173,7 +254,32 @@ def compiled_hook(norms: Any, site: Any) -> Compiled | None:
         return lambda m, args, kwargs, out: _tap_router(norms, site, form, args, kwargs, out)
     key = id(module)  # stacked experts
     _EXPERTS[key] = module
+    moe.tap_gate(module)  # (as the attach does next: once)
+    tap = module.__dict__.get("_apply_gate")
+    if isinstance(tap, moe.GateTap) and moe._implementation(module) in TAKEN:
+        tap.compiled = lambda z, inputs: _tap_gate_input(norms, site, tap, key, z, inputs)
     return lambda m, args, kwargs, out: _tap_experts(norms, site, key, args, kwargs, out)
+
+
+TAKEN = ("grouped_mm", "batched_mm")  # forwards that call the gate once, on every pair
+
+
+def _tap_gate_input(
+    norms: Any, site: Any, tap: moe.GateTap, key: int, z: Tensor, inputs: tuple
+) -> tuple[Tensor, Tensor | None]:
+    """The gate's input through :class:`GateInputTap` and its carrier, where the rows are the
+    forward's every pair, verified by the eager steps; else z as it is, no carrier."""
+    sink = norms.record.sink_for(site)
+    if sink is None or not (tap.verified and tap.usable) or len(inputs) != 3:
+        return z, None
+    x, index, weight = inputs
+    bt = _tokens(norms, site, x)
+    if bt is None or x.dim() != 2 or not _unsharded(site) or not z.requires_grad:
+        return z, None
+    if z.dim() != 2 or z.shape[0] != index.numel():
+        return z, None
+    z, carrier = GateInputTap.apply(z, x, index, weight, sink, key, bt[0])
+    return z, carrier
 
 
 def _tokens(norms: Any, site: Any, x: object) -> tuple[int, int] | None:
@@ -219,6 +325,13 @@ def _tap_router(
 def _tap_experts(
     norms: Any, site: Any, key: int, args: tuple, kwargs: dict, output: Any
 ) -> Tensor | None:
+    tap = site.module.__dict__.get("_apply_gate")
+    carrier = tap.carrier if isinstance(tap, moe.GateTap) else None
+    if carrier is not None:  # the gate's input went through its tap
+        tap.carrier = None
+        if isinstance(output, Tensor) and output.shape == carrier.shape:
+            return Carrier.apply(output, carrier)
+        return None  # (the gate tap's backward sees no g: a NaN step, never a silent one)
     sink = norms.record.sink_for(site)
     if sink is None or not isinstance(output, Tensor) or not output.requires_grad:
         return None
