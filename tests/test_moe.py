@@ -449,6 +449,37 @@ def test_a_tapped_router_gives_its_outputs_and_the_exact_norms(name, renormalise
     torch.testing.assert_close(sink.grad.double(), exact, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("impl, dtype, rtol", [("grouped_mm", torch.float32, 2e-4),
+                                               ("eager", torch.float64, 1e-5)])  # fmt: skip
+def test_the_experts_tap_gives_the_exact_norms(impl, dtype, rtol) -> None:
+    """Compiled, where the gate's rows are not taken (the eager loop, rows not verified), the
+    experts' output goes through ExpertsTap, whose backward runs their rule in a custom op
+    (recomputing z): the norms of one backward per example."""
+    from lightning_gns.norms import moe_compiled
+
+    torch.manual_seed(0)
+    experts = mixtral(impl=impl)[0].model.layers[0].mlp.experts.to(dtype)
+    b, t, d = 3, 5, experts.gate_up_proj.shape[-1]
+    norms, site, sink = _tap_norms(experts, b, t)
+    hook = moe_compiled.compiled_hook(norms, site)
+    assert hook is not None
+    x = torch.randn(b * t, d, dtype=dtype)
+    logits = torch.randn(b * t, experts.num_experts, dtype=dtype)
+    w, index = torch.topk(logits.softmax(-1), 2, dim=-1)
+    out = experts(x, index, w)
+    r = torch.randn_like(out)
+    (hook(experts, (x, index, w), {}, out) * r).sum().backward()
+    moe.untap_gate(experts)
+    params = [p for p in experts.parameters() if p.requires_grad]
+    per_token = (experts(x, index, w) * r).sum(1)
+    exact = torch.stack([
+        sum(v.square().sum() for v in torch.autograd.grad(
+            per_token[j * t : (j + 1) * t].sum(), params, retain_graph=True))
+        for j in range(b)
+    ])  # fmt: skip
+    torch.testing.assert_close(sink.grad.double(), exact.double(), rtol=rtol, atol=0)
+
+
 def test_only_routers_of_a_known_form_are_tapped() -> None:
     """A router whose forward is not one of the forms read (GraniteMoe's: top-k of the logits,
     then softmax), a subclass overriding the forward, or one with a second parameter, keeps
