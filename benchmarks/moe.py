@@ -11,10 +11,16 @@ of Linears with the same active width (k experts' worth) under the dense Linear 
 
     python benchmarks/moe.py [--repeats 15] [--batch 8] [--seq 128] [--width 256]
     python benchmarks/moe.py --graphs   # compiled: graphs and breaks, dense beside MoE
+    python benchmarks/moe.py --compiled [--repeats 15]   # compiled blocks: the norms' cost
 
 ``--graphs``: the tiny models of tests/moe_zoo.py (Mixtral, Qwen2-MoE, grouped_mm) and a dense
 Mistral of the same sizes, compiled, 12 steps of the callback per example: coverage, skipped
 steps, the compiled estimate against eager, dynamo's graphs and graph breaks by reason.
+
+``--compiled``: each ``grouped_mm`` block compiled, its forward + backward alone against the
+same with the per-example norms (``PerExampleNorms``: the structural check on an eager step,
+then the compiled taps of ``lightning_gns.norms.moe_compiled``), and again with the experts'
+rule recomputing z (the gate tap's rows not verified), interleaved, median of repeats.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -233,6 +240,77 @@ def graphs() -> None:
     print(markdown_table(header, rows))
 
 
+def compiled_costs(b: int, t: int, d: int, repeats: int) -> None:
+    """The per-example norms' cost in compiled MoE blocks: taken (the forward's z and dz) and
+    recomputed, against the compiled block alone."""
+    import copy
+
+    from lightning_gns.norms import moe
+    from lightning_gns.norms.per_example import PerExampleNorms
+
+    rows = []
+    for kind, label in (("mixtral", "Mixtral-style: E=8, k=2, f=3.5d"),
+                        ("qwen2_moe", "Qwen2-MoE-style: E=32, k=4, f=d/2, shared expert 2d"),
+                        ("olmoe", "OLMoE-style: E=64, k=8, f=d/2")):  # fmt: skip
+        torch._dynamo.reset()
+        base = _init(Holder(hf_block(kind, d, "grouped_mm")))
+        torch.manual_seed(1)
+        x = torch.randn(b, t, d, requires_grad=True)
+        r = torch.randn(b, t, d)
+        runs: dict[str, Callable[[], float]] = {"plain": _compiled_plain(copy.deepcopy(base), x, r)}
+        for mode in ("taken", "recomputed"):
+            model = copy.deepcopy(base)
+            norms = PerExampleNorms(model)
+            norms.attach()
+            norms.start_micro_batch(b)
+            norms.start_check()
+            (model(x) * r).sum().backward()  # the structural check, eagerly
+            norms.close_micro_batch()
+            model.zero_grad(set_to_none=True)
+            if mode == "recomputed":
+                for m in model.modules():
+                    if isinstance(m.__dict__.get("_apply_gate"), moe.GateTap):
+                        m.__dict__["_apply_gate"].verified = False
+            runs[mode] = _compiled_step(model, norms, x, r, b)
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for i in range(repeats + 2):
+            for k, run in runs.items():
+                got = run()
+                if i >= 2:  # warm-up (the compilations)
+                    times[k].append(got)
+        plain = median(times["plain"])
+        taken, again = median(times["taken"]), median(times["recomputed"])
+        extra = [f"{(v - plain) / plain:.2f}" for v in (taken, again)]
+        rows.append([f"{label}, grouped_mm, compiled", f"{plain * 1e3:.1f}", *extra])
+    header = ["block", "compiled fwd+bwd (ms)", "norms: z, dz taken", "norms: z recomputed"]
+    print(markdown_table(header, rows))
+    print(f"\nB={b}, T={t}, width {d}, float32; extra time of the step over the compiled block "
+          f"alone; median of {repeats} interleaved repeats")  # fmt: skip
+
+
+def _compiled_plain(model: nn.Module, x: Tensor, r: Tensor) -> Callable[[], float]:
+    compiled = torch.compile(model)
+    return lambda: plain_step(compiled, x, r)
+
+
+def _compiled_step(
+    model: nn.Module, norms: Any, x: Tensor, r: Tensor, b: int
+) -> Callable[[], float]:
+    compiled = torch.compile(model)
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        norms.start_micro_batch(b)
+        (compiled(x) * r).sum().backward()
+        acc, _, bad = norms.close_micro_batch()
+        model.zero_grad(set_to_none=True)
+        spent = time.perf_counter() - t0
+        assert bad is None and acc is not None and bool(torch.isfinite(acc).all()), bad
+        return spent
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=15)
@@ -241,10 +319,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--graphs", action="store_true", help="compiled: graphs and breaks")
+    ap.add_argument("--compiled", action="store_true", help="compiled blocks: the norms' cost")
     args = ap.parse_args()
     set_threads(args.threads, "cpu")
     if args.graphs:
         graphs()
+        return
+    if args.compiled:
+        compiled_costs(args.batch, args.seq, args.width, args.repeats)
         return
     b, t, d = args.batch, args.seq, args.width
     cases: list[tuple[str, Callable[[], dict]]] = []

@@ -327,6 +327,8 @@ def _tap_experts(
 ) -> Tensor | None:
     tap = site.module.__dict__.get("_apply_gate")
     carrier = tap.carrier if isinstance(tap, moe.GateTap) else None
+    if isinstance(tap, moe.GateTap):
+        tap.inputs = None  # (kept by its pre-hook; a forward that never called the gate)
     if carrier is not None:  # the gate's input went through its tap
         tap.carrier = None
         if isinstance(output, Tensor) and output.shape == carrier.shape:
