@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import (
 from lightning_gns._compat import compiled_by_lightning, is_compiled_module, loss_scale
 from lightning_gns.driver import StepDriver, Warn
 from lightning_gns.estimator import check_decay
+from lightning_gns.norms.moe_compiled import in_graph
 from lightning_gns.norms.preconditioner import keeps_second_moment
 from lightning_gns.norms.sharded import refusal, sharding_of
 from lightning_gns.norms.tensor_parallel import data_parallel_size, layout_of
@@ -127,7 +128,7 @@ def compiled(pl_module: pl.LightningModule) -> bool:
 def warn_if_compiled_fallback(pl_module: pl.LightningModule, source: Source, warn: Warn) -> None:
     """A compiled model with layers on the torch.func fallback: their graph splits."""
     sites = getattr(getattr(source, "norms", None), "sites", {})
-    fallback = [site.label for site in sites.values() if site.generic]
+    fallback = [site.label for site in sites.values() if site.generic and not in_graph(site)]
     if fallback and compiled(pl_module):
         warn(
             "compile",

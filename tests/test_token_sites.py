@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from helpers import trainer_kwargs
 from moe_zoo import MOE_MODELS, ToyMoE, moe_parameters, per_example_sq_norms, trained
 from torch import Tensor, nn
-from zoo import ZooModule, per_example_grads
+from zoo import Batches, ZooModule, per_example_grads
+from zoo import b_simple_on_batches as _b_simple
 
 from lightning_gns import GradientNoiseScale, _compat, forbid_host_sync
 from lightning_gns.norms import PerExampleNorms, moe, tokens
@@ -210,36 +211,6 @@ def test_experts_whose_tokens_cannot_be_traced_are_left_out_with_the_reason() ->
     _, left_out = _norms_of_one_batch(model, data.tensors[0][:4], data.tensors[1][:4], loss)
     assert left_out and all(k.startswith("moe.1.experts.") for k in left_out)
     assert all("without a batch dimension of size 4" in v for v in left_out.values())
-
-
-class Batches(pl.Callback):
-    """The examples of every training batch, as indices into the data set."""
-
-    def __init__(self, data) -> None:
-        self.index = {tuple(x.tolist()): i for i, x in reversed(list(enumerate(data.tensors[0])))}
-        self.seen: list[list[int]] = []
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.seen.append([self.index[tuple(x.tolist())] for x in batch[0]])
-
-
-def _b_simple(per: Tensor, batches: list[list[int]] | None, beta: float) -> float:
-    """Exact B_simple over the data set (``batches`` None), or the estimate from exact
-    per-example gradients on the given batches, weighted as an EMA of decay ``beta`` (an
-    identical example gives an identical gradient, so any of its copies will do). From the
-    Gram matrix of the per-example gradients: |Σ_b g_j|² = Σ_{j,j'} g_j·g_j'."""
-    g = per.mean(0)
-    if batches is None:
-        return float((per - g).square().sum(1).mean() / g.square().sum())
-    gram = per @ per.T
-    idx = torch.tensor(batches)  # (steps, B)
-    b = idx.shape[1]
-    small = gram.diagonal()[idx].mean(1)
-    big = gram[idx[:, :, None], idx[:, None, :]].sum((1, 2)) / b**2
-    w = beta ** torch.arange(len(batches) - 1, -1, -1, dtype=per.dtype)
-    g2 = (w * (b * big - small) / (b - 1)).sum()
-    tr = (w * (small - big) * b / (b - 1)).sum()
-    return float(tr / g2)
 
 
 @pytest.mark.slow
