@@ -480,6 +480,61 @@ def test_the_experts_tap_gives_the_exact_norms(impl, dtype, rtol) -> None:
     torch.testing.assert_close(sink.grad.double(), exact.double(), rtol=rtol, atol=0)
 
 
+def test_the_taken_experts_rule_checks_the_rows_order() -> None:
+    """Compiled, with the gate's rows taken (grouped_mm, verified by the eager steps), the
+    custom op gets the forward's z and dz: exact, and the rows' order is still checked on the
+    step itself. A compiled sort may order tied experts otherwise: two tied rows of different
+    examples swapped give a NaN step, not finite wrong norms."""
+    from lightning_gns.norms import moe_compiled
+
+    torch.manual_seed(0)
+    ex = mixtral(impl="grouped_mm")[0].model.layers[0].mlp.experts  # (float32 only)
+    b, t, d = 3, 5, ex.gate_up_proj.shape[-1]
+    x = torch.randn(b * t, d)
+    logits = torch.randn(b * t, ex.num_experts)
+    w, index = torch.topk(logits.softmax(-1), 2, dim=-1)
+    kept: dict[str, Tensor] = {}
+    gate = type(ex)._apply_gate
+
+    def keep(self: nn.Module, z: Tensor) -> Tensor:
+        kept["z"] = z
+        z.register_hook(lambda g: kept.__setitem__("dz", g))
+        return gate(self, z)
+
+    ex._apply_gate = keep.__get__(ex)  # the forward's own z and dz
+    out = ex(x, index, w)
+    r = torch.randn_like(out)
+    (out * r).sum().backward()
+    del ex._apply_gate
+    params = [p for p in ex.parameters() if p.requires_grad]
+    per_token = (ex(x, index, w) * r).sum(1)
+    exact = torch.stack([
+        sum(v.square().sum() for v in torch.autograd.grad(
+            per_token[j * t : (j + 1) * t].sum(), params, retain_graph=True))
+        for j in range(b)
+    ])  # fmt: skip
+    key = id(ex)
+    moe_compiled._EXPERTS[key] = ex
+    moe.tap_gate(ex)
+    ex.__dict__["_apply_gate"].verified = True  # as after the eager steps
+    z, dz = kept["z"].detach(), kept["dz"]
+    got = moe_compiled._taken_sq_norms(key, x, index, w, r, z, dz, b)
+    torch.testing.assert_close(got, exact, rtol=2e-4, atol=0)
+    order = torch.sort(index.reshape(-1), stable=True)[1]
+    expert, example = index.reshape(-1)[order], order // 2 // t
+    i, j = next(
+        (i, j)
+        for i in range(len(order))
+        for j in range(i + 1, len(order))
+        if expert[i] == expert[j] and example[i] != example[j]
+    )
+    swap = torch.arange(len(order))
+    swap[i], swap[j] = j, i
+    bad = moe_compiled._taken_sq_norms(key, x, index, w, r, z[swap], dz[swap], b)
+    assert bad.isnan().all(), bad
+    moe.untap_gate(ex)
+
+
 def test_only_routers_of_a_known_form_are_tapped() -> None:
     """A router whose forward is not one of the forms read (GraniteMoe's: top-k of the logits,
     then softmax), a subclass overriding the forward, or one with a second parameter, keeps

@@ -116,9 +116,7 @@ class _Pairs:
         if taken:  # backward passed the forward's gate call
             assert call is not None and call.h is not None and call.dz is not None
             rows = None if same else _forward_rows(module, idx)
-            if (same or rows is not None) and (
-                call.trusted or self._check(module, call, rows, bias, dt)
-            ):
+            if (same or rows is not None) and self._check(module, call, rows, bias, dt):
                 h, dz = call.h, call.dz
                 if rows is not None:
                     rows = rows[self.order]
@@ -212,17 +210,14 @@ class GateCall:
     """One forward's call of the experts' gate, one row per (token, k) pair in the forward's
     order: z (its input, the up projection) projected (:func:`probe`), its output h,
     and z's gradient dz once backward has passed it (None before, or if z needs no gradient);
-    ``then(call)`` runs at that moment, once. :meth:`drop` lets go of every tensor.
-    ``trusted``: the rows are known to be in place (a compiled step, after the eager steps
-    verified them), so the order check is not run."""
+    ``then(call)`` runs at that moment, once. :meth:`drop` lets go of every tensor."""
 
-    def __init__(self, zv: Tensor | None, h: Tensor | None, trusted: bool = False) -> None:
+    def __init__(self, zv: Tensor | None, h: Tensor | None) -> None:
         self.zv: Tensor | None = zv
         self.h: Tensor | None = h
         self.dz: Tensor | None = None
         self.then: Callable[[GateCall], None] | None = None
         self.dropped = False
-        self.trusted = trusted
 
     def keep_dz(self, dz: Tensor) -> None:
         if self.dropped:

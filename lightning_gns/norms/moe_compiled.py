@@ -141,7 +141,8 @@ def stacked_experts_sq_norms_taken(
     batch: int,
 ) -> Tensor:  # fmt: skip
     """As :func:`stacked_experts_sq_norms`, from the forward's z (h = its gate, elementwise) and
-    dz in the forward's rows (verified by the eager steps): no projection recomputed."""
+    dz in the forward's rows, whose order is checked (its probe) as eagerly: no projection
+    recomputed."""
     if host_sync.CHECK.enabled:
         with host_sync.watched():
             return _taken_sq_norms(key, x, index, weight, g, z, dz, batch)
@@ -157,7 +158,10 @@ def _taken_sq_norms(
         if module is None:
             raise LookupError("the experts module is gone")
         with torch.autocast(g.device.type, enabled=False):
-            call = moe.GateCall(None, moe._gate(module)(z), trusted=True)
+            # the rows' order checked on every step, as eagerly (a compiled sort may order
+            # tied experts otherwise): a mismatch is a NaN step, never a wrong norm
+            where, v = moe.probe(z.shape[1], z.dtype, z.device)
+            call = moe.GateCall(z[:, where] @ v, moe._gate(module)(z))
             call.dz = dz
             got = moe.stacked_experts_norm(module, (x, index, weight), {}, g, batch, call)
         return torch.stack(list(got.values())).sum(0).float()
