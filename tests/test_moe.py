@@ -535,6 +535,29 @@ def test_the_taken_experts_rule_checks_the_rows_order() -> None:
     moe.untap_gate(ex)
 
 
+def test_the_compile_warning_names_only_the_layers_that_split_the_graph() -> None:
+    """Compiled, routers of a known form and stacked experts are in the graph: the warning
+    about layers on the torch.func fallback leaves them out; sharded by FSDP2 (their forward
+    takes unsharded copies, the generic path), they are named again."""
+    from types import SimpleNamespace
+
+    from lightning_gns.norms import PerExampleNorms
+    from lightning_gns.trainer_setup import warn_if_compiled_fallback
+
+    model = mixtral()[0]
+    module = SimpleNamespace(modules=lambda: [torch.compile(model)])
+    source = SimpleNamespace(norms=PerExampleNorms(model))
+    said: list[str] = []
+    warn = lambda key, text: said.append(text)  # noqa: E731
+    warn_if_compiled_fallback(module, source, warn)  # type: ignore[arg-type]
+    assert said == []
+    router = model.model.layers[0].mlp.gate
+    router.weight.placements = ()  # as a DTensor's (FSDP2)
+    warn_if_compiled_fallback(module, source, warn)  # type: ignore[arg-type]
+    assert len(said) == 1 and "layers.0.mlp.gate" in said[0], said
+    assert "layers.0.mlp.experts" not in said[0] and "layers.1.mlp.gate" not in said[0]
+
+
 def test_only_routers_of_a_known_form_are_tapped() -> None:
     """A router whose forward is not one of the forms read (GraniteMoe's: top-k of the logits,
     then softmax), a subclass overriding the forward, or one with a second parameter, keeps

@@ -240,8 +240,10 @@ Compiled = Callable[[nn.Module, tuple, dict, Any], Any]
 
 def in_graph(site: Any) -> bool:
     """Whether a rule-less site's norms are computed inside a compiled graph (a router of a
-    known form, or stacked experts; none with a tied weight)."""
-    if site.shared:
+    known form, or stacked experts; none with a tied weight, none sharded by FSDP2: its
+    forward takes unsharded copies, which the generic path follows). Calls the taps cannot
+    take (rows gathered, not flattened; keyword arguments) still split the graph, unwarned."""
+    if site.shared or any(hasattr(p, "placements") for p in site.params.values()):
         return False
     return router_form(site.module) is not None or moe.token_rule_for(site.module) is not None
 
