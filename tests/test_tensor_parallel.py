@@ -38,6 +38,7 @@ FITS = [
     "fit:2:tp:micro_batch:1",
     "fit:2:sp:micro_batch:2",
     "fit:2:tp:per_example:1:ac",  # the block under activation checkpointing
+    "fit:2:tp:per_example:1:compile",  # the block compiled (then fully_shard)
 ]
 LAYERED = ["fit:2:tp:per_example:1:layers", "fit:1:tp:per_example:1:layers"]  # per_layer
 RESUME = "resume:2:tp"  # DP 2 × TP 2
@@ -80,6 +81,8 @@ def test_tensor_parallel_norms_equal_the_unsharded_model(ranks, config) -> None:
     assert all(r["chosen_source"] == source and r["skipped"] == 0 for r in got)
     recomputed = config.endswith(":ac")  # each micro-batch's block forward runs twice
     assert all(r["block_calls"] == len(r["seen"]) * (2 if recomputed else 1) for r in got)
+    if config.endswith(":compile"):  # the block in one graph, no break
+        assert all(r["graphs"] == 1 and r["graph_breaks"] == 0 for r in got), got[0]["graphs"]
     expected_left = {f"model.{m}": SEQUENCE_PARALLEL for m in left}
     assert all(r["left_out"] == expected_left for r in got), got[0]["left_out"]
     assert all((r["coverage"] == 1.0) == (plan == "tp") for r in got)

@@ -7,7 +7,8 @@ WORLD_SIZE, MASTER_*):
   CONFIG  fit:DP:PLAN:SOURCE:ACCUMULATE[:layers][:ac]
                  12 frozen steps of a transformer block, DP data-parallel ranks (fully_shard
                  over them when DP > 1) × world/DP tensor-parallel ones; layers: per_layer=True;
-                 ac: the block under activation checkpointing (non-reentrant)
+                 ac: the block under activation checkpointing (non-reentrant); compile:
+                 the block compiled in place before fully_shard
           resume:DP:PLAN   two epochs of 6 steps per example, at once and resumed after one
           refuse:DP        tensor parallel, DP > 1, no fully_shard
   PLAN    tp (column-wise q, k, v, w1, head.0; row-wise o, w2, head.2) | sp (the same with
@@ -137,9 +138,12 @@ class Module(pl.LightningModule):
     """The frozen net (SGD, learning rate 0): ``parallelize_module`` on the tensor-parallel
     mesh, then ``fully_shard`` of the block and the root on the data-parallel one (DP > 1)."""
 
-    def __init__(self, plan: str, shard: bool, checkpointed: bool = False) -> None:
+    def __init__(
+        self, plan: str, shard: bool, checkpointed: bool = False, compiled: bool = False
+    ) -> None:
         super().__init__()
         self.plan, self.shard, self.checkpointed = plan, shard, checkpointed
+        self.compiled = compiled
         self.model = Net()
         self.seen: list[list[int]] = []
         self.block_calls = 0  # the block's forwards, recomputations included
@@ -160,6 +164,8 @@ class Module(pl.LightningModule):
             )
 
             self.model.block = checkpoint_wrapper(self.model.block)
+        if self.compiled:  # in place, before fully_shard (torchtitan's order)
+            self.model.block.compile()
         if self.shard:
             fully_shard(self.model.block, mesh=mesh["data_parallel"])
             fully_shard(self.model, mesh=mesh["data_parallel"])
@@ -214,6 +220,7 @@ def fit(
     accumulate: int,
     per_layer: bool = False,
     checkpointed: bool = False,
+    compiled: bool = False,
 ) -> dict:
     from lightning.pytorch.strategies import ModelParallelStrategy
     from sharded_run import CountCollectives
@@ -237,7 +244,10 @@ def fit(
             callbacks=[cb, capture, counter, CloseProcessGroup()],
         )
     )
-    module = Module(kind, shard=dp > 1, checkpointed=checkpointed)
+    module = Module(kind, shard=dp > 1, checkpointed=checkpointed, compiled=compiled)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     # sp: without the host-read check, so the hooks take their lean path (2-D Linear calls)
     watch = forbid_host_sync(raise_at_exit=False) if kind == "tp" else nullcontext([])
     with watch as found:
@@ -255,6 +265,8 @@ def fit(
         "left_out": cb.left_out,
         "seen": module.seen,
         "block_calls": module.block_calls,
+        "graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
         "rows": [None if r is None else r.tolist() for r in capture.rows],  # (after the fit)
         "collectives": [counter.per_step.get(s, 0) for s in range(1, 13)],
         "host_reads": len(found),
@@ -349,7 +361,11 @@ def main(out: str, configs: list[str]) -> None:
         if mode == "fit":
             flags = rest[3:]
             results[config] = fit(
-                where, int(dp), *rest[:2], int(rest[2]), "layers" in flags, "ac" in flags
+                where,
+                int(dp),
+                *rest[:2],
+                int(rest[2]),
+                *(f in flags for f in ("layers", "ac", "compile")),
             )
         elif mode == "resume":
             results[config] = resume(where, int(dp), rest[0])
