@@ -449,6 +449,21 @@ def test_a_tapped_router_gives_its_outputs_and_the_exact_norms(name, renormalise
     torch.testing.assert_close(sink.grad.double(), exact, rtol=1e-5, atol=0)
 
 
+def _experts_exact(
+    experts: nn.Module, x: Tensor, index: Tensor, w: Tensor, r: Tensor, b: int
+) -> Tensor:
+    """Each example's squared gradient norm of the loss Σ experts(x)·r over the experts'
+    parameters, one backward per example (its T rows of x)."""
+    t = x.shape[0] // b
+    params = [p for p in experts.parameters() if p.requires_grad]
+    per_token = (experts(x, index, w) * r).sum(1)
+    return torch.stack([
+        sum(v.square().sum() for v in torch.autograd.grad(
+            per_token[j * t : (j + 1) * t].sum(), params, retain_graph=True))
+        for j in range(b)
+    ])  # fmt: skip
+
+
 @pytest.mark.parametrize("impl, dtype, rtol", [("grouped_mm", torch.float32, 2e-4),
                                                ("eager", torch.float64, 1e-5)])  # fmt: skip
 def test_the_experts_tap_gives_the_exact_norms(impl, dtype, rtol) -> None:
@@ -470,13 +485,7 @@ def test_the_experts_tap_gives_the_exact_norms(impl, dtype, rtol) -> None:
     r = torch.randn_like(out)
     (hook(experts, (x, index, w), {}, out) * r).sum().backward()
     moe.untap_gate(experts)
-    params = [p for p in experts.parameters() if p.requires_grad]
-    per_token = (experts(x, index, w) * r).sum(1)
-    exact = torch.stack([
-        sum(v.square().sum() for v in torch.autograd.grad(
-            per_token[j * t : (j + 1) * t].sum(), params, retain_graph=True))
-        for j in range(b)
-    ])  # fmt: skip
+    exact = _experts_exact(experts, x, index, w, r, b)
     torch.testing.assert_close(sink.grad.double(), exact.double(), rtol=rtol, atol=0)
 
 
@@ -506,13 +515,7 @@ def test_the_taken_experts_rule_checks_the_rows_order() -> None:
     r = torch.randn_like(out)
     (out * r).sum().backward()
     del ex._apply_gate
-    params = [p for p in ex.parameters() if p.requires_grad]
-    per_token = (ex(x, index, w) * r).sum(1)
-    exact = torch.stack([
-        sum(v.square().sum() for v in torch.autograd.grad(
-            per_token[j * t : (j + 1) * t].sum(), params, retain_graph=True))
-        for j in range(b)
-    ])  # fmt: skip
+    exact = _experts_exact(ex, x, index, w, r, b)
     key = id(ex)
     moe_compiled._EXPERTS[key] = ex
     moe.tap_gate(ex)
