@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -192,10 +195,32 @@ def simulate_per_example(
     return truth, reads
 
 
+def free_port() -> int:
+    """A free TCP port below the system's ephemeral range, for a process group's store: no
+    socket bound to port 0 or connecting out (gloo's pairs, another test's processes) is given
+    one there, so none can take it between this choice and the store binding it (which, with
+    an ephemeral port, hung a launch once in CI)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(200):
+        port = rng.randrange(20000, max(low, 20001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 def run_script(script: Path, *args: object, cwd: Path) -> None:
     """Run a test script (it starts its own processes) in a fresh interpreter of one thread,
     warnings off; fail with the end of its stderr."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env.setdefault("MASTER_PORT", str(free_port()))  # Lightning's launchers take it
     proc = subprocess.run(
         [sys.executable, str(script), *map(str, args)],
         cwd=cwd,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from filelock import FileLock  # (a dependency of torch)
-from helpers import CloseProcessGroup, digits, trainer_kwargs
+from helpers import CloseProcessGroup, digits, free_port, trainer_kwargs
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -200,17 +199,15 @@ FITS_STARTED = [0]  # Trainers started in this process
 
 
 def next_port(wait: float = 300.0) -> str:
-    """A port free now, for the next Trainer: rank 0 asks the system for one and leaves it in
-    the launch's :func:`ports_dir`; the others read it. (Counting up from one port collided
-    with other multi-process tests on the same machine.)"""
+    """A port free now, for the next Trainer: rank 0 picks one (below the ephemeral range,
+    :func:`helpers.free_port`) and leaves it in the launch's :func:`ports_dir`; the others
+    read it. (Counting up from one port collided with other multi-process tests.)"""
     FITS_STARTED[0] += 1
     folder = Path(os.environ["GNS_TEST_PORTS"])
     path = folder / f"port.{FITS_STARTED[0]}"
     if os.environ["GNS_TEST_RANK"] == "0":
         folder.mkdir(parents=True, exist_ok=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
+        port = str(free_port())
         Path(f"{path}.tmp").write_text(port)
         os.replace(f"{path}.tmp", path)
         return port
@@ -264,9 +261,7 @@ def launch(
     """Every rank of tests/sharded_run.py, or another ``script`` of tests/ (LOCAL_RANK,
     WORLD_SIZE, MASTER_* set here: Lightning does not relaunch); each rank's results, by
     global rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = 20000 + s.getsockname()[1] % 30000  # each Trainer takes the next port
+    port = free_port()  # (names the launch's folder of ports; each Trainer takes its own)
     here = Path(__file__).resolve().parent
     procs, logs = [], []
     for rank in range(world):

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 import runpy
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import Classifier, digits, fit, mlp, rank_results, run_script
+from helpers import Classifier, digits, fit, free_port, mlp, rank_results, run_script
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -218,12 +217,6 @@ def test_fabric_fp16_loss_scaling_is_refused() -> None:
     model = fabric.setup(mlp())
     with pytest.raises(RuntimeError, match="bf16-mixed"):
         GradientNoiseMeter(model)
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 @pytest.mark.slow
