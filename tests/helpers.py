@@ -147,6 +147,27 @@ def per_example_grads(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return torch.cat([per[k].flatten(1).double() for k in named], dim=1)
 
 
+def checked_step(model: nn.Module, x: Tensor, norms, check: bool = True, batch=None) -> tuple:
+    """``norms`` (a PerExampleNorms) attached to ``model``: the structural check's micro-batch
+    (unless ``check`` is False), then one measured micro-batch of ``x``, each the backward of
+    Σ model(x)·w with w = linspace(-1, 1) over an example's outputs; detached after.
+    ``close_micro_batch()``'s (per-example |g|², per-layer, reason) of the measured one."""
+    norms.attach()
+    if check:
+        norms.start_micro_batch(x.shape[0])
+        norms.start_check(batch)
+        out = model(x)
+        (out * torch.linspace(-1, 1, out[0].numel()).view_as(out[0])).sum().backward()
+        norms.close_micro_batch()
+        model.zero_grad()
+    norms.start_micro_batch(x.shape[0])
+    out = model(x)
+    (out * torch.linspace(-1, 1, out[0].numel()).view_as(out[0])).sum().backward()
+    result = norms.close_micro_batch()
+    norms.detach()
+    return result
+
+
 def trained_mlp(steps: int = 30, seed: int = 0) -> nn.Module:
     """The digits MLP trained (full batch, Adam; loss 0.15 after 30 steps): B_simple ≈ 800."""
     x, y = digits()

@@ -44,11 +44,11 @@ def bert() -> nn.Module:
     return BertForMaskedLM(cfg)
 
 
-def t5() -> nn.Module:
+def t5(num_layers: int = 2) -> nn.Module:
     from transformers import T5Config, T5ForConditionalGeneration
 
     cfg = T5Config(
-        vocab_size=V, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2,
+        vocab_size=V, d_model=16, d_kv=4, d_ff=32, num_layers=num_layers, num_heads=2,
         relative_attention_num_buckets=4, dropout_rate=0.0, decoder_start_token_id=0,
         pad_token_id=0, eos_token_id=1, attn_implementation="eager",
     )  # fmt: skip

@@ -12,6 +12,7 @@ per-example norms with accumulation.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from test_hf_coverage import t5
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -32,7 +34,7 @@ from lightning_gns.norms.rules import (
 
 pytest.importorskip("transformers")
 
-V, T, B = 40, 8, 4  # vocabulary, tokens, examples
+V, T, B = 40, 8, 4  # vocabulary (test_hf_coverage.t5 has its own: 40 too), tokens, examples
 NAMES = [name for names in _HF_RMS_NORMS.values() for name in names]
 
 
@@ -136,17 +138,6 @@ def build(model: str, unscaled: bool = True) -> nn.Module:
     return built
 
 
-def t5() -> nn.Module:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    cfg = T5Config(
-        vocab_size=V, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=4, dropout_rate=0.0, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1, attn_implementation="eager",
-    )  # fmt: skip
-    return T5ForConditionalGeneration(cfg)
-
-
 def inputs(model: str, x: Tensor) -> dict[str, Tensor]:
     return {"input_ids": x, "decoder_input_ids": x} if model == "t5" else {"input_ids": x}
 
@@ -203,7 +194,7 @@ def exact_sq_norms(model: nn.Module, name: str, x: Tensor, y: Tensor) -> dict[st
 
 MAKERS: dict[str, Callable[[], nn.Module]] = {
     **{m: (lambda m=m: build(m)) for m in MODELS},  # type: ignore[misc]
-    "t5": t5,
+    "t5": functools.partial(t5, num_layers=1),
 }
 
 

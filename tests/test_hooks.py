@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import checked_step
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -44,23 +45,6 @@ def per_example_sq_norms(model: nn.Module, idx: Tensor, params: list[str]) -> Te
     return sum(g[k].flatten(1).square().sum(1) for k in params)
 
 
-def run(model: nn.Module, idx: Tensor, norms: PerExampleNorms, check: bool = True, batch=None):
-    norms.attach()
-    if check:
-        norms.start_micro_batch(idx.shape[0])
-        norms.start_check(batch)
-        out = model(idx)
-        (out * torch.linspace(-1, 1, out[0].numel()).view_as(out[0])).sum().backward()
-        norms.close_micro_batch()
-        model.zero_grad()
-    norms.start_micro_batch(idx.shape[0])
-    out = model(idx)
-    (out * torch.linspace(-1, 1, out[0].numel()).view_as(out[0])).sum().backward()
-    result = norms.close_micro_batch()
-    norms.detach()
-    return result
-
-
 @pytest.fixture
 def idx() -> Tensor:
     torch.manual_seed(0)
@@ -74,7 +58,7 @@ def test_tied_module_weights_are_handled_exactly(idx) -> None:
     torch.manual_seed(1)
     model = TinyLM(tie="module")
     norms = PerExampleNorms(model)
-    acc, _, bad = run(model, idx, norms)
+    acc, _, bad = checked_step(model, idx, norms)
     assert bad is None
     assert norms.left_out == {}  # the positional embedding (on arange(T)) is covered too
     names = [k for k, _ in model.named_parameters()]
@@ -86,7 +70,7 @@ def test_weight_used_outside_its_module_is_left_out(idx) -> None:
     torch.manual_seed(2)
     model = TinyLM(tie="functional")
     norms = PerExampleNorms(model)
-    acc, _, _ = run(model, idx, norms)
+    acc, _, _ = checked_step(model, idx, norms)
     assert "tok" in norms.left_out and "outside" in norms.left_out["tok"]
     names = ["pos.weight", "norm.weight", "norm.bias", "fc.weight", "fc.bias"]
     ref = per_example_sq_norms(model, idx, names)
@@ -109,7 +93,7 @@ def test_module_called_twice_is_left_out() -> None:
 
     model = Twice()
     norms = PerExampleNorms(model)
-    acc, _, _ = run(model, torch.randn(5, 4), norms)
+    acc, _, _ = checked_step(model, torch.randn(5, 4), norms)
     assert "called 2 times" in norms.left_out["a"]
     assert acc is not None and acc.shape == (5,)
 
@@ -125,7 +109,7 @@ def test_per_layer_norms_add_up(idx) -> None:
     torch.manual_seed(3)
     model = TinyLM()
     norms = PerExampleNorms(model, per_layer=True)
-    acc, layers, _ = run(model, idx, norms)
+    acc, layers, _ = checked_step(model, idx, norms)
     assert set(layers) == {"tok", "pos", "norm", "fc", "head"}
     torch.testing.assert_close(sum(layers.values()), acc)
 
@@ -162,7 +146,7 @@ def test_positional_embedding_is_covered_even_when_sequence_equals_batch() -> No
     model = TinyLM(t=6)
     x = torch.randint(1, 11, (6, 6))  # batch 6 = sequence 6: arange(6) is positions, not a batch
     norms = PerExampleNorms(model)
-    acc, _, _ = run(model, x, norms)
+    acc, _, _ = checked_step(model, x, norms)
     assert norms.left_out == {}
     names = [k for k, _ in model.named_parameters()]
     torch.testing.assert_close(
@@ -183,7 +167,7 @@ def test_a_module_failing_after_the_check_drops_the_micro_batch_not_the_module()
 
     model = Maybe()
     norms = PerExampleNorms(model)
-    run(model, torch.randn(5, 4), norms)
+    checked_step(model, torch.randn(5, 4), norms)
     norms.attach()
     model.twice = True
     norms.start_micro_batch(5)
@@ -205,7 +189,7 @@ def test_a_failing_rule_never_breaks_the_backward(monkeypatch) -> None:
     monkeypatch.setitem(rules.NORM_RULES, Odd, broken)
     model = nn.Sequential(nn.Linear(4, 4), Odd(4, 2))
     norms = PerExampleNorms(model)
-    acc, _, bad = run(model, torch.randn(5, 4), norms)  # check pass, then a normal pass
+    acc, _, bad = checked_step(model, torch.randn(5, 4), norms)  # check pass, then a normal pass
     assert "rule failed" in norms.left_out["1"] and bad is None
     assert acc is not None and acc.shape == (5,)
 
@@ -231,7 +215,7 @@ def test_broadcast_positions_are_exact_per_example(idx, positions) -> None:
     torch.manual_seed(6)
     model = PositionsLM(positions)  # the second case: packed sequences repeat positions
     norms = PerExampleNorms(model)
-    acc, _, bad = run(model, idx, norms)
+    acc, _, bad = checked_step(model, idx, norms)
     assert bad is None and norms.left_out == {}
     ref = per_example_sq_norms(model, idx, [k for k, _ in model.named_parameters()])
     torch.testing.assert_close(acc, ref.float(), rtol=1e-4, atol=1e-6)
@@ -259,7 +243,7 @@ def test_multihead_attention_is_covered_by_the_fallback_exactly(batch_first) -> 
     model = Attn()
     idx = torch.randint(0, 11, (6, 5))
     norms = PerExampleNorms(model)
-    acc, _, bad = run(model, idx, norms)
+    acc, _, bad = checked_step(model, idx, norms)
     assert bad is None and norms.left_out == {} and norms.coverage() == 1.0
     ref = per_example_sq_norms(model, idx, [k for k, _ in model.named_parameters()])
     torch.testing.assert_close(acc, ref.float(), rtol=1e-4, atol=1e-6)
@@ -283,7 +267,7 @@ def test_positions_as_long_as_the_batch_are_recognised_once_not_every_step(monke
     model = TinyLM(t=6)
     x = torch.randint(1, 11, (6, 6))  # batch 6 = sequence 6
     norms = PerExampleNorms(model)
-    run(model, x, norms)  # the check, then one more micro-batch
+    checked_step(model, x, norms)  # the check, then one more micro-batch
     before = calls["n"]
     norms.attach()
     for _ in range(3):
@@ -367,7 +351,7 @@ def test_an_output_that_is_not_its_nodes_first_takes_the_general_hook() -> None:
     try:
         torch.manual_seed(0)
         model = nn.Sequential(_FusedLinear(4, 5), nn.Tanh(), nn.Linear(5, 2))
-        x, w = torch.randn(6, 4), torch.tensor([1.0, -1.0])
+        x, w = torch.randn(6, 4), torch.linspace(-1, 1, 2)  # checked_step's weights
         exact = []  # one backward per example (torch.func cannot run the Function)
         for xi in x:
             model.zero_grad()
@@ -375,14 +359,7 @@ def test_an_output_that_is_not_its_nodes_first_takes_the_general_hook() -> None:
             exact.append(sum(p.grad.square().sum() for p in model.parameters()))
         model.zero_grad()
         norms = PerExampleNorms(model)
-        norms.attach()
-        for check in (True, False):
-            norms.start_micro_batch(6)
-            if check:
-                norms.start_check(None)
-            (model(x) * w).sum().backward()
-            acc, _, bad = norms.close_micro_batch()
-        norms.detach()
+        acc, _, bad = checked_step(model, x, norms)
         assert bad is None and norms.left_out == {}
         torch.testing.assert_close(acc, torch.stack(exact), rtol=1e-5, atol=1e-7)
     finally:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_hooks import per_example_sq_norms, run
+from helpers import checked_step
+from test_hooks import per_example_sq_norms
 from torch import Tensor, nn
 
 from lightning_gns.norms import PerExampleNorms
@@ -53,7 +54,7 @@ def test_inputs_with_a_batch_sized_dim_0_that_holds_positions_are_left_out(batch
     model = RelativeBias()
     idx = torch.randint(0, 11, (batch, 6))
     norms = PerExampleNorms(model)
-    acc, _, bad = run(model, idx, norms, batch=idx)
+    acc, _, bad = checked_step(model, idx, norms, batch=idx)
     assert bad is None
     assert set(norms.left_out) == {"bias", "pos_mlp"}, norms.left_out
     if batch == 6:  # the shapes alone would have passed: the reason is where the input came from
@@ -88,7 +89,7 @@ def test_a_rule_less_layer_gets_inputs_not_from_the_batch_whole() -> None:
     torch.manual_seed(0)
     model, x = Net(), torch.randn(4, 4)
     norms = PerExampleNorms(model)
-    acc, _, bad = run(model, x, norms, batch=x)
+    acc, _, bad = checked_step(model, x, norms, batch=x)
     assert bad is None and norms.left_out == {} and norms.sites["mix"].shared_inputs == {1}
     ref = per_example_sq_norms(model, x, [k for k, _ in model.named_parameters()])
     torch.testing.assert_close(acc, ref.float(), rtol=1e-4, atol=1e-6)

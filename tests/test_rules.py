@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import checked_step
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -299,7 +300,7 @@ def test_a_subclass_that_overrides_forward_has_no_rule_and_is_measured_exactly()
             return self.out(torch.tanh(self.fc(self.emb(ids)))).sum(1)
 
     torch.manual_seed(0)
-    model, ids, w = Net(), torch.randint(0, 7, (5, 3)), torch.tensor([1.0, -2.0])
+    model, ids, w = Net(), torch.randint(0, 7, (5, 3)), torch.linspace(-1, 1, 2)
     named = {k: v.detach() for k, v in model.named_parameters()}
 
     def loss(p: dict, i: Tensor) -> Tensor:
@@ -308,14 +309,6 @@ def test_a_subclass_that_overrides_forward_has_no_rule_and_is_measured_exactly()
     g = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(named, ids)
     exact = sum(v.flatten(1).square().sum(1) for v in g.values())
     norms = PerExampleNorms(model)
-    norms.attach()
-    for check in (True, False):
-        norms.start_micro_batch(5)
-        if check:
-            norms.start_check(None)
-        (model(ids) * w).sum().backward()
-        acc, _, bad = norms.close_micro_batch()
-        model.zero_grad()
-    norms.detach()
+    acc, _, bad = checked_step(model, ids, norms)
     assert bad is None and norms.left_out == {}
     torch.testing.assert_close(acc, exact, rtol=1e-5, atol=1e-7)
