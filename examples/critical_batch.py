@@ -561,8 +561,9 @@ def run_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if not math.isfinite(best[b0].steps) and base is not None:
         lr0 = base.lr * math.sqrt(b0 / base.batch)
     for rule in [r for r in args.rules.split(",") if r]:
-        kwargs = {"multiple": args.multiple} if args.multiple is not None else {}
-        key = rule if not kwargs else f"{rule} ×{args.multiple:g}"
+        asked = {k: getattr(args, k) for k in ("multiple", "probe")}
+        kwargs = {k: v for k, v in asked.items() if v is not None}
+        key = " ".join([rule, *(f"{k}={v:g}" for k, v in kwargs.items())])
         a = adaptive_runs(task, rule, b0, lr0, batches[-1], **kwargs)
         summary["adaptive"][key] = a
         log(f"{name}: adaptive ({rule}): steps {a['per_seed_steps']}, mean {a['steps']:.0f}, "
@@ -596,6 +597,7 @@ def main() -> None:
     parser.add_argument("--rules", default=",".join(RULES), help="adaptive rules to run")
     parser.add_argument("--reuse", help="take the fixed-batch sweep from this results.json")
     parser.add_argument("--multiple", type=float, help="AdaptiveBatchSize(multiple=...)")
+    parser.add_argument("--probe", type=int, help="AdaptiveBatchSize(probe=...)")
     parser.add_argument("--no-open-loop", action="store_true", help="no open-loop schedules")
     parser.add_argument("--seeds", type=int, help="data orders (default: 3, --quick: 1)")
     args = parser.parse_args()
