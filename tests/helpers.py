@@ -152,18 +152,21 @@ def checked_step(model: nn.Module, x: Tensor, norms, check: bool = True, batch=N
     (unless ``check`` is False), then one measured micro-batch of ``x``, each the backward of
     Σ model(x)·w with w = linspace(-1, 1) over an example's outputs; detached after.
     ``close_micro_batch()``'s (per-example |g|², per-layer, reason) of the measured one."""
-    norms.attach()
-    if check:
+
+    def micro_batch() -> tuple:
         norms.start_micro_batch(x.shape[0])
-        norms.start_check(batch)
+        if check:
+            norms.start_check(batch)
         out = model(x)
         (out * torch.linspace(-1, 1, out[0].numel()).view_as(out[0])).sum().backward()
-        norms.close_micro_batch()
+        return norms.close_micro_batch()
+
+    norms.attach()
+    if check:
+        micro_batch()
         model.zero_grad()
-    norms.start_micro_batch(x.shape[0])
-    out = model(x)
-    (out * torch.linspace(-1, 1, out[0].numel()).view_as(out[0])).sum().backward()
-    result = norms.close_micro_batch()
+        check = False
+    result = micro_batch()
     norms.detach()
     return result
 
