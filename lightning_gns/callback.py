@@ -154,6 +154,7 @@ class GradientNoiseScale(SuggestsArguments, Readings, Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_setup(trainer, pl_module)
+        self._begin_run((id(trainer), id(pl_module)))
         # A fresh driver in every process (ddp_spawn pickles the callback: no shared state).
         left_out = (self._saved or {}).get("left_out")
         self._driver, self.source_reason = build_driver(
@@ -172,7 +173,7 @@ class GradientNoiseScale(SuggestsArguments, Readings, Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._driver is not None:
-            self._saved = self.state_dict()  # a later fit with this callback continues
+            self._end_run((id(trainer), id(pl_module)))
             self._driver.detach()
 
     @override

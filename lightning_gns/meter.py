@@ -64,6 +64,7 @@ class Readings:
         self._saved: dict[str, Any] | None = None  # checkpoint state until the driver exists
         self._warned: set[str] = set()
         self._steps = self._logged_at = 0  # optimizer steps; the step of the last read-out
+        self._carried: tuple[int, ...] | None = None  # the run whose state _saved keeps
 
     def _accumulate(self) -> float:
         """Micro-batches per optimizer step on one process (NaN: not known yet)."""
@@ -197,10 +198,20 @@ class Readings:
         state = self._driver.state_dict(self._world_size() > 1)
         return {"steps": self._steps, "left_out": left_out, **state}
 
+    def _end_run(self, run: tuple[int, ...]) -> None:
+        """Keep the state at the end of a run (a fit): the same run continues from it."""
+        self._saved, self._carried = self.state_dict(), run
+
+    def _begin_run(self, run: tuple[int, ...]) -> None:
+        """Another run than the one kept starts afresh: its own estimate, not the last one's."""
+        if self._carried not in (None, run):
+            Readings.__init__(self)
+        self._carried = None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` (the latest read-out is restored with it)."""
-        if self._driver is None:
-            self._saved = dict(state_dict)  # applied once the source is known
+        if self._driver is None or self._carried is not None:  # a checkpoint wins
+            self._saved, self._carried = dict(state_dict), None  # applied once the source is known
         else:
             self._restore(state_dict)
 

@@ -147,6 +147,52 @@ def test_resume_from_checkpoint_continues_the_estimate(tmp_path) -> None:
     assert resumed.b_simple == pytest.approx(full.b_simple, rel=1e-9)
 
 
+def test_a_reused_callback_starts_afresh_in_another_fit(tmp_path) -> None:
+    """One callback object in two different fits (a sweep): the second run's estimate is its
+    own, as a fresh callback's; a checkpoint into it still wins, and the same trainer's next
+    fit continues."""
+
+    def run(cb: GradientNoiseScale, epochs: int, root, ckpt=None, callbacks=()) -> pl.Trainer:
+        trainer = pl.Trainer(
+            **trainer_kwargs(
+                root, max_epochs=epochs, accumulate_grad_batches=4, enable_checkpointing=True
+            ),
+            callbacks=[cb, *callbacks],
+        )
+        trainer.fit(Classifier(mlp(), batch_size=32, shuffle=False), ckpt_path=ckpt)
+        return trainer
+
+    def new() -> GradientNoiseScale:
+        return GradientNoiseScale(ema_decay=0.95, source="micro_batch")
+
+    reused, fresh = new(), new()
+    run(reused, 3, tmp_path / "first")
+    trainer = run(reused, 1, tmp_path / "second")
+    run(fresh, 1, tmp_path / "fresh")
+    assert reused.values.steps == fresh.values.steps
+    assert reused.b_simple == pytest.approx(fresh.b_simple, rel=1e-9)
+    assert trainer.callback_metrics["gns/batch_size"] == 128
+
+    trainer.fit_loop.max_epochs = 2  # the same trainer and module go on: so does the estimate
+    trainer.fit(trainer.lightning_module)
+    twice = new()
+    run(twice, 2, tmp_path / "twice")
+    assert reused.values.steps == twice.values.steps
+    assert reused.b_simple == pytest.approx(twice.b_simple, rel=1e-9)
+
+    run(
+        new(),
+        2,
+        tmp_path / "a",
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)],
+    )
+    run(reused, 4, tmp_path / "b", ckpt=str(tmp_path / "ck" / "last.ckpt"))
+    full = new()
+    run(full, 4, tmp_path / "full")
+    assert reused.values.steps == full.values.steps
+    assert reused.b_simple == pytest.approx(full.b_simple, rel=1e-9)
+
+
 def test_resume_per_example_keeps_the_checked_layers(tmp_path) -> None:
     def run(epochs: int, ckpt=None, callbacks=()):
         cb = GradientNoiseScale(ema_decay=0.95, source="per_example")
