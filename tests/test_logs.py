@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -85,6 +87,25 @@ def test_lightning_csv_and_tensorboard_loggers_of_one_run_are_merged(tmp_path: P
 
     one = read_metrics(tmp_path / "csv_exp" / "version_0" / "metrics.csv")
     assert set(one["run"]) == {"version_0"}
+
+
+def test_two_runs_of_one_seed_in_two_folders_are_not_merged(tmp_path: Path) -> None:
+    """A CSV-only run, then a TensorBoard-only run of the same seed (equal values) in another
+    folder: two runs, both listed, not one run's two loggers."""
+    metrics = [{"gns/b_simple": 10.0 + step, "gns/batch_size": 32.0} for step in range(4)]
+    csv = CSVLogger(str(tmp_path), name="csv_only")
+    for step, m in enumerate(metrics):
+        csv.log_metrics(m, step=step)
+    csv.finalize("success")
+    written = tmp_path / "csv_only" / "version_0" / "metrics.csv"
+    os.utime(written, (time.time() - 60, time.time() - 60))  # a minute before the other run
+    tb = TensorBoardLogger(str(tmp_path), name="tb_only", default_hp_metric=False)
+    for step, m in enumerate(metrics):
+        tb.log_metrics(m, step=step)
+    tb.finalize("success")
+    logs = read_logs(tmp_path)
+    assert logs.runs == ["csv_only/version_0", "tb_only/version_0"]
+    assert logs.merged == {}
 
 
 def test_twins_are_merged_in_the_same_parent_and_two_tensorboard_copies_are_not(

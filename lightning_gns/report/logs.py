@@ -7,6 +7,7 @@ agree point for point.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -110,16 +111,17 @@ def find_runs(path: str | os.PathLike[str]) -> dict[str, dict[str, list[Path]]]:
     return runs
 
 
-def _read_events(source: Path) -> tuple[pd.DataFrame, str]:
-    """Scalars of one event file, or of every event file directly inside a folder, and the
-    last recorded error text (``gns/error``), if any."""
+def _read_events(source: Path) -> tuple[pd.DataFrame, str, list[float]]:
+    """Scalars of one event file, or of every event file directly inside a folder, the
+    last recorded error text (``gns/error``), if any, and the scalars' wall times."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(source), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
-    frames = []
+    frames, times = [], []
     for tag in acc.Tags().get("scalars", []):
         events = acc.Scalars(tag)
+        times += [e.wall_time for e in events]
         frames.append(
             pd.DataFrame(
                 {
@@ -135,7 +137,7 @@ def _read_events(source: Path) -> tuple[pd.DataFrame, str]:
             texts = acc.Tensors(tag)[-1].tensor_proto.string_val
             error = b" ".join(texts).decode("utf-8", "replace") if texts else ""
     rows = pd.concat(frames, ignore_index=True) if frames else _empty().drop(columns="run")
-    return rows, error
+    return rows, error, times
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -225,6 +227,21 @@ class _Run:
     kind: str  # "events", "csv" or "both"
     folders: list[str]
     error: str = ""
+    written: tuple[float, float] = (math.nan, math.nan)  # first and last write (Unix time)
+
+
+# A CSV finalized this long after the last TensorBoard scalar was still written by that run.
+_TWIN_SLACK_S = 10.0
+
+
+def _together(events: _Run, csv: _Run) -> bool:
+    """Whether a TensorBoard and a CSV folder can be one run's two loggers: in one parent
+    folder (Lightning's ``version_0`` and ``version_1``), or else with the CSV written while
+    the TensorBoard run logged (two runs of one seed, one after the other, are two runs)."""
+    if events.name.rpartition("/")[0] == csv.name.rpartition("/")[0]:
+        return True
+    first, last = events.written
+    return first <= csv.written[1] <= last + _TWIN_SLACK_S
 
 
 def _merge_twins(runs: list[_Run]) -> list[_Run]:
@@ -239,7 +256,7 @@ def _merge_twins(runs: list[_Run]) -> list[_Run]:
             if j in used or {run.kind, other.kind} != {"events", "csv"}:
                 continue
             events, csv = (run, other) if run.kind == "events" else (other, run)
-            if same_run(events.rows, csv.rows):
+            if same_run(events.rows, csv.rows) and _together(events, csv):
                 used.add(j)
                 run = _Run(
                     _twin_name(events.name, csv.name, [r.name for r in runs]),
@@ -266,13 +283,17 @@ def read_logs(path: str | os.PathLike[str]) -> Logs:
     runs: list[_Run] = []
     for name, sources in found.items():
         events = [_read_events(s) for s in sources["events"]]
-        event_rows = _concat(rows for rows, _ in events)
+        event_rows = _concat(rows for rows, _, _ in events)
         csv_rows = _concat(_read_csv(c) for c in sources["csv"])
+        times = [t for _, _, ts in events for t in ts] or [
+            os.path.getmtime(c) for c in sources["csv"]
+        ]
         kinds = [k for k in ("events", "csv") if sources[k]]
         kind = kinds[0] if len(kinds) == 1 else "both"
-        error = next((e for _, e in reversed(events) if e), "")
+        error = next((e for _, e, _ in reversed(events) if e), "")
         rows = _merge_sources(event_rows, csv_rows)
-        runs.append(_Run(name, rows, kind, [name], error))
+        written = (min(times), max(times)) if times else (math.nan, math.nan)
+        runs.append(_Run(name, rows, kind, [name], error, written))
     runs = _merge_twins(runs)
     frames = []
     for run in runs:
