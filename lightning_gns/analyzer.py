@@ -41,6 +41,9 @@ class GradientNoiseAnalyzer:
             mode and the RNG state are restored).
         criterion: ``loss = criterion(model(inputs), targets)`` with a mean (default) or sum
             reduction over examples, e.g. ``nn.CrossEntropyLoss()``.
+        loss_reduction: ``"mean"`` or ``"sum"``, how ``criterion`` reduces over examples;
+            ``None``: its ``reduction`` attribute, else the mean (a plain function that sums
+            needs ``"sum"``).
         data_loader: yields ``(inputs, targets)`` batches with the batch on dim 0.
         layers: ``"all"`` registered layer types or ``"norm"`` (normalization layers only).
         train_mode: put the model in train mode while analysing (dropout on, as in training);
@@ -81,12 +84,24 @@ class GradientNoiseAnalyzer:
         layers: Literal["all", "norm"] = "all",
         train_mode: bool | None = True,
         verbose: bool = True,
+        loss_reduction: Literal["mean", "sum"] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(criterion):
             raise TypeError("criterion must be callable as criterion(model(inputs), targets)")
-        reduction = getattr(criterion, "reduction", "mean")
+        if loss_reduction not in (None, "mean", "sum"):
+            raise ValueError(
+                f"loss_reduction must be 'mean', 'sum' or None, got {loss_reduction!r}"
+            )
+        if train_mode not in (None, True, False):
+            raise ValueError(f"train_mode must be True, False or None, got {train_mode!r}")
+        reduction = getattr(criterion, "reduction", loss_reduction or "mean")
+        if loss_reduction is not None and reduction not in (loss_reduction, "batchmean"):
+            raise ValueError(
+                f"loss_reduction={loss_reduction!r} but the criterion's reduction is "
+                f"{reduction!r}: leave loss_reduction out (the criterion's is used)"
+            )
         if reduction == "none":
             raise ValueError(
                 "criterion has reduction='none'; pass one with reduction='mean' or 'sum' "
@@ -282,12 +297,21 @@ def _check_independent(
             torch.set_rng_state(rng)
             losses.append(loss(_slice(inputs, lo, hi), _slice(targets, lo, hi)))
         torch.set_rng_state(rng)
+    # a loss in bfloat16 or float16 is rounded to its own precision
+    rtol = (
+        max(1e-3, 4 * torch.finfo(losses[0].dtype).eps) if losses[0].is_floating_point() else 1e-3
+    )
     first, second = (x.double() for x in losses)
-    if reduction == "sum":
-        expect = first + second
-    else:
-        expect = (half * first + (size - half) * second) / size
-    if not torch.isclose(whole, expect, rtol=1e-3, atol=1e-6):
+    total, mean = first + second, (half * first + (size - half) * second) / size
+    expect, other = (total, mean) if reduction == "sum" else (mean, total)
+    if not torch.isclose(whole, expect, rtol=rtol, atol=1e-6):
+        if torch.isclose(whole, other, rtol=rtol, atol=1e-6):
+            swap = "mean" if reduction == "sum" else "sum"
+            raise ValueError(
+                f"the criterion's batch loss is the {swap} of per-example losses, not the "
+                f"{reduction} ({float(whole):.6g} = {float(other):.6g}): pass "
+                f"loss_reduction={swap!r}"
+            )
         raise ValueError(
             f"the criterion's batch loss is not the {reduction} of per-example losses "
             f"({float(whole):.6g} vs {float(expect):.6g}): examples interact (e.g. BatchNorm "

@@ -132,3 +132,35 @@ def test_num_batches_must_be_positive() -> None:
     analyzer = GradientNoiseAnalyzer(mlp(), nn.CrossEntropyLoss(), loader(), verbose=False)
     with pytest.raises(ValueError, match="num_batches"):
         analyzer.analyze(num_batches=0)
+
+
+def test_a_summing_function_criterion_is_named_and_declared() -> None:
+    """A plain function that sums gets an error naming ``loss_reduction='sum'`` (not "examples
+    interact"); declared, it gives the estimate of the module criterion that sums."""
+
+    def summed(out, y):
+        return nn.functional.cross_entropy(out, y, reduction="sum")
+
+    with pytest.raises(ValueError, match="loss_reduction='sum'"):
+        GradientNoiseAnalyzer(mlp(), summed, loader(), verbose=False).analyze(3)
+    declared = GradientNoiseAnalyzer(
+        mlp(), summed, loader(), verbose=False, loss_reduction="sum"
+    ).analyze(5)
+    module = GradientNoiseAnalyzer(
+        mlp(), nn.CrossEntropyLoss(reduction="sum"), loader(), verbose=False
+    ).analyze(5)
+    assert declared["gradient_noise_scale"] == pytest.approx(module["gradient_noise_scale"])
+    with pytest.raises(ValueError, match="leave loss_reduction out"):
+        GradientNoiseAnalyzer(mlp(), nn.CrossEntropyLoss(), loader(), loss_reduction="sum")
+    with pytest.raises(ValueError, match="train_mode"):
+        GradientNoiseAnalyzer(mlp(), nn.CrossEntropyLoss(), loader(), train_mode="yes")  # type: ignore[arg-type]
+
+
+def test_a_bfloat16_model_is_not_taken_for_interacting_examples() -> None:
+    """The independence check allows a bfloat16 loss its own rounding."""
+    x, y = digits()
+    data = DataLoader(TensorDataset(x.bfloat16(), y), batch_size=32)
+    low = GradientNoiseAnalyzer(mlp().bfloat16(), nn.CrossEntropyLoss(), data, verbose=False)
+    full = GradientNoiseAnalyzer(mlp(), nn.CrossEntropyLoss(), loader(32, False), verbose=False)
+    b_low, b_full = (a.analyze(20)["gradient_noise_scale"] for a in (low, full))
+    assert b_low == pytest.approx(b_full, rel=0.1)
