@@ -62,6 +62,7 @@ class StepDriver:
         self.recent: deque[int] = deque(maxlen=64)  # recent micro-batch sizes
         self.current = 0  # this micro-batch's size (0: unknown)
         self.host_skips = 0
+        self.checked = 0  # steps that ran the per-example structural check (not measured)
         self.steps = 0  # optimizer steps recorded or skipped
         self.bad: str | None = None
         self.size_note: str | None = None  # the batch probe found the batch size wrong
@@ -163,7 +164,9 @@ class StepDriver:
                 raise
             if not skip.silent:
                 self.skip(skip.reason)
-            elif note := self.source.coverage_note(self.size_note):  # what the check left out
+                return None
+            self.checked += 1
+            if note := self.source.coverage_note(self.size_note):  # what the check left out
                 self.warn("coverage", f"{self.name}: {note}")
             return None
         except Exception as err:  # noqa: BLE001 - statistics must never stop training

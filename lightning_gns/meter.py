@@ -154,8 +154,15 @@ class Readings:
         if self._driver is None:
             return f"{type(self).__name__}: not fitted"
         src, multiple = self._driver.source, self.batch_size_multiple
+        d = self._driver
         return summary(
-            self.values, self.batch_size, src.name, self.source_reason, src.coverage, multiple
+            self.values,
+            self.batch_size,
+            src.name,
+            self.source_reason,
+            src.coverage,
+            multiple,
+            d.checked,
         )
 
     def metrics(self) -> dict[str, float]:

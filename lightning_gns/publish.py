@@ -122,17 +122,27 @@ def summary(
     why: str,
     coverage: float,
     multiple: int | None = None,
+    checked: int = 0,
 ) -> str:
     """The end-of-fit block: B_simple or its bound with the interval, the advice
-    (:func:`lightning_gns.advice.decide`), the source and why, coverage."""
+    (:func:`lightning_gns.advice.decide`), the source and why, the steps (``checked``: those
+    that ran the per-example structural check instead), coverage."""
     a = decide(v, batch_size, multiple)
     cover = f"; coverage {coverage:.1%}" if math.isfinite(coverage) else ""
+    check = f" (and {checked} checking the per-example rules)" if checked else ""
+    headline = a.headline()
+    if v.steps == 0:  # not "too few steps, or all noise": say what happened
+        what = f"all {v.skipped} steps were skipped (see the warning)" if v.skipped else ""
+        headline = f"B_simple not known: no step measured{'; ' + what if what else ''}"
+    elif not a.known and v.grad_norm_sq == 0 and v.grad_variance == 0:
+        headline = "B_simple not known: the gradient is exactly zero (|G|² and tr(Σ) are 0)"
     return "\n".join(
         [
             "GradientNoiseScale summary",
-            f"  {a.headline()}",
+            f"  {headline}",
             f"  {a.sentence()}",
-            f"  source: {source} ({why}); {v.steps} steps measured, {v.skipped} skipped{cover}",
+            f"  source: {source} ({why}); {v.steps} steps measured{check}, "
+            f"{v.skipped} skipped{cover}",
         ]
     )
 

@@ -154,3 +154,22 @@ def test_decide_follows_the_interval() -> None:
     assert decide(46.0, 31.0, 46.0, 8).recommended == 32
     # a value with an unbounded interval is not known, whatever the raw ratio says
     assert not decide(100.0, 85.0, math.inf, 32).known
+
+
+def test_the_summary_says_why_nothing_is_known() -> None:
+    """No step measured, or an exactly zero gradient: the headline says so (not "too few
+    steps, or all noise"); the structural check's step is named, not silently missing."""
+    from lightning_gns.estimator import GNSValues
+    from lightning_gns.publish import summary
+
+    nan = math.nan
+    skipped = summary(GNSValues.unknown(steps=0, skipped=12), 1, "per_example", "auto", 1.0)
+    assert "no step measured; all 12 steps were skipped" in skipped
+    zero = GNSValues(nan, nan, 0.0, math.inf, 0.0, 0.0, steps=9, skipped=0)
+    assert "the gradient is exactly zero" in summary(zero, 16, "per_example", "auto", 1.0)
+    noisy = GNSValues(nan, nan, 3.0, math.inf, 0.5, 40.0, steps=9, skipped=0)
+    text = summary(noisy, 16, "per_example", "auto", 1.0, checked=1)
+    assert "at least 3 (95%)" in text and "exactly zero" not in text
+    assert "9 steps measured (and 1 checking the per-example rules), 0 skipped" in text
+    for line in (skipped, text):
+        assert "nan" not in line.lower()
