@@ -120,13 +120,13 @@ def t5() -> tuple[nn.Module, TensorDataset, Callable]:
     return T5ForConditionalGeneration(cfg), data, lm_loss(logits)
 
 
-class LSTMClassifier(nn.Module):
-    """Digits read row by row (8 steps of 8 pixels) by an LSTM, batch first or not."""
+class RecurrentClassifier(nn.Module):
+    """Digits read row by row (8 steps of 8 pixels) by an LSTM, GRU or RNN, batch first or not."""
 
-    def __init__(self, batch_first: bool = True) -> None:
+    def __init__(self, batch_first: bool = True, kind: type[nn.RNNBase] = nn.LSTM) -> None:
         super().__init__()
         self.batch_first = batch_first
-        self.lstm = nn.LSTM(8, 32, batch_first=batch_first)
+        self.lstm = kind(8, 32, batch_first=batch_first)
         self.head = nn.Linear(32, 10)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -135,9 +135,11 @@ class LSTMClassifier(nn.Module):
         return self.head(out[:, -1] if self.batch_first else out[-1])
 
 
-def lstm(batch_first: bool = True) -> tuple[nn.Module, TensorDataset, Callable]:
+def lstm(
+    batch_first: bool = True, kind: type[nn.RNNBase] = nn.LSTM
+) -> tuple[nn.Module, TensorDataset, Callable]:
     x, y = digits()
-    model = LSTMClassifier(batch_first)
+    model = RecurrentClassifier(batch_first, kind)
     return model, TensorDataset(x[:N], y[:N]), lambda m, a, b: F.cross_entropy(m(a), b)
 
 
@@ -150,6 +152,7 @@ ZOO: dict[str, Callable[[], tuple[nn.Module, TensorDataset, Callable]]] = {
     "nanogpt_long_context": lambda: nanogpt(seq=64, width=16),
     "lstm": lstm,
     "lstm_seq_first": lambda: lstm(batch_first=False),
+    "gru_seq_first": lambda: lstm(batch_first=False, kind=nn.GRU),  # torch.func, no hx given
 }
 
 

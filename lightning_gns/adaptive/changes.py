@@ -65,7 +65,9 @@ class Growing:
         if self._probing and choice is not None:  # the probe's interval is in
             self._probing = False
             self._window.restart()  # B_noise from here on
-            self._set_lr_scale(trainer, self._ladder.batch(*now), noise)
+            if isinstance(choice, str):  # it stays at the probe's batch: that batch's rate
+                self._set_lr_scale(trainer, self._ladder.batch(*now), noise)
+            # else the user's rate until the change starts (later, with prefetching workers)
         if isinstance(choice, str):
             if self.batches.wait(choice):
                 batch = batch_text(self._ladder.batch(*now))

@@ -67,6 +67,7 @@ def generic_sq_norms(
     input leaves (by index) not computed from the batch, given to every example whole.
     """
     batch_first = bool(getattr(module, "batch_first", True))
+    inputs = initial_state(module, inputs, batch)
     leaves, spec = tree_flatten(as_param_dtype(inputs, params))
     where = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
     tensors = [leaves[i].detach() for i in where]
@@ -98,6 +99,24 @@ def generic_sq_norms(
         warnings.filterwarnings("ignore", message="There is a performance drop")
         per = vmap(grad(example_loss), in_dims=(None, in_dims, out_dims))(own, tensors, cots)
     return sum(v.flatten(1).float().square().sum(1) for v in per.values())
+
+
+def initial_state(module: nn.Module, inputs: tuple[tuple, dict], batch: int) -> tuple:
+    """A recurrent layer called without ``hx`` gets its zero initial state as an input with the
+    examples on dim 1: made inside a vmapped forward, it would hold no batch and GRU's and
+    RNN's in-place updates of it fail."""
+    args, kwargs = inputs
+    if not isinstance(module, nn.RNNBase) or kwargs.get("hx") is not None or len(args) != 1:
+        return inputs
+    x = args[0]
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        return inputs  # unbatched, or a PackedSequence: as it is
+    layers = module.num_layers * (2 if module.bidirectional else 1)
+    out = module.proj_size or module.hidden_size
+    h = x.new_zeros(layers, batch, out)
+    if isinstance(module, nn.LSTM):
+        return (x, (h, x.new_zeros(layers, batch, module.hidden_size))), kwargs
+    return (x, h), kwargs
 
 
 def as_param_dtype(inputs: Any, params: Mapping[str, Tensor]) -> Any:
