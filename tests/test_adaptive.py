@@ -9,12 +9,13 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from adaptive_helpers import LoudNoise, Small, params
+from adaptive_helpers import LoudNoise, ScriptedNoise, Small, params
 from helpers import Classifier, mlp, trainer_kwargs
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 
 from lightning_gns import GradientNoiseScale
 from lightning_gns.adaptive import AdaptiveBatchSize
+from lightning_gns.adaptive.sampler import ResizableBatchSampler
 
 
 class RateProbe(Small):
@@ -23,8 +24,8 @@ class RateProbe(Small):
     (``seen``), the rate the update used (plain SGD: Δθ = −η·g, so η = −Δθ·g/|g|²), the
     accumulation, AdaptiveBatchSize's multiplier and ``gns/lr`` after the step."""
 
-    def __init__(self, how: str) -> None:
-        super().__init__(n=256, batch_size=8, lr=0.1)
+    def __init__(self, how: str, **small) -> None:
+        super().__init__(n=256, batch_size=8, lr=0.1, **small)
         self.how = how
         self.rows: list[dict] = []
         self.micro_batches = 0
@@ -128,6 +129,24 @@ def test_the_rate_used_is_the_users_times_the_documented_multiplier(
     if how == "exponential":  # the scheduler compounds its own, unscaled rate
         for i, row in enumerate(rows):
             assert row["user"] == pytest.approx(0.1 * 0.98**i, rel=1e-6)
+
+
+def test_the_steps_before_the_probes_change_starts_keep_the_users_rate(tmp_path) -> None:
+    """The probe (16 micro-batches of 8, SGD) ends with a change to micro-batches of 32; with
+    a worker prefetching, steps still at the probe's batch run before it starts: at the
+    user's rate, not the probe batch's (16×, which was applied at once)."""
+    module = RateProbe("set", workers=1, seed=0, sampler=ResizableBatchSampler)
+    ada = AdaptiveBatchSize(max_accumulate=16, max_micro_batch=32, lr_scaling="linear")
+    noise = ScriptedNoise(lambda k: 64.0)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, callbacks=[noise, ada])).fit(module)
+    (change,) = ada.changes
+    assert (change.old_micro, change.new_micro, change.new) == (8, 32, 1), change
+    late = [r for r in module.rows[2 : change.step]]  # after the 2 probe steps, before it
+    assert late and all(r["acc"] == 16 for r in late)
+    for row in module.rows[: change.step]:
+        assert row["scale"] == 1.0 and row["used"] == pytest.approx(row["user"], rel=1e-3), row
+    for row in module.rows[change.step :]:  # then 32 examples: 4× by the linear rule
+        assert row["scale"] == 4.0 and row["used"] == pytest.approx(4 * row["user"], rel=1e-3)
 
 
 def test_gns_lr_is_the_rate_of_the_last_step(tmp_path) -> None:
