@@ -29,9 +29,11 @@ class DocsModule(Small):
     """docs/adaptive.md's DataLoader: ``ResizableBatchSampler(RandomSampler(data), 8)``, no
     generator (the global RNG orders every epoch); ``weighted``: a WeightedRandomSampler."""
 
-    def __init__(self, weighted: bool = False, workers: int = 0, **kw) -> None:
+    def __init__(
+        self, weighted: bool = False, workers: int = 0, drop_last: bool = False, **kw
+    ) -> None:
         super().__init__(**kw)
-        self.weighted, self.workers = weighted, workers
+        self.weighted, self.workers, self.drop_last = weighted, workers, drop_last
         self.validated: list[tuple[int, int]] = []  # (epoch, global step) of each validation
         self.examples: dict[int, int] = {}  # examples trained on, by epoch
         self.steps: list[tuple[int, int]] = []  # (epoch, global step) before each batch
@@ -49,7 +51,7 @@ class DocsModule(Small):
             inner = WeightedRandomSampler(torch.linspace(1, 2, self.n), self.n)
         else:
             inner = RandomSampler(data)
-        sampler = ResizableBatchSampler(inner, self.batch_size)
+        sampler = ResizableBatchSampler(inner, self.batch_size, drop_last=self.drop_last)
         return DataLoader(data, batch_sampler=sampler, num_workers=self.workers)
 
     def validation_step(self, batch, batch_idx) -> None:
@@ -65,7 +67,7 @@ def run(root, adaptive: bool = True, ckpt=None, callbacks=(), module_kw=None, **
     """256 examples in batches of 8; LoudNoise read every 3 steps: the micro-batch grows to 16
     after step 3 and to 32 after step 6, in epoch 0."""
     torch.manual_seed(0)
-    module = DocsModule(n=256, batch_size=8, **(module_kw or {}))
+    module = DocsModule(**{"n": 256, "batch_size": 8, **(module_kw or {})})
     ada = AdaptiveBatchSize(max_accumulate=1, max_micro_batch=32, rule="lower_bound",
                             check_every_n_steps=3, probe=0)  # fmt: skip
     kw = {"max_epochs": 3, "num_sanity_val_steps": 0, **trainer_kw}
@@ -125,6 +127,22 @@ def test_validation_keeps_its_schedule_through_a_grown_micro_batch(tmp_path, kw)
         if e in start:
             reached = 32 * (s - start[e])  # examples of epoch e trained on
             assert (w - 32 * f) * 8 <= reached < (w - 32 * f) * 8 + 32
+
+
+@pytest.mark.parametrize("kw", [{}, {"val_check_interval": 0.5}], ids=["float-1.0", "float-0.5"])
+def test_validation_at_the_epochs_end_with_drop_last(tmp_path, kw) -> None:
+    """250 examples, drop_last: 31 batches of 8 (248 examples), then 7 of 32 (224): the
+    epoch's end still validates, though the grown epoch ends before the 248th example."""
+    small = {"n": 250, "drop_last": True}
+    trainer, ada, module = run(tmp_path / "grown", module_kw=small, **kw)
+    _, _, fixed = run(tmp_path / "fixed", adaptive=False, module_kw=small, **kw)
+    assert [c.new_micro for c in ada.changes] == [16, 32]
+    assert module.examples[1] == 224 and fixed.examples[1] == 248
+    assert (
+        per_epoch(module.validated)
+        == per_epoch(fixed.validated)
+        == {e: 2 if kw else 1 for e in range(3)}
+    )
 
 
 @pytest.mark.parametrize("limit", [10, 0.5])
@@ -191,3 +209,16 @@ def test_a_resumed_run_validates_where_the_uninterrupted_one_does(tmp_path, at) 
     _, _, module = run(tmp_path / "b", ckpt=str(ckpt), **kw)
     assert module.validated == [v for v in full.validated if v[1] > at]
     assert len(full.validated) == 6
+
+
+def test_a_loader_without_a_batch_sampler_is_named_so() -> None:
+    """``DataLoader(batch_size=None)`` (the dataset yields batches) has no batch sampler: the
+    warning says so, not "NoneType"."""
+    from types import SimpleNamespace
+
+    from lightning_gns.adaptive.loop import cannot_grow
+
+    x, y = digits()
+    trainer = SimpleNamespace(train_dataloader=DataLoader(TensorDataset(x, y), batch_size=None))
+    message = cannot_grow(trainer, 64)
+    assert message is not None and "draws with no batch sampler" in message

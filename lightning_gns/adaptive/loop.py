@@ -111,6 +111,8 @@ class LoopKeeper:
             self._lightning = trainer.val_check_batch
         start = sampler.examples_before(index)
         end = min(start + sampler.size_at(index), loop.budget)
+        if index + 1 >= loop.batches(sampler):  # the epoch's last (drop_last: short of it)
+            end = loop.budget
         now = loop.validates(start, end, trainer.current_epoch)
         counted = index
         if loop.across_epochs:
@@ -131,6 +133,7 @@ def cannot_grow(trainer: Any, max_micro_batch: int | None) -> str | None:
     flat = list(loaders.values()) if isinstance(loaders, dict) else loaders
     flat = flat if isinstance(flat, (list, tuple)) else [flat]
     found = [getattr(dl, "batch_sampler", None) for dl in flat if dl is not None]
+    found = [s for s in found if s is not None]  # batch_size=None: the dataset yields batches
     if any(isinstance(s, ResizableBatchSampler) for s in found):
         return None
     names = ", ".join(sorted({type(s).__name__ for s in found})) or "no batch sampler"
