@@ -287,3 +287,34 @@ def test_starts_within_its_bounds(tmp_path) -> None:
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[gns, ada]))
     trainer.fit(Classifier(mlp(), batch_size=32))
     assert trainer.accumulate_grad_batches == ada.accumulate == 2  # the trainer said 1
+
+
+@pytest.mark.parametrize(
+    "make,root",
+    [
+        (lambda p: torch.optim.Adamax(p, lr=1e-3), True),
+        (lambda p: torch.optim.Adafactor(p, lr=1e-3), True),
+        (lambda p: torch.optim.Adam(p, lr=1e-3), True),
+        (lambda p: torch.optim.SGD(p, lr=1e-2), False),
+    ],
+    ids=["adamax", "adafactor", "adam", "sgd"],
+)
+def test_auto_scaling_knows_every_optimizer_that_divides_by_a_gradient_scale(
+    tmp_path, make, root
+) -> None:
+    """``lr_scaling="auto"``: √ for an optimizer whose step divides by a running scale of the
+    gradient (Adamax's max of |g|, Adafactor's factored second moment, Adam's v), whose state
+    is rescaled; linear for SGD."""
+    from lightning_gns.adaptive.per_step import rescale_second_moment
+
+    class Module(Small):
+        def configure_optimizers(self):
+            return make(self.parameters())
+
+    ada = AdaptiveBatchSize(max_accumulate=2, rule="lower_bound", probe=0, check_every_n_steps=2)
+    kw = trainer_kwargs(tmp_path, max_steps=6, callbacks=[LoudNoise(), ada])
+    trainer = pl.Trainer(**kw)
+    trainer.fit(Module(n=128, batch_size=8))
+    assert [c.new for c in ada.changes] == [2]
+    assert ada.changes[0].lr_scale == pytest.approx(math.sqrt(2) if root else 2)
+    assert rescale_second_moment(trainer.optimizers[0], 1.0) is root

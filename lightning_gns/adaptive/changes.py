@@ -22,7 +22,7 @@ from lightning_gns.adaptive.rules import lr_scale
 from lightning_gns.adaptive.sampler import ResizableBatchSampler, resume_next
 from lightning_gns.adaptive.schedule import BatchSchedule, change_message
 from lightning_gns.estimator import GNSValues
-from lightning_gns.norms.preconditioner import keeps_second_moment
+from lightning_gns.norms.preconditioner import GRADIENT_SCALES, keeps_second_moment
 from lightning_gns.norms.tensor_parallel import data_parallel_size
 from lightning_gns.publish import publish
 
@@ -133,7 +133,7 @@ class Growing:
     def _scaling(self, trainer: pl.Trainer) -> str:
         if self.lr_scaling != "auto":
             return self.lr_scaling
-        return "sqrt" if keeps_second_moment(trainer.optimizers[0]) else "linear"
+        return "sqrt" if keeps_second_moment(trainer.optimizers[0], GRADIENT_SCALES) else "linear"
 
     def _publish(self, trainer: pl.Trainer) -> None:
         accumulate, micro = self.batches.now

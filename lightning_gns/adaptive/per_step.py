@@ -15,7 +15,16 @@ from lightning_gns.tracker import GNSTracker, read_together
 
 WINDOWS = (0.9, 0.97, 0.99)  # EMA decays of AdaptiveBatchSize's own estimate
 
-SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg")  # Adam family, RMSprop
+# Adam family, RMSprop, Adafactor (its factors: V = row·col/mean(row) scales as they do)
+SECOND_MOMENT_KEYS = (
+    "exp_avg_sq",
+    "max_exp_avg_sq",
+    "square_avg",
+    "row_var",
+    "col_var",
+    "variance",
+)
+ROOT_KEYS = ("exp_inf",)  # Adamax: a running max of |g|, the root of a second moment
 
 
 class LRScaler:
@@ -82,15 +91,17 @@ class LRScaler:
 
 def rescale_second_moment(optimizer: torch.optim.Optimizer, ratio: float) -> bool:
     """Multiply the optimizer's running average of squared gradients by ``ratio`` (Adam's v,
-    RMSprop's square average): after a change of batch it would describe the old batch's
-    noise for ~1/(1 − β₂) steps. Returns whether the optimizer keeps one."""
+    RMSprop's square average, Adafactor's factors; Adamax's max of |g| by √ratio): after a
+    change of batch it would describe the old batch's noise for ~1/(1 − β₂) steps. Returns
+    whether the optimizer keeps one."""
     found = False
     for state in optimizer.state.values():
-        for key in SECOND_MOMENT_KEYS:
-            value = state.get(key)
-            if isinstance(value, torch.Tensor):
-                value.mul_(ratio)
-                found = True
+        for keys, factor in ((SECOND_MOMENT_KEYS, ratio), (ROOT_KEYS, math.sqrt(ratio))):
+            for key in keys:
+                value = state.get(key)
+                if isinstance(value, torch.Tensor):
+                    value.mul_(factor)
+                    found = True
     return found
 
 

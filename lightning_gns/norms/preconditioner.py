@@ -58,9 +58,17 @@ def inverse_preconditioner(
     return out
 
 
-def keeps_second_moment(optimizer: torch.optim.Optimizer) -> bool | None:
-    """True/False once the optimizer has state; None before its first step."""
+# A running scale of the gradient its step divides by: the second moments above, Adamax's
+# infinity norm, Adafactor's factored second moment (√ learning-rate scaling applies).
+GRADIENT_SCALES = (*SECOND_MOMENTS, "exp_inf", "row_var", "col_var", "variance")
+
+
+def keeps_second_moment(
+    optimizer: torch.optim.Optimizer, keys: tuple[str, ...] = SECOND_MOMENTS
+) -> bool | None:
+    """True/False once the optimizer has state; None before its first step. ``keys``:
+    :data:`GRADIENT_SCALES` for any scale its step divides by."""
     states = [s for s in optimizer.state.values() if s]
     if not states:
         return None
-    return any(k in s for s in states for k in SECOND_MOMENTS)
+    return any(k in s for s in states for k in keys)

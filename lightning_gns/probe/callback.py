@@ -21,7 +21,7 @@ from lightning_gns import host_sync, keys
 from lightning_gns._compat import SuggestsArguments
 from lightning_gns.adaptive.rules import LRScaling, lr_scale
 from lightning_gns.callback import GradientNoiseScale
-from lightning_gns.norms.preconditioner import keeps_second_moment
+from lightning_gns.norms.preconditioner import GRADIENT_SCALES, keeps_second_moment
 from lightning_gns.probe import branches
 from lightning_gns.probe.branches import ProbeResult
 from lightning_gns.probe.restore import Snapshot, quiet
@@ -263,7 +263,9 @@ def rate_scales(
     ``auto`` as ``AdaptiveBatchSize`` reads it), times AdaptiveBatchSize's own now (its LR hook
     is silenced in the branches)."""
     if scaling == "auto":
-        scaling = "sqrt" if keeps_second_moment(trainer.optimizers[0]) else "linear"
+        scaling = (
+            "sqrt" if keeps_second_moment(trainer.optimizers[0], GRADIENT_SCALES) else "linear"
+        )
     base = 1.0
     for c in trainer.callbacks:  # type: ignore[attr-defined]
         if type(c).__name__ == "AdaptiveBatchSize":
