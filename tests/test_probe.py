@@ -374,6 +374,22 @@ def test_refuses_bad_arguments() -> None:
         CriticalBatchProbe(at_steps=[10], factors=(2, 4))
     with pytest.raises(ValueError, match="tolerance"):
         CriticalBatchProbe(at_steps=[10], tolerance=-1)
+    # what was accepted and then did something else: never probed, coerced, a rate rule typo
+    for kwargs, match in [
+        ({"at_steps": [0]}, "at_steps"),
+        ({"at_steps": [-3]}, "at_steps"),
+        ({"at_steps": [5.7]}, "at_steps"),
+        ({"at_steps": ["7"]}, "at_steps"),
+        ({"every_n_steps": 2.5}, "every_n_steps"),
+        ({"every_n_steps": 0}, "every_n_steps must be an int ≥ 1, got 0"),
+        ({"at_steps": [10], "examples": 2.5}, "examples"),
+        ({"at_steps": [10], "eval_batches": 3.5}, "eval_batches"),
+        ({"at_steps": [10], "repeats": 0}, "repeats"),
+        ({"at_steps": [10], "lr_scaling": "Sqrt"}, "lr_scaling"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            CriticalBatchProbe(**kwargs)
+    assert CriticalBatchProbe(every_n_steps=5, examples=64).examples == 64
 
 
 @pytest.mark.parametrize("name", ["branches", "callback", "restore", "runner"])

@@ -72,7 +72,8 @@ class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback)
         factor: integer factor of each change (2: doubling), at most 16.
         margin: ``lower_bound`` rule: grow when B_noise's lower bound ≥ margin × next batch.
         lr_scaling: ``auto`` (``sqrt`` when the optimizer keeps a running scale of the
-            gradient in its state: Adam-like, Adamax, Adafactor; ``linear`` otherwise), ``linear``, ``sqrt``, ``adascale`` or ``none``.
+            gradient in its state: Adam-like, Adamax, Adafactor; ``linear`` otherwise),
+            ``linear``, ``sqrt``, ``adascale`` or ``none``.
         min_steps_between: optimizer steps between two changes (hysteresis in time).
         shrink: also lower the batch when the noise scale falls (accumulation only).
         max_micro_batch: the largest micro-batch per device; None: the micro-batch stays as

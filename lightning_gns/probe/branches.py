@@ -12,17 +12,48 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
-from lightning_gns.adaptive.rules import number
+from lightning_gns.adaptive.rules import LRScaling, number
 
 BUDGET = 0.04  # default: each probe trains on about 4% of the run's planned examples
 MIN_LARGEST_STEPS, MAX_LARGEST_STEPS = 2, 32  # steps of the largest branch, default E
 UNKNOWN_LARGEST_STEPS = 8  # default E when the run's length is not known
 LEVEL = 0.95  # the bootstrap interval
 WARN_SHARE = 0.10  # the probes' examples above this share of the run's are said
+
+
+def check_arguments(args: dict[str, Any]) -> None:
+    """CriticalBatchProbe's arguments: refuse at construction what would silently do
+    something else (a probe that never runs, a rate rule misspelt), naming the fix."""
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    steps, every = list(args["at_steps"]), args["every_n_steps"]
+    if not steps and every is None:
+        raise ValueError("CriticalBatchProbe: give at_steps=[...] or every_n_steps=N")
+    if not all(whole(s) and s >= 1 for s in steps):
+        raise ValueError(f"at_steps must be optimizer steps ≥ 1 (ints), got {steps}")
+    for name, low in (("every_n_steps", 1), ("examples", 1), ("eval_batches", 2), ("repeats", 1)):
+        value = args[name]
+        if (value is not None or name in ("eval_batches", "repeats")) and not (
+            whole(value) and value >= low
+        ):
+            raise ValueError(f"{name} must be an int ≥ {low}, got {value!r}")
+    tolerance = args["tolerance"]
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, (int, float))
+        or not (math.isfinite(tolerance) and tolerance >= 0)
+    ):
+        raise ValueError(f"tolerance must be a number ≥ 0, e.g. 0.01, got {tolerance!r}")
+    if args["lr_scaling"] not in get_args(LRScaling):
+        raise ValueError(
+            f"lr_scaling must be one of {get_args(LRScaling)}, got {args['lr_scaling']!r}"
+        )
 
 
 def check_factors(factors: Sequence[int]) -> tuple[int, ...]:

@@ -92,15 +92,8 @@ class CriticalBatchProbe(SuggestsArguments, Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.at_steps = frozenset(int(s) for s in at_steps)
-        if not self.at_steps and not every_n_steps:
-            raise ValueError("CriticalBatchProbe: give at_steps=[...] or every_n_steps=N")
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be ≥ 1, got {every_n_steps}")
-        if not (math.isfinite(tolerance) and tolerance >= 0):
-            raise ValueError(f"tolerance must be ≥ 0, e.g. 0.01, got {tolerance}")
-        if eval_batches < 2 or repeats < 1 or (examples is not None and examples < 1):
-            raise ValueError("eval_batches must be ≥ 2 (the bootstrap), repeats and examples ≥ 1")
+        branches.check_arguments(locals())
+        self.at_steps = frozenset(at_steps)
         self.every_n_steps, self.factors = every_n_steps, branches.check_factors(factors)
         self.examples, self.tolerance, self.eval_batches = examples, tolerance, eval_batches
         self.lr_scaling, self.seed, self.repeats = lr_scaling, seed, repeats
