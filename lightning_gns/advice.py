@@ -246,6 +246,15 @@ def _next_up(batch: float, multiple_of: int | None) -> int:
     return 2 ** (math.floor(math.log2(batch)) + 1)
 
 
+def _spread(ratio: float) -> str:
+    """The interval's spread, with the digits that show it above :data:`MAX_SPREAD`
+    (1.5045 is "1.505", not "1.5")."""
+    digits = 3
+    while f"{ratio:.{digits}g}" == f"{MAX_SPREAD:.{digits}g}" and digits < 8:
+        digits += 1
+    return f"{ratio:.{digits}g}"
+
+
 def _reason(lower: float, upper: float, b_simple: float) -> str:
     """Why an interval gives no recommendation, in the order the checks fail."""
     if not math.isfinite(lower):
@@ -256,7 +265,7 @@ def _reason(lower: float, upper: float, b_simple: float) -> str:
         return f"the 95% interval ({number(lower)} to {number(upper)}) reaches down to zero"
     if not precise(lower, upper):
         return (
-            f"the 95% interval spans {upper / lower:.3g}x, more than the "
+            f"the 95% interval spans {_spread(upper / lower)}x, more than the "
             f"{MAX_SPREAD:g}x that advice needs"
         )
     return "no B_simple value"  # a precise interval without its point: logs cut short

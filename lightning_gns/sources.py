@@ -408,7 +408,10 @@ def choose_source(
     sharding = sharding_of(wrapped)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters")
+        raise ValueError(
+            "the model has no trainable parameters (every requires_grad is False): there is "
+            "no gradient to measure; unfreeze the layers you train, or remove the callback"
+        )
     if source == "micro_batch" or (sharding == "fsdp1" and source == "auto"):
         if not several_gradients:
             raise ValueError(
@@ -441,7 +444,7 @@ def choose_source(
         )
         source_ = micro_batch_source(wrapped, params, sharding, layout)
         return Choice(source_, f"auto: {why}; measured between micro-batches")
-    _refuse_per_example(model, norms, coupled, layers)
+    _refuse_per_example(model, norms, coupled, layers, several_gradients)
     if source == "per_example":
         why = "source='per_example' was asked for"
     elif layers == "norm":
@@ -477,13 +480,18 @@ def micro_batch_source(
 
 
 def _refuse_per_example(
-    model: nn.Module, norms: PerExampleNorms, coupled: list[str], layers: str
+    model: nn.Module, norms: PerExampleNorms, coupled: list[str], layers: str, several: bool
 ) -> None:
     if coupled:
+        hint = (  # the run already has micro-batches (or devices) to measure between
+            "GradientNoiseScale(source='micro_batch'), or the default source='auto'"
+            if several
+            else MICRO_BATCH_HINT
+        )
         raise ValueError(
             f"per-example gradients are not defined for this model: {', '.join(coupled[:3])} "
-            "(BatchNorm in train mode) mixes the examples of a batch. Measure between "
-            f"micro-batches instead: {MICRO_BATCH_HINT}"
+            f"(BatchNorm in train mode) mixes the examples of a batch. Measure between "
+            f"micro-batches instead: {hint}"
         )
     if not norms.sites and layers == "all":  # every parameter shared where no rule can sum it
         left = ", ".join(f"{k} ({v})" for k, v in sorted(norms.left_out.items())[:5])

@@ -173,3 +173,26 @@ def test_the_summary_says_why_nothing_is_known() -> None:
     assert "9 steps measured (and 1 checking the per-example rules), 0 skipped" in text
     for line in (skipped, text):
         assert "nan" not in line.lower()
+
+
+def test_the_spread_is_printed_with_the_digits_that_show_it_too_wide() -> None:
+    reason = advice.decide(58.0, 46.88, 70.53, batch_size=32).reason
+    assert "spans 1.504x, more than the 1.5x" in reason
+
+
+def test_batchnorm_per_example_names_the_fix_the_run_can_take() -> None:
+    """source='per_example' on a BatchNorm model with accumulation already set: the fix is
+    the micro-batch source, not "set accumulate_grad_batches>=2"."""
+    from torch import nn
+
+    from lightning_gns.sources import choose_source
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="source='micro_batch'") as said:
+        choose_source(model, "per_example", several_gradients=True)
+    assert "accumulate_grad_batches" not in str(said.value)
+    with pytest.raises(ValueError, match="accumulate_grad_batches>=2"):
+        choose_source(model, "per_example", several_gradients=False)
+    frozen = nn.Linear(4, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="unfreeze the layers you train"):
+        choose_source(frozen)
