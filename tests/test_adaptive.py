@@ -285,8 +285,9 @@ def test_starts_within_its_bounds(tmp_path) -> None:
     gns = GradientNoiseScale(log_every_n_steps=50)
     ada = AdaptiveBatchSize(min_accumulate=2, max_accumulate=4, probe=0)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[gns, ada]))
-    trainer.fit(Classifier(mlp(), batch_size=32))
-    assert trainer.accumulate_grad_batches == ada.accumulate == 2  # the trainer said 1
+    with pytest.warns(UserWarning, match=r"accumulate_grad_batches=1\) is outside"):
+        trainer.fit(Classifier(mlp(), batch_size=32))
+    assert trainer.accumulate_grad_batches == ada.accumulate == 2  # the trainer said 1 (warned)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_gns import _compat, keys
@@ -176,6 +177,10 @@ class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback)
         if self.accumulate is None:  # not resumed
             self._probing = self.rule in ("noise", "sqrt") and self.probe > 0
         accumulate = self.batches.accumulate = self.start_accumulation(trainer)
+        if self.accumulate != trainer.accumulate_grad_batches and not self.changes:
+            rank_zero_warn(f"AdaptiveBatchSize: Trainer(accumulate_grad_batches="
+                           f"{trainer.accumulate_grad_batches}) is outside [min_accumulate, "
+                           f"max_accumulate]; the run starts at {accumulate}")  # fmt: skip
         self.min_accumulate = self.min_accumulate or accumulate
         ladder.min_accumulate, ladder.world_size = self.min_accumulate, data_parallel(trainer)
         ladder.examples_per_micro = lambda: (
