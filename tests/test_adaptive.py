@@ -183,6 +183,34 @@ def test_a_change_decided_before_a_checkpoint_is_applied_after_resume(tmp_path) 
     torch.testing.assert_close(params(module), params(full_module), rtol=0, atol=1e-6)
 
 
+def test_a_reused_schedule_starts_afresh_in_another_fit(tmp_path) -> None:
+    """The same two callback objects in a second fit (a sweep: a new Trainer and module) run
+    as fresh ones: the same changes, the same parameters; not the first fit's accumulation
+    (which it took for a resumed run's). A checkpoint into them still resumes."""
+
+    def run(root, gns, ada, ckpt=None, epochs: int = 3, n: int = 100):
+        kw = trainer_kwargs(root, max_epochs=epochs, enable_checkpointing=True)
+        module = Small(n=n, batch_size=8)
+        pl.Trainer(**kw, callbacks=[gns, ada]).fit(module, ckpt_path=ckpt)
+        return module
+
+    def new() -> AdaptiveBatchSize:
+        return AdaptiveBatchSize(max_accumulate=8, rule="lower_bound", check_every_n_steps=13)
+
+    gns, ada = LoudNoise(), new()
+    run(tmp_path / "first", gns, ada, epochs=6, n=64)
+    assert ada.accumulate == 4
+    again = run(tmp_path / "again", gns, ada)
+    _, full, full_module = fit_small(tmp_path / "full", 3, [])
+    assert [(c.step, c.new) for c in ada.changes] == [(c.step, c.new) for c in full.changes]
+    torch.testing.assert_close(params(again), params(full_module), rtol=0, atol=0)
+
+    fit_small(tmp_path / "a", 1, [ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)])
+    resumed = run(tmp_path / "b", gns, ada, ckpt=str(tmp_path / "ck" / "last.ckpt"))
+    assert [(c.step, c.new) for c in ada.changes] == [(c.step, c.new) for c in full.changes]
+    torch.testing.assert_close(params(resumed), params(full_module), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("order", ["monitor first", "adaptive first"])
 def test_the_order_of_the_callbacks_does_not_matter(tmp_path, order) -> None:
     """AdaptiveBatchSize acts on every read-out at the step it is made, whichever callback

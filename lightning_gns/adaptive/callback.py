@@ -51,15 +51,15 @@ class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback)
     ``check_every_n_steps`` steps the rule (:mod:`lightning_gns.adaptive.rules`) may change
     the batch by powers of ``factor``: the micro-batch first, when the DataLoader draws with a
     :class:`~lightning_gns.adaptive.sampler.ResizableBatchSampler` and ``max_micro_batch``
-    allows, then
-    ``accumulate_grad_batches``. A change starts with a whole accumulation window, on every DDP
-    rank at the same step (rank 0 decides). The optimizer steps with the rate the user's code
-    set (scheduler, ``training_step``, hooks) times the LR multiplier; the user's code only ever
-    sees its own rate. Logs ``gns/accumulate``, ``gns/micro_batch``, ``gns/lr_scale`` and
-    ``gns/lr`` (the rate of the last step, in ``callback_metrics`` after every step); each
-    change is written to the log with its reason (and TensorBoard's text tab) and kept in
-    :attr:`changes`; while it waits it says why, once (:attr:`waiting`). Resumes exactly, also
-    mid-epoch and with a change decided but not yet applied.
+    allows, then ``accumulate_grad_batches``. A change starts with a whole accumulation
+    window, on every DDP rank at the same step (rank 0 decides). The optimizer steps with the
+    rate the user's code set (scheduler, ``training_step``, hooks) times the LR multiplier; the
+    user's code only ever sees its own rate. Logs ``gns/accumulate``, ``gns/micro_batch``,
+    ``gns/lr_scale`` and ``gns/lr`` (the rate of the last step, in ``callback_metrics`` after
+    every step); each change is written to the log with its reason (and TensorBoard's text
+    tab) and kept in :attr:`changes`; while it waits it says why, once (:attr:`waiting`).
+    Resumes exactly, also mid-epoch and with a change decided but not yet applied; reused in
+    another fit (another Trainer or LightningModule), it starts afresh.
 
     Args:
         max_accumulate: the largest accumulation.
@@ -100,10 +100,6 @@ class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback)
         ...     callbacks=[GradientNoiseScale(), adaptive])
         >>> adaptive.rule, adaptive.factor, adaptive.changes
         ('sqrt', 2, [])
-        >>> AdaptiveBatchSize(factor=1)
-        Traceback (most recent call last):
-        ...
-        ValueError: factor must be an int in [2, 16], got 1
     """
 
     def __init__(
@@ -124,6 +120,7 @@ class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback)
     ) -> None:
         super().__init__()
         rules.check_arguments(locals())
+        self._init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.max_accumulate, self.min_accumulate = max_accumulate, min_accumulate
         self.rule, self.factor, self.lr_scaling = rule, factor, lr_scaling
         self.max_micro_batch, self.probe = max_micro_batch, probe
@@ -172,6 +169,7 @@ class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._begin_run((id(trainer), id(pl_module)))
         self._gns = gns = _refuse(trainer, pl_module)
         self._trainer, ladder = trainer, self._ladder
         if self.accumulate is None:  # not resumed
@@ -211,6 +209,7 @@ class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._run = (id(trainer), id(pl_module))  # its next fit continues; another starts afresh
         if self._lr is not None:
             self._lr.remove()
             self._lr = None

@@ -178,7 +178,18 @@ class Resumable:
             "sampler": sampler,
         }
 
+    _init_args: dict[str, Any]
+    _run: tuple[int, int] | None = None  # (trainer, module) of the fit that ended last
+
+    def _begin_run(self, run: tuple[int, int]) -> None:
+        """Another fit than the last one starts afresh (as constructed); the same continues."""
+        if self._run not in (None, run):
+            self.__init__(**self._init_args)  # type: ignore[misc]
+        self._run = None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._run is not None:  # a checkpoint after an earlier fit: from it alone
+            self._begin_run((0, 0))
         self.batches.load_state_dict(state_dict)
         if base := state_dict.get("base"):
             self._ladder.base, self._based = (int(base[0]), base[1]), True
