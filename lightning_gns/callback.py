@@ -33,6 +33,7 @@ from lightning_gns.trainer_setup import (
     build_driver,
     check_arguments,
     check_setup,
+    micro_batches_per_step,
     units,
     warn_if_no_second_moment,
 )
@@ -214,7 +215,7 @@ class GradientNoiseScale(SuggestsArguments, Readings, Callback):
             rank_zero_warn(message)
 
     def _accumulate(self) -> float:
-        return math.nan if self._trainer is None else self._trainer.accumulate_grad_batches
+        return math.nan if self._trainer is None else micro_batches_per_step(self._trainer)
 
     def _world_size(self) -> int:
         return 1 if self._trainer is None else self._trainer.world_size

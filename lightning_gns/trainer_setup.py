@@ -103,6 +103,13 @@ def units(trainer: pl.Trainer, reduction: str) -> Units:
     return Units(trainer.accumulate_grad_batches, reduction, inv, world)  # type: ignore[arg-type]
 
 
+def micro_batches_per_step(trainer: pl.Trainer) -> int:
+    """Micro-batches in an optimizer step: the accumulation, or the whole epoch when it has
+    fewer batches (Lightning then steps at each epoch's end)."""
+    accumulate, n = trainer.accumulate_grad_batches, trainer.num_training_batches
+    return int(n) if isinstance(n, (int, float)) and 1 <= n < accumulate else accumulate
+
+
 def several_gradients_per_step(trainer: pl.Trainer) -> bool:
     """Whether steps combine several micro-batch or rank gradients (now or by a schedule, or
     because an AdaptiveBatchSize callback keeps accumulating)."""

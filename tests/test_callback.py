@@ -50,6 +50,15 @@ def test_incomplete_last_window_and_changing_accumulation(tmp_path, truth) -> No
     assert_close(cb, truth)
 
 
+def test_the_batch_size_of_an_epoch_shorter_than_the_accumulation(tmp_path) -> None:
+    """``limit_train_batches=10`` with accumulation 16: Lightning steps at each epoch's end,
+    after 10 micro-batches of 8, so a step has 80 examples (not 16 × 8)."""
+    cb = GradientNoiseScale(source="micro_batch", log_every_n_steps=1)
+    trainer = fit(cb, tmp_path, batch_size=8, epochs=3, limit_train_batches=10,
+                  accumulate_grad_batches=16)  # fmt: skip
+    assert cb.batch_size == 80 and trainer.callback_metrics["gns/batch_size"] == 80
+
+
 def test_sum_reduction(tmp_path, truth) -> None:
     class SumLoss(Classifier):
         def training_step(self, batch, batch_idx):

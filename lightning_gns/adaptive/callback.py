@@ -36,6 +36,7 @@ from lightning_gns.adaptive.rules import LRScaling, Rule
 from lightning_gns.adaptive.sampler import ResizableBatchSampler, find_sampler, resume_next
 from lightning_gns.adaptive.schedule import BatchSchedule
 from lightning_gns.callback import GradientNoiseScale
+from lightning_gns.trainer_setup import micro_batches_per_step
 
 __all__ = ["AdaptiveBatchSize", "Change"]
 
@@ -182,7 +183,7 @@ class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback)
         self.min_accumulate = self.min_accumulate or accumulate
         ladder.min_accumulate, ladder.world_size = self.min_accumulate, data_parallel(trainer)
         ladder.examples_per_micro = lambda: (
-            gns.batch_size / (trainer.accumulate_grad_batches * data_parallel(trainer))
+            gns.batch_size / (micro_batches_per_step(trainer) * data_parallel(trainer))
         )
         if not self._based:
             ladder.base, self._based = (accumulate, None), True
