@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from lightning_gns.norms import MicroBatchNorms, PerExampleNorms
 from lightning_gns.norms.micro_batch import WeightedMicroBatchNorms
 from lightning_gns.norms.preconditioner import inverse_preconditioner
+from lightning_gns.norms.record import LinearRows, rows_sum
 from lightning_gns.norms.sharded import (
     BigPart,
     Sharding,
@@ -169,6 +170,8 @@ class PerExampleSource:
         big: BigPart = replicated_big,
     ) -> None:
         self.norms, self.big = norms, big
+        # only each step's sum is used: row norms, fewer ops per micro-batch (not the first k)
+        norms.record.defer_rows = norms.examples_per_batch is None
         for name, reason in (left_out or {}).items():
             norms.drop(name, reason)
         self.layer_names = list(norms.sites) if per_layer else []
@@ -198,6 +201,7 @@ class PerExampleSource:
     def _reset(self) -> None:
         self.parts: list[Tensor] = []  # each micro-batch's |g_j|² in backward units (B,)
         self.weights: list[float] = []  # and its weight (b² for a mean loss), summed at the step
+        self.rows: dict[float, list[LinearRows]] = {}  # plain Linears' row norms, by weight
         self.layers: dict[str, Tensor] = {}
         self.count = 0  # examples measured
         self.sizes: list[int] = []
@@ -220,18 +224,22 @@ class PerExampleSource:
 
     def end_micro_batch(self, batch_size: int, reduction: Reduction) -> None:
         acc, layers, bad = self.norms.close_micro_batch()
+        rows = self.norms.take_rows()
         if self._checking:
             self._checking = False
             self.bad = "structural check step"
             return
-        if bad is not None or acc is None:
+        if bad is not None or (acc is None and rows is None):
             self.bad = self.bad or bad or "no per-example norm was recorded"
             return
         # A mean-reduced loss gives example j the share g_j/b of the gradient: undo 1/b.
         w = float(batch_size**2) if reduction == "mean" else 1.0
-        self.parts.append(acc)  # summed once per step (fewer ops per micro-batch)
-        self.weights.append(w)
-        self.count += acc.shape[0]
+        if acc is not None:
+            self.parts.append(acc)  # summed once per step (fewer ops per micro-batch)
+            self.weights.append(w)
+        if rows is not None:
+            self.rows.setdefault(w, []).append(rows)
+        self.count += acc.shape[0] if acc is not None else rows.n  # type: ignore[union-attr]
         self.sizes.append(batch_size)
         for name, v in layers.items():
             lv = v.sum() * w
@@ -246,7 +254,7 @@ class PerExampleSource:
     def _step(self, units: Units) -> StepNorms:
         if self.bad is not None:
             raise SkipStep(self.bad, silent=self.bad == "structural check step")
-        if not self.parts or not self.sizes:
+        if not (self.parts or self.rows) or not self.sizes:
             raise SkipStep("no per-example norm was recorded this step")
         m, n = len(self.sizes), sum(self.sizes)
         if units.world_size * n < 2:
@@ -255,7 +263,7 @@ class PerExampleSource:
                 "optimizer step (raise the batch size or accumulate gradients)"
             )
         scale = units.accumulate**2 * units.inv_loss_scale_sq  # Σ over examples
-        total = self._total() * scale
+        total = self._total(scale)
         big_m, big_inv = big_parts(units, self.sizes)
         count = float(self.count)
         if not self.layer_names:  # one column: a view, not a stack (the same values)
@@ -275,14 +283,20 @@ class PerExampleSource:
             big.append(grads * big_scale(units, m, n))
         return StepNorms(torch.stack(small), torch.stack(big), count, count, big_m, big_inv)
 
-    def _total(self) -> Tensor:
-        """Σ_j |g_j|² × the micro-batches' weights, in backward units × b² (mean loss)."""
-        w = self.weights[0]
-        if all(v == w for v in self.weights):  # one batch size: one sum
-            parts = self.parts
-            return (parts[0] if len(parts) == 1 else torch.cat(parts)).sum() * w
-        pairs = zip(self.parts, self.weights, strict=True)
-        return torch.stack([p.sum() * v for p, v in pairs]).sum()
+    def _total(self, scale: Tensor | float) -> Tensor:
+        """Σ_j |g_j|² × the micro-batches' weights (b² for a mean loss) × ``scale``."""
+        terms = [rows_sum(rows) * (w * scale) for w, rows in self.rows.items()]
+        if self.parts:
+            w = self.weights[0]
+            if all(v == w for v in self.weights):  # one batch size: one sum
+                parts = self.parts
+                terms.append(
+                    (parts[0] if len(parts) == 1 else torch.cat(parts)).sum() * (w * scale)
+                )
+            else:
+                pairs = zip(self.parts, self.weights, strict=True)
+                terms.append(torch.stack([p.sum() * v for p, v in pairs]).sum() * scale)
+        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
 
 def coverage_note(

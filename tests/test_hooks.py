@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_gns.norms import MicroBatchNorms, PerExampleNorms
+from lightning_gns.norms.record import rows_sum
 
 
 class TinyLM(nn.Module):
@@ -319,6 +320,57 @@ def test_plain_2d_layers_take_the_lean_hook_and_stay_exact(inplace: bool) -> Non
         assert bad is None
         torch.testing.assert_close(acc, exact * backwards, rtol=1e-5, atol=1e-7)
     assert sorted(calls) == sorted(list(norms.sites) * 3)  # every Linear, 1 + 2 backwards
+    norms.detach()
+
+
+def test_deferred_linear_rows_sum_to_the_exact_norms() -> None:
+    """With ``record.defer_rows`` (the step path), plain 2-D Linears keep row norms
+    (norms/record.py) whose step sum equals Σ over examples of torch.func's |g_i|²: a
+    bias-less layer, a frozen weight and a LayerNorm (its rule's per-example sums stay in
+    ``acc``) included, over two micro-batches of different sizes and a second backward
+    through a kept graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 7),
+        nn.ReLU(),
+        nn.Linear(7, 7, bias=False),
+        nn.LayerNorm(7),
+        nn.Tanh(),
+        nn.Linear(7, 3),
+    )
+    model[5].weight.requires_grad_(False)  # only its bias is measured
+    named = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    w = torch.linspace(-1, 1, 3)
+
+    def loss(p: dict, xi: Tensor) -> Tensor:
+        return (functional_call(model, p, (xi.unsqueeze(0),)) * w).sum()
+
+    norms = PerExampleNorms(model)
+    norms.record.defer_rows = True
+    norms.attach()
+    norms.start_micro_batch(6)
+    norms.start_check(None)
+    (model(torch.randn(6, 5)) * w).sum().backward()
+    norms.close_micro_batch()
+    assert norms.take_rows() is None and norms.left_out == {}
+    for n, backwards in ((6, 1), (4, 2)):
+        x = torch.randn(n, 5)
+        g = vmap(grad(loss), in_dims=(None, 0))(named, x)
+        exact = sum(v.flatten(1).square().sum(1) for v in g.values()).sum()
+        norms.start_micro_batch(n)
+        out = (model(x) * w).sum()
+        for _ in range(backwards):
+            out.backward(retain_graph=True)
+        acc, _, bad = norms.close_micro_batch()
+        rows = norms.take_rows()
+        assert bad is None and acc is not None and rows is not None and rows.n == n
+        assert len(rows.weight_g) == 2 * backwards and len(rows.bias_g) == 2 * backwards
+        total = rows_sum([rows]) + acc.sum()
+        torch.testing.assert_close(total, exact * backwards, rtol=1e-5, atol=1e-6)
+    norms.start_micro_batch(6)  # a micro-batch that cannot be used keeps no rows
+    (model(torch.randn(6, 5)) * w).sum().backward()
+    norms.record.bad = "a reason"
+    assert norms.close_micro_batch()[2] == "a reason" and norms.take_rows() is None
     norms.detach()
 
 

@@ -25,7 +25,8 @@ def squared_norm(tensors: Iterable[Tensor | None]) -> Tensor | None:
     ts = [t for t in tensors if t is not None]
     if not ts:
         return None
-    return torch.stack(norms_fp32(ts)).square().sum()
+    norms = torch.stack(norms_fp32(ts))
+    return torch.linalg.vecdot(norms, norms)
 
 
 class MicroBatchNorms:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lightning_gns.norms import moe, relative_bias, site_hooks
 from lightning_gns.norms.check import StructuralCheck
-from lightning_gns.norms.record import MicroBatchRecord
+from lightning_gns.norms.record import LinearRows, MicroBatchRecord
 from lightning_gns.norms.simultaneous import can_route, qualifies, route, unroute
 from lightning_gns.norms.sites import Seen, Site, find_sites, trainable_parameters
 from lightning_gns.norms.tensor_parallel import hooks_first
@@ -62,6 +62,7 @@ class PerExampleNorms:
         self.simultaneous = simultaneous and not sharded
         self.sharded = sharded
         self.record = MicroBatchRecord(per_layer)
+        self._rows: LinearRows | None = None
         self._params: list[nn.Parameter] | None = None
         self._check: StructuralCheck | None = None
         self.sites, self.left_out = find_sites(model, layers)
@@ -194,8 +195,16 @@ class PerExampleNorms:
             self._check = None
             self.scopes.keep_used()
         bad = self.record.bad
+        rows = self.record.rows
+        self._rows = rows if rows and bad is None else None
         self._reset(None)
         return (None if bad else acc), layers, bad
+
+    def take_rows(self) -> LinearRows | None:
+        """With ``record.defer_rows``, the row norms of the plain 2-D Linears of the micro-batch
+        just closed (:class:`LinearRows`; None: none, or it was not usable)."""
+        rows, self._rows = self._rows, None
+        return rows
 
     # -- the simultaneous route (norms/simultaneous.py) -----------------------------------
     def _unroute(self, site: Site) -> None:

@@ -8,6 +8,54 @@ from torch import Tensor
 from lightning_gns.norms.sites import Site
 
 
+class LinearRows:
+    """Row norms of a micro-batch's plain 2-D Linear calls, squared and summed once per step.
+
+    A Linear on (B, d_in) gives example i the squared norm |g_i|²|a_i|² (weight) + |g_i|²
+    (bias). Kept as the norms |g_i| and |a_i| (one reduction each), the products and the sum
+    over layers, micro-batches and examples take a handful of ops per step, not three per
+    layer and micro-batch (:func:`rows_sum`); only their sum over the examples is used.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n  # examples (rows) of the micro-batch
+        self.weight_g: list[Tensor] = []  # |g_i| of layers with a trainable weight
+        self.weight_a: list[Tensor] = []  # and their |a_i|
+        self.bias_g: list[Tensor] = []  # |g_i| of layers with a trainable bias
+
+    def __bool__(self) -> bool:
+        return bool(self.weight_g or self.bias_g)
+
+    def add(self, a: Tensor, g: Tensor, weight: bool, bias: bool) -> bool:
+        """This call's rows (False: not a plain (n, d) pair; the caller takes the rule path)."""
+        if a.dim() != 2 or g.dim() != 2 or a.shape[0] != self.n or g.shape[0] != self.n:
+            return False
+        if not (weight or bias):
+            return True
+        g_norm = torch.linalg.vector_norm(g, dim=1, dtype=torch.float32)
+        if weight:
+            self.weight_g.append(g_norm)
+            self.weight_a.append(torch.linalg.vector_norm(a, dim=1, dtype=torch.float32))
+        if bias:
+            self.bias_g.append(g_norm)
+        return True
+
+
+def rows_sum(rows: list[LinearRows]) -> Tensor:
+    """Σ over the rows' layers and examples of |g_i|²|a_i|² + |g_i|² (weights, biases)."""
+    weight_g = [t for r in rows for t in r.weight_g]
+    weight_a = [t for r in rows for t in r.weight_a]
+    parts = [t for r in rows for t in r.bias_g]
+    if weight_g:
+        parts.append(_cat(weight_g) * _cat(weight_a))  # |g_i||a_i|
+    v = _cat(parts)
+    return torch.linalg.vecdot(v, v)
+
+
+def _cat(ts: list[Tensor]) -> Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+
 class MicroBatchRecord:
     """Per-example squared norms of one micro-batch: summed over sites (and per site with
     ``per_layer``), per-example gradients of tied weights (summed over their sites, squared at
@@ -16,6 +64,7 @@ class MicroBatchRecord:
 
     def __init__(self, per_layer: bool = False) -> None:
         self.per_layer = per_layer
+        self.defer_rows = False  # plain 2-D Linears go to :attr:`rows` (set by the step path)
         # (n, device, names), sinks, tied sinks: leaves reused while the sites stay the same
         self._kept: tuple[tuple, dict[str, Tensor], dict[int, Tensor]] | None = None
         self.reset(None)
@@ -29,6 +78,8 @@ class MicroBatchRecord:
         self.tied_sinks: dict[int, Tensor] = {}
         self.bad: str | None = None  # why this micro-batch cannot be used
         self.token_batch: int | None = None  # dim 0 of this forward's first 2-D token ids
+        defer = self.defer_rows and not self.per_layer
+        self.rows = LinearRows(batch_size) if defer and batch_size is not None else None
 
     def add(self, site: Site, total: Tensor) -> None:
         self.total = total if self.total is None else self.total + total

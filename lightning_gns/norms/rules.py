@@ -235,10 +235,15 @@ def linear_norm(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def linear_wants(module: nn.Module) -> tuple[bool, bool]:
+    """Whether a Linear's (weight, bias) are trainable."""
+    return _wants(module, "weight"), _wants(module, "bias")
+
+
 def linear_flat_total(module: nn.Module, a: Tensor, g: Tensor) -> Tensor | None:
     """The sum of :func:`linear_norm`'s values for a 2-D input, in the fewest ops:
     |g|²(|a|² + 1) (weight and bias), |g|²|a|² or |g|²; None: no trainable parameter."""
-    w, b = _wants(module, "weight"), _wants(module, "bias")
+    w, b = linear_wants(module)
     if not (w or b):
         return None
     g_sq = _row_sq(g)

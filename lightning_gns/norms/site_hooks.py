@@ -41,6 +41,7 @@ from lightning_gns.norms.positions import (
     undecided_positions,
 )
 from lightning_gns.norms.record import MicroBatchRecord
+from lightning_gns.norms.rules import linear_norm, linear_wants
 from lightning_gns.norms.sites import Site
 from lightning_gns.norms.token_sites import (
     TokenScopes,
@@ -216,10 +217,17 @@ def _lean(norms: Norms, site: Site, x: object, output: Tensor) -> bool:
 
 
 def _lean_hook(norms: Norms, site: Site) -> Callable[[tuple], None]:
+    module, linear = site.module, site.rule is linear_norm
+
     def hook(grad_outputs: tuple) -> None:
         g = grad_outputs[0]
-        if g is not None:
-            on_output_grad(norms, site, g)
+        if g is None:
+            return
+        rows, a = norms.record.rows, site.seen.activation
+        if rows is not None and linear and a is not None and site.active:
+            if norms.record.bad is None and rows.add(a, g, *linear_wants(module)):
+                return  # a Linear's row norms, combined at the step (norms/record.py)
+        on_output_grad(norms, site, g)
 
     return hook
 
