@@ -15,6 +15,7 @@ from lightning_gns.driver import StepDriver
 from lightning_gns.host_sync import HostSyncError
 from lightning_gns.norms import compiled, simultaneous, site_hooks
 from lightning_gns.norms.micro_batch import MicroBatchNorms
+from lightning_gns.norms.record import LinearRows
 from lightning_gns.norms.sites import Site
 
 
@@ -32,7 +33,7 @@ class Scale(nn.Module):
 class Seq(pl.LightningModule):
     """Every per-example path at once: a routed Linear (long sequence, small width), a layer on
     the torch.func fallback, a checkpointed block (its layers go through the taps) and plain
-    hooked layers."""
+    hooked 2-D layers (a LayerNorm's rule, a Linear's row norms)."""
 
     def __init__(self, d: int = 8, t: int = 32) -> None:
         super().__init__()
@@ -40,7 +41,8 @@ class Seq(pl.LightningModule):
         self.inp = nn.Linear(d, d)
         self.scale = Scale(d)
         self.block = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
-        self.head = nn.Linear(d, 3)
+        self.norm = nn.LayerNorm(d)  # 2-D: the lean hook and its rule
+        self.head = nn.Linear(d, 3)  # 2-D: the step's row norms (LinearRows)
         gen = torch.Generator().manual_seed(1)
         self.x = torch.randn(64, t, d, generator=gen)
         self.y = torch.randint(0, 3, (64,), generator=gen)
@@ -48,7 +50,7 @@ class Seq(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         h = self.scale(self.inp(x))
         h = h + checkpoint(self.block, h, use_reentrant=False)
-        return self.head(h.mean(1))
+        return self.head(self.norm(h.mean(1)))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -100,6 +102,7 @@ PLANTS = {
     "per-example forward hook": (site_hooks, "eager", "per_example"),
     "per-example output-gradient hook": (site_hooks, "on_output_grad", "per_example"),
     "per-example rule": (Site, "norms", "per_example"),
+    "per-example Linear rows": (LinearRows, "add", "per_example"),
     "torch.func fallback": (site_hooks, "close_generic", "per_example"),
     "routed Linear forward": (simultaneous, "_routed_forward", "per_example"),
     "routed Linear backward": (simultaneous, "_linear_backward", "per_example"),
