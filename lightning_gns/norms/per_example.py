@@ -152,6 +152,7 @@ class PerExampleNorms:
             self._check.stop()
             self._check = None
         self._reset(None)
+        self._rows = None
 
     # -- per micro-batch ------------------------------------------------------------------
     @property

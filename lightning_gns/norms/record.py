@@ -64,7 +64,9 @@ class MicroBatchRecord:
 
     def __init__(self, per_layer: bool = False) -> None:
         self.per_layer = per_layer
-        self.defer_rows = False  # plain 2-D Linears go to :attr:`rows` (set by the step path)
+        # set by the step path: plain 2-D Linears go to :attr:`rows`, not to the per-example
+        # sums (:meth:`close` then leaves them out; PerExampleNorms.take_rows gives them)
+        self.defer_rows = False
         # (n, device, names), sinks, tied sinks: leaves reused while the sites stay the same
         self._kept: tuple[tuple, dict[str, Tensor], dict[int, Tensor]] | None = None
         self.reset(None)
