@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lightning_gns.norms import MicroBatchNorms, PerExampleNorms
 from lightning_gns.norms.micro_batch import WeightedMicroBatchNorms
 from lightning_gns.norms.preconditioner import inverse_preconditioner
-from lightning_gns.norms.record import LinearRows, rows_sum
+from lightning_gns.norms.record import LinearRows, concat, rows_sum
 from lightning_gns.norms.sharded import (
     BigPart,
     Sharding,
@@ -289,10 +289,7 @@ class PerExampleSource:
         if self.parts:
             w = self.weights[0]
             if all(v == w for v in self.weights):  # one batch size: one sum
-                parts = self.parts
-                terms.append(
-                    (parts[0] if len(parts) == 1 else torch.cat(parts)).sum() * (w * scale)
-                )
+                terms.append(concat(self.parts).sum() * (w * scale))
             else:
                 pairs = zip(self.parts, self.weights, strict=True)
                 terms.append(torch.stack([p.sum() * v for p, v in pairs]).sum() * scale)

@@ -47,12 +47,13 @@ def rows_sum(rows: list[LinearRows]) -> Tensor:
     weight_a = [t for r in rows for t in r.weight_a]
     parts = [t for r in rows for t in r.bias_g]
     if weight_g:
-        parts.append(_cat(weight_g) * _cat(weight_a))  # |g_i||a_i|
-    v = _cat(parts)
+        parts.append(concat(weight_g) * concat(weight_a))  # |g_i||a_i|
+    v = concat(parts)
     return torch.linalg.vecdot(v, v)
 
 
-def _cat(ts: list[Tensor]) -> Tensor:
+def concat(ts: list[Tensor]) -> Tensor:
+    """The tensors joined along dim 0 (one tensor: itself, no copy)."""
     return ts[0] if len(ts) == 1 else torch.cat(ts)
 
 
