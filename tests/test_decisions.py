@@ -4,6 +4,8 @@ large does (the rules as pure functions: tests/test_growth.py)."""
 
 from __future__ import annotations
 
+import logging
+
 import lightning.pytorch as pl
 import pytest
 from adaptive_helpers import ScriptedNoise, Small
@@ -46,3 +48,25 @@ def test_the_sqrt_rule_grows_without_ever_being_sure_of_b_noise(tmp_path) -> Non
     _, ada = fit(tmp_path, lambda k: 10.0 if k % 2 else 1e4, probe=0)
     assert ada.changes, ada.waiting
     assert all("no reference yet" in c.reason and "at least" in c.reason for c in ada.changes)
+
+
+def test_an_epoch_shorter_than_the_probe_is_measured_and_scaled_as_it_is(tmp_path, caplog) -> None:
+    """10 micro-batches of 8 an epoch: Lightning steps at its end, so accumulating 16 (the
+    probe's 128 examples) or 64 makes steps of 80. Before, the probe said "steps of 128",
+    went on "at 512" and multiplied the rate by 64 for steps that stayed at 80. Now the
+    accumulation stays within an epoch (8 of 10 micro-batches), the probe's steps are said
+    as they are (64), and the rate is scaled for the batch the steps have (64/8, SGD)."""
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        trainer, ada = fit_small(tmp_path, n=80)
+    assert ada.lr_scale == 8.0 and not ada.changes
+    assert trainer.accumulate_grad_batches == 8
+    said = [r.getMessage() for r in caplog.records if "probe steps" in r.getMessage()]
+    assert said and all("of 64 examples" in w for w in said), said
+
+
+def fit_small(root, n: int) -> tuple[pl.Trainer, AdaptiveBatchSize]:
+    ada = AdaptiveBatchSize(max_accumulate=64)
+    noise = ScriptedNoise(lambda k: 1e6)
+    trainer = pl.Trainer(**trainer_kwargs(root, max_steps=12), callbacks=[noise, ada])
+    trainer.fit(Small(n=n, batch_size=8))
+    return trainer, ada

@@ -117,6 +117,19 @@ def test_the_probe_waits_for_a_tight_interval_or_takes_its_bound() -> None:
     assert rules.after_probe(ladder, none, (16, None)) == (1, None, ANY)  # the user's batch
 
 
+def test_a_step_holds_at_most_an_epoch_of_micro_batches() -> None:
+    """Lightning steps at an epoch's end: with 10 micro-batches of 8 an epoch, an accumulation
+    of 16 is a step of 80, and the ladder never climbs to an accumulation that grows nothing."""
+    ladder = Ladder(2, 64, None, lambda: 8.0, base=(1, None), epoch_batches=lambda m: 10)
+    assert ladder.batch(16, None) == 80 and ladder.batch(8, None) == 64
+    assert ladder.allocate(6, None) == (8, None)  # 64 wanted, 8 of 10 micro-batches the most
+    rules = Rules("noise", 2, 1.0, 1.0, False, 0)
+    decision = rules.decide(ladder, values(1e6, 9e5, 1.1e6), (8, None), 10, None)
+    assert isinstance(decision, str) and "an epoch has 10 micro-batches" in decision
+    grown = Ladder(2, 64, 32, lambda: 8.0, base=(1, 8), epoch_batches=lambda m: -(-80 // m))
+    assert grown.allocate(6, 8) == (2, 32)  # micro-batch 32 (3 an epoch), then accumulation 2
+
+
 def test_lr_scale_rules() -> None:
     assert lr_scale("linear", 256, 32) == 8
     assert lr_scale("sqrt", 128, 32) == 2

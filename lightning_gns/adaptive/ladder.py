@@ -59,11 +59,22 @@ class Ladder:
     world_size: int = 1
     min_accumulate: int = 1
     base: tuple[int, int | None] = (1, None)
+    # micro-batches in an epoch at a micro-batch size (None: not resizable): Lightning steps
+    # at an epoch's end, so no step holds more, whatever accumulate_grad_batches says
+    epoch_batches: Callable[[int | None], float] = lambda micro: math.inf
 
     def batch(self, accumulate: int, micro: int | None) -> float:
-        """Examples per optimizer step: micro-batch × accumulation × world size."""
+        """Examples per optimizer step: micro-batch × accumulation (at most an epoch's
+        micro-batches) × world size."""
         per_micro = float(micro) if micro is not None else self.examples_per_micro()
-        return per_micro * accumulate * self.world_size
+        return per_micro * min(accumulate, self.epoch_batches(micro)) * self.world_size
+
+    def epoch_note(self, accumulate: int, micro: int | None) -> str:
+        """Why accumulating more cannot grow the step, if an epoch is why ("": it is not)."""
+        n = self.epoch_batches(micro)
+        if accumulate * self.factor <= min(n, self.max_accumulate) or n >= self.max_accumulate:
+            return ""
+        return f" (an epoch has {n:.0f} micro-batches, and Lightning steps at its end)"
 
     def base_batch(self, micro: int | None) -> float:
         acc, base_micro = self.base
@@ -84,7 +95,12 @@ class Ladder:
         accumulate = base_acc * self.factor ** max(level - j, 0)
         accumulate = min(max(accumulate, self.min_accumulate), self.max_accumulate)
         new_micro = base_micro * self.factor**j if base_micro is not None else micro
-        return accumulate, new_micro if micro is not None else None
+        new_micro = new_micro if micro is not None else None
+        # accumulating past an epoch's micro-batches grows no step (it ends at the epoch)
+        least, epoch = max(base_acc, self.min_accumulate), self.epoch_batches(new_micro)
+        while accumulate > epoch and accumulate // self.factor >= least:
+            accumulate //= self.factor
+        return accumulate, new_micro
 
 
 @dataclass
@@ -122,6 +138,7 @@ class Rules:
         target = ladder.allocate(ladder.level(batch, now[1]) + move.steps, now[1])
         if target == now:
             bound = "largest" if move.steps > 0 else "smallest"
+            bound += ladder.epoch_note(*now) if move.steps > 0 else ""
             return f"{move.reason.rsplit(':', 1)[0]}, but the batch is at its {bound}: staying"
         return (*target, move.reason)
 

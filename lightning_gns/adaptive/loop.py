@@ -70,6 +70,10 @@ class UserLoop:
         first, last = offset + self.position(start), offset + self.position(end)
         return math.floor(last / self.val_every + 1e-9) > math.floor(first / self.val_every + 1e-9)
 
+    def batches_at(self, micro: int, drop_last: bool) -> int:
+        """Batches of an epoch drawn all at ``micro`` examples."""
+        return epoch_batches([(0, micro)], self.budget, drop_last)
+
     def batches(self, sampler: ResizableBatchSampler) -> int:
         """Batches of the epoch being drawn until the epoch's examples are trained on."""
         return epoch_batches(sampler.sizes, self.budget, sampler.drop_last)
@@ -122,6 +126,17 @@ class LoopKeeper:
     def _grown(self, sampler: ResizableBatchSampler) -> bool:
         assert self.loop is not None
         return any(size != self.loop.base_micro for _, size in sampler.sizes)
+
+
+def batches_per_epoch(
+    trainer: Any, keeper: LoopKeeper, sampler: ResizableBatchSampler | None, micro: int | None
+) -> float:
+    """Micro-batches in an epoch at micro-batch ``micro`` (None: the loader's own, which does
+    not resize); inf while unknown (before the data is set up, an iterable data set)."""
+    if micro is not None and keeper.loop is not None and sampler is not None:
+        return float(max(keeper.loop.batches_at(micro, sampler.drop_last), 1))
+    n = trainer.num_training_batches
+    return float(n) if isinstance(n, (int, float)) and n >= 1 else math.inf
 
 
 def cannot_grow(trainer: Any, max_micro_batch: int | None) -> str | None:
