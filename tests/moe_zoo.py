@@ -99,7 +99,6 @@ class ToyMoE(nn.Module):
         self.top_k = top_k
         self.gate = nn.Linear(d, experts, bias=False)
         self.experts = nn.ModuleList(ToyExpert(d, f) for _ in range(experts))
-        self.skip: set[int] = set()  # experts not called (as no token had reached them)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
@@ -110,8 +109,6 @@ class ToyMoE(nn.Module):
         out = torch.zeros_like(h)
         mask = F.one_hot(idx, len(self.experts)).permute(2, 1, 0)
         for e, expert in enumerate(self.experts):
-            if e in self.skip:
-                continue
             kpos, tok = torch.where(mask[e])
             y = expert(h[None, tok].reshape(-1, d)) * w[tok, kpos, None]
             out = out.index_add(0, tok, y)

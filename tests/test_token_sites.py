@@ -71,35 +71,6 @@ def test_per_example_norms_of_moe_models_are_exact(name) -> None:
     _assert_exact_on_four(model.double(), data, loss, rtol=1e-5)
 
 
-def test_experts_the_first_step_does_not_call_are_measured_when_called() -> None:
-    """An expert no token reaches in the structural check's step is not called there (as
-    transformers 4.x skips such experts): its gradient is zero, it stays covered, and a later
-    step that calls it measures it exactly, through its block's token map."""
-    torch.manual_seed(0)
-    model, data, loss = MOE_MODELS["toy_modulelist"]()
-    model = model.double()
-    x, y = data.tensors[0][:4], data.tensors[1][:4]
-    norms = PerExampleNorms(model, simultaneous=False)
-    norms.attach()
-    for block in model.moe:
-        block.skip = {3}
-    norms.start_micro_batch(4)
-    norms.start_check()
-    loss(model, x, y).backward()
-    norms.close_micro_batch()
-    model.zero_grad(set_to_none=True)
-    for block in model.moe:
-        block.skip = set()
-    norms.start_micro_batch(4)
-    (loss(model, x, y) * 4).backward()
-    acc, _, bad = norms.close_micro_batch()
-    norms.detach()
-    assert bad is None and norms.left_out == {} and norms.coverage() == 1.0
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    exact, _ = per_example_sq_norms(model, x, y, loss, params)
-    torch.testing.assert_close(acc.double(), sum(exact.values()), rtol=1e-5, atol=0)
-
-
 def test_grouped_mm_experts_in_float32() -> None:
     torch.manual_seed(0)
     model, data, loss = MOE_MODELS["mixtral"](impl="grouped_mm")

@@ -194,7 +194,7 @@ class PerExampleNorms:
         if self._check is not None:
             self._check.finish()
             self._check = None
-            self.scopes.keep_used(n for n, site in self.sites.items() if site.unverified)
+            self.scopes.keep_used()
         bad = self.record.bad
         rows = self.record.rows
         self._rows = rows if rows and bad is None else None

@@ -15,7 +15,7 @@ flattened tokens; :func:`token_check_problem` is the structural check's extra te
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -77,10 +77,9 @@ class TokenScopes:
     def start(self, batch: int | None) -> None:
         self.batch, self.maps = batch, {}
 
-    def keep_used(self, unverified: Iterable[str] = ()) -> None:
-        """After the structural check: hook only the modules whose map a site used, and the
-        enclosing modules of the sites it did not see called (an expert no token reached)."""
-        self.watched = set(self.used).union(*(self.ancestors.get(n, []) for n in unverified))
+    def keep_used(self) -> None:
+        """After the structural check: hook only the modules whose map a site used."""
+        self.watched = set(self.used)
         if self.handles:
             self.attach()
 
