@@ -95,8 +95,6 @@ class StructuralCheck:
         _adopt_uncalled(norms)
         local: dict[int, Tensor] = {}
         for name, site in list(norms.sites.items()):
-            if self._unused(site):
-                continue  # zero per-example gradients, exactly; measured when it is called
             reason = _call_problem(site)
             if reason is None:  # a router on flattened tokens must not mix examples
                 reason = token_check_problem(site, norms.record.batch_size)
@@ -121,8 +119,6 @@ class StructuralCheck:
             self.grads = {}
             return
         for name, site in list(norms.sites.items()):
-            if self._unused(site):
-                continue
             totals = [self.grads.get(id(p)) for p in site.params.values()]
             # a parameter whose gradient is ~0 against its module's (a key bias under softmax)
             # is compared at the module's scale: rounding noise is not a second use
@@ -139,15 +135,6 @@ class StructuralCheck:
                     norms.drop(name, f"'{attr}' {OUTSIDE}")
                     break
         self.grads = {}
-
-    def _unused(self, site: Site) -> bool:
-        """Not called in the check's forward and none of its parameters got a gradient (a
-        head or branch this batch does not use): each example's gradient there is zero. The
-        site stays, and its hooks measure it in the micro-batches that call it."""
-        if site.seen.calls or self.live is not None:  # (sharded: no whole gradients kept)
-            return False
-        site.unverified = all(self.grads.get(id(p)) is None for p in site.params.values())
-        return site.unverified
 
 
 def _adopt_uncalled(norms: Checked) -> None:

@@ -112,10 +112,10 @@ class PerExampleNorms:
 
     def fail(self, site: Site, reason: str) -> None:
         """A module broke an assumption. In the structural check it is left out for good; later
-        this micro-batch is dropped (and a module the check did not see called is left out)."""
-        if self._check is not None or site.unverified:
+        only this micro-batch is dropped, so the covered parameters never change mid-run."""
+        if self._check is not None:
             self.drop(site.name, reason)
-        if self._check is None and self.record.bad is None:
+        elif self.record.bad is None:
             self.record.bad = f"module {site.label} {reason}"
 
     # -- set-up ---------------------------------------------------------------------------

@@ -112,7 +112,6 @@ class Site:
     embedding: bool = field(init=False)  # an nn.Embedding: its input may be shared positions
     relative: bool = False  # T5's relative bias: measured through its owner's compute_bias
     lean_hook: Any = None  # the output-gradient hook of its plain 2-D calls (site_hooks.py)
-    unverified: bool = False  # not called in the structural check: left out at a first failure
 
     def __post_init__(self) -> None:
         self.embedding = isinstance(self.module, nn.Embedding)
