@@ -54,14 +54,14 @@ def test_an_epoch_shorter_than_the_probe_is_measured_and_scaled_as_it_is(tmp_pat
     """10 micro-batches of 8 an epoch: Lightning steps at its end, so accumulating 16 (the
     probe's 128 examples) or 64 makes steps of 80. Before, the probe said "steps of 128",
     went on "at 512" and multiplied the rate by 64 for steps that stayed at 80. Now the
-    accumulation stays within an epoch (8 of 10 micro-batches), the probe's steps are said
-    as they are (64), and the rate is scaled for the batch the steps have (64/8, SGD)."""
+    probe's steps are the whole epoch, said as they are (80), and the rate is scaled for
+    them (80/8, SGD), with nothing to grow to."""
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
         trainer, ada = fit_small(tmp_path, n=80)
-    assert ada.lr_scale == 8.0 and not ada.changes
-    assert trainer.accumulate_grad_batches == 8
+    assert ada.lr_scale == 10.0 and not ada.changes
+    assert trainer.accumulate_grad_batches == 16
     said = [r.getMessage() for r in caplog.records if "probe steps" in r.getMessage()]
-    assert said and all("of 64 examples" in w for w in said), said
+    assert said and all("of 80 examples" in w for w in said), said
 
 
 def fit_small(root, n: int) -> tuple[pl.Trainer, AdaptiveBatchSize]:

@@ -117,17 +117,22 @@ def test_the_probe_waits_for_a_tight_interval_or_takes_its_bound() -> None:
     assert rules.after_probe(ladder, none, (16, None)) == (1, None, ANY)  # the user's batch
 
 
-def test_a_step_holds_at_most_an_epoch_of_micro_batches() -> None:
-    """Lightning steps at an epoch's end: with 10 micro-batches of 8 an epoch, an accumulation
-    of 16 is a step of 80, and the ladder never climbs to an accumulation that grows nothing."""
-    ladder = Ladder(2, 64, None, lambda: 8.0, base=(1, None), epoch_batches=lambda m: 10)
+def test_a_step_holds_at_most_an_epoch() -> None:
+    """Lightning steps at an epoch's end: with 10 micro-batches of 8 (80 examples) an epoch,
+    an accumulation of 16 is a step of the epoch's 80 examples, the ladder climbs no further
+    than that, and at the top says why. A short last micro-batch is counted as it is."""
+    ladder = Ladder(2, 64, None, lambda: 8.0, base=(1, None), epoch=lambda m: (10, 80))
     assert ladder.batch(16, None) == 80 and ladder.batch(8, None) == 64
-    assert ladder.allocate(6, None) == (8, None)  # 64 wanted, 8 of 10 micro-batches the most
+    assert ladder.allocate(6, None) == (16, None)  # 512 wanted: 16 holds the whole epoch
     rules = Rules("noise", 2, 1.0, 1.0, False, 0)
-    decision = rules.decide(ladder, values(1e6, 9e5, 1.1e6), (8, None), 10, None)
-    assert isinstance(decision, str) and "an epoch has 10 micro-batches" in decision
-    grown = Ladder(2, 64, 32, lambda: 8.0, base=(1, 8), epoch_batches=lambda m: -(-80 // m))
-    assert grown.allocate(6, 8) == (2, 32)  # micro-batch 32 (3 an epoch), then accumulation 2
+    decision = rules.decide(ladder, values(1e6, 9e5, 1.1e6), (16, None), 10, None)
+    assert isinstance(decision, str) and "a whole epoch of 10 micro-batches" in decision
+    # a resizable micro-batch: 80 examples are 3 micro-batches of 32 (32, 32, 16)
+    grown = Ladder(2, 64, 32, lambda: 8.0, base=(1, 8), epoch=lambda m: (-(-80 // m), 80))
+    assert grown.allocate(6, 8) == (4, 32) and grown.batch(4, 32) == 80
+    assert grown.batch(2, 32) == 64  # (then a step of 16 ends the epoch, as in any run)
+    limited = Ladder(2, 64, None, lambda: 8.0, epoch=lambda m: (5, 80))  # limit_train_batches
+    assert limited.batch(8, None) == 40
 
 
 def test_lr_scale_rules() -> None:

@@ -30,7 +30,7 @@ from lightning_gns import _compat, keys
 from lightning_gns.adaptive import rules
 from lightning_gns.adaptive.changes import Growing, Resumable, data_parallel
 from lightning_gns.adaptive.ladder import Change, Ladder, Rules
-from lightning_gns.adaptive.loop import LoopKeeper, batches_per_epoch, warn_cannot_grow
+from lightning_gns.adaptive.loop import LoopKeeper, epoch_size, warn_cannot_grow
 from lightning_gns.adaptive.per_step import LRScaler, NoiseWindow, StepTimer
 from lightning_gns.adaptive.rules import LRScaling, Rule
 from lightning_gns.adaptive.sampler import ResizableBatchSampler, find_sampler, resume_next
@@ -185,7 +185,7 @@ class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback)
         ladder.examples_per_micro = lambda: (
             gns.batch_size / (micro_batches_per_step(trainer) * data_parallel(trainer))
         )
-        ladder.epoch_batches = lambda m: batches_per_epoch(trainer, self._loop, self._sampler, m)
+        ladder.epoch = lambda m: epoch_size(trainer, self._loop, self._sampler, m)
         if not self._based:
             ladder.base, self._based = (accumulate, None), True
         trainer.accumulate_grad_batches = accumulate

@@ -118,9 +118,11 @@ class Growing:
         assert self._gns is not None and self.batches.accumulate is not None
         fn = self._gns.batch_size_fn
         micro = int(fn(batch) if fn else extract_batch_size(batch)) * data_parallel(trainer)
-        accumulate = self.batches.accumulate  # a step holds at most an epoch's micro-batches
-        most = min(self.max_accumulate, self._ladder.epoch_batches(self.batches.micro))
-        while micro * accumulate < self.probe and accumulate * self.factor <= most:
+        accumulate = self.batches.accumulate
+        whole = self._ladder.epoch(self.batches.micro)[0]  # a step is at most an epoch
+        while micro * accumulate < self.probe and accumulate * self.factor <= self.max_accumulate:
+            if accumulate >= whole:
+                break
             accumulate *= self.factor
         self.batches.accumulate = trainer.accumulate_grad_batches = accumulate
 

@@ -59,22 +59,25 @@ class Ladder:
     world_size: int = 1
     min_accumulate: int = 1
     base: tuple[int, int | None] = (1, None)
-    # micro-batches in an epoch at a micro-batch size (None: not resizable): Lightning steps
-    # at an epoch's end, so no step holds more, whatever accumulate_grad_batches says
-    epoch_batches: Callable[[int | None], float] = lambda micro: math.inf
+    # (micro-batches, examples) of an epoch on one process at a micro-batch size (None: not
+    # resizable); Lightning steps at an epoch's end, so no step holds more
+    epoch: Callable[[int | None], tuple[float, float]] = lambda micro: (math.inf, math.inf)
 
     def batch(self, accumulate: int, micro: int | None) -> float:
-        """Examples per optimizer step: micro-batch × accumulation (at most an epoch's
-        micro-batches) × world size."""
+        """Examples per optimizer step: micro-batch × accumulation × world size, or the whole
+        epoch's examples where the accumulation holds all its micro-batches."""
         per_micro = float(micro) if micro is not None else self.examples_per_micro()
-        return per_micro * min(accumulate, self.epoch_batches(micro)) * self.world_size
+        batches, examples = self.epoch(micro)
+        whole = accumulate >= batches  # (limit_train_batches: its batches)
+        per_step = min(examples, per_micro * batches) if whole else per_micro * accumulate
+        return per_step * self.world_size
 
     def epoch_note(self, accumulate: int, micro: int | None) -> str:
         """Why accumulating more cannot grow the step, if an epoch is why ("": it is not)."""
-        n = self.epoch_batches(micro)
-        if accumulate * self.factor <= min(n, self.max_accumulate) or n >= self.max_accumulate:
+        batches, _ = self.epoch(micro)
+        if accumulate < batches or accumulate >= self.max_accumulate:
             return ""
-        return f" (an epoch has {n:.0f} micro-batches, and Lightning steps at its end)"
+        return f" (each step is a whole epoch of {batches:.0f} micro-batches)"
 
     def base_batch(self, micro: int | None) -> float:
         acc, base_micro = self.base
@@ -96,9 +99,10 @@ class Ladder:
         accumulate = min(max(accumulate, self.min_accumulate), self.max_accumulate)
         new_micro = base_micro * self.factor**j if base_micro is not None else micro
         new_micro = new_micro if micro is not None else None
-        # accumulating past an epoch's micro-batches grows no step (it ends at the epoch)
-        least, epoch = max(base_acc, self.min_accumulate), self.epoch_batches(new_micro)
-        while accumulate > epoch and accumulate // self.factor >= least:
+        # past the first accumulation that holds a whole epoch no step grows (Lightning steps
+        # at an epoch's end)
+        least = max(base_acc, self.min_accumulate, self.epoch(new_micro)[0])
+        while accumulate // self.factor >= least:
             accumulate //= self.factor
         return accumulate, new_micro
 

@@ -128,15 +128,27 @@ class LoopKeeper:
         return any(size != self.loop.base_micro for _, size in sampler.sizes)
 
 
-def batches_per_epoch(
+def epoch_size(
     trainer: Any, keeper: LoopKeeper, sampler: ResizableBatchSampler | None, micro: int | None
-) -> float:
-    """Micro-batches in an epoch at micro-batch ``micro`` (None: the loader's own, which does
-    not resize); inf while unknown (before the data is set up, an iterable data set)."""
+) -> tuple[float, float]:
+    """(micro-batches, examples) of an epoch on this process at micro-batch ``micro`` (None:
+    the loader's own, which does not resize); inf while unknown (before the data is set up,
+    an iterable data set)."""
     if micro is not None and keeper.loop is not None and sampler is not None:
-        return float(max(keeper.loop.batches_at(micro, sampler.drop_last), 1))
+        loop = keeper.loop
+        return float(max(loop.batches_at(micro, sampler.drop_last), 1)), float(loop.budget)
     n = trainer.num_training_batches
-    return float(n) if isinstance(n, (int, float)) and n >= 1 else math.inf
+    if not (isinstance(n, (int, float)) and 1 <= n < math.inf):
+        return math.inf, math.inf
+    loader = trainer.train_dataloader
+    inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    try:
+        examples = float(len(inner if inner is not None else loader.sampler))
+    except (AttributeError, TypeError):
+        return float(n), math.inf
+    if getattr(getattr(loader, "batch_sampler", None), "drop_last", False):
+        examples -= examples % max(getattr(loader, "batch_size", None) or 1, 1)
+    return float(n), examples
 
 
 def cannot_grow(trainer: Any, max_micro_batch: int | None) -> str | None:
