@@ -73,6 +73,8 @@ def test_weight_used_outside_its_module_is_left_out(idx) -> None:
     norms = PerExampleNorms(model)
     acc, _, _ = checked_step(model, idx, norms)
     assert "tok" in norms.left_out and "outside" in norms.left_out["tok"]
+    # the head is never called and gets no gradient: not "used directly", unused
+    assert "no gradient" in norms.left_out["head"] and "directly" not in norms.left_out["head"]
     names = ["pos.weight", "norm.weight", "norm.bias", "fc.weight", "fc.bias"]
     ref = per_example_sq_norms(model, idx, names)
     torch.testing.assert_close(acc, ref.float(), rtol=1e-4, atol=1e-6)

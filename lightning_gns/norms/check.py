@@ -29,6 +29,10 @@ from lightning_gns.norms.token_sites import token_check_problem, token_local_gra
 TOLERANCE = 1e-2  # relative difference between a module's own and the whole gradient
 OUTSIDE = "also gets gradient from outside this module (tied/reused?)"
 SCALE_FLOOR = 1e-3  # ... relative to at least this fraction of the module's whole gradient
+UNUSED = (
+    "not called in the first step, whose batch gave its parameters no gradient (not verified, "
+    "so not measured per example; source='micro_batch' measures every parameter)"
+)
 
 
 class Checked(Protocol):
@@ -96,6 +100,9 @@ class StructuralCheck:
         local: dict[int, Tensor] = {}
         for name, site in list(norms.sites.items()):
             reason = _call_problem(site)
+            if site.seen.calls == 0 and self.live is None:
+                if all(self.grads.get(id(p)) is None for p in site.params.values()):
+                    reason = UNUSED  # (not a direct use of its parameters: none at all)
             if reason is None:  # a router on flattened tokens must not mix examples
                 reason = token_check_problem(site, norms.record.batch_size)
             if reason is None and self.live is not None:
