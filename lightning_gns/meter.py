@@ -31,6 +31,11 @@ from lightning_gns.tracker import GNSTracker, read_together
 from lightning_gns.trainer_setup import check_arguments
 
 # The Trainer's fixes, as a meter user applies them (messages shared with the callback).
+DIFFER = (
+    "{}: the first step (the structural check) left out other modules on other processes: "
+    "{}. They are left out on every process from here, and the steps measured before, which "
+    "mixed them, are dropped"
+)
 _FIXES = {
     "Trainer(accumulate_grad_batches>=2)": "GradientNoiseMeter(accumulate=2) (2+ micro-batches "
     "per step)",
@@ -186,8 +191,12 @@ class Readings:
         driver = self._driver
         assert driver is not None
         self._logged_at = self._steps
-        followers = [f.tracker for f in driver.followers]
-        values, *precond = read_together([driver.tracker, *followers], self._world_size() > 1)
+        trackers = [driver.tracker, *(f.tracker for f in driver.followers)]
+        world, source = self._world_size(), driver.source
+        if self.reads == 0 and world > 1 and isinstance(source, PerExampleSource):
+            values, *precond = _first_read(driver, source, trackers, type(self).__name__)
+        else:
+            values, *precond = read_together(trackers, world > 1)
         self.values = values.pop(MODEL)
         self.layer_values = {k: v for k, v in values.items() if k not in self.left_out}
         if precond:
@@ -263,6 +272,22 @@ def check_loop(model: nn.Module, wrapped: nn.Module) -> None:
 def world_size() -> int:
     """Processes of the default group (1 without torch.distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _first_read(
+    driver: StepDriver, source: PerExampleSource, trackers: list[GNSTracker], name: str
+) -> list[dict[str, GNSValues]]:
+    """The first read of several processes; in its reduction, the modules each one covers.
+    Where their structural checks disagreed (a module called on one process only), those
+    modules are left out on all, and the steps so far, which mixed them, are dropped."""
+    mask = torch.tensor(source.covered_mask()).to(driver.tracker.moments)
+    read = read_together(trackers, True, mask)
+    if differ := source.agree(mask.tolist(), dist.get_world_size()):
+        driver.warn("processes", DIFFER.format(name, ", ".join(differ)))
+        for t in trackers:
+            t.reset()
+        read = read_together(trackers)
+    return read
 
 
 class GradientNoiseMeter(SuggestsArguments, Readings):

@@ -170,6 +170,7 @@ class PerExampleSource:
         big: BigPart = replicated_big,
     ) -> None:
         self.norms, self.big = norms, big
+        self.hooked = sorted(norms.sites)  # every module hooked, before any is left out
         # only each step's sum is used: row norms, fewer ops per micro-batch (not the first k)
         norms.record.defer_rows = norms.examples_per_batch is None
         for name, reason in (left_out or {}).items():
@@ -197,6 +198,19 @@ class PerExampleSource:
         """One line naming what the per-example norms leave out (None: everything covered);
         ``size_note``: what the batch probe found wrong with the batch size, if anything."""
         return coverage_note(self.norms, self.several_gradients, size_note)
+
+    def covered_mask(self) -> list[float]:
+        """1 for each module of :attr:`hooked` covered here, 0 for one left out."""
+        return [1.0 if name in self.norms.sites else 0.0 for name in self.hooked]
+
+    def agree(self, totals: list[float], processes: int) -> list[str]:
+        """Given every process's :meth:`covered_mask` summed: leave out here the modules that
+        another process left out (its first step, the structural check, may call other
+        modules than this one's); their names."""
+        differ = [n for n, t in zip(self.hooked, totals, strict=True) if 0 < t < processes]
+        for name in differ:
+            self.norms.drop(name, "left out on another process of this run")
+        return differ
 
     def _reset(self) -> None:
         self.parts: list[Tensor] = []  # each micro-batch's |g_j|² in backward units (B,)

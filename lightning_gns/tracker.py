@@ -151,6 +151,12 @@ class GNSTracker:
             beta.repeat(len(self.columns)),
         )
 
+    def reset(self) -> None:
+        """Forget every step recorded (the state of a new tracker)."""
+        self.moments = new_state(self.moments.shape[0], self.moments.device)
+        self.host_skipped = torch.zeros_like(self.host_skipped)
+        self._steps, self._packed = [], []
+
     # -- read-out ------------------------------------------------------------------------
     def read(self, sync: bool = False) -> dict[str, GNSValues]:
         """Pool (across processes if ``sync``), feed, and read every column on the host."""
@@ -210,26 +216,35 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def flush_together(trackers: Sequence[GNSTracker], sync: bool = False) -> None:
+def flush_together(
+    trackers: Sequence[GNSTracker], sync: bool = False, extra: Tensor | None = None
+) -> None:
     """Pool every tracker's pending steps with one summing all-reduce (``sync`` and several
-    processes), then feed each tracker's EMAs."""
+    processes), then feed each tracker's EMAs. ``extra``: a 1-D tensor of the trackers' dtype
+    summed across the processes in the same reduction (in place)."""
     blocks = [t.take_pending() for t in trackers]
     if sync and _distributed():
-        flat = torch.cat([b.flatten() for b in blocks]) if blocks else None
+        parts = [b.flatten() for b in blocks] + ([] if extra is None else [extra])
+        flat = torch.cat(parts) if parts else None
         if flat is not None and flat.numel() > 0:
             dist.all_reduce(flat)
             start = 0
             for i, b in enumerate(blocks):
                 blocks[i] = flat[start : start + b.numel()].view_as(b)
                 start += b.numel()
+            if extra is not None:
+                extra.copy_(flat[start:])
     for t, b in zip(trackers, blocks, strict=True):
         t.feed(b)
 
 
-def read_together(trackers: Sequence[GNSTracker], sync: bool = False) -> list[dict[str, GNSValues]]:
-    """Read several trackers with one pooling all-reduce of their pending steps and one copy
-    of their moments (and host-skip counts) to the host."""
-    flush_together(trackers, sync)
+def read_together(
+    trackers: Sequence[GNSTracker], sync: bool = False, extra: Tensor | None = None
+) -> list[dict[str, GNSValues]]:
+    """Read several trackers with one pooling all-reduce of their pending steps (and
+    ``extra``, :func:`flush_together`) and one copy of their moments (and host-skip counts)
+    to the host."""
+    flush_together(trackers, sync, extra)
     parts = [t.moments.flatten() for t in trackers] + [t.host_skipped.reshape(1) for t in trackers]
     flat = torch.cat(parts).tolist()
     out, start = [], 0

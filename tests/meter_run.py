@@ -4,6 +4,7 @@ Usage: python tests/meter_run.py OUT.json ddp    (Fabric DDP: per-example norms)
        python tests/meter_run.py OUT.json fsdp   (Fabric FSDP1: micro-batches)
        python tests/meter_run.py OUT.json torch PORT   (torch.distributed DDP: micro-batches)
        python tests/meter_run.py OUT.json fsdp2 PORT   (FSDP2 fully_shard: per-example norms)
+       python tests/meter_run.py OUT.json uneven PORT   (DDP; the ranks' first steps differ)
 Rank r writes OUT.json.rank<r>. (Fabric's strategy="ddp" relaunches this script in new
 processes, so tests call it in a subprocess rather than importing it.)
 """
@@ -177,6 +178,45 @@ def torch_worker(rank: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+class Uneven(nn.Module):
+    """The first forward differs between the 2 ranks: ``aux`` runs on rank 0 only, ``twice``
+    twice on rank 1 only; later ones call ``twice`` once and never ``aux``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(64, 16), nn.Linear(16, 10)
+        self.aux, self.twice = nn.Linear(16, 10), nn.Linear(16, 16)
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        h, first, rank = self.body(x).tanh(), self.calls == 1, dist.get_rank()
+        h = self.twice(self.twice(h)) if first and rank == 1 else self.twice(h)
+        return self.head(h) + self.aux(h) if first and rank == 0 else self.head(h)
+
+
+def uneven_worker(rank: int, out: str) -> None:
+    """Per-example norms under DDP where the structural checks of the ranks disagree."""
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=TIMEOUT)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(Uneven(), find_unused_parameters=True)
+    x, y = digits()
+    meter = GradientNoiseMeter(model, source="per_example", log_every_n_steps=5)
+    for step in range(12):
+        lo = (2 * step + rank) * BATCH
+        nn.functional.cross_entropy(model(x[lo : lo + BATCH]), y[lo : lo + BATCH]).backward()
+        meter.step()
+        model.zero_grad()
+    write(out, rank, 2, meter)
+    with open(f"{out}.rank{rank}") as f:
+        result = json.load(f)
+    result.update(left_out=sorted(meter.left_out), coverage=meter.coverage)
+    with open(f"{out}.rank{rank}", "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[2] == "ddp":
@@ -184,7 +224,8 @@ if __name__ == "__main__":
     elif sys.argv[2] == "fsdp":
         fabric_fsdp(sys.argv[1])
     else:
-        worker = fsdp2_worker if sys.argv[2] == "fsdp2" else torch_worker
+        workers = {"fsdp2": fsdp2_worker, "uneven": uneven_worker}
+        worker = workers.get(sys.argv[2], torch_worker)
         if "RANK" in os.environ:  # rank 1, started by rank 0 below
             worker(1, sys.argv[1])
             sys.exit(0)

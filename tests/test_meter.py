@@ -246,6 +246,20 @@ def test_two_processes_match_exact(mode, source, batch_size, tmp_path, truth) ->
     assert r["grad_variance"] == pytest.approx(truth["trace_cov"], rel=TOL)
 
 
+def test_processes_whose_first_steps_left_out_different_modules_agree(tmp_path) -> None:
+    """Under DDP the first forward calls ``aux`` on rank 0 only and ``twice`` twice on rank 1
+    only, so each rank's structural check leaves out other modules (each would sum norms of
+    other parameters). At the first read, in its reduction, they agree: both are left out on
+    both ranks, and the 5 steps read, which mixed them, are dropped: 7 of the 12 remain."""
+    out = tmp_path / "result.json"
+    run_script(ROOT / "tests" / "meter_run.py", out, "uneven", free_port(), cwd=tmp_path)
+    ranks = rank_results(out)
+    assert ranks[0]["left_out"] == ranks[1]["left_out"] == ["aux", "twice"], ranks
+    assert ranks[0]["coverage"] == ranks[1]["coverage"] < 1.0
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 7 and ranks[0]["skipped"] == 0
+    assert ranks[0]["b_simple"] == ranks[1]["b_simple"]
+
+
 @pytest.mark.parametrize("example", ["fabric_gpt", "plain_loop"])
 def test_examples_run_small_and_log_the_gns_keys(example, tmp_path, monkeypatch) -> None:
     from lightning_gns import read_metrics
