@@ -27,7 +27,7 @@ from lightning_gns.norms.sites import Site
 from lightning_gns.publish import point_estimate, read_out, summary
 from lightning_gns.records import MODEL, PRECONDITIONED, Units
 from lightning_gns.sources import PerExampleSource, SourceName, choose_source
-from lightning_gns.tracker import GNSTracker, read_together
+from lightning_gns.tracker import GNSTracker, flush_together, read_together
 from lightning_gns.trainer_setup import check_arguments
 
 # The Trainer's fixes, as a meter user applies them (messages shared with the callback).
@@ -64,6 +64,7 @@ class Readings:
         self.preconditioned_values = GNSValues.unknown()
         self.layer_values: dict[str, GNSValues] = {}
         self.reads = 0  # read-outs so far (AdaptiveBatchSize acts on each new one)
+        self._agreed = False  # the processes agreed on the modules covered (agree_once)
         self.source_reason = ""
         self._driver: StepDriver | None = None
         self._saved: dict[str, Any] | None = None  # checkpoint state until the driver exists
@@ -192,11 +193,8 @@ class Readings:
         assert driver is not None
         self._logged_at = self._steps
         trackers = [driver.tracker, *(f.tracker for f in driver.followers)]
-        world, source = self._world_size(), driver.source
-        if self.reads == 0 and world > 1 and isinstance(source, PerExampleSource):
-            values, *precond = _first_read(driver, source, trackers, type(self).__name__)
-        else:
-            values, *precond = read_together(trackers, world > 1)
+        self.agree_once()  # (its reduction pools the pending steps: the read's one collective)
+        values, *precond = read_together(trackers, self._world_size() > 1)
         self.values = values.pop(MODEL)
         self.layer_values = {k: v for k, v in values.items() if k not in self.left_out}
         if precond:
@@ -205,11 +203,31 @@ class Readings:
         driver.check_nonfinite(self.values)
         return bool(precond)
 
+    def agree_once(self) -> bool:
+        """Once the structural check has run on several processes (a collective: call it on
+        every process): sum which modules each one covers, with the pending steps. Where the
+        checks disagreed (a module the first batch calls on one process only), those modules
+        are left out everywhere and the steps so far, which mixed them, are dropped. Whether
+        any were."""
+        d = self._driver
+        if self._agreed or d is None or self._world_size() < 2 or d.checked == 0:
+            return False
+        self._agreed, source = True, d.source
+        if not isinstance(source, PerExampleSource):
+            return False
+        mask = torch.tensor(source.covered_mask()).to(d.tracker.moments)
+        flush_together([d.tracker, *(f.tracker for f in d.followers)], True, mask)
+        if differ := source.agree(mask.tolist(), dist.get_world_size()):
+            d.warn("processes", DIFFER.format(type(self).__name__, ", ".join(differ)))
+            d.tracker.reset()  # (a follower measures micro-batches: every parameter)
+        return bool(differ)
+
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain numbers to resume from (under DDP a collective: call it on every process)."""
         if self._driver is None:
             return dict(self._saved or {})
+        self.agree_once()
         left_out = self.left_out if self.chosen_source == "per_example" else None
         state = self._driver.state_dict(self._world_size() > 1)
         return {"steps": self._steps, "left_out": left_out, **state}
@@ -272,22 +290,6 @@ def check_loop(model: nn.Module, wrapped: nn.Module) -> None:
 def world_size() -> int:
     """Processes of the default group (1 without torch.distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _first_read(
-    driver: StepDriver, source: PerExampleSource, trackers: list[GNSTracker], name: str
-) -> list[dict[str, GNSValues]]:
-    """The first read of several processes; in its reduction, the modules each one covers.
-    Where their structural checks disagreed (a module called on one process only), those
-    modules are left out on all, and the steps so far, which mixed them, are dropped."""
-    mask = torch.tensor(source.covered_mask()).to(driver.tracker.moments)
-    read = read_together(trackers, True, mask)
-    if differ := source.agree(mask.tolist(), dist.get_world_size()):
-        driver.warn("processes", DIFFER.format(name, ", ".join(differ)))
-        for t in trackers:
-            t.reset()
-        read = read_together(trackers)
-    return read
 
 
 class GradientNoiseMeter(SuggestsArguments, Readings):

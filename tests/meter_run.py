@@ -202,15 +202,19 @@ def uneven_worker(rank: int, out: str) -> None:
     model = nn.parallel.DistributedDataParallel(Uneven(), find_unused_parameters=True)
     x, y = digits()
     meter = GradientNoiseMeter(model, source="per_example", log_every_n_steps=5)
+    saved: dict = {}
     for step in range(12):
         lo = (2 * step + rank) * BATCH
         nn.functional.cross_entropy(model(x[lo : lo + BATCH]), y[lo : lo + BATCH]).backward()
         meter.step()
         model.zero_grad()
+        if step == 2:  # a checkpoint before the first read (at step 5)
+            saved = meter.state_dict()
     write(out, rank, 2, meter)
     with open(f"{out}.rank{rank}") as f:
         result = json.load(f)
     result.update(left_out=sorted(meter.left_out), coverage=meter.coverage)
+    result.update(saved_left_out=sorted(saved["left_out"]))
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(result, f)
     dist.barrier()

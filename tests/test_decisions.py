@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 from adaptive_helpers import ScriptedNoise, Small
 from helpers import trainer_kwargs
+from torch.utils.data import DataLoader
 
 from lightning_gns.adaptive import AdaptiveBatchSize
 
@@ -50,23 +51,33 @@ def test_the_sqrt_rule_grows_without_ever_being_sure_of_b_noise(tmp_path) -> Non
     assert all("no reference yet" in c.reason and "at least" in c.reason for c in ada.changes)
 
 
-def test_an_epoch_shorter_than_the_probe_is_measured_and_scaled_as_it_is(tmp_path, caplog) -> None:
+@pytest.mark.parametrize("ready_made", [False, True], ids=["batch_size", "batch_size=None"])
+def test_an_epoch_shorter_than_the_probe_is_measured_and_scaled_as_it_is(
+    tmp_path, caplog, ready_made
+) -> None:
     """10 micro-batches of 8 an epoch: Lightning steps at its end, so accumulating 16 (the
     probe's 128 examples) or 64 makes steps of 80. Before, the probe said "steps of 128",
     went on "at 512" and multiplied the rate by 64 for steps that stayed at 80. Now the
     probe's steps are the whole epoch, said as they are (80), and the rate is scaled for
-    them (80/8, SGD), with nothing to grow to."""
+    them (80/8, SGD), with nothing to grow to; also from a data set of ready-made batches
+    (``batch_size=None``: its items are batches, not examples)."""
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
-        trainer, ada = fit_small(tmp_path, n=80)
+        trainer, ada = fit_small(tmp_path, n=80, ready_made=ready_made)
     assert ada.lr_scale == 10.0 and not ada.changes
     assert trainer.accumulate_grad_batches == 16
     said = [r.getMessage() for r in caplog.records if "probe steps" in r.getMessage()]
     assert said and all("of 80 examples" in w for w in said), said
 
 
-def fit_small(root, n: int) -> tuple[pl.Trainer, AdaptiveBatchSize]:
+class ReadyMade(Small):
+    def train_dataloader(self) -> DataLoader:
+        batches = list(super().train_dataloader())
+        return DataLoader(batches, batch_size=None)
+
+
+def fit_small(root, n: int, ready_made: bool = False) -> tuple[pl.Trainer, AdaptiveBatchSize]:
     ada = AdaptiveBatchSize(max_accumulate=64)
     noise = ScriptedNoise(lambda k: 1e6)
     trainer = pl.Trainer(**trainer_kwargs(root, max_steps=12), callbacks=[noise, ada])
-    trainer.fit(Small(n=n, batch_size=8))
+    trainer.fit((ReadyMade if ready_made else Small)(n=n, batch_size=8))
     return trainer, ada

@@ -249,14 +249,16 @@ def test_two_processes_match_exact(mode, source, batch_size, tmp_path, truth) ->
 def test_processes_whose_first_steps_left_out_different_modules_agree(tmp_path) -> None:
     """Under DDP the first forward calls ``aux`` on rank 0 only and ``twice`` twice on rank 1
     only, so each rank's structural check leaves out other modules (each would sum norms of
-    other parameters). At the first read, in its reduction, they agree: both are left out on
-    both ranks, and the 5 steps read, which mixed them, are dropped: 7 of the 12 remain."""
+    other parameters). At the first reduction, here a checkpoint's after 3 steps (before the
+    first read), they agree: both are left out on both ranks, in the checkpoint too, and the
+    steps so far, which mixed them, are dropped: 9 of the 12 remain."""
     out = tmp_path / "result.json"
     run_script(ROOT / "tests" / "meter_run.py", out, "uneven", free_port(), cwd=tmp_path)
     ranks = rank_results(out)
     assert ranks[0]["left_out"] == ranks[1]["left_out"] == ["aux", "twice"], ranks
+    assert ranks[0]["saved_left_out"] == ranks[1]["saved_left_out"] == ["aux", "twice"]
     assert ranks[0]["coverage"] == ranks[1]["coverage"] < 1.0
-    assert ranks[0]["steps"] == ranks[1]["steps"] == 7 and ranks[0]["skipped"] == 0
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 9 and ranks[0]["skipped"] == 0
     assert ranks[0]["b_simple"] == ranks[1]["b_simple"]
 
 

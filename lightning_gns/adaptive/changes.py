@@ -55,6 +55,8 @@ class Growing:
     def _decide(self, trainer: pl.Trainer, done: int) -> None:
         """Read the window (one reduction across ranks), let rank 0 choose, every rank takes
         its choice (one broadcast) and schedules it for the same batch index."""
+        if self._gns is not None and self._gns.agree_once():
+            self._window.restart()  # its steps mixed modules left out since (meter.py)
         values = self._window.read(sync=trainer.world_size > 1)
         noise, _ = rules.noise_bound(values)
         now = self.batches.now

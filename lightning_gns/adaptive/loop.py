@@ -141,12 +141,12 @@ def epoch_size(
     if not (isinstance(n, (int, float)) and 1 <= n < math.inf):
         return math.inf, math.inf
     loader = trainer.train_dataloader
-    inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
-    try:
-        examples = float(len(inner if inner is not None else loader.sampler))
+    batches = getattr(loader, "batch_sampler", None)
+    try:  # (batch_size=None: the data set's items are batches, examples not known)
+        examples = float(len(batches.sampler)) if batches is not None else math.inf
     except (AttributeError, TypeError):
         return float(n), math.inf
-    if getattr(getattr(loader, "batch_sampler", None), "drop_last", False):
+    if getattr(batches, "drop_last", False):
         examples -= examples % max(getattr(loader, "batch_size", None) or 1, 1)
     return float(n), examples
 
