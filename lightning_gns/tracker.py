@@ -238,13 +238,10 @@ def flush_together(
         t.feed(b)
 
 
-def read_together(
-    trackers: Sequence[GNSTracker], sync: bool = False, extra: Tensor | None = None
-) -> list[dict[str, GNSValues]]:
-    """Read several trackers with one pooling all-reduce of their pending steps (and
-    ``extra``, :func:`flush_together`) and one copy of their moments (and host-skip counts)
-    to the host."""
-    flush_together(trackers, sync, extra)
+def read_together(trackers: Sequence[GNSTracker], sync: bool = False) -> list[dict[str, GNSValues]]:
+    """Read several trackers with one pooling all-reduce of their pending steps and one copy
+    of their moments (and host-skip counts) to the host."""
+    flush_together(trackers, sync)
     parts = [t.moments.flatten() for t in trackers] + [t.host_skipped.reshape(1) for t in trackers]
     flat = torch.cat(parts).tolist()
     out, start = [], 0
