@@ -73,6 +73,11 @@ class StepDriver:
         self.listeners: list[Callable[[StepNorms | None], None]] = []  # each step's record
 
     @property
+    def trackers(self) -> list[GNSTracker]:
+        """This driver's tracker, then its followers' (read together)."""
+        return [self.tracker, *(f.tracker for f in self.followers)]
+
+    @property
     def usual(self) -> float:
         """The most common recent micro-batch size (NaN before the first)."""
         return float(max(set(self.recent), key=self.recent.count)) if self.recent else math.nan

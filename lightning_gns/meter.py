@@ -192,9 +192,8 @@ class Readings:
         driver = self._driver
         assert driver is not None
         self._logged_at = self._steps
-        trackers = [driver.tracker, *(f.tracker for f in driver.followers)]
         self.agree_once()  # (its reduction pools the pending steps: the read's one collective)
-        values, *precond = read_together(trackers, self._world_size() > 1)
+        values, *precond = read_together(driver.trackers, self._world_size() > 1)
         self.values = values.pop(MODEL)
         self.layer_values = {k: v for k, v in values.items() if k not in self.left_out}
         if precond:
@@ -216,7 +215,7 @@ class Readings:
         if not isinstance(source, PerExampleSource):
             return False
         mask = torch.tensor(source.covered_mask()).to(d.tracker.moments)
-        flush_together([d.tracker, *(f.tracker for f in d.followers)], True, mask)
+        flush_together(d.trackers, True, mask)
         if differ := source.agree(mask.tolist(), dist.get_world_size()):
             d.warn("processes", DIFFER.format(type(self).__name__, ", ".join(differ)))
             d.tracker.reset()  # (a follower measures micro-batches: every parameter)

@@ -153,7 +153,7 @@ class GNSTracker:
 
     def reset(self) -> None:
         """Forget every step recorded (the state of a new tracker)."""
-        self.moments = new_state(self.moments.shape[0], self.moments.device)
+        self.moments = torch.zeros_like(self.moments)
         self.host_skipped = torch.zeros_like(self.host_skipped)
         self._steps, self._packed = [], []
 

@@ -122,9 +122,11 @@ class Growing:
         micro = int(fn(batch) if fn else extract_batch_size(batch)) * data_parallel(trainer)
         accumulate = self.batches.accumulate
         whole = self._ladder.epoch(self.batches.micro)[0]  # a step is at most an epoch
-        while micro * accumulate < self.probe and accumulate * self.factor <= self.max_accumulate:
-            if accumulate >= whole:
-                break
+        while (
+            micro * accumulate < self.probe
+            and accumulate * self.factor <= self.max_accumulate
+            and accumulate < whole
+        ):
             accumulate *= self.factor
         self.batches.accumulate = trainer.accumulate_grad_batches = accumulate
 

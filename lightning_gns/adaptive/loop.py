@@ -147,7 +147,7 @@ def epoch_size(
     except (AttributeError, TypeError):
         return float(n), math.inf
     if getattr(batches, "drop_last", False):
-        examples -= examples % max(getattr(loader, "batch_size", None) or 1, 1)
+        examples -= examples % (getattr(loader, "batch_size", None) or 1)
     return float(n), examples
 
 

@@ -100,9 +100,9 @@ class StructuralCheck:
         local: dict[int, Tensor] = {}
         for name, site in list(norms.sites.items()):
             reason = _call_problem(site)
-            if site.seen.calls == 0 and self.live is None:
-                if all(self.grads.get(id(p)) is None for p in site.params.values()):
-                    reason = UNUSED  # (not a direct use of its parameters: none at all)
+            grads = (self.grads.get(id(p)) for p in site.params.values())
+            if site.seen.calls == 0 and self.live is None and all(g is None for g in grads):
+                reason = UNUSED  # (not a direct use of its parameters: none at all)
             if reason is None:  # a router on flattened tokens must not mix examples
                 reason = token_check_problem(site, norms.record.batch_size)
             if reason is None and self.live is not None:
