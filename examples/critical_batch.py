@@ -152,8 +152,36 @@ def held_out_task(quick: bool) -> Task:
     return teacher_task(quick, dim=24, classes=10, seed=1, width=96, name="held-out")
 
 
+def digits_relu_task(quick: bool) -> Task:
+    """Held out (added after the defaults were chosen): the digits with another network, two
+    ReLU layers of 256 (a LayerNorm after the first, for the norm-layer column)."""
+    task = digits_task(quick)
+    torch.manual_seed(1)
+    task.model = nn.Sequential(
+        nn.Linear(64, 256), nn.LayerNorm(256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+        nn.Linear(256, 10),
+    )
+    task.name = "digits-relu"
+    return task
+
+
+def charlm4_task(quick: bool) -> Task:
+    """Held out (added after the defaults were chosen): the character model with 4 characters
+    of context, trained to 2.4 nats (quick) or 2.45."""
+    task = charlm_task(quick, context=4)
+    task.name, task.target = "charlm-4", 2.4 if quick else 2.45
+    return task
+
+
+def teacher2_task(quick: bool) -> Task:
+    """Held out (added after the defaults were chosen): a third teacher (seed 2, 32 inputs,
+    6 classes, 48 hidden units)."""
+    return teacher_task(quick, dim=32, classes=6, seed=2, width=48, name="teacher-2")
+
+
 TASKS = {"digits": digits_task, "charlm": charlm_task, "teacher": teacher_task,
-         "held-out": held_out_task}  # fmt: skip
+         "held-out": held_out_task, "digits-relu": digits_relu_task, "charlm-4": charlm4_task,
+         "teacher-2": teacher2_task}  # fmt: skip
 
 
 # -- one training run ---------------------------------------------------------------------

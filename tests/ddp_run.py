@@ -57,7 +57,7 @@ def ddp_trainer(out: str, callbacks: list[pl.Callback], **kwargs) -> pl.Trainer:
 def adaptive(out: str) -> None:
     """Training (lr > 0) with AdaptiveBatchSize on 2 ranks; every rank writes its history."""
     gns = GradientNoiseScale(log_every_n_steps=5)
-    ada = AdaptiveBatchSize(max_accumulate=8, min_steps_between=10)
+    ada = AdaptiveBatchSize(max_accumulate=8, min_steps_between=10, probe=128)
     history = History()
     trainer = ddp_trainer(out, max_steps=120, callbacks=[gns, ada, history])
     module = Classifier(mlp(), lr=0.05, batch_size=8)

@@ -76,7 +76,7 @@ class ReadyMade(Small):
 
 
 def fit_small(root, n: int, ready_made: bool = False) -> tuple[pl.Trainer, AdaptiveBatchSize]:
-    ada = AdaptiveBatchSize(max_accumulate=64)
+    ada = AdaptiveBatchSize(max_accumulate=64, probe=128)
     noise = ScriptedNoise(lambda k: 1e6)
     trainer = pl.Trainer(**trainer_kwargs(root, max_steps=12), callbacks=[noise, ada])
     trainer.fit((ReadyMade if ready_made else Small)(n=n, batch_size=8))
