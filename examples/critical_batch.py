@@ -160,7 +160,7 @@ def digits_relu_task(quick: bool) -> Task:
     task.model = nn.Sequential(
         nn.Linear(64, 256), nn.LayerNorm(256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
         nn.Linear(256, 10),
-    )
+    )  # fmt: skip
     task.name = "digits-relu"
     return task
 

@@ -136,9 +136,7 @@ def test_the_steps_before_the_probes_change_starts_keep_the_users_rate(tmp_path)
     a worker prefetching, steps still at the probe's batch run before it starts: at the
     user's rate, not the probe batch's (16×, which was applied at once)."""
     module = RateProbe("set", workers=1, seed=0, sampler=ResizableBatchSampler)
-    ada = AdaptiveBatchSize(
-        max_accumulate=16, max_micro_batch=32, lr_scaling="linear", probe=128
-    )
+    ada = AdaptiveBatchSize(max_accumulate=16, max_micro_batch=32, lr_scaling="linear", probe=128)
     noise = ScriptedNoise(lambda k: 64.0)
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, callbacks=[noise, ada])).fit(module)
     (change,) = ada.changes
