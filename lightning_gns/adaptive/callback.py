@@ -69,9 +69,8 @@ class AdaptiveBatchSize(_compat.SuggestsArguments, Resumable, Growing, Callback)
             (:mod:`lightning_gns.adaptive.rules`).
         multiple: the probe starts the run at ``multiple`` × B_noise (``sqrt``, ``noise``);
             the ``sqrt`` rule follows ``multiple`` × √(B_noise₀·B_noise) from there, the
-            ``noise`` rule ``multiple`` × B_noise. The default 0.55 is a little above ½, the
-            batch that minimizes steps × examples² (eq. 2.11), and was chosen on the
-            experiment's tasks and checked on three held out (docs/adaptive.md).
+            ``noise`` rule ``multiple`` × B_noise. Default 0.55: just above ½ (least steps ×
+            examples², eq. 2.11), chosen on measured tasks (docs/adaptive.md).
         factor: integer factor of each change (2: doubling), at most 16.
         margin: ``lower_bound`` rule: grow when B_noise's lower bound ≥ margin × next batch.
         lr_scaling: ``auto`` (``sqrt`` when the optimizer keeps a running scale of the
