@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small tasks, B ≤ 128 (a smoke test)")
     parser.add_argument("--out", default="results/growing_batch_time")
     args = parser.parse_args()
+    if unknown := [n for n in args.tasks.split(",") if n not in LR0]:
+        parser.error(f"--tasks: no tuned rate for {', '.join(unknown)}; choose of {','.join(LR0)}")
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(1)
