@@ -228,6 +228,7 @@ class Run:
     norm: list[tuple[float, float]] = field(default_factory=list)
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # step, examples, loss
     adaptive: list[dict[str, Any]] = field(default_factory=list)
+    edge: bool = False  # the sweep's best rate for this B is still an end of the rates tried
 
 
 class ToTarget(pl.Callback):
@@ -436,39 +437,65 @@ def branched(
 # -- the sweep, the fit, the comparison ---------------------------------------------------
 
 
-def sweep(task: Task, batches: list[int], grid: list[float], log: Any) -> dict[int, Run]:
+def sweep(
+    task: Task, batches: list[int], grid: list[float], log: Any, extend: int = 2
+) -> dict[int, Run]:
     """The best run (fewest steps to the target, averaged over ``task.seeds`` data orders)
     per batch size over the LR grid; the first seed's run keeps its curve and read-outs.
 
     A run is stopped once its steps alone make its configuration's mean worse than the best
-    so far for this B (it could not be chosen); the grid is tried from its middle outwards."""
+    so far for this B (it could not be chosen); the grid is tried from its middle outwards.
+    A rate is tuned only when the best one is inside the rates tried: while the best sits at
+    an end of them, the next rate beyond it (a factor 2) is tried too, up to ``extend`` more
+    per batch."""
     best: dict[int, Run] = {}
     order = sorted(grid, key=lambda g: abs(math.log(g)))
     for b in batches:
-        for g in order:
-            lr = task.base_lr * g * math.sqrt(b / 32)
-            runs: list[Run] = []
-            for seed in range(task.seeds):
-                budget = task.max_steps
-                if b in best and math.isfinite(best[b].steps):
-                    spent = sum(r.steps for r in runs)
-                    budget = min(budget, math.floor(task.seeds * best[b].steps - spent))
-                if budget < 1:
-                    runs.append(Run(task.name, b, lr))
-                    break
-                runs.append(train(task, b, lr, seed, max_steps=budget))
-                if not math.isfinite(runs[-1].steps):
-                    break
-            log(f"{task.name} B={b:5d} lr={lr:.2e}: steps {[r.steps for r in runs]}")
-            if len(runs) < task.seeds:
+        tried: dict[float, float] = {}  # factor -> mean steps (inf: not chosen)
+        queue = list(order)
+        while queue:
+            g = queue.pop(0)
+            tried[g] = _try_rate(task, b, g, best, log)
+            if queue or len(tried) >= len(grid) + extend:
                 continue
-            run = runs[0]
-            for attr in ("steps", "examples", "seconds"):
-                setattr(run, attr, statistics.fmean(getattr(r, attr) for r in runs))
-            if b not in best or run.steps < best[b].steps:
-                best[b] = run
+            g_best = min(tried, key=lambda k: tried[k])
+            if not math.isfinite(tried[g_best]):
+                break
+            if g_best == min(tried):
+                queue.append(g_best / 2)
+            elif g_best == max(tried):
+                queue.append(g_best * 2)
         best.setdefault(b, Run(task.name, b, math.nan))
+        ends = [task.base_lr * g * math.sqrt(b / 32) for g in (min(tried), max(tried))]
+        best[b].edge = math.isfinite(best[b].steps) and best[b].lr in ends
     return best
+
+
+def _try_rate(task: Task, b: int, g: float, best: dict[int, Run], log: Any) -> float:
+    """Batch ``b`` at ``g`` × the √-scaled base rate over the data orders; ``best[b]`` is
+    replaced when it takes fewer steps. Its mean steps (inf: stopped, or never reached)."""
+    lr = task.base_lr * g * math.sqrt(b / 32)
+    runs: list[Run] = []
+    for seed in range(task.seeds):
+        budget = task.max_steps
+        if b in best and math.isfinite(best[b].steps):
+            spent = sum(r.steps for r in runs)
+            budget = min(budget, math.floor(task.seeds * best[b].steps - spent))
+        if budget < 1:
+            runs.append(Run(task.name, b, lr))
+            break
+        runs.append(train(task, b, lr, seed, max_steps=budget))
+        if not math.isfinite(runs[-1].steps):
+            break
+    log(f"{task.name} B={b:5d} lr={lr:.2e}: steps {[r.steps for r in runs]}")
+    if len(runs) < task.seeds or not all(math.isfinite(r.steps) for r in runs):
+        return math.inf
+    run = runs[0]
+    for attr in ("steps", "examples", "seconds"):
+        setattr(run, attr, statistics.fmean(getattr(r, attr) for r in runs))
+    if b not in best or run.steps < best[b].steps:
+        best[b] = run
+    return run.steps
 
 
 RULES = ("lower_bound", "sqrt", "goodput")
@@ -579,7 +606,7 @@ def run_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
         summary = {k: v for k, v in reused[name].items() if k not in ("adaptive",)}
         best = {int(b): Run(**r) for b, r in summary["runs"].items()}
     else:
-        best = sweep(task, batches, grid, log)
+        best = sweep(task, batches, grid, log, extend=args.extend)
         summary = summarise(task, best)
     b0 = batches[0]
     summary["adaptive"] = {}
@@ -629,6 +656,9 @@ def main() -> None:
     parser.add_argument("--probe", type=int, help="AdaptiveBatchSize(probe=...)")
     parser.add_argument("--no-open-loop", action="store_true", help="no open-loop schedules")
     parser.add_argument("--seeds", type=int, help="data orders (default: 3, --quick: 1)")
+    parser.add_argument("--extend", type=int, default=2,
+                        help="rates tried beyond the grid per batch while the best is at an "
+                        "end of it (0: the grid only)")  # fmt: skip
     args = parser.parse_args()
     if args.from_json:
         results = json.loads((Path(args.out) / "results.json").read_text())
@@ -723,7 +753,9 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         for b, run in sorted(r["runs"].items(), key=lambda kv: int(kv[0])):
             lines.append(
-                f"| {r['task']} | fixed B={b} (lr {run['lr']:.1e}) | {run['steps']:.0f} | "
+                f"| {r['task']} | fixed B={b} (lr {run['lr']:.1e}"
+                f"{', an end of the rates tried' if run.get('edge') else ''}) | "
+                f"{run['steps']:.0f} | "
                 f"{run['examples']:.0f} | {run['seconds']:.1f} | {over_run(run['b_simple']):.0f} | "
                 f"{over_run(run['preconditioned']):.0f} |"
             )

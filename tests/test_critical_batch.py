@@ -60,3 +60,40 @@ def test_the_teacher_task_s_noise_scale_grows_tenfold() -> None:
     run = cb.train(task, 32, 3e-3, max_steps=900)
     assert math.isfinite(run.steps)  # it reached the target near the noise floor
     assert cb.growth(run) >= 10
+
+
+def test_the_sweep_tries_rates_beyond_the_grid_while_the_best_is_at_its_end(monkeypatch) -> None:
+    """A rate at an end of the grid is not tuned: the sweep goes on past it (a factor 2 at a
+    time, ``extend`` more at most) and marks a batch whose best rate is still an end."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import critical_batch as cb
+
+    task = cb.Task("t", None, None, 0.0, base_lr=1.0, max_steps=10_000)  # type: ignore[arg-type]
+    tried: list[float] = []
+
+    def fake_train(task, b, lr, seed=0, max_steps=None, **kw):  # noqa: ANN001, ANN202
+        g = lr / (task.base_lr * math.sqrt(b / 32))
+        tried.append(round(g, 6))
+        steps = 100 * (1 + math.log(g / best_g) ** 2)  # fewest steps at best_g × the √ rate
+        run = cb.Run(task.name, b, lr)
+        if steps <= (max_steps or task.max_steps):
+            run.steps, run.examples, run.seconds = steps, steps * b, 1.0
+        return run
+
+    monkeypatch.setattr(cb, "train", fake_train)
+    best_g = 0.25  # one step past the grid's lower end: tuned, inside the rates tried
+    best = cb.sweep(task, [32], [0.5, 2.0], lambda msg: None, extend=2)
+    assert tried == [0.5, 2.0, 0.25, 0.125]
+    assert best[32].lr == pytest.approx(0.25) and not best[32].edge
+    tried.clear()
+    best_g = 0.01  # beyond what two more rates reach: the best is still an end, and says so
+    best = cb.sweep(task, [32], [0.5, 2.0], lambda msg: None, extend=2)
+    assert tried == [0.5, 2.0, 0.25, 0.125]
+    assert best[32].lr == pytest.approx(0.125) and best[32].edge
+    tried.clear()
+    best_g = 1.0  # inside the grid: nothing more is tried
+    best = cb.sweep(task, [32], [0.5, 1.0, 2.0], lambda msg: None, extend=2)
+    assert tried == [1.0, 0.5, 2.0] and not best[32].edge
+    tried.clear()
+    best = cb.sweep(task, [32], [0.5, 2.0], lambda msg: None, extend=0)  # the grid only
+    assert tried == [0.5, 2.0] and best[32].edge
