@@ -656,7 +656,7 @@ def main() -> None:
     parser.add_argument("--probe", type=int, help="AdaptiveBatchSize(probe=...)")
     parser.add_argument("--no-open-loop", action="store_true", help="no open-loop schedules")
     parser.add_argument("--seeds", type=int, help="data orders (default: 3, --quick: 1)")
-    parser.add_argument("--extend", type=int, default=2,
+    parser.add_argument("--extend", type=int, default=0,
                         help="rates tried beyond the grid per batch while the best is at an "
                         "end of it (0: the grid only)")  # fmt: skip
     args = parser.parse_args()
