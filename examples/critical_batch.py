@@ -438,7 +438,7 @@ def branched(
 
 
 def sweep(
-    task: Task, batches: list[int], grid: list[float], log: Any, extend: int = 2
+    task: Task, batches: list[int], grid: list[float], log: Any, extend: int = 0
 ) -> dict[int, Run]:
     """The best run (fewest steps to the target, averaged over ``task.seeds`` data orders)
     per batch size over the LR grid; the first seed's run keeps its curve and read-outs.
@@ -466,8 +466,8 @@ def sweep(
             elif g_best == max(tried):
                 queue.append(g_best * 2)
         best.setdefault(b, Run(task.name, b, math.nan))
-        ends = [task.base_lr * g * math.sqrt(b / 32) for g in (min(tried), max(tried))]
-        best[b].edge = math.isfinite(best[b].steps) and best[b].lr in ends
+        g_best = min(tried, key=lambda k: tried[k])  # best[b]'s factor (the first of ties)
+        best[b].edge = math.isfinite(tried[g_best]) and g_best in (min(tried), max(tried))
     return best
 
 
@@ -488,7 +488,7 @@ def _try_rate(task: Task, b: int, g: float, best: dict[int, Run], log: Any) -> f
         if not math.isfinite(runs[-1].steps):
             break
     log(f"{task.name} B={b:5d} lr={lr:.2e}: steps {[r.steps for r in runs]}")
-    if len(runs) < task.seeds or not all(math.isfinite(r.steps) for r in runs):
+    if len(runs) < task.seeds:
         return math.inf
     run = runs[0]
     for attr in ("steps", "examples", "seconds"):
